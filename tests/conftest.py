@@ -21,3 +21,14 @@ def isolated_env(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("USERPROFILE", str(home))
     return home
+
+
+@pytest.fixture
+async def fake_upstream(aiohttp_server):
+    """A running fake Kiro backend; ``fake_upstream.url`` is its base URL."""
+    from fakes import FakeUpstream
+
+    fake = FakeUpstream()
+    server = await aiohttp_server(fake.app())
+    fake.url = str(server.make_url("")).rstrip("/")
+    return fake
