@@ -1,14 +1,1003 @@
 """Pure conversions between the client APIs and Kiro's CodeWhisperer backend.
 
 Request side: an Anthropic Messages body (OpenAI bodies are first normalised
-to that shape) becomes one ``generateAssistantResponse`` payload.
+to that shape by ``openai_to_anthropic``) becomes one ``generateAssistantResponse``
+payload through ``anthropic_to_codewhisperer``, the only payload builder.
 
-Response side: each decoded event-stream ``Message`` becomes neutral events,
-which one renderer per wire format turns into Anthropic SSE or OpenAI chunks;
-the non-streaming answers fold the same events.
+Response side, three steps::
+
+    frame --decode_event--> upstream event --Assembler--> neutral events
+          --AnthropicStream / OpenAIStream--> SSE bytes
+          (or collect_anthropic / collect_openai for non-streaming answers)
+
+``decode_event`` maps one event-stream frame to what it says; the
+``Assembler`` keeps per-answer state (tool calls under construction, the
+stop reason, usage) and yields neutral events that know nothing of either
+client format; each renderer is the only place that spells its format.
 
 Standard library only: no I/O, no logging, no clock or random ids of its own
 (callers pass them in), so every function here is testable without a loop.
 """
 
 from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from json.encoder import encode_basestring as _json_string  # type: ignore[attr-defined]
+from typing import Any, NamedTuple, Union
+
+Json = dict[str, Any]
+
+# Errors ###################################################################
+
+
+class ConversionError(ValueError):
+    """A client request we cannot turn into an upstream call.
+
+    ``status`` is the HTTP status to answer with (400 unless said otherwise);
+    ``code`` and ``param`` feed the OpenAI envelope.
+    """
+
+    def __init__(
+        self, message: str, status: int = 400, *, code: str | None = None,
+        param: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.param = param
+
+
+class StreamError(Exception):
+    """The upstream ended the answer with an error (an exception frame or event).
+
+    ``error_type`` is the upstream's class name (e.g. ``ThrottlingException``).
+    """
+
+    def __init__(self, error_type: str, message: str) -> None:
+        super().__init__(f"{error_type}: {message}" if message else error_type)
+        self.error_type = error_type
+        self.message = message
+
+
+# Models ###################################################################
+
+# Client model names that do not follow the dashed -> dotted rule below.
+MODEL_ALIASES = {
+    "auto-kiro": "auto",
+    "claude-sonnet-4-20250514": "claude-sonnet-4",
+    "claude-3-7-sonnet-20250219": "claude-3.7-sonnet",
+}
+
+# Models the server lists on GET /v1/models: (client name, Kiro id, context window).
+MODELS = (
+    ("claude-sonnet-4-5", "claude-sonnet-4.5", 200_000),
+    ("claude-sonnet-4-5-20250929", "claude-sonnet-4.5", 200_000),
+    ("claude-sonnet-4-6", "claude-sonnet-4.6", 1_000_000),
+    ("claude-sonnet-4", "claude-sonnet-4", 200_000),
+    ("claude-sonnet-4-20250514", "claude-sonnet-4", 200_000),
+    ("claude-haiku-4-5", "claude-haiku-4.5", 200_000),
+    ("claude-haiku-4-5-20251001", "claude-haiku-4.5", 200_000),
+    ("claude-opus-4-5", "claude-opus-4.5", 200_000),
+    ("claude-opus-4-5-20251101", "claude-opus-4.5", 200_000),
+    ("claude-opus-4-6", "claude-opus-4.6", 1_000_000),
+    ("claude-opus-4-7", "claude-opus-4.7", 1_000_000),
+    ("claude-3-7-sonnet-20250219", "claude-3.7-sonnet", 200_000),
+    ("auto", "auto", 200_000),
+)
+_CONTEXT_WINDOWS = {kiro_id: window for _, kiro_id, window in MODELS}
+DEFAULT_CONTEXT_WINDOW = 200_000
+
+_DATE_SUFFIX = re.compile(r"-\d{8}$")
+# claude-sonnet-4-5 -> claude-sonnet-4.5 ; claude-3-7-sonnet -> claude-3.7-sonnet
+_FAMILY_VERSION = re.compile(r"^(claude-[a-z]+-\d+)-(\d+)$")
+_VERSION_FAMILY = re.compile(r"^(claude-\d+)-(\d+)(-[a-z]+)$")
+
+
+def resolve_model(name: str) -> str:
+    """Client model name -> Kiro ``modelId``; names we do not know pass through.
+
+    Dated and dashed Anthropic names map to Kiro's dotted ids; the legacy
+    upper-case ids (``CLAUDE_SONNET_4_20250514_V1_0``) and Kiro's own ids are
+    accepted as they are.
+    """
+    if name in MODEL_ALIASES:
+        return MODEL_ALIASES[name]
+    if not name.startswith("claude-"):
+        return name
+    base = _DATE_SUFFIX.sub("", name.removesuffix("[1m]"))
+    for pattern in (_FAMILY_VERSION, _VERSION_FAMILY):
+        match = pattern.match(base)
+        if match:
+            return f"{match[1]}.{match[2]}{match[3] if pattern is _VERSION_FAMILY else ''}"
+    return base
+
+
+def context_window(model_id: str, client_model: str = "") -> int:
+    if client_model.endswith("[1m]"):
+        return 1_000_000
+    return _CONTEXT_WINDOWS.get(model_id, DEFAULT_CONTEXT_WINDOW)
+
+
+# Requests: Anthropic Messages -> CodeWhisperer ############################
+
+ORIGIN = "AI_EDITOR"
+# The upstream rejects empty message content; these short texts stand in.
+# They are what the model sees, so they are plain and neutral.
+EMPTY_USER_TEXT = "Continue"
+TOOL_RESULTS_TEXT = "Tool results provided."
+EMPTY_ASSISTANT_TEXT = " "
+EMPTY_TOOL_RESULT_TEXT = "(empty result)"
+# Upstream limits (PROTOCOL.md 3.4): tool names up to 64 characters, and
+# descriptions that peers cap at 10,000 characters.
+MAX_TOOL_NAME = 64
+MAX_TOOL_DESCRIPTION = 10_000
+IMAGE_FORMATS = {"image/png": "png", "image/jpeg": "jpeg", "image/gif": "gif",
+                 "image/webp": "webp"}
+
+
+@dataclass
+class Prepared:
+    """What ``anthropic_to_codewhisperer`` returns besides the payload itself."""
+
+    payload: Json
+    model_id: str
+    tool_names: dict[str, str] = field(default_factory=dict)  # sent name -> client name
+
+
+@dataclass
+class _Turn:
+    role: str
+    text: list[str] = field(default_factory=list)
+    images: list[Json] = field(default_factory=list)
+    tool_uses: list[Json] = field(default_factory=list)
+    tool_results: list[Json] = field(default_factory=list)
+
+
+def _expect(condition: bool, message: str, param: str | None = None) -> None:
+    if not condition:
+        raise ConversionError(message, param=param)
+
+
+def system_text(system: Any) -> str:
+    """The ``system`` field (a string or a list of text blocks) as one string."""
+    if system is None:
+        return ""
+    if isinstance(system, str):
+        return system
+    _expect(isinstance(system, list), "system: expected a string or a list of text blocks",
+            "system")
+    parts = []
+    for i, block in enumerate(system):
+        _expect(isinstance(block, dict) and block.get("type") == "text"
+                and isinstance(block.get("text"), str),
+                f"system.{i}: expected a text block", "system")
+        parts.append(block["text"])
+    return "\n\n".join(p for p in parts if p)
+
+
+def _image(block: Json, where: str) -> Json:
+    source = block.get("source")
+    _expect(isinstance(source, dict), f"{where}: image block needs a source", where)
+    if source.get("type") != "base64":
+        raise ConversionError(
+            f"{where}: image source type {source.get('type')!r} is not supported; "
+            "send the image as base64 data", param=where)
+    media_type = source.get("media_type")
+    if media_type not in IMAGE_FORMATS:
+        raise ConversionError(
+            f"{where}: image media_type {media_type!r} is not supported "
+            f"(use one of {', '.join(sorted(IMAGE_FORMATS))})", param=where)
+    data = source.get("data")
+    _expect(isinstance(data, str) and data != "", f"{where}: image data is empty", where)
+    return {"format": IMAGE_FORMATS[media_type], "source": {"bytes": data}}
+
+
+def _tool_result(block: Json, where: str, images: list[Json]) -> Json:
+    tool_use_id = block.get("tool_use_id")
+    _expect(isinstance(tool_use_id, str) and tool_use_id != "",
+            f"{where}: tool_result needs a tool_use_id", where)
+    content = block.get("content", "")
+    texts: list[str] = []
+    if isinstance(content, str):
+        texts.append(content)
+    elif isinstance(content, list):
+        for j, part in enumerate(content):
+            _expect(isinstance(part, dict), f"{where}.content.{j}: expected an object", where)
+            kind = part.get("type")
+            if kind == "text":
+                _expect(isinstance(part.get("text"), str),
+                        f"{where}.content.{j}: text must be a string", where)
+                texts.append(part["text"])
+            elif kind == "image":
+                images.append(_image(part, f"{where}.content.{j}"))
+            else:
+                raise ConversionError(
+                    f"{where}.content.{j}: unsupported block type {kind!r} in tool_result",
+                    param=where)
+    else:
+        raise ConversionError(f"{where}: tool_result content must be a string or a list", param=where)
+    items = [{"text": t} for t in texts if t] or [{"text": EMPTY_TOOL_RESULT_TEXT}]
+    return {
+        "toolUseId": tool_use_id,
+        "content": items,
+        "status": "error" if block.get("is_error") else "success",
+    }
+
+
+def _turn(message: Any, index: int) -> _Turn:
+    where = f"messages.{index}"
+    _expect(isinstance(message, dict), f"{where}: expected an object", where)
+    role = message.get("role")
+    _expect(role in ("user", "assistant", "system"),
+            f"{where}.role: expected 'user' or 'assistant', got {role!r}", where)
+    turn = _Turn(role)
+    content = message.get("content")
+    if isinstance(content, str):
+        turn.text.append(content)
+        return turn
+    _expect(isinstance(content, list),
+            f"{where}.content: expected a string or a list of content blocks", where)
+    for j, block in enumerate(content):
+        here = f"{where}.content.{j}"
+        _expect(isinstance(block, dict), f"{here}: expected an object", here)
+        kind = block.get("type")
+        if kind == "text":
+            _expect(isinstance(block.get("text"), str), f"{here}.text: expected a string", here)
+            turn.text.append(block["text"])
+        elif kind == "image" and role == "user":
+            turn.images.append(_image(block, here))
+        elif kind == "tool_use" and role == "assistant":
+            _expect(isinstance(block.get("id"), str) and isinstance(block.get("name"), str),
+                    f"{here}: tool_use needs an id and a name", here)
+            tool_input = block.get("input", {})
+            _expect(isinstance(tool_input, dict), f"{here}.input: expected an object", here)
+            turn.tool_uses.append(
+                {"toolUseId": block["id"], "name": block["name"], "input": tool_input})
+        elif kind == "tool_result" and role == "user":
+            turn.tool_results.append(_tool_result(block, here, turn.images))
+        elif kind == "thinking" and role == "assistant":
+            thinking = block.get("thinking")
+            if isinstance(thinking, str) and thinking:
+                turn.text.insert(0, f"<thinking>{thinking}</thinking>")
+        elif kind == "redacted_thinking" and role == "assistant":
+            continue  # nothing the upstream could use
+        else:
+            raise ConversionError(
+                f"{here}: content block type {kind!r} is not supported in a {role} message",
+                param=here)
+    return turn
+
+
+def _merge(turns: list[_Turn]) -> list[_Turn]:
+    """Join runs of same-role turns: the upstream needs strict alternation."""
+    merged: list[_Turn] = []
+    for turn in turns:
+        if merged and merged[-1].role == turn.role:
+            last = merged[-1]
+            last.text += turn.text
+            last.images += turn.images
+            last.tool_uses += turn.tool_uses
+            last.tool_results += turn.tool_results
+        else:
+            merged.append(turn)
+    return merged
+
+
+def _pair_tools(turns: list[_Turn]) -> None:
+    """Keep tool uses and results paired turn by turn; the upstream rejects orphans.
+
+    A result whose call is not in the assistant turn just before it becomes
+    plain text in its own turn; a call with no result in the next user turn is
+    dropped from ``toolUses`` and described in the assistant's text instead.
+    """
+    for i, turn in enumerate(turns):
+        if turn.role != "user" or not turn.tool_results:
+            continue
+        previous = turns[i - 1] if i else None
+        offered = {u["toolUseId"] for u in previous.tool_uses} if previous else set()
+        kept = []
+        for result in turn.tool_results:
+            if result["toolUseId"] in offered:
+                kept.append(result)
+            else:
+                body = "\n".join(item["text"] for item in result["content"])
+                turn.text.insert(0, f"[Tool result for {result['toolUseId']}]\n{body}")
+        turn.tool_results = kept
+    for i, turn in enumerate(turns):
+        if turn.role != "assistant" or not turn.tool_uses:
+            continue
+        following = turns[i + 1] if i + 1 < len(turns) else None
+        answered = {r["toolUseId"] for r in following.tool_results} if following else set()
+        kept = []
+        for use in turn.tool_uses:
+            if use["toolUseId"] in answered:
+                kept.append(use)
+            else:
+                turn.text.append(
+                    f"[Called {use['name']} with input {json.dumps(use['input'])}]")
+        turn.tool_uses = kept
+
+
+def _tool_name(name: str) -> str:
+    """Names over the upstream's limit: a prefix plus a hash, stable across calls."""
+    if len(name) <= MAX_TOOL_NAME:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{name[: MAX_TOOL_NAME - 9]}_{digest}"
+
+
+def _clean_schema(schema: Any) -> Json:
+    if not isinstance(schema, dict):
+        schema = {}
+    cleaned = {k: v for k, v in schema.items() if k != "$schema"}
+    cleaned.setdefault("type", "object")
+    if cleaned.get("type") == "object":
+        cleaned.setdefault("properties", {})
+    if cleaned.get("required") == []:
+        del cleaned["required"]
+    return cleaned
+
+
+def _tool_specs(tools: Any, names: dict[str, str]) -> list[Json]:
+    if tools is None:
+        return []
+    _expect(isinstance(tools, list), "tools: expected a list", "tools")
+    specs: list[Json] = []
+    seen: set[str] = set()
+    for i, tool in enumerate(tools):
+        _expect(isinstance(tool, dict), f"tools.{i}: expected an object", "tools")
+        name = tool.get("name")
+        _expect(isinstance(name, str) and name != "", f"tools.{i}: a tool needs a name", "tools")
+        if "input_schema" not in tool and tool.get("type") not in (None, "custom"):
+            continue  # a server tool (web_search_..., bash_...): not ours to forward
+        sent = _tool_name(name)
+        if sent in seen:
+            continue  # the upstream refuses duplicate names; the first one wins
+        seen.add(sent)
+        names[sent] = name
+        description = tool.get("description") or f"Tool: {name}"
+        if not isinstance(description, str):
+            description = str(description)
+        if len(description) > MAX_TOOL_DESCRIPTION:
+            description = description[: MAX_TOOL_DESCRIPTION - 3] + "..."
+        specs.append({"toolSpecification": {
+            "name": sent,
+            "description": description,
+            "inputSchema": {"json": _clean_schema(tool.get("input_schema"))},
+        }})
+    return specs
+
+
+def _user_message(turn: _Turn, model_id: str) -> Json:
+    content = "\n\n".join(t for t in turn.text if t)
+    if not content.strip():
+        content = TOOL_RESULTS_TEXT if turn.tool_results else EMPTY_USER_TEXT
+    message: Json = {"content": content, "modelId": model_id, "origin": ORIGIN}
+    if turn.images:
+        message["images"] = turn.images
+    if turn.tool_results:
+        message["userInputMessageContext"] = {"toolResults": turn.tool_results}
+    return message
+
+
+def _assistant_message(turn: _Turn) -> Json:
+    content = "\n\n".join(t for t in turn.text if t)
+    message: Json = {"content": content if content.strip() else EMPTY_ASSISTANT_TEXT}
+    if turn.tool_uses:
+        message["toolUses"] = turn.tool_uses
+    return message
+
+
+def anthropic_to_codewhisperer(
+    body: Any, *, conversation_id: str, profile_arn: str | None = None,
+    system_prefix: str = "",
+) -> Prepared:
+    """Anthropic Messages request -> CodeWhisperer ``generateAssistantResponse`` body.
+
+    The last user turn becomes ``currentMessage``; everything before it is
+    ``history``, merged into strict user/assistant alternation. The system
+    prompt goes in front of the first user turn. Fields the upstream has no
+    place for (temperature, top_p, metadata, stop_sequences, tool_choice...)
+    are accepted and left out.
+    """
+    _expect(isinstance(body, dict), "request body must be a JSON object")
+    model = body.get("model")
+    _expect(isinstance(model, str) and model != "", "model: a model name is required", "model")
+    messages = body.get("messages")
+    _expect(isinstance(messages, list), "messages: a list of messages is required", "messages")
+    _expect(len(messages) > 0, "messages: at least one message is required", "messages")
+    model_id = resolve_model(model)
+    tool_names: dict[str, str] = {}
+    tools = _tool_specs(body.get("tools"), tool_names)
+
+    system_parts = [system_prefix, system_text(body.get("system"))]
+    turns: list[_Turn] = []
+    for i, message in enumerate(messages):
+        turn = _turn(message, i)
+        if turn.role == "system":  # mid-conversation system text joins the prompt
+            system_parts.append("\n\n".join(turn.text))
+        else:
+            turns.append(turn)
+    _expect(bool(turns), "messages: at least one user or assistant message is required",
+            "messages")
+    turns = _merge(turns)
+    if turns[0].role == "assistant":
+        turns.insert(0, _Turn("user", [EMPTY_USER_TEXT]))
+    if turns[-1].role == "assistant":  # prefill: the upstream cannot continue it
+        turns.append(_Turn("user", [EMPTY_USER_TEXT]))
+    for turn in turns:  # names in history must match the shortened specs
+        for use in turn.tool_uses:
+            use["name"] = _tool_name(use["name"])
+    _pair_tools(turns)
+    system = "\n\n".join(p for p in system_parts if p)
+    if system:
+        turns[0].text.insert(0, system)
+
+    history: list[Json] = []
+    for turn in turns[:-1]:
+        if turn.role == "user":
+            history.append({"userInputMessage": _user_message(turn, model_id)})
+        else:
+            history.append({"assistantResponseMessage": _assistant_message(turn)})
+    # Tools named in history but not offered now still need a spec, or the
+    # upstream rejects the request.
+    offered = {spec["toolSpecification"]["name"] for spec in tools}
+    for turn in turns:
+        for use in turn.tool_uses:
+            if use["name"] not in offered:
+                offered.add(use["name"])
+                tools.append({"toolSpecification": {
+                    "name": use["name"],
+                    "description": f"Tool: {use['name']}",
+                    "inputSchema": {"json": {"type": "object", "properties": {}}},
+                }})
+
+    current = _user_message(turns[-1], model_id)
+    if tools:
+        current.setdefault("userInputMessageContext", {})["tools"] = tools
+    state: Json = {
+        "chatTriggerType": "MANUAL",
+        "agentTaskType": "vibe",
+        "conversationId": conversation_id,
+        "currentMessage": {"userInputMessage": current},
+    }
+    if history:
+        state["history"] = history
+    payload: Json = {"conversationState": state}
+    if profile_arn:
+        payload["profileArn"] = profile_arn
+    return Prepared(payload, model_id, tool_names)
+
+
+# Token estimates ##########################################################
+#
+# The upstream reports no token counts until the end of the answer (if at
+# all), so the figures clients see first are estimates: about 4 characters a
+# token for ASCII text and about 1.5 for other scripts, which is how Claude's
+# tokenizer behaves on English and CJK text to within roughly 15%.
+
+
+def estimate_text_tokens(text: str) -> int:
+    if not text:
+        return 0
+    ascii_chars = len(text.encode("ascii", "ignore"))
+    return math.ceil(ascii_chars / 4 + (len(text) - ascii_chars) / 1.5)
+
+
+def estimate_input_tokens(body: Json) -> int:
+    """Estimate of the prompt tokens of an Anthropic request (for count_tokens too)."""
+    total = estimate_text_tokens(system_text(body.get("system")) if not isinstance(
+        body.get("system"), (int, float, dict)) else "")
+    for message in body.get("messages") or ():
+        total += 4  # role and framing
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            total += estimate_text_tokens(content)
+        elif isinstance(content, list):
+            for block in content:
+                total += estimate_text_tokens(json.dumps(block, ensure_ascii=False)) \
+                    if not (isinstance(block, dict) and block.get("type") == "text") \
+                    else estimate_text_tokens(str(block.get("text", "")))
+    for tool in body.get("tools") or ():
+        total += 8 + estimate_text_tokens(json.dumps(tool, ensure_ascii=False))
+    return max(total, 1)
+
+
+# Upstream events: one frame -> what it says ###############################
+
+
+class TextDelta(NamedTuple):
+    text: str
+
+
+class ToolUseDelta(NamedTuple):
+    tool_use_id: str
+    name: str
+    input: str
+    stop: bool
+
+
+class ReasoningDelta(NamedTuple):
+    text: str
+    signature: str
+    redacted: str
+
+
+class TokenUsage(NamedTuple):
+    input_tokens: int | None  # uncached + cache read
+    output_tokens: int | None
+    cache_read: int | None
+    cache_write: int | None
+
+
+class ContextUsage(NamedTuple):
+    percentage: float
+
+
+class Refusal(NamedTuple):
+    category: str
+
+
+class UpstreamException(NamedTuple):
+    error_type: str
+    message: str
+
+
+UpstreamEvent = Union[TextDelta, ToolUseDelta, ReasoningDelta, TokenUsage, ContextUsage,
+                      Refusal, UpstreamException]
+
+
+def _int_or_none(value: Any) -> int | None:
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def decode_event(headers: Mapping[str, Any], payload: bytes) -> UpstreamEvent | None:
+    """One decoded frame -> an upstream event, or None for events we ignore.
+
+    Accepts both payload shapes seen in the wild: the bare member object and
+    one wrapped under the event's own name.
+    """
+    message_type = headers.get(":message-type", "event")
+    if message_type != "event":
+        return _exception(headers, payload)
+    event_type = headers.get(":event-type")
+    try:
+        data = json.loads(payload) if payload else {}
+    except ValueError:
+        return UpstreamException("InvalidEventPayload", f"{event_type} payload is not JSON")
+    if not isinstance(data, dict):
+        return UpstreamException("InvalidEventPayload", f"{event_type} payload is not an object")
+    inner = data.get(event_type)
+    if isinstance(inner, dict) and len(data) == 1:
+        data = inner
+    if event_type == "assistantResponseEvent" or event_type == "codeEvent":
+        content = data.get("content")
+        return TextDelta(content) if isinstance(content, str) and content else None
+    if event_type == "toolUseEvent":
+        tool_input = data.get("input", "")
+        if not isinstance(tool_input, str):  # occasionally a whole object
+            tool_input = json.dumps(tool_input, ensure_ascii=False)
+        return ToolUseDelta(str(data.get("toolUseId", "")), str(data.get("name", "")),
+                            tool_input, data.get("stop") is True)
+    if event_type == "reasoningContentEvent":
+        return ReasoningDelta(str(data.get("text") or ""), str(data.get("signature") or ""),
+                              str(data.get("redactedContent") or ""))
+    if event_type == "metadataEvent":
+        usage = data.get("tokenUsage")
+        if isinstance(usage, dict):
+            uncached = _int_or_none(usage.get("uncachedInputTokens"))
+            cache_read = _int_or_none(usage.get("cacheReadInputTokens"))
+            input_tokens = None if uncached is None else uncached + (cache_read or 0)
+            return TokenUsage(input_tokens, _int_or_none(usage.get("outputTokens")),
+                              cache_read, _int_or_none(usage.get("cacheWriteInputTokens")))
+        if str(data.get("stopReason", "")).upper() == "CONTENT_FILTERED":
+            details = data.get("stopDetails") or {}
+            refusal = details.get("refusal") if isinstance(details, dict) else None
+            category = refusal.get("category", "") if isinstance(refusal, dict) else ""
+            return Refusal(str(category))
+        return None
+    if event_type == "contextUsageEvent":
+        percentage = data.get("contextUsagePercentage")
+        if isinstance(percentage, (int, float)) and not isinstance(percentage, bool):
+            return ContextUsage(float(percentage))
+        return None
+    if event_type == "invalidStateEvent":
+        return UpstreamException("InvalidStateEvent",
+                                 str(data.get("message") or data.get("reason") or ""))
+    return None
+
+
+def _exception(headers: Mapping[str, Any], payload: bytes) -> UpstreamException:
+    try:
+        data = json.loads(payload) if payload else {}
+    except ValueError:
+        data = {"message": payload.decode("utf-8", "replace")}
+    if not isinstance(data, dict):
+        data = {}
+    error_type = (headers.get(":exception-type") or headers.get(":error-code")
+                  or str(data.get("__type", "")).rpartition("#")[2] or "UnknownError")
+    message = data.get("message") or data.get("Message") or headers.get(":error-message") or ""
+    return UpstreamException(str(error_type), str(message))
+
+
+# Neutral events ###########################################################
+
+
+class Text(NamedTuple):
+    text: str
+
+
+class Thinking(NamedTuple):
+    text: str
+
+
+class ThinkingSignature(NamedTuple):
+    signature: str
+
+
+class ToolCall(NamedTuple):
+    """A complete tool call whose ``input_json`` is known to parse as an object."""
+
+    id: str
+    name: str
+    input_json: str
+
+
+Event = Union[Text, Thinking, ThinkingSignature, ToolCall]
+
+
+@dataclass
+class Usage:
+    input_tokens: int
+    output_tokens: int = 0
+    cache_read_input_tokens: int | None = None
+    cache_creation_input_tokens: int | None = None
+
+
+class Assembler:
+    """Turns one answer's upstream events into neutral events, and keeps its state.
+
+    Tool calls are held until their ``stop`` event and let out only if their
+    input parses as a JSON object: a client never receives a tool call it
+    could not execute. When the answer is cut short (the upstream's output
+    limit, or input that does not parse) the call is dropped and the stop
+    reason is ``max_tokens``.
+    """
+
+    def __init__(self, *, input_tokens: int, window: int = DEFAULT_CONTEXT_WINDOW,
+                 tool_names: Mapping[str, str] | None = None) -> None:
+        self.usage = Usage(input_tokens)
+        self.window = window
+        self.tool_names = tool_names or {}
+        self.stop_reason: str | None = None  # set once the answer is known to be over
+        self.tool_calls = 0
+        self._tools: dict[str, list[str]] = {}  # id -> [name, fragment, fragment...]
+        self._output_chars = 0
+        self._reported_output: int | None = None
+        self._context_percentage: float | None = None
+        self._reported_input = False
+
+    def feed(self, headers: Mapping[str, Any], payload: bytes) -> list[Event]:
+        """Events for one frame; raises ``StreamError`` for an upstream error."""
+        if self.stop_reason is not None:
+            return []
+        event = decode_event(headers, payload)
+        kind = type(event)
+        if kind is TextDelta:
+            self._output_chars += len(event.text)
+            return [Text(event.text)]
+        if kind is ToolUseDelta:
+            return self._tool(event)
+        if kind is ReasoningDelta:
+            out: list[Event] = []
+            if event.text:
+                self._output_chars += len(event.text)
+                out.append(Thinking(event.text))
+            if event.signature:
+                out.append(ThinkingSignature(event.signature))
+            return out
+        if kind is TokenUsage:
+            if event.input_tokens is not None:
+                self.usage.input_tokens = event.input_tokens
+                self._reported_input = True
+            self._reported_output = event.output_tokens
+            self.usage.cache_read_input_tokens = event.cache_read
+            self.usage.cache_creation_input_tokens = event.cache_write
+        elif kind is ContextUsage:
+            self._context_percentage = event.percentage
+        elif kind is Refusal:
+            self.stop_reason = "refusal"
+        elif kind is UpstreamException:
+            if event.error_type == "ContentLengthExceededException" or \
+                    "CONTENT_LENGTH_EXCEEDS" in event.message:
+                self._tools.clear()
+                self.stop_reason = "max_tokens"
+                return []
+            raise StreamError(event.error_type, event.message)
+        return []
+
+    def _tool(self, event: ToolUseDelta) -> list[Event]:
+        parts = self._tools.get(event.tool_use_id)
+        if parts is None:
+            parts = self._tools[event.tool_use_id] = [event.name]
+        if event.input:
+            parts.append(event.input)
+            self._output_chars += len(event.input)
+        if not event.stop:
+            return []
+        del self._tools[event.tool_use_id]
+        input_json = "".join(parts[1:]) or "{}"
+        try:
+            parsed = json.loads(input_json)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            self.stop_reason = "max_tokens"
+            return []
+        self.tool_calls += 1
+        name = self.tool_names.get(parts[0], parts[0])
+        return [ToolCall(event.tool_use_id, name, input_json)]
+
+    def finish(self) -> str:
+        """The stream ended cleanly: settle and return the stop reason."""
+        if self._tools and self.stop_reason is None:
+            self.stop_reason = "max_tokens"  # cut off inside a tool call
+        if self.stop_reason is None:
+            if self._context_percentage is not None and self._context_percentage >= 100:
+                self.stop_reason = "model_context_window_exceeded"
+            elif self.tool_calls:
+                self.stop_reason = "tool_use"
+            else:
+                self.stop_reason = "end_turn"
+        self._tools.clear()
+        output = self._reported_output
+        if output is None:
+            output = math.ceil(self._output_chars / 4)
+        self.usage.output_tokens = output
+        if not self._reported_input and self._context_percentage is not None:
+            # The percentage covers the prompt and this answer.
+            estimate = round(self._context_percentage * self.window / 100) - output
+            if estimate > 0:
+                self.usage.input_tokens = estimate
+        return self.stop_reason
+
+
+# Anthropic rendering ######################################################
+
+
+def sse(event_name: str | None, data: Any) -> bytes:
+    """One server-sent event; ``event_name`` None gives a data-only event (OpenAI)."""
+    body = data if isinstance(data, str) else json.dumps(
+        data, ensure_ascii=False, separators=(",", ":"))
+    if event_name is None:
+        return f"data: {body}\n\n".encode()
+    return f"event: {event_name}\ndata: {body}\n\n".encode()
+
+
+ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
+    403: "permission_error", 404: "not_found_error", 405: "invalid_request_error",
+    408: "timeout_error", 413: "request_too_large", 429: "rate_limit_error",
+    500: "api_error", 502: "api_error", 503: "overloaded_error", 504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+def anthropic_error(status: int, message: str, error_type: str | None = None) -> Json:
+    """The Anthropic error envelope for ``status``."""
+    error_type = error_type or ANTHROPIC_ERROR_TYPES.get(
+        status, "invalid_request_error" if status < 500 else "api_error")
+    return {"type": "error", "error": {"type": error_type, "message": message}}
+
+
+OPENAI_ERROR_TYPES = {401: "authentication_error", 403: "permission_error",
+                      404: "not_found_error", 429: "rate_limit_exceeded"}
+
+
+def openai_error(status: int, message: str, *, error_type: str | None = None,
+                 code: str | None = None, param: str | None = None) -> Json:
+    """The OpenAI error envelope for ``status``."""
+    error_type = error_type or OPENAI_ERROR_TYPES.get(
+        status, "invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def _usage_json(usage: Usage) -> Json:
+    data: Json = {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens}
+    if usage.cache_read_input_tokens is not None:
+        data["cache_read_input_tokens"] = usage.cache_read_input_tokens
+    if usage.cache_creation_input_tokens is not None:
+        data["cache_creation_input_tokens"] = usage.cache_creation_input_tokens
+    return data
+
+
+class AnthropicStream:
+    """Renders neutral events as Anthropic Messages SSE.
+
+    Content blocks open lazily (no empty blocks), indexes only grow, and every
+    block that opens is closed before ``message_delta``.
+    """
+
+    keepalive = b'event: ping\ndata: {"type":"ping"}\n\n'
+
+    def __init__(self, *, message_id: str, model: str, input_tokens: int) -> None:
+        self.message_id = message_id
+        self.model = model
+        self.input_tokens = input_tokens
+        self._index = -1
+        self._open: str | None = None  # "text" | "thinking" | None
+
+    def start(self) -> bytes:
+        message = {
+            "id": self.message_id, "type": "message", "role": "assistant", "content": [],
+            "model": self.model, "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": self.input_tokens, "output_tokens": 0},
+        }
+        return sse("message_start", {"type": "message_start", "message": message}) + self.keepalive
+
+    def _begin(self, kind: str, block: str) -> bytes:
+        out = self._close()
+        self._index += 1
+        self._open = kind
+        return out + (
+            b'event: content_block_start\ndata: {"type":"content_block_start","index":%d,'
+            b'"content_block":%s}\n\n' % (self._index, block.encode())
+        )
+
+    def _close(self) -> bytes:
+        if self._open is None:
+            return b""
+        self._open = None
+        return (b'event: content_block_stop\ndata: {"type":"content_block_stop","index":%d}\n\n'
+                % self._index)
+
+    def _delta(self, delta: str) -> bytes:
+        return (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
+                b'"delta":%s}\n\n' % (self._index, delta.encode("utf-8", "backslashreplace")))
+
+    def render(self, events: Iterable[Event]) -> bytes:
+        out = []
+        for event in events:
+            kind = type(event)
+            if kind is Text:
+                if self._open != "text":
+                    out.append(self._begin("text", '{"type":"text","text":""}'))
+                out.append(self._delta(
+                    '{"type":"text_delta","text":%s}' % _json_string(event.text)))
+            elif kind is Thinking:
+                if self._open != "thinking":
+                    out.append(self._begin(
+                        "thinking", '{"type":"thinking","thinking":"","signature":""}'))
+                out.append(self._delta(
+                    '{"type":"thinking_delta","thinking":%s}' % _json_string(event.text)))
+            elif kind is ThinkingSignature:
+                if self._open == "thinking":
+                    out.append(self._delta('{"type":"signature_delta","signature":%s}'
+                                           % _json_string(event.signature)))
+            elif kind is ToolCall:
+                out.append(self._begin("tool_use", '{"type":"tool_use","id":%s,"name":%s,'
+                                       '"input":{}}' % (_json_string(event.id),
+                                                        _json_string(event.name))))
+                out.append(self._delta('{"type":"input_json_delta","partial_json":%s}'
+                                       % _json_string(event.input_json)))
+                out.append(self._close())
+        return b"".join(out)
+
+    def finish(self, stop_reason: str, usage: Usage) -> bytes:
+        delta = {"type": "message_delta",
+                 "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+                 "usage": _usage_json(usage)}
+        return self._close() + sse("message_delta", delta) + MESSAGE_STOP
+
+    def error(self, failure: Failure) -> bytes:
+        """An in-band error that ends the stream (no ``message_stop`` follows)."""
+        return self._close() + sse(
+            "error", anthropic_error(failure.status, failure.message, failure.anthropic_type))
+
+
+MESSAGE_STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+
+
+def collect_anthropic(events: Iterable[Event], *, message_id: str, model: str,
+                      stop_reason: str, usage: Usage) -> Json:
+    """Fold neutral events into one non-streaming Anthropic Message."""
+    content: list[Json] = []
+    for event in events:
+        kind = type(event)
+        last = content[-1] if content else None
+        if kind is Text:
+            if last is not None and last["type"] == "text":
+                last["text"] += event.text
+            else:
+                content.append({"type": "text", "text": event.text})
+        elif kind is Thinking:
+            if last is not None and last["type"] == "thinking":
+                last["thinking"] += event.text
+            else:
+                content.append({"type": "thinking", "thinking": event.text, "signature": ""})
+        elif kind is ThinkingSignature:
+            if last is not None and last["type"] == "thinking":
+                last["signature"] += event.signature
+        elif kind is ToolCall:
+            content.append({"type": "tool_use", "id": event.id, "name": event.name,
+                            "input": json.loads(event.input_json)})
+    return {
+        "id": message_id, "type": "message", "role": "assistant", "model": model,
+        "content": content, "stop_reason": stop_reason, "stop_sequence": None,
+        "usage": _usage_json(usage),
+    }
+
+
+# Upstream errors ##########################################################
+
+
+class Failure(NamedTuple):
+    """How to answer a client when the upstream refused before streaming."""
+
+    status: int
+    message: str
+    anthropic_type: str
+    openai_type: str
+    openai_code: str | None
+
+
+BEARER_INVALID = "bearer token included in the request is invalid"
+PROMPT_TOO_LONG = "prompt is too long"
+
+
+def is_bearer_invalid(status: int, body: str) -> bool:
+    """An expired or revoked access token: worth one refresh and one retry."""
+    return status in (401, 403) and (status == 401 or BEARER_INVALID in body.lower())
+
+
+def upstream_failure(status: int, body: str, error_type: str = "") -> Failure:
+    """Map a non-200 CodeWhisperer answer to the client's status and error types.
+
+    ``body`` is the upstream's text (JSON ``{"message", "reason"}`` as a
+    rule); ``error_type`` its ``x-amzn-errortype`` header.
+    """
+    message, reason = body.strip(), ""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        nested = data.get("error") if isinstance(data.get("error"), dict) else {}
+        message = str(data.get("message") or data.get("Message") or nested.get("message")
+                      or message)
+        reason = str(data.get("reason") or nested.get("reason") or "")
+    error_class = error_type.partition(":")[0]
+    detail = f"{message} ({reason})" if reason and reason not in message else message
+    detail = detail[:500] or f"HTTP {status}"
+    if status == 400 and ("CONTENT_LENGTH_EXCEEDS_THRESHOLD" in reason or
+                          "PROMPT_TOO_LONG" in reason or "input is too long" in message.lower()):
+        return Failure(400, f"{PROMPT_TOO_LONG}: the conversation is larger than Kiro "
+                       f"accepts; compact or shorten it (upstream: {detail})",
+                       "invalid_request_error", "invalid_request_error",
+                       "context_length_exceeded")
+    if status == 400:
+        return Failure(400, f"Kiro rejected the request: {detail}", "invalid_request_error",
+                       "invalid_request_error", None)
+    if is_bearer_invalid(status, body):
+        return Failure(401, f"Kiro did not accept the access token, even after a refresh; "
+                       f"log in to Kiro again ({detail})", "authentication_error",
+                       "authentication_error", "invalid_api_key")
+    if status == 403:
+        return Failure(403, f"Kiro refused the request: {detail}", "permission_error",
+                       "permission_error", None)
+    if status == 402 or error_class == "ServiceQuotaExceededException":
+        return Failure(402, f"the Kiro account is out of quota: {detail}", "billing_error",
+                       "insufficient_quota", "insufficient_quota")
+    if status == 429:
+        return Failure(429, f"Kiro is rate limiting this account: {detail}",
+                       "rate_limit_error", "rate_limit_exceeded", "rate_limit_exceeded")
+    if status == 503:
+        return Failure(503, f"Kiro is unavailable: {detail}", "overloaded_error",
+                       "server_error", None)
+    return Failure(502, f"Kiro answered HTTP {status}: {detail}", "api_error", "server_error",
+                   None)

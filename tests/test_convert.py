@@ -1,0 +1,290 @@
+"""convert.py: requests to CodeWhisperer payloads, frames to events to SSE. No loop needed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import convert
+import eventstream
+import fakes
+
+MODEL = "claude-sonnet-4.5"
+
+
+def user(content, **context):
+    message = {"content": content, "modelId": MODEL, "origin": "AI_EDITOR"}
+    if context.get("images"):
+        message["images"] = context.pop("images")
+    if context:
+        message["userInputMessageContext"] = context
+    return message
+
+
+def state(current, history=None):
+    out = {"chatTriggerType": "MANUAL", "agentTaskType": "vibe", "conversationId": "conv-1",
+           "currentMessage": {"userInputMessage": current}}
+    if history:
+        out["history"] = history
+    return {"conversationState": out}
+
+
+def U(content, **context):
+    return {"userInputMessage": user(content, **context)}
+
+
+def A(content, tool_uses=None):
+    message = {"content": content}
+    if tool_uses:
+        message["toolUses"] = tool_uses
+    return {"assistantResponseMessage": message}
+
+
+READ_SPEC = {"toolSpecification": {
+    "name": "read_file", "description": "Read a file",
+    "inputSchema": {"json": {"type": "object", "properties": {"path": {"type": "string"}},
+                             "required": ["path"]}}}}
+READ_TOOL = {"name": "read_file", "description": "Read a file", "input_schema": {
+    "$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object",
+    "properties": {"path": {"type": "string"}}, "required": ["path"]}}
+PNG = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBO"}}
+
+
+CASES = [
+    ("plain", {"messages": [{"role": "user", "content": "Hi"}]}, state(user("Hi"))),
+    ("system-string", {"system": "Be brief.", "messages": [{"role": "user", "content": "Hi"}]},
+     state(user("Be brief.\n\nHi"))),
+    ("system-blocks-go-to-first-user-turn", {
+        "system": [{"type": "text", "text": "One.", "cache_control": {"type": "ephemeral"}},
+                   {"type": "text", "text": "Two."}],
+        "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                     {"role": "user", "content": "c"}]},
+     state(user("c"), [U("One.\n\nTwo.\n\na"), A("b")])),
+    ("consecutive-same-role-merged", {"messages": [
+        {"role": "user", "content": "a"}, {"role": "user", "content": [
+            {"type": "text", "text": "b"}]},
+        {"role": "assistant", "content": "c"}, {"role": "assistant", "content": "d"},
+        {"role": "user", "content": "e"}]},
+     state(user("e"), [U("a\n\nb"), A("c\n\nd")])),
+    ("assistant-last-prefill", {"messages": [
+        {"role": "user", "content": "Write JSON"}, {"role": "assistant", "content": "{"}]},
+     state(user("Continue"), [U("Write JSON"), A("{")])),
+    ("assistant-first", {"messages": [
+        {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Hi"}]},
+     state(user("Hi"), [U("Continue"), A("Hello")])),
+    ("image-on-its-message", {"messages": [
+        {"role": "user", "content": [PNG, {"type": "text", "text": "What is it?"}]},
+        {"role": "assistant", "content": "A cat."},
+        {"role": "user", "content": [{"type": "text", "text": "Sure?"}, {
+            "type": "image", "source": {"type": "base64", "media_type": "image/jpeg",
+                                        "data": "/9j/"}}]}]},
+     state(user("Sure?", images=[{"format": "jpeg", "source": {"bytes": "/9j/"}}]),
+           [U("What is it?", images=[{"format": "png", "source": {"bytes": "iVBO"}}]),
+            A("A cat.")])),
+    ("tool-loop-with-parallel-calls", {"tools": [READ_TOOL], "messages": [
+        {"role": "user", "content": "Read a and b"},
+        {"role": "assistant", "content": [
+            {"type": "text", "text": "Reading."},
+            {"type": "tool_use", "id": "t1", "name": "read_file", "input": {"path": "a"}},
+            {"type": "tool_use", "id": "t2", "name": "read_file", "input": {"path": "b"}}]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "t1", "content": "AAA"},
+            {"type": "tool_result", "tool_use_id": "t2", "is_error": True,
+             "content": [{"type": "text", "text": "no such file"}]}]}]},
+     state(user("Tool results provided.",
+                toolResults=[
+                    {"toolUseId": "t1", "content": [{"text": "AAA"}], "status": "success"},
+                    {"toolUseId": "t2", "content": [{"text": "no such file"}],
+                     "status": "error"}],
+                tools=[READ_SPEC]),
+           [U("Read a and b"),
+            A("Reading.", [{"toolUseId": "t1", "name": "read_file", "input": {"path": "a"}},
+                           {"toolUseId": "t2", "name": "read_file", "input": {"path": "b"}}])])),
+    ("tool-history-without-tools-gets-placeholder-spec", {"messages": [
+        {"role": "user", "content": "go"},
+        {"role": "assistant", "content": [
+            {"type": "tool_use", "id": "t1", "name": "bash", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1",
+                                      "content": ""}]}], "tools": []},
+     state(user("Tool results provided.",
+                toolResults=[{"toolUseId": "t1", "content": [{"text": "(empty result)"}],
+                              "status": "success"}],
+                tools=[{"toolSpecification": {
+                    "name": "bash", "description": "Tool: bash",
+                    "inputSchema": {"json": {"type": "object", "properties": {}}}}}]),
+           [U("go"), A(" ", [{"toolUseId": "t1", "name": "bash", "input": {}}])])),
+    ("orphan-tool-result-becomes-text", {"messages": [
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "gone", "content": "late"},
+            {"type": "text", "text": "hello"}]}]},
+     state(user("[Tool result for gone]\nlate\n\nhello"))),
+    ("ignored-sampling-fields", {"temperature": 0.5, "top_p": 0.9, "top_k": 3,
+                                 "stop_sequences": ["x"], "metadata": {"user_id": "u"},
+                                 "tool_choice": {"type": "auto"}, "max_tokens": 9,
+                                 "messages": [{"role": "user", "content": "Hi"}]},
+     state(user("Hi"))),
+]
+
+
+@pytest.mark.parametrize(("body", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_anthropic_request_becomes_exact_codewhisperer_payload(body, expected):
+    prepared = convert.anthropic_to_codewhisperer(
+        {"model": "claude-sonnet-4-5-20250929", **body}, conversation_id="conv-1")
+    assert prepared.payload == expected
+    assert prepared.model_id == MODEL
+
+
+def test_profile_arn_is_sent_when_known():
+    prepared = convert.anthropic_to_codewhisperer(
+        {"model": "m", "messages": [{"role": "user", "content": "x"}]},
+        conversation_id="c", profile_arn="arn:aws:codewhisperer:us-east-1:1:profile/P")
+    assert prepared.payload["profileArn"] == "arn:aws:codewhisperer:us-east-1:1:profile/P"
+
+
+def test_long_tool_names_are_shortened_and_mapped_back():
+    name = "mcp__a_very_long_server_name__and_an_even_longer_tool_name_that_goes_on"
+    body = {"model": "m", "tools": [{"name": name, "input_schema": {"type": "object"}}],
+            "messages": [{"role": "user", "content": "x"}]}
+    prepared = convert.anthropic_to_codewhisperer(body, conversation_id="c")
+    sent = prepared.payload["conversationState"]["currentMessage"]["userInputMessage"][
+        "userInputMessageContext"]["tools"][0]["toolSpecification"]["name"]
+    assert len(sent) <= 64 and sent != name
+    assert prepared.tool_names[sent] == name
+    again = convert.anthropic_to_codewhisperer(body, conversation_id="c")
+    assert again.tool_names == prepared.tool_names  # deterministic
+
+    assembler = convert.Assembler(input_tokens=1, tool_names=prepared.tool_names)
+    frames = fakes.tool("t1", sent, "{}")
+    events = [e for f in frames for e in assembler.feed(*headers_payload(f))]
+    assert events == [convert.ToolCall("t1", name, "{}")]
+
+
+@pytest.mark.parametrize(("client", "kiro"), [
+    ("claude-sonnet-4-5", "claude-sonnet-4.5"),
+    ("claude-sonnet-4-5-20250929", "claude-sonnet-4.5"),
+    ("claude-sonnet-4-20250514", "claude-sonnet-4"),
+    ("claude-haiku-4-5-20251001", "claude-haiku-4.5"),
+    ("claude-opus-4-7", "claude-opus-4.7"),
+    ("claude-3-7-sonnet-20250219", "claude-3.7-sonnet"),
+    ("claude-sonnet-4-6[1m]", "claude-sonnet-4.6"),
+    ("CLAUDE_SONNET_4_20250514_V1_0", "CLAUDE_SONNET_4_20250514_V1_0"),
+    ("claude-sonnet-4.5", "claude-sonnet-4.5"),
+    ("auto", "auto"),
+    ("deepseek-3.2", "deepseek-3.2"),
+])
+def test_model_names_resolve(client, kiro):
+    assert convert.resolve_model(client) == kiro
+
+
+def headers_payload(frame: bytes):
+    decoder = eventstream.Decoder()
+    decoder.feed(frame)
+    (message,) = list(decoder)
+    return message.headers, message.payload
+
+
+@pytest.mark.parametrize("payload", [
+    {"content": "Hi"}, {"assistantResponseEvent": {"content": "Hi"}}])
+def test_decode_event_accepts_bare_and_wrapped_payloads(payload):
+    headers, body = headers_payload(fakes.event("assistantResponseEvent", payload))
+    assert convert.decode_event(headers, body) == convert.TextDelta("Hi")
+
+
+def test_decode_event_reads_exception_type_from_header_or_payload():
+    headers, body = headers_payload(fakes.exception("ThrottlingException", "slow"))
+    assert convert.decode_event(headers, body) == convert.UpstreamException(
+        "ThrottlingException", "slow")
+    frame = eventstream.encode({":message-type": "exception"},
+                               b'{"__type": "com.amazon#ValidationException", "message": "m"}')
+    assert convert.decode_event(*headers_payload(frame)) == convert.UpstreamException(
+        "ValidationException", "m")
+
+
+def run(frames, **kwargs):
+    assembler = convert.Assembler(input_tokens=kwargs.pop("input_tokens", 10), **kwargs)
+    events = []
+    for frame in frames:
+        events += assembler.feed(*headers_payload(frame))
+    return events, assembler.finish(), assembler
+
+
+def test_tool_input_with_invalid_json_is_dropped_as_max_tokens():
+    events, stop, _ = run(fakes.text("a") + fakes.tool("t1", "x", '{"a": '))
+    assert events == [convert.Text("a")]
+    assert stop == "max_tokens"
+
+
+def test_tool_input_object_form_is_accepted():
+    frames = [fakes.event("toolUseEvent", {"toolUseId": "t", "name": "n", "input": {"k": 1}}),
+              fakes.event("toolUseEvent", {"toolUseId": "t", "name": "n", "stop": True})]
+    events, stop, _ = run(frames)
+    assert events == [convert.ToolCall("t", "n", '{"k": 1}')]
+    assert stop == "tool_use"
+
+
+def test_repeated_text_chunks_are_all_kept():
+    events, _, _ = run(fakes.text("\n", "\n", "x"))
+    assert events == [convert.Text("\n"), convert.Text("\n"), convert.Text("x")]
+
+
+def test_refusal_and_context_window_stop_reasons():
+    refusal = fakes.event("metadataEvent", {"stopReason": "CONTENT_FILTERED",
+                                            "stopDetails": {"refusal": {"category": "x"}}})
+    assert run([refusal] + fakes.tail())[1] == "refusal"
+    assert run(fakes.text("a") + fakes.tail(percentage=100.0))[1] == \
+        "model_context_window_exceeded"
+
+
+def test_input_tokens_back_computed_from_context_usage():
+    _, _, assembler = run(fakes.text("abcd" * 10) + fakes.tail(percentage=10.0))
+    assert assembler.usage.output_tokens == 10
+    assert assembler.usage.input_tokens == 20_000 - 10
+
+
+def test_upstream_exception_raises_stream_error():
+    with pytest.raises(convert.StreamError) as caught:
+        run(fakes.text("a") + [fakes.exception("InternalServerException", "boom")])
+    assert caught.value.error_type == "InternalServerException"
+
+
+def test_anthropic_renderer_exact_bytes():
+    stream = convert.AnthropicStream(message_id="msg_1", model="m", input_tokens=3)
+    out = stream.render([convert.Text('say "hi"\n'), convert.ToolCall("t", "n", '{"a":1}')])
+    out += stream.finish("tool_use", convert.Usage(3, 2))
+    assert out.decode() == (
+        'event: content_block_start\ndata: {"type":"content_block_start","index":0,'
+        '"content_block":{"type":"text","text":""}}\n\n'
+        'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+        '"delta":{"type":"text_delta","text":"say \\"hi\\"\\n"}}\n\n'
+        'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n'
+        'event: content_block_start\ndata: {"type":"content_block_start","index":1,'
+        '"content_block":{"type":"tool_use","id":"t","name":"n","input":{}}}\n\n'
+        'event: content_block_delta\ndata: {"type":"content_block_delta","index":1,'
+        '"delta":{"type":"input_json_delta","partial_json":"{\\"a\\":1}"}}\n\n'
+        'event: content_block_stop\ndata: {"type":"content_block_stop","index":1}\n\n'
+        'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"tool_use",'
+        '"stop_sequence":null},"usage":{"input_tokens":3,"output_tokens":2}}\n\n'
+        'event: message_stop\ndata: {"type":"message_stop"}\n\n')
+
+
+def test_renderer_output_is_valid_utf8_json_even_for_lone_surrogates():
+    stream = convert.AnthropicStream(message_id="m", model="m", input_tokens=1)
+    out = stream.render([convert.Text(json.loads('"a\\ud800b"'))])
+    data = out.decode("utf-8").split("\n")[4].removeprefix("data: ")
+    assert json.loads(data)["delta"]["text"] == "a\ud800b"
+
+
+@pytest.mark.parametrize(("status", "body", "expected_status", "code"), [
+    (400, '{"message":"Input is too long.","reason":"CONTENT_LENGTH_EXCEEDS_THRESHOLD"}', 400,
+     "context_length_exceeded"),
+    (400, '{"message":"Improperly formed request.","reason":null}', 400, None),
+    (403, '{"message":"The bearer token included in the request is invalid."}', 401,
+     "invalid_api_key"),
+    (429, "not json", 429, "rate_limit_exceeded"),
+    (504, "", 502, None),
+])
+def test_upstream_failure_mapping(status, body, expected_status, code):
+    failure = convert.upstream_failure(status, body)
+    assert (failure.status, failure.openai_code) == (expected_status, code)
+    assert failure.message
