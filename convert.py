@@ -136,6 +136,12 @@ EMPTY_TOOL_RESULT_TEXT = "(empty result)"
 # descriptions that peers cap at 10,000 characters.
 MAX_TOOL_NAME = 64
 MAX_TOOL_DESCRIPTION = 10_000
+# Anthropic's own per-image limit; the upstream's is not documented.
+MAX_IMAGE_BYTES = 5 * 1024 * 1024
+# Emulated thinking (PROTOCOL.md 3.4, 5.6): these tags at the head of the
+# system prompt make the model open its answer with <thinking>...</thinking>.
+THINKING_BUDGET_DEFAULT = 20_000
+THINKING_BUDGET_RANGE = (1_024, 24_576)
 IMAGE_FORMATS = {"image/png": "png", "image/jpeg": "jpeg", "image/gif": "gif",
                  "image/webp": "webp"}
 
@@ -147,6 +153,8 @@ class Prepared:
     payload: Json
     model_id: str
     tool_names: dict[str, str] = field(default_factory=dict)  # sent name -> client name
+    thinking: bool = False  # thinking tags were injected; parse them back out
+    stop_sequences: tuple[str, ...] = ()
 
 
 @dataclass
@@ -194,6 +202,10 @@ def _image(block: Json, where: str) -> Json:
             f"(use one of {', '.join(sorted(IMAGE_FORMATS))})", param=where)
     data = source.get("data")
     _expect(isinstance(data, str) and data != "", f"{where}: image data is empty", where)
+    if len(data) * 3 // 4 > MAX_IMAGE_BYTES:
+        raise ConversionError(
+            f"{where}: image is larger than {MAX_IMAGE_BYTES // (1024 * 1024)} MiB",
+            status=413, param=where)
     return {"format": IMAGE_FORMATS[media_type], "source": {"bytes": data}}
 
 
@@ -393,9 +405,41 @@ def _assistant_message(turn: _Turn) -> Json:
     return message
 
 
+def thinking_prefix(body: Json) -> str:
+    """The tags that ask for emulated thinking, or "" when it was not requested."""
+    thinking = body.get("thinking")
+    if not isinstance(thinking, dict):
+        return ""
+    kind = thinking.get("type")
+    if kind == "enabled":
+        budget = thinking.get("budget_tokens")
+        if not isinstance(budget, int) or isinstance(budget, bool):
+            budget = THINKING_BUDGET_DEFAULT
+        low, high = THINKING_BUDGET_RANGE
+        budget = min(max(budget, low), high)
+        return (f"<thinking_mode>enabled</thinking_mode>"
+                f"<max_thinking_length>{budget}</max_thinking_length>")
+    if kind == "adaptive":
+        config = body.get("output_config")
+        effort = config.get("effort") if isinstance(config, dict) else None
+        if effort not in ("low", "medium", "high", "xhigh", "max"):
+            effort = "high"
+        return (f"<thinking_mode>adaptive</thinking_mode>"
+                f"<thinking_effort>{effort}</thinking_effort>")
+    return ""
+
+
+def _stop_sequences(body: Json) -> tuple[str, ...]:
+    value = body.get("stop_sequences")
+    if value is None:
+        return ()
+    _expect(isinstance(value, list) and all(isinstance(v, str) for v in value),
+            "stop_sequences: expected a list of strings", "stop_sequences")
+    return tuple(v for v in value if v)
+
+
 def anthropic_to_codewhisperer(
     body: Any, *, conversation_id: str, profile_arn: str | None = None,
-    system_prefix: str = "",
 ) -> Prepared:
     """Anthropic Messages request -> CodeWhisperer ``generateAssistantResponse`` body.
 
@@ -415,7 +459,9 @@ def anthropic_to_codewhisperer(
     tool_names: dict[str, str] = {}
     tools = _tool_specs(body.get("tools"), tool_names)
 
-    system_parts = [system_prefix, system_text(body.get("system"))]
+    prefix = thinking_prefix(body)
+    stop_sequences = _stop_sequences(body)
+    system_parts = [prefix, system_text(body.get("system"))]
     turns: list[_Turn] = []
     for i, message in enumerate(messages):
         turn = _turn(message, i)
@@ -471,7 +517,7 @@ def anthropic_to_codewhisperer(
     payload: Json = {"conversationState": state}
     if profile_arn:
         payload["profileArn"] = profile_arn
-    return Prepared(payload, model_id, tool_names)
+    return Prepared(payload, model_id, tool_names, bool(prefix), stop_sequences)
 
 
 # Token estimates ##########################################################
@@ -651,6 +697,118 @@ class ToolCall(NamedTuple):
 Event = Union[Text, Thinking, ThinkingSignature, ToolCall]
 
 
+OPEN_TAG = "<thinking>"
+CLOSE_TAG = "</thinking>"
+# A closing tag ends the thinking only when this follows it (the model also
+# *mentions* the tag while thinking); the separator is swallowed.
+CLOSE_SEPARATOR = "\n\n"
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest end of ``text`` that could begin ``tag``."""
+    for size in range(min(len(text), len(tag) - 1), 0, -1):
+        if text.endswith(tag[:size]):
+            return size
+    return 0
+
+
+class ThinkingTags:
+    """Splits emulated thinking out of the text stream.
+
+    The answer may open (after white space) with ``<thinking>``; what follows,
+    up to a ``</thinking>`` followed by a blank line, is thinking. Tags split
+    across reads are held back until they can be told apart from text.
+    """
+
+    def __init__(self) -> None:
+        self.state = "start"  # "start" -> "thinking" -> "text", or "start" -> "text"
+        self.pending = ""
+        self.last = ""  # the last character let out as thinking
+
+    def feed(self, text: str, *, final: bool = False) -> list[Event]:
+        self.pending += text
+        out: list[Event] = []
+        if self.state == "start":
+            head = self.pending.lstrip()
+            if head.startswith(OPEN_TAG):
+                self.pending = head[len(OPEN_TAG):]
+                self.state = "thinking"
+            elif OPEN_TAG.startswith(head) and not final:
+                return out  # white space or a tag still arriving
+            else:
+                self.state = "text"
+        if self.state == "thinking":
+            self._thinking(out, final)
+        if self.state == "text" and self.pending:
+            out.append(Text(self.pending))
+            self.pending = ""
+        return out
+
+    def _thinking(self, out: list[Event], final: bool) -> None:
+        pending = self.pending
+        start = 0
+        while (at := pending.find(CLOSE_TAG, start)) >= 0:
+            after = pending[at + len(CLOSE_TAG):]
+            quoted = (pending[at - 1] if at else self.last) in ("`", "'", '"')
+            if not quoted and after.startswith(CLOSE_SEPARATOR):
+                end = at + len(CLOSE_TAG) + len(CLOSE_SEPARATOR)
+            elif not quoted and final and not after.strip():
+                end = len(pending)
+            elif not quoted and CLOSE_SEPARATOR.startswith(after):
+                self._emit(out, pending[:at])  # the tag is undecided until the next read
+                self.pending = pending[at:]
+                return
+            else:
+                start = at + 1  # a mention of the tag, not the end
+                continue
+            self._emit(out, pending[:at])
+            self.pending = pending[end:]
+            self.state = "text"
+            return
+        keep = 0 if final else _partial_suffix(pending, CLOSE_TAG)
+        self._emit(out, pending[: len(pending) - keep])
+        self.pending = pending[len(pending) - keep:]
+
+    def _emit(self, out: list[Event], thinking: str) -> None:
+        if thinking:
+            out.append(Thinking(thinking))
+            self.last = thinking[-1]
+
+
+class StopSequences:
+    """Applies the client's stop sequences to the text, which the upstream cannot do."""
+
+    def __init__(self, sequences: tuple[str, ...]) -> None:
+        self.sequences = sequences
+        self.held = ""
+        self.matched: str | None = None
+
+    def feed(self, events: list[Event]) -> list[Event]:
+        out: list[Event] = []
+        for event in events:
+            if type(event) is not Text or self.matched is not None:
+                if self.matched is None:
+                    out.append(event)
+                continue
+            text = self.held + event.text
+            hits = [(i, s) for s in self.sequences if (i := text.find(s)) >= 0]
+            if hits:
+                at, self.matched = min(hits)
+                self.held = ""
+                if at:
+                    out.append(Text(text[:at]))
+                continue
+            keep = max(_partial_suffix(text, s) for s in self.sequences)
+            self.held = text[len(text) - keep:]
+            if len(text) > keep:
+                out.append(Text(text[: len(text) - keep]))
+        return out
+
+    def flush(self) -> list[Event]:
+        held, self.held = self.held, ""
+        return [Text(held)] if held and self.matched is None else []
+
+
 @dataclass
 class Usage:
     input_tokens: int
@@ -666,21 +824,34 @@ class Assembler:
     input parses as a JSON object: a client never receives a tool call it
     could not execute. When the answer is cut short (the upstream's output
     limit, or input that does not parse) the call is dropped and the stop
-    reason is ``max_tokens``.
+    reason is ``max_tokens``. With ``thinking``, text runs through
+    ``ThinkingTags``; with stop sequences, through ``StopSequences``, and the
+    first match ends the answer.
     """
 
     def __init__(self, *, input_tokens: int, window: int = DEFAULT_CONTEXT_WINDOW,
-                 tool_names: Mapping[str, str] | None = None) -> None:
+                 tool_names: Mapping[str, str] | None = None, thinking: bool = False,
+                 stop_sequences: tuple[str, ...] = ()) -> None:
         self.usage = Usage(input_tokens)
         self.window = window
         self.tool_names = tool_names or {}
         self.stop_reason: str | None = None  # set once the answer is known to be over
+        self.stop_sequence: str | None = None
         self.tool_calls = 0
+        self._thinking = ThinkingTags() if thinking else None
+        self._stops = StopSequences(stop_sequences) if stop_sequences else None
         self._tools: dict[str, list[str]] = {}  # id -> [name, fragment, fragment...]
         self._output_chars = 0
         self._reported_output: int | None = None
         self._context_percentage: float | None = None
         self._reported_input = False
+
+    @classmethod
+    def for_request(cls, prepared: Prepared, *, input_tokens: int,
+                    client_model: str) -> Assembler:
+        return cls(input_tokens=input_tokens, tool_names=prepared.tool_names,
+                   window=context_window(prepared.model_id, client_model),
+                   thinking=prepared.thinking, stop_sequences=prepared.stop_sequences)
 
     def feed(self, headers: Mapping[str, Any], payload: bytes) -> list[Event]:
         """Events for one frame; raises ``StreamError`` for an upstream error."""
@@ -690,7 +861,9 @@ class Assembler:
         kind = type(event)
         if kind is TextDelta:
             self._output_chars += len(event.text)
-            return [Text(event.text)]
+            if self._thinking is None and self._stops is None:
+                return [Text(event.text)]
+            return self._text(event.text)
         if kind is ToolUseDelta:
             return self._tool(event)
         if kind is ReasoningDelta:
@@ -717,11 +890,28 @@ class Assembler:
                     "CONTENT_LENGTH_EXCEEDS" in event.message:
                 self._tools.clear()
                 self.stop_reason = "max_tokens"
-                return []
+                return self._flush_text()
             raise StreamError(event.error_type, event.message)
         return []
 
+    def _text(self, text: str, *, final: bool = False) -> list[Event]:
+        events = self._thinking.feed(text, final=final) if self._thinking else [Text(text)]
+        if self._stops is not None:
+            events = self._stops.feed(events)
+            if self._stops.matched is not None:
+                self.stop_reason = "stop_sequence"
+                self.stop_sequence = self._stops.matched
+        return events
+
+    def _flush_text(self) -> list[Event]:
+        """Whatever the text stages still hold, as the answer moves past text."""
+        events = self._text("", final=True) if self._thinking else []
+        if self._stops is not None and self.stop_reason is None:
+            events += self._stops.flush()
+        return events
+
     def _tool(self, event: ToolUseDelta) -> list[Event]:
+        out = self._flush_text() if self._thinking or self._stops else []
         parts = self._tools.get(event.tool_use_id)
         if parts is None:
             parts = self._tools[event.tool_use_id] = [event.name]
@@ -729,7 +919,7 @@ class Assembler:
             parts.append(event.input)
             self._output_chars += len(event.input)
         if not event.stop:
-            return []
+            return out
         del self._tools[event.tool_use_id]
         input_json = "".join(parts[1:]) or "{}"
         try:
@@ -738,13 +928,15 @@ class Assembler:
             parsed = None
         if not isinstance(parsed, dict):
             self.stop_reason = "max_tokens"
-            return []
+            return out
         self.tool_calls += 1
         name = self.tool_names.get(parts[0], parts[0])
-        return [ToolCall(event.tool_use_id, name, input_json)]
+        out.append(ToolCall(event.tool_use_id, name, input_json))
+        return out
 
-    def finish(self) -> str:
-        """The stream ended cleanly: settle and return the stop reason."""
+    def finish(self) -> list[Event]:
+        """The stream is over: settle ``stop_reason`` and usage; return held-back events."""
+        events = self._flush_text() if self.stop_reason is None else []
         if self._tools and self.stop_reason is None:
             self.stop_reason = "max_tokens"  # cut off inside a tool call
         if self.stop_reason is None:
@@ -760,11 +952,12 @@ class Assembler:
             output = math.ceil(self._output_chars / 4)
         self.usage.output_tokens = output
         if not self._reported_input and self._context_percentage is not None:
-            # The percentage covers the prompt and this answer.
+            # The percentage covers the prompt, Kiro's own hidden system
+            # prompt, and this answer: the best figure we can get.
             estimate = round(self._context_percentage * self.window / 100) - output
             if estimate > 0:
                 self.usage.input_tokens = estimate
-        return self.stop_reason
+        return events
 
 
 # Anthropic rendering ######################################################
@@ -888,9 +1081,9 @@ class AnthropicStream:
                 out.append(self._close())
         return b"".join(out)
 
-    def finish(self, stop_reason: str, usage: Usage) -> bytes:
+    def finish(self, stop_reason: str, usage: Usage, stop_sequence: str | None = None) -> bytes:
         delta = {"type": "message_delta",
-                 "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+                 "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
                  "usage": _usage_json(usage)}
         return self._close() + sse("message_delta", delta) + MESSAGE_STOP
 
@@ -904,7 +1097,7 @@ MESSAGE_STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
 
 
 def collect_anthropic(events: Iterable[Event], *, message_id: str, model: str,
-                      stop_reason: str, usage: Usage) -> Json:
+                      stop_reason: str, usage: Usage, stop_sequence: str | None = None) -> Json:
     """Fold neutral events into one non-streaming Anthropic Message."""
     content: list[Json] = []
     for event in events:
@@ -928,7 +1121,7 @@ def collect_anthropic(events: Iterable[Event], *, message_id: str, model: str,
                             "input": json.loads(event.input_json)})
     return {
         "id": message_id, "type": "message", "role": "assistant", "model": model,
-        "content": content, "stop_reason": stop_reason, "stop_sequence": None,
+        "content": content, "stop_reason": stop_reason, "stop_sequence": stop_sequence,
         "usage": _usage_json(usage),
     }
 

@@ -206,7 +206,8 @@ def run(frames, **kwargs):
     events = []
     for frame in frames:
         events += assembler.feed(*headers_payload(frame))
-    return events, assembler.finish(), assembler
+    events += assembler.finish()
+    return events, assembler.stop_reason, assembler
 
 
 def test_tool_input_with_invalid_json_is_dropped_as_max_tokens():
@@ -288,3 +289,139 @@ def test_upstream_failure_mapping(status, body, expected_status, code):
     failure = convert.upstream_failure(status, body)
     assert (failure.status, failure.openai_code) == (expected_status, code)
     assert failure.message
+
+
+# Emulated thinking, stop sequences, truncation (issue 6) ##################
+
+
+def split_everywhere(text):
+    """Every way to cut ``text`` in two reads, plus one read per character."""
+    yield [text]
+    for at in range(1, len(text)):
+        yield [text[:at], text[at:]]
+    yield list(text)
+
+
+def fold(events):
+    """Concatenate adjacent events of one kind: [(kind, text)]."""
+    out = []
+    for event in events:
+        kind = type(event).__name__
+        value = event.text if hasattr(event, "text") else event
+        if out and out[-1][0] == kind and isinstance(value, str):
+            out[-1] = (kind, out[-1][1] + value)
+        else:
+            out.append((kind, value))
+    return out
+
+
+THINKING_CASES = [
+    ("<thinking>plan</thinking>\n\nAnswer", [("Thinking", "plan"), ("Text", "Answer")]),
+    ("\n  <thinking>a</thinking>\n\nb", [("Thinking", "a"), ("Text", "b")]),
+    ("<thinking>I must not write </thinking> early.\nOk.</thinking>\n\nDone",
+     [("Thinking", "I must not write </thinking> early.\nOk."), ("Text", "Done")]),
+    ("<thinking>say `</thinking>\n\n` here</thinking>\n\nx",
+     [("Thinking", "say `</thinking>\n\n` here"), ("Text", "x")]),
+    ("<thinking>only thoughts</thinking>", [("Thinking", "only thoughts")]),
+    ("Plain answer <thinking> mentioned", [("Text", "Plain answer <thinking> mentioned")]),
+    ("<think", [("Text", "<think")]),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), THINKING_CASES,
+                         ids=[f"case{i}" for i in range(len(THINKING_CASES))])
+def test_thinking_tags_parse_however_the_text_is_split(text, expected):
+    for chunks in split_everywhere(text):
+        events, stop, _ = run(fakes.text(*chunks) + fakes.tail(), thinking=True)
+        assert fold(events) == expected, chunks
+        assert stop == "end_turn"
+
+
+def test_thinking_is_rendered_as_thinking_blocks():
+    events, _, _ = run(fakes.text("<thinking>hm</thinking>\n\nHi"), thinking=True)
+    stream = convert.AnthropicStream(message_id="m", model="m", input_tokens=1)
+    lines = [json.loads(line[6:]) for line in stream.render(events).decode().split("\n")
+             if line.startswith("data: ")]
+    assert [(d["type"], d.get("content_block", d.get("delta", {})).get("type")) for d in lines] \
+        == [("content_block_start", "thinking"), ("content_block_delta", "thinking_delta"),
+            ("content_block_stop", None), ("content_block_start", "text"),
+            ("content_block_delta", "text_delta")]
+
+
+def test_native_reasoning_gives_thinking_with_signature():
+    frames = [fakes.event("reasoningContentEvent", {"text": "deep"}),
+              fakes.event("reasoningContentEvent", {"signature": "sig=="})] + fakes.text("ok")
+    events, _, _ = run(frames)
+    message = convert.collect_anthropic(events, message_id="m", model="m",
+                                        stop_reason="end_turn", usage=convert.Usage(1))
+    assert message["content"] == [{"type": "thinking", "thinking": "deep", "signature": "sig=="},
+                                  {"type": "text", "text": "ok"}]
+
+
+@pytest.mark.parametrize(("thinking", "prefix"), [
+    ({"type": "enabled", "budget_tokens": 31999},
+     "<thinking_mode>enabled</thinking_mode><max_thinking_length>24576</max_thinking_length>"),
+    ({"type": "enabled", "budget_tokens": 2048},
+     "<thinking_mode>enabled</thinking_mode><max_thinking_length>2048</max_thinking_length>"),
+    ({"type": "adaptive"},
+     "<thinking_mode>adaptive</thinking_mode><thinking_effort>medium</thinking_effort>"),
+    ({"type": "disabled"}, ""),
+])
+def test_thinking_request_injects_tags_in_front_of_the_system_prompt(thinking, prefix):
+    body = {"model": "m", "system": "Sys.", "thinking": thinking,
+            "output_config": {"effort": "medium"},
+            "messages": [{"role": "user", "content": "Hi"}]}
+    prepared = convert.anthropic_to_codewhisperer(body, conversation_id="c")
+    content = prepared.payload["conversationState"]["currentMessage"]["userInputMessage"][
+        "content"]
+    assert content == (f"{prefix}\n\nSys.\n\nHi" if prefix else "Sys.\n\nHi")
+    assert prepared.thinking is bool(prefix)
+
+
+def test_prior_thinking_is_replayed_before_the_answer_text():
+    body = {"model": "m", "messages": [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": "t", "signature": "s"},
+                                          {"type": "text", "text": "b"}]},
+        {"role": "user", "content": "c"}]}
+    history = convert.anthropic_to_codewhisperer(body, conversation_id="c").payload[
+        "conversationState"]["history"]
+    assert history[1] == {"assistantResponseMessage": {"content": "<thinking>t</thinking>\n\nb"}}
+
+
+@pytest.mark.parametrize("text", ["Hello STOP world", "STOP", "abcSTO"])
+def test_stop_sequences_cut_the_text_however_it_is_split(text):
+    for chunks in split_everywhere(text):
+        events, stop, assembler = run(fakes.text(*chunks) + fakes.tail(),
+                                      stop_sequences=("STOP", "never"))
+        before, hit, _ = text.partition("STOP")
+        assert "".join(e.text for e in events) == before
+        assert stop == ("stop_sequence" if hit else "end_turn"), chunks
+        assert assembler.stop_sequence == ("STOP" if hit else None)
+
+
+TOOL_INPUT = '{"path": "a.txt", "content": "line 1\\nline 2", "n": [1, 2]}'
+
+
+@pytest.mark.parametrize("cut", range(1, len(TOOL_INPUT)))
+def test_tool_call_cut_at_any_fragment_boundary_is_never_emitted(cut):
+    fragments = [TOOL_INPUT[:cut], TOOL_INPUT[cut:]]
+    whole, stop, _ = run(fakes.tool("t", "write", *fragments))
+    assert whole == [convert.ToolCall("t", "write", TOOL_INPUT)] and stop == "tool_use"
+    cut_off, stop, _ = run(fakes.text("x") + fakes.tool("t", "write", fragments[0], stop=False))
+    assert cut_off == [convert.Text("x")] and stop == "max_tokens"
+    limit = fakes.tool("t", "write", fragments[0], stop=False) + [
+        fakes.exception("ContentLengthExceededException", "")]
+    cut_off, stop, _ = run(limit)
+    assert cut_off == [] and stop == "max_tokens"
+
+
+def test_oversize_image_is_413_naming_the_block():
+    big = {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                       "data": "A" * (7 * 1024 * 1024)}}
+    with pytest.raises(convert.ConversionError) as caught:
+        convert.anthropic_to_codewhisperer(
+            {"model": "m", "messages": [{"role": "user", "content": ["x", big][1:]}]},
+            conversation_id="c")
+    assert caught.value.status == 413
+    assert "messages.0.content.0" in str(caught.value)
