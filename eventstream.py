@@ -71,8 +71,10 @@ _PRELUDE = struct.Struct(">III")
 _CRC = struct.Struct(">I")
 _U16 = struct.Struct(">H")
 # Header blocks repeat (Kiro sends the same three headers on every text
-# frame), so decoded blocks are remembered, up to this many distinct ones.
+# frame), so decoded blocks are remembered: up to this many distinct ones, of
+# up to this many bytes each (so a hostile stream pins at most 64 KiB).
 _HEADER_CACHE_ENTRIES = 64
+_HEADER_CACHE_BLOCK_BYTES = 1024
 
 
 # Errors ###################################################################
@@ -243,12 +245,14 @@ def encode_headers(headers: Mapping[str, HeaderValue]) -> bytes:
         out += raw_name
         if isinstance(value, bool):
             out.append(0 if value else 1)
-        elif isinstance(value, _SizedInt):
-            out.append(value.type_code)
-            out += value.struct.pack(value)
         elif isinstance(value, int):
-            out.append(Int32.type_code)
-            out += Int32.struct.pack(value)
+            sized = value if isinstance(value, _SizedInt) else Int32(value)
+            try:
+                packed = sized.struct.pack(sized)
+            except struct.error:
+                raise ValueError(f"header {name!r}: {value!r} is out of range") from None
+            out.append(sized.type_code)
+            out += packed
         elif isinstance(value, (bytes, bytearray, str)):
             raw = value.encode("utf-8") if isinstance(value, str) else bytes(value)
             if len(raw) > 0xFFFF:
@@ -309,13 +313,19 @@ class Decoder:
         """Append bytes that arrived; never parses and never raises a framing error."""
         if self._closed:
             raise RuntimeError("feed() after close()")
+        if self._start:  # a caller that stopped iterating early
+            self._compact()
         self._buffer += data
 
     def close(self) -> None:
-        """Mark the end of the stream; raise if it stopped inside a frame."""
+        """Mark the end of the stream; raise if bytes are left over.
+
+        Call it after iterating until no message comes out: any byte still
+        buffered then belongs to a frame that never finished arriving.
+        """
         self._closed = True
         if self._error is not None:
-            raise self._error
+            raise self._error.with_traceback(None)
         left = len(self._buffer) - self._start
         if left:
             need = f" of {self._prelude[0]}" if self._prelude else ""
@@ -331,7 +341,7 @@ class Decoder:
 
     def __next__(self) -> Message:
         if self._error is not None:
-            raise self._error
+            raise self._error.with_traceback(None)
         buffer = self._buffer
         start = self._start
         available = len(buffer) - start
@@ -364,7 +374,8 @@ class Decoder:
                 self._fail(
                     HeaderError(f"{exc} (frame at stream offset {self._offset + start})")
                 )
-            if len(self._header_cache) < _HEADER_CACHE_ENTRIES:
+            if (len(self._header_cache) < _HEADER_CACHE_ENTRIES
+                    and headers_length <= _HEADER_CACHE_BLOCK_BYTES):
                 self._header_cache[block] = headers
         return Message(headers, frame[PRELUDE_BYTES + headers_length : total - CRC_BYTES])
 
@@ -407,12 +418,16 @@ class Decoder:
         return total, headers_length, actual
 
     def _stop(self) -> Message:
-        # Drop consumed bytes once per pass; bytearray prefix deletion is cheap.
         if self._start:
-            del self._buffer[: self._start]
-            self._offset += self._start
-            self._start = 0
+            self._compact()
         raise StopIteration
+
+    def _compact(self) -> None:
+        # Drop consumed bytes once per pass, not per frame; deleting a prefix
+        # of a bytearray only moves its start, so this is cheap.
+        del self._buffer[: self._start]
+        self._offset += self._start
+        self._start = 0
 
     def _fail(self, error: EventStreamError) -> NoReturn:
         self._error = error
