@@ -15,6 +15,8 @@ import zlib
 from collections.abc import Iterable, Mapping
 
 import pytest
+
+import eventstream
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
