@@ -446,8 +446,9 @@ def anthropic_to_codewhisperer(
     The last user turn becomes ``currentMessage``; everything before it is
     ``history``, merged into strict user/assistant alternation. The system
     prompt goes in front of the first user turn. Fields the upstream has no
-    place for (temperature, top_p, metadata, stop_sequences, tool_choice...)
-    are accepted and left out.
+    place for (temperature, top_p, metadata, tool_choice...) are accepted and
+    left out; ``stop_sequences`` and ``thinking`` are returned in ``Prepared``
+    for the answer's ``Assembler`` to apply.
     """
     _expect(isinstance(body, dict), "request body must be a JSON object")
     model = body.get("model")
@@ -1089,8 +1090,8 @@ class AnthropicStream:
 
     def error(self, failure: Failure) -> bytes:
         """An in-band error that ends the stream (no ``message_stop`` follows)."""
-        return self._close() + sse(
-            "error", anthropic_error(failure.status, failure.message, failure.anthropic_type))
+        return sse("error", anthropic_error(failure.status, failure.message,
+                                            failure.anthropic_type))
 
 
 MESSAGE_STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
@@ -1194,3 +1195,395 @@ def upstream_failure(status: int, body: str, error_type: str = "") -> Failure:
                        "server_error", None)
     return Failure(502, f"Kiro answered HTTP {status}: {detail}", "api_error", "server_error",
                    None)
+
+
+# Requests: OpenAI Chat Completions -> Anthropic ###########################
+#
+# OpenAI bodies become Anthropic Messages bodies, so there is one
+# CodeWhisperer builder. Every check that could fail on the result is made
+# here first, with the OpenAI path in ``param`` (``messages[3].content[0]``),
+# because the builder's own messages would count Anthropic messages instead.
+# Fields with an Anthropic counterpart are carried over (the builder drops
+# what the upstream has no place for); the rest are accepted and dropped.
+
+IMAGE_MEDIA_ALIASES = {"image/jpg": "image/jpeg"}
+# reasoning_effort values that ask for thinking ("minimal" and "none" do not);
+# they become Anthropic adaptive thinking with the same effort.
+REASONING_EFFORTS = ("low", "medium", "high", "xhigh")
+
+
+def _openai_texts(content: Any, where: str) -> list[str]:
+    """A string, or a list of text parts (system, developer and tool messages)."""
+    if isinstance(content, str):
+        return [content]
+    _expect(isinstance(content, list), f"{where}: expected a string or a list of text parts",
+            where)
+    texts = []
+    for j, part in enumerate(content):
+        here = f"{where}[{j}]"
+        _expect(isinstance(part, dict) and part.get("type") == "text"
+                and isinstance(part.get("text"), str), f"{here}: expected a text part", here)
+        texts.append(part["text"])
+    return texts
+
+
+def _openai_image(part: Json, where: str) -> Json:
+    image_url = part.get("image_url")
+    url = image_url.get("url") if isinstance(image_url, dict) else image_url
+    where = f"{where}.image_url.url"
+    _expect(isinstance(url, str) and url != "", f"{where}: expected a URL", where)
+    if not url.startswith("data:"):
+        raise ConversionError(
+            f"{where}: remote image URLs are not supported (Kiro cannot fetch them); "
+            "send the image inline as a data:image/png;base64,... URL", param=where)
+    header, comma, data = url[len("data:"):].partition(",")
+    media_type, *options = header.split(";")
+    media_type = media_type.strip().lower()
+    media_type = IMAGE_MEDIA_ALIASES.get(media_type, media_type)
+    _expect(comma == "," and "base64" in options,
+            f"{where}: the image data URL must be base64-encoded (data:<type>;base64,<data>)",
+            where)
+    _expect(media_type in IMAGE_FORMATS, f"{where}: image type {media_type!r} is not "
+            f"supported (use one of {', '.join(sorted(IMAGE_FORMATS))})", where)
+    _expect(data != "", f"{where}: the image data is empty", where)
+    return {"type": "image", "source": {"type": "base64", "media_type": media_type,
+                                        "data": data}}
+
+
+def _openai_user_content(content: Any, where: str) -> str | list[Json]:
+    if isinstance(content, str):
+        return content
+    _expect(isinstance(content, list), f"{where}: expected a string or a list of content parts",
+            where)
+    blocks: list[Json] = []
+    for j, part in enumerate(content):
+        here = f"{where}[{j}]"
+        _expect(isinstance(part, dict), f"{here}: expected an object", here)
+        kind = part.get("type")
+        if kind == "text":
+            _expect(isinstance(part.get("text"), str), f"{here}.text: expected a string", here)
+            blocks.append({"type": "text", "text": part["text"]})
+        elif kind == "image_url":
+            blocks.append(_openai_image(part, here))
+        else:
+            raise ConversionError(f"{here}: content part type {kind!r} is not supported "
+                                  "(use text or image_url)", param=here)
+    return blocks
+
+
+def _openai_assistant_content(message: Json, where: str) -> list[Json]:
+    content = message.get("content")
+    blocks: list[Json] = []
+    if isinstance(content, str):
+        blocks.append({"type": "text", "text": content})
+    elif isinstance(content, list):
+        for j, part in enumerate(content):
+            here = f"{where}.content[{j}]"
+            kind = part.get("type") if isinstance(part, dict) else None
+            _expect(kind in ("text", "refusal") and isinstance(part.get(kind), str),
+                    f"{here}: expected a text or refusal part", here)
+            blocks.append({"type": "text", "text": part[kind]})
+    else:
+        _expect(content is None, f"{where}.content: expected a string, a list of parts or "
+                "null", f"{where}.content")
+    tool_calls = message.get("tool_calls") or []
+    _expect(isinstance(tool_calls, list), f"{where}.tool_calls: expected a list",
+            f"{where}.tool_calls")
+    for k, call in enumerate(tool_calls):
+        here = f"{where}.tool_calls[{k}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        _expect(isinstance(function, dict) and call.get("type", "function") == "function",
+                f"{here}: expected a function tool call", here)
+        call_id, name = call.get("id"), function.get("name")
+        _expect(isinstance(call_id, str) and call_id != "", f"{here}.id: expected a string",
+                f"{here}.id")
+        _expect(isinstance(name, str) and name != "", f"{here}.function.name: expected a "
+                "string", f"{here}.function.name")
+        blocks.append({"type": "tool_use", "id": call_id, "name": name,
+                       "input": _openai_arguments(function.get("arguments"), here, call_id,
+                                                  name)})
+    return blocks
+
+
+def _openai_arguments(arguments: Any, where: str, call_id: str, name: str) -> Json:
+    where = f"{where}.function.arguments"
+    if isinstance(arguments, dict):  # not the spec, but some clients send the object
+        return arguments
+    if arguments is None or (isinstance(arguments, str) and not arguments.strip()):
+        return {}
+    _expect(isinstance(arguments, str), f"{where}: expected a JSON string", where)
+    try:
+        parsed = json.loads(arguments)
+    except (ValueError, RecursionError) as exc:
+        raise ConversionError(f"{where}: the arguments of tool call {call_id!r} ({name}) are "
+                              f"not valid JSON: {exc}", param=where) from None
+    _expect(isinstance(parsed, dict), f"{where}: the arguments of tool call {call_id!r} "
+            f"({name}) must be a JSON object", where)
+    return parsed
+
+
+def _openai_tools(tools: Any) -> list[Json]:
+    if tools is None:
+        return []
+    _expect(isinstance(tools, list), "tools: expected a list", "tools")
+    out = []
+    for i, tool in enumerate(tools):
+        where = f"tools[{i}]"
+        _expect(isinstance(tool, dict), f"{where}: expected an object", where)
+        _expect(tool.get("type", "function") == "function",
+                f"{where}: only function tools are supported, not {tool.get('type')!r}", where)
+        function = tool.get("function")
+        _expect(isinstance(function, dict), f"{where}.function: expected an object",
+                f"{where}.function")
+        name = function.get("name")
+        _expect(isinstance(name, str) and name != "", f"{where}.function.name: a function "
+                "needs a name", f"{where}.function.name")
+        parameters = function.get("parameters")
+        _expect(parameters is None or isinstance(parameters, dict),
+                f"{where}.function.parameters: expected a JSON Schema object",
+                f"{where}.function.parameters")
+        spec: Json = {"name": name, "input_schema": parameters or {"type": "object"}}
+        if function.get("description"):
+            spec["description"] = function["description"]
+        out.append(spec)
+    return out
+
+
+def _openai_tool_choice(choice: Any, parallel: Any) -> Json | None:
+    """``tool_choice`` and ``parallel_tool_calls`` -> Anthropic ``tool_choice``."""
+    if choice is None or choice == "auto":
+        result = {"type": "auto"} if parallel is False else None
+    elif choice == "required":
+        result = {"type": "any"}
+    elif choice == "none":
+        return {"type": "none"}
+    elif isinstance(choice, dict) and choice.get("type") == "function":
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        _expect(isinstance(name, str) and name != "",
+                "tool_choice.function.name: expected a string", "tool_choice")
+        result = {"type": "tool", "name": name}
+    elif isinstance(choice, dict):  # allowed_tools, custom: no Anthropic equivalent
+        result = {"type": "auto"} if parallel is False else None
+    else:
+        raise ConversionError("tool_choice: expected 'auto', 'none', 'required' or "
+                              '{"type": "function", "function": {"name": ...}}',
+                              param="tool_choice")
+    if result is not None and parallel is False:
+        result["disable_parallel_tool_use"] = True
+    return result
+
+
+def openai_to_anthropic(body: Any) -> Json:
+    """OpenAI Chat Completions request -> the equivalent Anthropic Messages request.
+
+    system and developer messages become the system prompt; ``tool`` messages
+    become ``tool_result`` blocks, consecutive ones in one user message;
+    assistant ``tool_calls`` become ``tool_use`` blocks with their arguments
+    parsed; ``reasoning_effort`` asks for (emulated) thinking. ``n`` other
+    than 1 is refused: the upstream gives one answer.
+    """
+    _expect(isinstance(body, dict), "request body must be a JSON object")
+    messages = body.get("messages")
+    _expect(isinstance(messages, list), "messages: a list of messages is required", "messages")
+    n = body.get("n")
+    _expect(n is None or n == 1, "n: only n=1 is supported (Kiro gives one answer a request)",
+            "n")
+    stream_options = body.get("stream_options")
+    _expect(stream_options is None or isinstance(stream_options, dict),
+            "stream_options: expected an object", "stream_options")
+
+    system: list[str] = []
+    out_messages: list[Json] = []
+    results: list[Json] | None = None  # the tool_result blocks of the last tool message
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        _expect(isinstance(message, dict), f"{where}: expected an object", where)
+        role = message.get("role")
+        content = message.get("content")
+        if role in ("system", "developer"):
+            system.extend(_openai_texts(content, f"{where}.content"))
+            continue
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            _expect(isinstance(call_id, str) and call_id != "",
+                    f"{where}.tool_call_id: expected the id of the tool call answered",
+                    f"{where}.tool_call_id")
+            texts = _openai_texts(content, f"{where}.content")
+            block = {"type": "tool_result", "tool_use_id": call_id,
+                     "content": [{"type": "text", "text": t} for t in texts]}
+            if results is None:
+                results = []
+                out_messages.append({"role": "user", "content": results})
+            results.append(block)
+            continue
+        results = None
+        if role == "user":
+            out_messages.append({"role": "user",
+                                 "content": _openai_user_content(content, f"{where}.content")})
+        elif role == "assistant":
+            out_messages.append({"role": "assistant",
+                                 "content": _openai_assistant_content(message, where)})
+        elif role == "function":
+            raise ConversionError(f"{where}: role 'function' (the deprecated functions API) is "
+                                  "not supported; use tools and tool messages",
+                                  param=f"{where}.role")
+        else:
+            raise ConversionError(f"{where}.role: expected system, developer, user, assistant "
+                                  f"or tool, got {role!r}", param=f"{where}.role")
+
+    out: Json = {"model": body.get("model"), "messages": out_messages}
+    if system:
+        out["system"] = "\n\n".join(t for t in system if t)
+    max_tokens = body.get("max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = body.get("max_tokens")
+    if isinstance(max_tokens, int) and not isinstance(max_tokens, bool):
+        out["max_tokens"] = max_tokens
+    for name in ("temperature", "top_p"):
+        if isinstance(body.get(name), (int, float)) and not isinstance(body.get(name), bool):
+            out[name] = body[name]
+    stop = body.get("stop")
+    if stop is not None:
+        stop = [stop] if isinstance(stop, str) else stop
+        _expect(isinstance(stop, list) and all(isinstance(s, str) for s in stop),
+                "stop: expected a string or a list of strings", "stop")
+        out["stop_sequences"] = stop
+    if isinstance(body.get("user"), str):
+        out["metadata"] = {"user_id": body["user"]}
+    tools = _openai_tools(body.get("tools"))
+    if tools:
+        out["tools"] = tools
+    tool_choice = _openai_tool_choice(body.get("tool_choice"), body.get("parallel_tool_calls"))
+    if tool_choice is not None:
+        out["tool_choice"] = tool_choice
+    effort = body.get("reasoning_effort")
+    if effort in REASONING_EFFORTS:
+        out["thinking"] = {"type": "adaptive"}
+        out["output_config"] = {"effort": effort}
+    if isinstance(body.get("stream"), bool):
+        out["stream"] = body["stream"]
+    return out
+
+
+# OpenAI rendering #########################################################
+
+FINISH_REASONS = {
+    "end_turn": "stop", "stop_sequence": "stop", "tool_use": "tool_calls",
+    "max_tokens": "length", "model_context_window_exceeded": "length",
+    "refusal": "content_filter",
+}
+
+
+def finish_reason(stop_reason: str) -> str:
+    """Anthropic ``stop_reason`` -> OpenAI ``finish_reason``."""
+    return FINISH_REASONS.get(stop_reason, "stop")
+
+
+def openai_usage(usage: Usage) -> Json:
+    data: Json = {"prompt_tokens": usage.input_tokens, "completion_tokens": usage.output_tokens,
+                  "total_tokens": usage.input_tokens + usage.output_tokens}
+    if usage.cache_read_input_tokens is not None:
+        data["prompt_tokens_details"] = {"cached_tokens": usage.cache_read_input_tokens}
+    return data
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+class OpenAIStream:
+    """Renders neutral events as OpenAI Chat Completions chunks (``data:`` lines only).
+
+    Tool calls are numbered among themselves (``index`` 0, 1, ...). A call's
+    id, type and name appear only in its first delta: clients rebuild a call
+    by concatenating every string field of its deltas. Thinking goes out as
+    ``reasoning_content``; its signatures have no place in this format.
+    """
+
+    keepalive = b": keep-alive\n\n"  # an SSE comment: clients skip it
+
+    def __init__(self, *, completion_id: str, model: str, created: int,
+                 include_usage: bool = False) -> None:
+        head = json.dumps({"id": completion_id, "object": "chat.completion.chunk",
+                           "created": created, "model": model},
+                          ensure_ascii=False, separators=(",", ":"))
+        self._head = b"data: " + head[:-1].encode("utf-8", "backslashreplace")  # no "}"
+        self.include_usage = include_usage
+        self._tool_index = -1
+
+    def _chunk(self, delta: str | None, finish: str | None = None, usage: Usage | None = None,
+               ) -> bytes:
+        """The one place a chunk is spelled; ``delta`` None gives the ``choices: []`` one."""
+        if delta is None:
+            choices = "[]"
+        else:
+            choices = '[{"index":0,"delta":%s,"finish_reason":%s}]' % (
+                delta, f'"{finish}"' if finish else "null")
+        tail = ""
+        if self.include_usage:  # then every chunk has the key, null but on the last
+            tail = ',"usage":' + (json.dumps(openai_usage(usage), separators=(",", ":"))
+                                  if usage is not None else "null")
+        return b'%s,"choices":%s%s}\n\n' % (
+            self._head, choices.encode("utf-8", "backslashreplace"), tail.encode())
+
+    def start(self) -> bytes:
+        return self._chunk('{"role":"assistant","content":""}')
+
+    def render(self, events: Iterable[Event]) -> bytes:
+        out = []
+        for event in events:
+            kind = type(event)
+            if kind is Text:
+                out.append(self._chunk('{"content":%s}' % _json_string(event.text)))
+            elif kind is Thinking:
+                out.append(self._chunk('{"reasoning_content":%s}' % _json_string(event.text)))
+            elif kind is ToolCall:
+                self._tool_index += 1
+                out.append(self._chunk(
+                    '{"tool_calls":[{"index":%d,"id":%s,"type":"function","function":'
+                    '{"name":%s,"arguments":""}}]}'
+                    % (self._tool_index, _json_string(event.id), _json_string(event.name))))
+                out.append(self._chunk('{"tool_calls":[{"index":%d,"function":{"arguments":%s}}]}'
+                                       % (self._tool_index, _json_string(event.input_json))))
+        return b"".join(out)
+
+    def finish(self, stop_reason: str, usage: Usage, stop_sequence: str | None = None) -> bytes:
+        out = self._chunk("{}", finish_reason(stop_reason))  # which sequence: no field for it
+        if self.include_usage:
+            out += self._chunk(None, usage=usage)
+        return out + DONE
+
+    def error(self, failure: Failure) -> bytes:
+        """An in-band error that ends the stream (no ``[DONE]`` follows)."""
+        return sse(None, openai_error(failure.status, failure.message,
+                                      error_type=failure.openai_type, code=failure.openai_code))
+
+
+def collect_openai(events: Iterable[Event], *, completion_id: str, model: str, created: int,
+                   stop_reason: str, usage: Usage) -> Json:
+    """Fold neutral events into one non-streaming ``chat.completion``."""
+    texts: list[str] = []
+    thinking: list[str] = []
+    tool_calls: list[Json] = []
+    for event in events:
+        kind = type(event)
+        if kind is Text:
+            texts.append(event.text)
+        elif kind is Thinking:
+            thinking.append(event.text)
+        elif kind is ToolCall:
+            tool_calls.append({"id": event.id, "type": "function",
+                               "function": {"name": event.name, "arguments": event.input_json}})
+    text = "".join(texts)
+    message: Json = {"role": "assistant", "content": text or (None if tool_calls else ""),
+                     "refusal": None}
+    if thinking:
+        message["reasoning_content"] = "".join(thinking)
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return {
+        "id": completion_id, "object": "chat.completion", "created": created, "model": model,
+        "choices": [{"index": 0, "message": message, "logprobs": None,
+                     "finish_reason": finish_reason(stop_reason)}],
+        "usage": openai_usage(usage),
+    }

@@ -21,13 +21,32 @@ HTTP handlers, middlewares, application factory, command line.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import hmac
+import ipaddress
+import json
 import logging
 import os
+import random
+import re
+import shlex
+import stat
 import sys
+import tempfile
 import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks (see TokenStore._file_lock)
+    fcntl = None  # type: ignore[assignment]
 
 import aiohttp
 import click
@@ -76,20 +95,819 @@ class Config:
     connect_timeout: float = 10.0
     first_byte_timeout: float = 120.0
     idle_timeout: float = 120.0
+    # Before the first byte reaches the client, connection errors, 429 and
+    # 5xx are retried up to this many times, within this many seconds.
+    retries: int = 3
+    retry_seconds: float = 30.0
     ping_interval: float = 15.0
     shutdown_timeout: float = 30.0
     # Largest client request body we read, in bytes.
     max_body_bytes: int = 32 * 1024 * 1024
+    # Largest CodeWhisperer body we send, in bytes. The upstream refuses
+    # larger ones ("Input is too long."); peers put the limit near 600 KB.
+    max_input_bytes: int = 600_000
     started: float = field(default_factory=time.time, compare=False)
+
+
+# Errors ###################################################################
+
+
+class TokenError(Exception):
+    """A Kiro token problem; ``str()`` is one line naming the file or URL and what to do."""
+
+
+class TokenFileError(TokenError):
+    """A token file or its IdC client registration is missing, unreadable or incomplete."""
+
+
+class RefreshError(TokenError):
+    """The auth service did not refresh the access token.
+
+    ``permanent`` means it refused the refresh token itself (``invalid_grant``,
+    "Invalid refresh token", HTTP 400 or 401): only logging in to Kiro again helps.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None, reason: str | None = None,
+                 permanent: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.permanent = permanent
+
+
+# Token store ##############################################################
+
+# Refresh when less than this is left (peers use 5 to 10 minutes).
+REFRESH_MARGIN = timedelta(minutes=5)
+REFRESH_TIMEOUT_SECONDS = 30.0
+# How long to wait for another process's refresh; it is itself bounded by
+# its own REFRESH_TIMEOUT_SECONDS.
+LOCK_TIMEOUT_SECONDS = 60.0
+LOCK_POLL_SECONDS = 0.05
+DEFAULT_EXPIRES_IN_SECONDS = 3600
+MAX_EXPIRES_IN_SECONDS = 366 * 24 * 3600  # keeps a silly expiresIn from overflowing datetime
+# Access tokens a store remembers for ``knows``: one per refresh, so about
+# ten days of hourly refreshes.
+HELD_TOKENS_MAX = 256
+TOKEN_FILE_MODE = 0o600
+
+# authMethod values (matched case-insensitively) → ours. PROTOCOL.md §1.1.
+AUTH_METHODS = {"social": "social", "idc": "idc", "builder-id": "idc", "builderid": "idc",
+                "iam": "idc"}
+# Error codes of the auth services that mean the refresh token is dead.
+PERMANENT_REASONS = {"invalid_grant", "invalid_client", "unauthorized_client"}
+
+RELOGIN = "log in to Kiro again to rewrite it"
+_REGION = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
+_CLIENT_ID_HASH = re.compile(r"[A-Za-z0-9_-]+")
+_EXPIRES_AT = re.compile(
+    r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}(?::\d{2})?)"  # date, time
+    r"(?:[.,](\d+))?\s*(Z|z|[+-]\d{2}(?::?\d{2})?)?"  # fraction, zone
+)
+
+
+def parse_expires_at(value: Any) -> datetime | None:
+    """An ``expiresAt`` as an aware datetime; None when missing or unreadable.
+
+    Accepts ``Z`` or an offset, fractions of any length (nanoseconds are cut to
+    microseconds) and, as some tools write, epoch seconds or milliseconds.
+    """
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)):
+        try:
+            return datetime.fromtimestamp(value / 1000 if value > 1e11 else value, timezone.utc)
+        except (OverflowError, OSError, ValueError):
+            return None
+    if not isinstance(value, str):
+        return None
+    match = _EXPIRES_AT.fullmatch(value.strip())
+    if match is None:
+        return None
+    date, clock, fraction, zone = match.groups()
+    if clock.count(":") == 1:
+        clock += ":00"
+    if zone is None or zone in "Zz":
+        zone = "+00:00"
+    elif len(zone) == 3:
+        zone += ":00"
+    elif ":" not in zone:
+        zone = f"{zone[:3]}:{zone[3:]}"
+    try:
+        return datetime.fromisoformat(f"{date}T{clock}.{(fraction or '0')[:6]:0<6}{zone}")
+    except ValueError:
+        return None
+
+
+def format_expires_at(moment: datetime) -> str:
+    """The Kiro IDE's ``expiresAt`` format: UTC, milliseconds, ``Z``."""
+    utc = moment.astimezone(timezone.utc)
+    return f"{utc:%Y-%m-%dT%H:%M:%S}.{utc.microsecond // 1000:03d}Z"
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """One Kiro login, as its token file holds it (secrets are kept out of ``repr``)."""
+
+    access_token: str = field(repr=False)
+    refresh_token: str = field(repr=False)
+    expires_at: datetime | None
+    auth_method: str  # "social" or "idc"
+    provider: str | None = None
+    region: str = DEFAULT_REGION
+    profile_arn: str | None = None
+    client_id: str | None = None
+    client_secret: str | None = field(default=None, repr=False)
+
+    def seconds_left(self, now: datetime | None = None) -> float | None:
+        if self.expires_at is None:
+            return None
+        return (self.expires_at - (now or utcnow())).total_seconds()
+
+    def expiring(self, now: datetime | None = None) -> bool:
+        """True when less than REFRESH_MARGIN is left; an unknown expiry is not expiring."""
+        left = self.seconds_left(now)
+        return left is not None and left < REFRESH_MARGIN.total_seconds()
+
+
+def _read_json_object(path: Path, *, missing: str, fix: str) -> Json:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise TokenFileError(missing) from None
+    except OSError as exc:
+        raise TokenFileError(
+            f"cannot read {path} ({exc.strerror or exc}); check that it is a readable file"
+        ) from None
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise TokenFileError(
+            f"{path} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); {fix}"
+        ) from None
+    except (ValueError, RecursionError):
+        raise TokenFileError(f"{path} is not valid JSON (not UTF-8 text); {fix}") from None
+    if not isinstance(data, dict):
+        raise TokenFileError(f"{path} holds JSON but not an object; {fix}")
+    return data
+
+
+def _text(data: Json, key: str) -> str | None:
+    value = data.get(key)
+    return value.strip() if isinstance(value, str) and value.strip() else None
+
+
+def read_token_file(path: Path) -> tuple[Json, Credentials]:
+    """Parse a Kiro token file (and, for IdC, its client registration): the raw JSON and
+    the credentials in it. Raises ``TokenFileError`` with a one-line reason."""
+    data = _read_json_object(
+        path, fix=RELOGIN,
+        missing=f"{path} does not exist; log in to Kiro first, or point --token-file "
+                f"(KIRO2API_TOKEN_FILE) at your token file")
+
+    def required(key: str) -> str:
+        value = _text(data, key)
+        if value is None:
+            raise TokenFileError(f"{path} has no {key}; {RELOGIN}")
+        return value
+
+    access_token, refresh_token = required("accessToken"), required("refreshToken")
+    method_name = data.get("authMethod")
+    if method_name is None:
+        # Files rewritten by the original Go tool lost authMethod (PROTOCOL.md §2.5).
+        method = "idc" if "clientIdHash" in data or "clientId" in data else "social"
+    else:
+        method = AUTH_METHODS.get(str(method_name).strip().lower(), "")
+        if not method:
+            raise TokenFileError(
+                f"{path}: authMethod {method_name!r} is not supported; kiro2api handles social "
+                f"(Google, GitHub) and IdC (Builder ID, Enterprise) logins")
+    region = _text(data, "region") or DEFAULT_REGION
+    if not _REGION.fullmatch(region):
+        raise TokenFileError(f"{path}: region {region!r} is not an AWS region name; {RELOGIN}")
+    # IdC: clientId/clientSecret inline (kiro.rs style), else in <clientIdHash>.json beside it.
+    client_id, client_secret = _text(data, "clientId"), _text(data, "clientSecret")
+    if method == "idc" and not (client_id and client_secret):
+        client_id_hash = data.get("clientIdHash")
+        if not isinstance(client_id_hash, str) or not _CLIENT_ID_HASH.fullmatch(client_id_hash):
+            raise TokenFileError(f"{path} is an IdC login without a clientIdHash; {RELOGIN}")
+        registration = path.parent / f"{client_id_hash}.json"
+        fix = "log in to Kiro again to register it anew"
+        reg = _read_json_object(
+            registration, fix=fix,
+            missing=f"{registration} (the IdC client registration {path.name} names) "
+                    f"does not exist; {fix}")
+        client_id, client_secret = _text(reg, "clientId"), _text(reg, "clientSecret")
+        for key, value in (("clientId", client_id), ("clientSecret", client_secret)):
+            if value is None:
+                raise TokenFileError(f"{registration} has no {key}; {fix}")
+    return data, Credentials(
+        access_token=access_token,
+        refresh_token=refresh_token,
+        expires_at=parse_expires_at(data.get("expiresAt")),
+        auth_method=method,
+        provider=_text(data, "provider"),
+        region=region,
+        profile_arn=_text(data, "profileArn"),
+        client_id=client_id if method == "idc" else None,
+        client_secret=client_secret if method == "idc" else None,
+    )
+
+
+def write_json_atomic(path: Path, data: Json, *, mode: int) -> None:
+    """Replace ``path`` (a symlink's target, if it is one) with ``data`` as JSON.
+
+    The JSON goes to a temporary file in the same directory, created 0600,
+    which is fsynced, given ``mode`` and the old file's owner, and renamed
+    over the old file: readers see the old file or the new one, never a mix.
+    """
+    target = Path(os.path.realpath(path))
+    try:
+        old: os.stat_result | None = os.stat(target)
+    except FileNotFoundError:
+        old = None
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with open(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        if old is not None and hasattr(os, "chown") and old.st_uid != os.geteuid():
+            # Root refreshing a user's file must not take it away from the user.
+            with contextlib.suppress(OSError):
+                os.chown(tmp, old.st_uid, old.st_gid)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
+        with contextlib.suppress(OSError):
+            dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+
+def auth_endpoint(template: str, region: str) -> str:
+    """An auth base URL with ``{region}`` filled in (a URL without it stays as it is)."""
+    return template.replace("{region}", region).rstrip("/")
+
+
+def _auth_failure(answer: Any, raw: bytes) -> tuple[str | None, str | None]:
+    """The (error code, message) of an auth service's refusal, from its JSON or text."""
+    reason = detail = None
+    if isinstance(answer, dict):
+        error = answer.get("error")
+        if isinstance(error, dict):  # {"error": {"code": ..., "message": ...}}
+            answer, error = error, error.get("code")
+        reason = error if isinstance(error, str) else _text(answer, "__type")
+        for key in ("error_description", "message", "Message", "errorMessage"):
+            if isinstance(answer.get(key), str):
+                detail = answer[key]
+                break
+    else:
+        detail = raw.decode("utf-8", "replace")
+    if detail:
+        detail = " ".join(detail.split())[:200] or None
+    return reason, detail
+
+
+class TokenStore:
+    """The tokens of one Kiro account: read, refreshed and written back.
+
+    This is the only shared mutable state in kiro2api. One store per token
+    file lives on the application; every request asks it for credentials.
+
+    - The file is read on first use (the server reads it at startup, see
+      ``load_accounts_ctx``). ``credentials()`` refreshes when less
+      than REFRESH_MARGIN is left, or when the token was rejected upstream
+      and a forced refresh has not yet replaced it.
+    - One refresh at a time per store: the first caller starts it as a task
+      and everyone else waits for that task, sharing its result or error.
+      The task is shielded, so a client that hangs up cannot cancel a refresh
+      between the auth service rotating the refresh token and the file
+      recording it.
+    - Across processes, ``<token file>.lock`` (flock) serialises refreshes.
+      Under it the file is read again: a token someone else wrote (the Kiro
+      IDE, a CLI ``refresh``, another server) is adopted instead of
+      refreshing, and its refresh token is the one used otherwise.
+    - A refresh token the auth service refused for good is not sent again
+      until the file holds a different one (the user logged in again).
+    """
+
+    def __init__(self, path: Path, *, config: Config, session: aiohttp.ClientSession,
+                 timeout: float = REFRESH_TIMEOUT_SECONDS,
+                 lock_timeout: float = LOCK_TIMEOUT_SECONDS) -> None:
+        self.path = Path(path)
+        self.refreshes = 0  # refresh calls this store made (for /metrics)
+        self._config = config
+        self._session = session
+        self._timeout = timeout
+        self._lock_timeout = lock_timeout
+        self._credentials: Credentials | None = None
+        self._task: asyncio.Task[Credentials] | None = None
+        self._held: dict[bytes, None] = {}  # access tokens held, oldest first
+        self._rejected: str | None = None  # the access token upstream refused
+        self._error: TokenError | None = None
+        self._dead: tuple[str, RefreshError] | None = None  # (refresh token, its refusal)
+
+    def __repr__(self) -> str:
+        return f"<TokenStore {self.path}>"
+
+    # What the web layer reads ----------------------------------------------
+
+    @property
+    def region(self) -> str | None:
+        return self._credentials.region if self._credentials else None
+
+    @property
+    def profile_arn(self) -> str | None:
+        return self._credentials.profile_arn if self._credentials else None
+
+    @property
+    def error(self) -> TokenError | None:
+        """The last load or refresh failure, until something succeeds again."""
+        return self._error
+
+    @property
+    def lock_path(self) -> Path:
+        target = Path(os.path.realpath(self.path))
+        return target.with_name(target.name + ".lock")
+
+    async def credentials(self) -> Credentials:
+        """The current credentials; reads the file first if needed, refreshes if due."""
+        while True:
+            current = self._credentials
+            if current is not None and not self._due(current):
+                return current
+            if self._task is None:
+                return await self._run("auto", None)
+            joined = await asyncio.shield(self._task)  # e.g. a load: check again
+            if not self._due(joined):
+                return joined
+
+    async def load(self) -> Credentials:
+        """Read the token file now if it has not been read yet; never refreshes."""
+        if self._credentials is not None:
+            return self._credentials
+        return await self._run("load", None)
+
+    async def refresh(self, *, stale_access_token: str | None = None) -> Credentials:
+        """Refresh now, e.g. after upstream rejected ``stale_access_token``.
+
+        If the current access token is already a different one (someone
+        refreshed meanwhile), that one is returned without refreshing again.
+        """
+        stale = stale_access_token
+        if stale is None:
+            stale = (self._credentials or await self.load()).access_token
+        elif self._credentials is not None and self._credentials.access_token == stale:
+            self._rejected = stale
+        while True:
+            if self._task is None:
+                return await self._run("force", stale)
+            joined = await asyncio.shield(self._task)
+            if joined.access_token != stale:
+                return joined
+
+    def knows(self, token: str) -> bool:
+        """Whether ``token`` is an access token this store has held (constant time)."""
+        if not token:
+            return False
+        candidate = token.encode("utf-8", "replace")
+        found = False
+        for held in self._held:
+            found |= hmac.compare_digest(candidate, held)
+        return found
+
+    def health(self) -> Json:
+        """The account's state for ``/health``; never a token."""
+        current = self._credentials
+        left = current.seconds_left() if current else None
+        if self._error is not None:
+            state = "error"
+        elif current is None:
+            state = "unknown"  # not read yet
+        elif current.access_token == self._rejected or (left is not None and left <= 0):
+            state = "expired"
+        elif current.expiring():
+            state = "expiring"
+        else:
+            state = "ok"
+        return {
+            "path": str(self.path),
+            "auth_method": current.auth_method if current else None,
+            "provider": current.provider if current else None,
+            "region": current.region if current else None,
+            "expires_at": format_expires_at(current.expires_at)
+            if current and current.expires_at else None,
+            "seconds_left": None if left is None else int(left),
+            "state": state,
+            "error": str(self._error) if self._error else None,
+            "refreshes": self.refreshes,
+        }
+
+    # Loading and refreshing ------------------------------------------------
+
+    def _due(self, current: Credentials) -> bool:
+        return current.access_token == self._rejected or current.expiring()
+
+    async def _run(self, mode: str, stale: str | None) -> Credentials:
+        """Join the update in flight, or start one; every caller gets its result."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._update(mode, stale))
+            # Nobody may be left waiting (all callers cancelled): retrieve the
+            # outcome so asyncio does not report it as never retrieved.
+            self._task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return await asyncio.shield(self._task)
+
+    async def _update(self, mode: str, stale: str | None) -> Credentials:
+        try:
+            if self._credentials is None:
+                _, loaded = await asyncio.to_thread(read_token_file, self.path)
+                self._adopt(loaded)
+            current = self._credentials
+            assert current is not None
+            if (mode == "load" or (mode == "auto" and not self._due(current))
+                    or (mode == "force" and current.access_token != stale)):
+                return current
+            return await self._refresh_under_lock(current)
+        except TokenError as exc:
+            self._error = exc
+            raise
+        finally:
+            if self._task is asyncio.current_task():
+                self._task = None
+
+    def _adopt(self, credentials: Credentials) -> None:
+        self._credentials = credentials
+        self._error = None
+        held = credentials.access_token.encode("utf-8", "replace")
+        self._held.pop(held, None)
+        self._held[held] = None
+        while len(self._held) > HELD_TOKENS_MAX:
+            del self._held[next(iter(self._held))]
+
+    async def _refresh_under_lock(self, current: Credentials) -> Credentials:
+        async with self._file_lock():
+            data, on_disk = await asyncio.to_thread(read_token_file, self.path)
+            if on_disk.access_token == current.access_token:
+                base = on_disk
+            elif on_disk.access_token.encode("utf-8", "replace") in self._held:
+                base = current  # the file is behind us: an earlier write-back failed
+            elif not on_disk.expiring():
+                log.info("%s: using the token another program refreshed", self.path)
+                self._adopt(on_disk)
+                return on_disk
+            else:
+                base = on_disk  # newer than ours, but due too: refresh with its refresh token
+            if self._dead is not None and self._dead[0] == base.refresh_token:
+                raise self._dead[1]
+            try:
+                fresh, updates = await self._call_auth_service(base)
+            except RefreshError as exc:
+                if exc.permanent:
+                    self._dead = (base.refresh_token, exc)
+                raise
+            self.refreshes += 1
+            return await self._write_back(data, on_disk, fresh, updates)
+
+    @contextlib.asynccontextmanager
+    async def _file_lock(self) -> AsyncIterator[None]:
+        """Hold ``<token file>.lock`` so that processes refresh one at a time.
+
+        The lock is polled without blocking, so the event loop never waits on
+        it, a waiting task can be cancelled, and a stuck holder is reported
+        after ``lock_timeout`` rather than waited for forever.
+        """
+        if fcntl is None:
+            # No flock on Windows: refreshes there are serialised within the
+            # process only; the re-read before refreshing still catches most
+            # refreshes made elsewhere.
+            yield
+            return
+        lock_path = self.lock_path
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, TOKEN_FILE_MODE)
+        except OSError as exc:
+            # A read-only directory: nobody can write the token file there either.
+            log.debug("no lock file %s (%s); refreshing without it", lock_path, exc)
+            yield
+            return
+        try:
+            deadline = time.monotonic() + self._lock_timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise TokenError(
+                            f"{lock_path} stayed locked for {self._lock_timeout:g} s; another "
+                            f"kiro2api seems stuck refreshing {self.path}: stop it and try again"
+                        ) from None
+                    await asyncio.sleep(LOCK_POLL_SECONDS)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
+
+    async def _call_auth_service(self, base: Credentials) -> tuple[Credentials, Json]:
+        """POST the refresh token; the new credentials and the token file keys to update."""
+        config = self._config
+        if base.auth_method == "social":
+            option = "--social-auth-url"
+            url = auth_endpoint(config.social_auth_url, base.region) + "/refreshToken"
+            body: Json = {"refreshToken": base.refresh_token}
+        else:
+            option = "--oidc-url"
+            url = auth_endpoint(config.oidc_url, base.region) + "/token"
+            body = {"clientId": base.client_id, "clientSecret": base.client_secret,
+                    "grantType": "refresh_token", "refreshToken": base.refresh_token}
+        try:
+            async with self._session.post(
+                url, json=body, proxy=config.proxy, headers={"Accept": "application/json"},
+                timeout=aiohttp.ClientTimeout(total=self._timeout),
+            ) as response:
+                status, raw = response.status, await response.read()
+        except asyncio.TimeoutError:
+            raise RefreshError(
+                f"{url} did not answer within {self._timeout:g} s; check the network, --proxy "
+                f"and {option}, then try again") from None
+        except (aiohttp.ClientError, ValueError) as exc:
+            # NonHttpUrlClientError: aiohttp 3.10+ (ftp://...)
+            if isinstance(exc, (aiohttp.InvalidURL,
+                                getattr(aiohttp, "NonHttpUrlClientError", aiohttp.InvalidURL))):
+                reason = "not a valid http(s) URL"  # the URL or the proxy's
+            else:
+                reason = getattr(getattr(exc, "os_error", None), "strerror", None) or str(exc) \
+                    or type(exc).__name__
+            raise RefreshError(
+                f"cannot reach {url} ({reason}); check the network, --proxy and {option}"
+            ) from None
+        try:
+            answer = json.loads(raw)
+        except (ValueError, RecursionError):
+            answer = None
+        if status != 200:
+            reason, detail = _auth_failure(answer, raw)
+            permanent = (status in (400, 401) or reason in PERMANENT_REASONS
+                         or "invalid refresh token" in (detail or "").lower())
+            what = " ".join(filter(None, (f"HTTP {status}", reason)))
+            if detail:
+                what += f": {detail}"
+            for secret in (base.refresh_token, base.client_secret):
+                if secret:
+                    what = what.replace(secret, "***")
+            advice = "log in to Kiro again" if permanent else "try again later"
+            raise RefreshError(f"{url} refused to refresh the token of {self.path} ({what}); "
+                               f"{advice}", status=status, reason=reason, permanent=permanent)
+        if not isinstance(answer, dict) or not _text(answer, "accessToken"):
+            got = "an answer without an accessToken" if isinstance(answer, dict) else "no JSON"
+            raise RefreshError(f"{url} answered HTTP 200 with {got}; check {option}", status=200)
+        expires_in = answer.get("expiresIn")
+        if isinstance(expires_in, bool) or not isinstance(expires_in, (int, float)) \
+                or expires_in <= 0:
+            expires_in = DEFAULT_EXPIRES_IN_SECONDS
+        expires_at = utcnow() + timedelta(seconds=min(expires_in, MAX_EXPIRES_IN_SECONDS))
+        expires_at = expires_at.replace(microsecond=expires_at.microsecond // 1000 * 1000)
+        fresh = dataclasses.replace(
+            base,
+            access_token=answer["accessToken"].strip(),
+            # A rotated refresh token replaces the old one; none means keep it.
+            refresh_token=_text(answer, "refreshToken") or base.refresh_token,
+            expires_at=expires_at,
+            profile_arn=_text(answer, "profileArn") or base.profile_arn,
+        )
+        updates: Json = {"accessToken": fresh.access_token,
+                         "refreshToken": fresh.refresh_token,
+                         "expiresAt": format_expires_at(expires_at)}
+        if _text(answer, "profileArn"):
+            updates["profileArn"] = fresh.profile_arn
+        return fresh, updates
+
+    async def _write_back(self, data: Json, on_disk: Credentials, fresh: Credentials,
+                          updates: Json) -> Credentials:
+        # The Kiro IDE does not take our lock: look once more, and if it wrote
+        # a token while we were refreshing, keep whichever lives longer.
+        try:
+            data, latest = await asyncio.to_thread(read_token_file, self.path)
+        except TokenError:
+            latest = on_disk  # gone or mid-write: merge into what we read under the lock
+        if latest.access_token != on_disk.access_token and latest.expires_at is not None and (
+                fresh.expires_at is None or latest.expires_at > fresh.expires_at):
+            log.info("%s: another program wrote a newer token during the refresh; using it",
+                     self.path)
+            self._adopt(latest)
+            return latest
+        merged = dict(data)
+        merged.update(updates)  # known keys keep their place; unknown keys are kept
+        try:
+            await asyncio.to_thread(write_json_atomic, self.path, merged, mode=TOKEN_FILE_MODE)
+        except OSError as exc:
+            self._adopt(fresh)
+            self._error = TokenFileError(
+                f"refreshed the token but cannot write {self.path} ({exc.strerror or exc}); "
+                f"kiro2api keeps the new one in memory only: check the file and its directory")
+            log.warning("%s", self._error)
+            return fresh
+        log.info("%s: refreshed (%s login), valid until %s", self.path, fresh.auth_method,
+                 updates["expiresAt"])
+        self._adopt(fresh)
+        return fresh
+
+
+async def load_accounts_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Read every token file at startup (no refresh): ``/health`` then knows the
+    accounts, and a missing or broken file is reported at once, not at the first
+    request. The server starts either way; the store tries again when asked."""
+    for store in app[ACCOUNTS]:
+        try:
+            credentials = await store.load()
+        except TokenError as exc:
+            log.warning("%s", exc)
+            continue
+        left = credentials.seconds_left()
+        log.info("account %s: %s login, region %s, %s", store.path, credentials.auth_method,
+                 credentials.region, "expiry unknown" if left is None
+                 else f"expires in {human_duration(left)}" if left > 0 else "expired")
+    yield
 
 
 # Application state keys ###################################################
 
+@dataclass
+class RequestLog:
+    """What the one log line of a request reports, gathered as it is served."""
+
+    model: str = "-"
+    retries: int = 0
+    failure: str | None = None
+
+
+# RequestKey arrived in aiohttp 3.12; a plain string key works before it.
+_RequestKey = getattr(web, "RequestKey", None)
+REQUEST_LOG = _RequestKey("log", RequestLog) if _RequestKey else "kiro2api.log"
+
 CONFIG = web.AppKey("config", Config)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
+ACCOUNTS = web.AppKey("accounts", list)  # list[TokenStore], in the order given
+
+
+# Upstream client ##########################################################
+
+# The Kiro IDE's own client headers. Upstream does not require them, but
+# every current peer sends them, and one peer saw a newer version string
+# break requests, so this stays at the version seen working in 2026.
+KIRO_IDE_VERSION = "0.11.63"
+SDK_VERSION = "1.0.34"
+
+
+class UpstreamError(Exception):
+    """CodeWhisperer refused the request before streaming (a non-200 answer)."""
+
+    def __init__(self, failure: convert.Failure, *, retry_after: str | None = None) -> None:
+        super().__init__(failure.message)
+        self.failure = failure
+        self.retry_after = retry_after
+
+
+def api_region(credentials: Credentials) -> str:
+    """The API region: the profile ARN's if there is one, else the token file's."""
+    if credentials.profile_arn and credentials.profile_arn.count(":") >= 5:
+        return credentials.profile_arn.split(":")[3] or credentials.region
+    return credentials.region
+
+
+def upstream_headers(credentials: Credentials, machine_id: str) -> dict[str, str]:
+    agent = f"KiroIDE-{KIRO_IDE_VERSION}-{machine_id}"
+    return {
+        "Authorization": f"Bearer {credentials.access_token}",
+        "Content-Type": "application/json",
+        "Accept": "application/json",
+        "x-amzn-codewhisperer-optout": "true",
+        "x-amzn-kiro-agent-mode": "vibe",
+        "x-amz-user-agent": f"aws-sdk-js/{SDK_VERSION} {agent}",
+        "User-Agent": (f"aws-sdk-js/{SDK_VERSION} ua/2.1 os/{sys.platform} lang/js "
+                       f"md/nodejs#20.16.0 api/codewhispererstreaming#{SDK_VERSION} m/E {agent}"),
+        "amz-sdk-invocation-id": str(uuid.uuid4()),
+        "amz-sdk-request": "attempt=1; max=3",
+    }
+
+
+# Backoff between retries: 0.5 s, 1 s, 2 s ... with +/-25% jitter so that
+# clients retrying together do not hit the upstream together again.
+RETRY_BASE_SECONDS = 0.5
+RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+def retry_delay(attempt: int, retry_after: str | None) -> float:
+    if retry_after and retry_after.strip().isdigit():
+        return float(retry_after.strip())
+    return RETRY_BASE_SECONDS * 2 ** (attempt - 1) * random.uniform(0.75, 1.25)
+
+
+async def open_upstream(request: web.Request, prepared: convert.Prepared) -> aiohttp.ClientResponse:
+    """POST the payload and return the 200 response, ready to stream.
+
+    A 401/403 that says the bearer token is invalid refreshes the token once
+    and retries at once. Connection errors, timeouts before the answer
+    starts, 429 and 5xx are retried with backoff, within ``config.retries``
+    and ``config.retry_seconds``. Anything else non-200 is an ``UpstreamError``.
+    """
+    app = request.app
+    config, session = app[CONFIG], app[HTTP]
+    store = app[ACCOUNTS][0]
+    credentials = await store.credentials()
+    if credentials.profile_arn:
+        prepared.payload["profileArn"] = credentials.profile_arn
+    body = json.dumps(prepared.payload, ensure_ascii=False).encode()
+    if len(body) > config.max_input_bytes:
+        raise convert.ConversionError(
+            f"{convert.PROMPT_TOO_LONG}: the request is {len(body)} bytes for Kiro, over its "
+            f"{config.max_input_bytes}-byte limit; compact or shorten the conversation",
+            code="context_length_exceeded")
+    machine_id = hashlib.sha256(f"kiro2api:{store.path}".encode()).hexdigest()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + config.retry_seconds
+    refreshed = False
+    attempt = 0
+    while True:
+        attempt += 1
+        url = config.upstream.format(region=api_region(credentials)) + "/generateAssistantResponse"
+        retry_after = None
+        try:
+            response = await asyncio.wait_for(
+                session.post(url, data=body, headers=upstream_headers(credentials, machine_id),
+                             proxy=config.proxy),
+                config.first_byte_timeout)
+        except asyncio.TimeoutError:
+            error = UpstreamError(convert.Failure(
+                504, f"Kiro did not start answering within {config.first_byte_timeout:g} s",
+                "timeout_error", "server_error", "timeout"))
+        except aiohttp.ClientError as exc:
+            error = UpstreamError(convert.Failure(
+                502, f"could not reach Kiro at {url}: {exc or type(exc).__name__}",
+                "api_error", "server_error", None))
+        else:
+            if response.status == 200:
+                return response
+            async with response:
+                text = await response.text(errors="replace")
+            log.debug("upstream answered %d: %s", response.status, text[:2000])
+            if not refreshed and convert.is_bearer_invalid(response.status, text):
+                log.info("upstream rejected the access token of %s; refreshing", store.path)
+                credentials = await store.refresh(stale_access_token=credentials.access_token)
+                refreshed = True
+                continue
+            retry_after = response.headers.get("Retry-After")
+            error = UpstreamError(
+                convert.upstream_failure(response.status, text,
+                                         response.headers.get("x-amzn-errortype", "")),
+                retry_after=retry_after)
+            if response.status not in RETRYABLE_STATUSES:
+                raise error
+        delay = retry_delay(attempt, retry_after)
+        if attempt > config.retries or loop.time() + delay > deadline:
+            raise error
+        request[REQUEST_LOG].retries = attempt
+        log.info("upstream attempt %d failed (%s); retrying in %.1f s",
+                 attempt, error.failure.message, delay)
+        await asyncio.sleep(delay)
+
+
+async def upstream_frames(response: aiohttp.ClientResponse) -> AsyncIterator[list[eventstream.Message]]:
+    """The frames of each upstream read, as they arrive; raises on framing errors."""
+    decoder = eventstream.Decoder()
+    async for chunk in response.content.iter_any():
+        decoder.feed(chunk)
+        frames = list(decoder)
+        if frames:
+            yield frames
+    decoder.close()
 
 
 # HTTP handlers ############################################################
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request body as JSON; a ``ConversionError`` (400) if it is not JSON."""
+    raw = await request.read()
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        raise convert.ConversionError("request body is not valid JSON") from None
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:24]}"
 
 
 async def handle_root(request: web.Request) -> web.Response:
@@ -99,37 +917,323 @@ async def handle_root(request: web.Request) -> web.Response:
 
 async def handle_health(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
-    return web.json_response(
-        {
-            "status": "ok",
-            "version": __version__,
-            "uptime_seconds": round(time.time() - config.started, 3),
-        }
-    )
+    accounts = [store.health() for store in request.app[ACCOUNTS]]
+    return web.json_response({
+        "status": "ok" if any(a["state"] in ("ok", "expiring") for a in accounts) else "degraded",
+        "version": __version__,
+        "uptime_seconds": round(time.time() - config.started, 3),
+        "accounts": accounts,
+    })
+
+
+async def handle_models(request: web.Request) -> web.Response:
+    created = 1_767_225_600  # 2026-01-01; the upstream gives no dates
+    data = [
+        {"id": name, "object": "model", "created": created, "owned_by": "anthropic",
+         "type": "model", "display_name": name,
+         "created_at": "2026-01-01T00:00:00Z", "context_window": window}
+        for name, _, window in convert.MODELS
+    ]
+    return web.json_response({"object": "list", "data": data, "has_more": False,
+                              "first_id": data[0]["id"], "last_id": data[-1]["id"]})
+
+
+async def handle_count_tokens(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    # The same validation as a real request, so count_tokens refuses what
+    # /v1/messages would refuse.
+    convert.anthropic_to_codewhisperer(body, conversation_id="count")
+    return web.json_response({"input_tokens": convert.estimate_input_tokens(body)})
+
+
+async def handle_messages(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/messages``: Anthropic Messages, streaming or not."""
+    body = await read_json(request)
+    prepared = convert.anthropic_to_codewhisperer(body, conversation_id=str(uuid.uuid4()))
+    request[REQUEST_LOG].model = body["model"]
+    input_tokens = convert.estimate_input_tokens(body)
+    assembler = convert.Assembler.for_request(prepared, input_tokens=input_tokens,
+                                              client_model=body["model"])
+    message_id = new_id("msg_")
+    upstream = await open_upstream(request, prepared)
+    async with upstream:
+        if body.get("stream") is True:
+            renderer = convert.AnthropicStream(
+                message_id=message_id, model=body["model"], input_tokens=input_tokens)
+            return await stream_sse(request, upstream, assembler, renderer)
+        events = await collect_events(upstream, assembler)
+    return web.json_response(convert.collect_anthropic(
+        events, message_id=message_id, model=body["model"], stop_reason=assembler.stop_reason,
+        usage=assembler.usage, stop_sequence=assembler.stop_sequence))
+
+
+async def handle_chat_completions(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/chat/completions``: OpenAI Chat Completions, streaming or not."""
+    body = await read_json(request)
+    normalised = convert.openai_to_anthropic(body)
+    prepared = convert.anthropic_to_codewhisperer(normalised, conversation_id=str(uuid.uuid4()))
+    model = request[REQUEST_LOG].model = normalised["model"]
+    assembler = convert.Assembler.for_request(
+        prepared, input_tokens=convert.estimate_input_tokens(normalised), client_model=model)
+    completion_id, created = new_id("chatcmpl-"), int(time.time())
+    upstream = await open_upstream(request, prepared)
+    async with upstream:
+        if body.get("stream") is True:
+            include_usage = (body.get("stream_options") or {}).get("include_usage") is True
+            renderer = convert.OpenAIStream(completion_id=completion_id, model=model,
+                                            created=created, include_usage=include_usage)
+            return await stream_sse(request, upstream, assembler, renderer)
+        events = await collect_events(upstream, assembler)
+    return web.json_response(convert.collect_openai(
+        events, completion_id=completion_id, model=model, created=created,
+        stop_reason=assembler.stop_reason, usage=assembler.usage))
+
+
+async def collect_events(upstream: aiohttp.ClientResponse,
+                         assembler: convert.Assembler) -> list[convert.Event]:
+    """Every neutral event of a whole answer (for the non-streaming routes)."""
+    events: list[convert.Event] = []
+    try:
+        async for frames in upstream_frames(upstream):
+            for frame in frames:
+                events += assembler.feed(frame.headers, frame.payload)
+            if assembler.stop_reason is not None:
+                break
+    except STREAM_FAILURES as exc:
+        raise web_failure(exc) from exc
+    return events + assembler.finish()
+
+
+# What can go wrong once the upstream has answered 200.
+STREAM_FAILURES = (eventstream.EventStreamError, convert.StreamError, aiohttp.ClientError,
+                   asyncio.TimeoutError)
+
+
+def web_failure(exc: BaseException) -> UpstreamError:
+    """Describe a failure during the upstream stream as an error for the client."""
+    if isinstance(exc, convert.StreamError):
+        status, message = 502, f"Kiro ended the answer with an error: {exc}"
+        if exc.error_type == "ThrottlingException":
+            status = 429
+    elif isinstance(exc, eventstream.EventStreamError):
+        status, message = 502, f"the upstream stream was corrupt: {exc}"
+    elif isinstance(exc, asyncio.TimeoutError):
+        status, message = 504, "the upstream stopped sending before the answer was complete"
+    else:
+        status, message = 502, f"the upstream connection failed mid-answer: {exc or type(exc).__name__}"
+    anthropic_type = convert.ANTHROPIC_ERROR_TYPES.get(status, "api_error")
+    return UpstreamError(convert.Failure(status, message, anthropic_type,
+                                         "server_error" if status >= 500 else "rate_limit_exceeded",
+                                         None))
+
+
+async def stream_sse(request: web.Request, upstream: aiohttp.ClientResponse,
+                     assembler: convert.Assembler, renderer: Any) -> web.StreamResponse:
+    """Relay an upstream answer as server-sent events, one write per upstream read.
+
+    A failure after the headers are out ends the stream with the renderer's
+    in-band error and never with its normal ending.
+    """
+    config = request.app[CONFIG]
+    response = web.StreamResponse(headers={
+        "Content-Type": "text/event-stream; charset=utf-8",
+        "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no",
+    })
+    await response.prepare(request)
+    await response.write(renderer.start())
+    keepalive = asyncio.create_task(send_keepalives(response, renderer, config.ping_interval))
+    out: list[bytes] = []  # what one upstream read renders to: one write
+    try:
+        async for frames in upstream_frames(upstream):
+            for frame in frames:
+                out.append(renderer.render(assembler.feed(frame.headers, frame.payload)))
+            await response.write(b"".join(out))
+            out.clear()
+            if assembler.stop_reason is not None:
+                break  # refusal, stop sequence or output limit: nothing more will count
+        out.append(renderer.render(assembler.finish()))
+        out.append(renderer.finish(assembler.stop_reason, assembler.usage,
+                                   assembler.stop_sequence))
+        await response.write(b"".join(out))
+    except STREAM_FAILURES as exc:
+        # What the read rendered before the failure still goes out, then the error.
+        failure = web_failure(exc).failure
+        log.warning("stream failed after the response started: %s", failure.message)
+        request[REQUEST_LOG].failure = failure.message
+        out.append(renderer.error(failure))
+        with contextlib.suppress(ConnectionError):
+            await response.write(b"".join(out))
+    except ConnectionError:
+        log.debug("client went away mid-stream")
+        request[REQUEST_LOG].failure = "client disconnected"
+        return response
+    finally:
+        keepalive.cancel()
+    with contextlib.suppress(ConnectionError):
+        await response.write_eof()
+    return response
+
+
+async def send_keepalives(response: web.StreamResponse, renderer: Any, interval: float) -> None:
+    """Write the renderer's keep-alive whenever the stream has been quiet for ``interval``."""
+    with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+        last = response.body_length
+        while True:
+            await asyncio.sleep(interval)
+            if response.body_length == last:
+                await response.write(renderer.keepalive)
+            last = response.body_length
+
+
+# Middlewares ##############################################################
+
+
+def is_openai_route(request: web.Request) -> bool:
+    return request.path.startswith("/v1/chat/")
+
+
+def error_response(request: web.Request, status: int, message: str, *,
+                   anthropic_type: str | None = None, openai_type: str | None = None,
+                   openai_code: str | None = None, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> web.Response:
+    """An error in the envelope of the API the route belongs to."""
+    if is_openai_route(request):
+        body = convert.openai_error(status, message, error_type=openai_type, code=openai_code,
+                                    param=param)
+    else:
+        body = convert.anthropic_error(status, message, anthropic_type)
+    request[REQUEST_LOG].failure = message
+    return web.json_response(body, status=status, headers=headers)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Turn every failure before the response starts into the route's error envelope."""
+    started = time.monotonic()
+    request[REQUEST_LOG] = RequestLog()
+    response: web.StreamResponse | None = None
+    try:
+        response = await handler(request)
+        return response
+    except convert.ConversionError as exc:
+        response = error_response(request, exc.status, str(exc), openai_code=exc.code,
+                                  param=exc.param)
+    except UpstreamError as exc:
+        f = exc.failure
+        headers = {"Retry-After": exc.retry_after} if exc.retry_after else None
+        response = error_response(request, f.status, f.message, anthropic_type=f.anthropic_type,
+                                  openai_type=f.openai_type, openai_code=f.openai_code,
+                                  headers=headers)
+    except TokenError as exc:
+        response = error_response(request, 401 if getattr(exc, "permanent", True) else 503,
+                                  str(exc), openai_type="authentication_error"
+                                  if getattr(exc, "permanent", True) else "server_error")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = {413: f"request body is larger than {request.app[CONFIG].max_body_bytes} bytes",
+                   404: f"no route {request.path}",
+                   405: f"method {request.method} is not allowed on {request.path}"}.get(
+                       exc.status, exc.reason)
+        response = error_response(request, exc.status, message)
+    except STREAM_FAILURES as exc:
+        f = web_failure(exc).failure
+        response = error_response(request, f.status, f.message, anthropic_type=f.anthropic_type,
+                                  openai_type=f.openai_type)
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        response = error_response(request, 500, "internal error in kiro2api; see its log")
+    finally:
+        log_request(request, response, started)
+    return response
+
+
+def log_request(request: web.Request, response: web.StreamResponse | None,
+                started: float) -> None:
+    if request.path in ("/health", "/"):
+        return
+    status = response.status if response is not None else 499
+    entry = request[REQUEST_LOG]
+    extra = f" ({entry.failure})" if entry.failure else ""
+    if entry.retries:
+        extra += f" retries={entry.retries}"
+    log.info("%s %s model=%s status=%d %.0fms%s", request.method, request.path,
+             entry.model, status, (time.monotonic() - started) * 1000, extra)
+
+
+def presented_key(request: web.Request) -> str:
+    key = request.headers.get("x-api-key", "")
+    if not key:
+        scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer":
+            key = value.strip()
+    return key
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Require the client key (or, with no key configured, a Kiro access token) on /v1."""
+    config = request.app[CONFIG]
+    if not request.path.startswith("/v1/") or config.no_auth:
+        return await handler(request)
+    key = presented_key(request)
+    if config.api_key is not None:
+        allowed = hmac.compare_digest(key.encode(), config.api_key.encode())
+    else:
+        allowed = bool(key) and await knows_access_token(request.app, key)
+    if not allowed:
+        raise convert.ConversionError(
+            "missing or wrong API key: send it as x-api-key or Authorization: Bearer"
+            if config.api_key is not None else
+            "missing or unknown token: send the Kiro access token (kiro2api export prints it)",
+            status=401, code="invalid_api_key")
+    return await handler(request)
+
+
+async def knows_access_token(app: web.Application, token: str) -> bool:
+    for store in app[ACCOUNTS]:
+        if store.knows(token):
+            return True
+    for store in app[ACCOUNTS]:  # not loaded yet, or refreshed by someone else
+        with contextlib.suppress(TokenError):
+            await store.credentials()
+            if store.knows(token):
+                return True
+    return False
 
 
 # Application factory ######################################################
 
 
-async def http_session_ctx(app: web.Application):
-    """One outbound ClientSession for the whole application."""
+async def http_session_ctx(app: web.Application) -> AsyncIterator[None]:
+    """One outbound ClientSession, and the token stores that use it."""
     config = app[CONFIG]
     timeout = aiohttp.ClientTimeout(
-        total=None, sock_connect=config.connect_timeout, sock_read=config.idle_timeout
-    )
+        total=None, sock_connect=config.connect_timeout, sock_read=config.idle_timeout)
     session = aiohttp.ClientSession(timeout=timeout, trust_env=config.proxy is None)
     app[HTTP] = session
+    app[ACCOUNTS].extend(TokenStore(path, config=config, session=session)
+                         for path in config.token_files)
     yield
     await session.close()
 
 
 def make_app(config: Config) -> web.Application:
     """Build the aiohttp application for ``config``; the tests call this too."""
-    app = web.Application(client_max_size=config.max_body_bytes)
+    # Order matters: errors wrap auth, so a refused key gets the right envelope.
+    app = web.Application(client_max_size=config.max_body_bytes,
+                          middlewares=[error_middleware, auth_middleware])
     app[CONFIG] = config
+    app[ACCOUNTS] = []
     app.cleanup_ctx.append(http_session_ctx)
+    app.cleanup_ctx.append(load_accounts_ctx)
     app.router.add_get("/", handle_root)  # also answers HEAD
     app.router.add_get("/health", handle_health)
+    app.router.add_get("/v1/models", handle_models)
+    app.router.add_post("/v1/messages", handle_messages)
+    app.router.add_post("/v1/messages/count_tokens", handle_count_tokens)
+    app.router.add_post("/v1/chat/completions", handle_chat_completions)
     return app
 
 
@@ -170,28 +1274,62 @@ def cli() -> None:
     """
 
 
+def host_option(help: str = "Address to listen on; 0.0.0.0 exposes the server.") -> Callable:
+    return click.option("--host", envvar="KIRO2API_HOST", show_envvar=True, default="127.0.0.1",
+                        show_default=True, help=help)
+
+
+def port_option(help: str = f"Port to listen on [default: {DEFAULT_PORT}].") -> Callable:
+    return click.option("--port", envvar="KIRO2API_PORT", show_envvar=True,
+                        type=click.IntRange(0, 65535), default=None, help=help)
+
+
+def api_key_option(help: str = "Key clients must send as x-api-key or Bearer.") -> Callable:
+    return click.option("--api-key", envvar="KIRO2API_API_KEY", show_envvar=True, default=None,
+                        help=help)
+
+
+token_file_option = click.option(
+    "--token-file", "token_files", envvar="KIRO2API_TOKEN_FILE", show_envvar=True,
+    multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+    help=f"Kiro token file; repeat for an account pool [default: {DEFAULT_TOKEN_FILE}].")
+social_auth_url_option = click.option(
+    "--social-auth-url", envvar="KIRO2API_SOCIAL_AUTH_URL", show_envvar=True,
+    default=DEFAULT_SOCIAL_AUTH_URL, show_default=True,
+    help="Kiro auth service for social logins.")
+oidc_url_option = click.option(
+    "--oidc-url", envvar="KIRO2API_OIDC_URL", show_envvar=True, default=DEFAULT_OIDC_URL,
+    show_default=True, help="AWS SSO-OIDC base URL for IdC.")
+proxy_option = click.option(
+    "--proxy", envvar="KIRO2API_PROXY", show_envvar=True, default=None,
+    help="Outbound HTTP(S) proxy URL (HTTPS_PROXY is honoured when unset).")
+
+
+def refresh_options(command: Callable) -> Callable:
+    """The options a command needs to refresh tokens: where to, and through which proxy."""
+    for option in (proxy_option, oidc_url_option, social_auth_url_option, token_file_option):
+        command = option(command)
+    return command
+
+
+def token_paths(token_files: tuple[Path, ...]) -> tuple[Path, ...]:
+    """The ``--token-file`` values, ``~`` expanded, or the default file (at run time)."""
+    return tuple(p.expanduser() for p in token_files) or (Path(DEFAULT_TOKEN_FILE).expanduser(),)
+
+
 @cli.command()
 @click.argument("port_arg", metavar="[PORT]", required=False, type=click.IntRange(0, 65535))
 @click.argument("key_arg", metavar="[API_KEY]", required=False)
-@click.option("--host", envvar="KIRO2API_HOST", show_envvar=True, default="127.0.0.1",
-              show_default=True, help="Address to listen on; 0.0.0.0 exposes the server.")
-@click.option("--port", envvar="KIRO2API_PORT", show_envvar=True, type=click.IntRange(0, 65535),
-              default=None, help=f"Port to listen on [default: {DEFAULT_PORT}].")
-@click.option("--api-key", envvar="KIRO2API_API_KEY", show_envvar=True, default=None,
-              help="Key clients must send as x-api-key or Bearer.")
+@host_option()
+@port_option()
+@api_key_option()
 @click.option("--no-auth", is_flag=True, help="Accept any client (loopback hosts only).")
-@click.option("--token-file", "token_files", envvar="KIRO2API_TOKEN_FILE", show_envvar=True,
-              multiple=True, type=click.Path(dir_okay=False, path_type=Path),
-              help=f"Kiro token file; repeat for an account pool [default: {DEFAULT_TOKEN_FILE}].")
+@token_file_option
 @click.option("--upstream", envvar="KIRO2API_UPSTREAM", show_envvar=True,
               default=DEFAULT_UPSTREAM, show_default=True, help="CodeWhisperer base URL.")
-@click.option("--social-auth-url", envvar="KIRO2API_SOCIAL_AUTH_URL", show_envvar=True,
-              default=DEFAULT_SOCIAL_AUTH_URL, show_default=True,
-              help="Kiro auth service for social logins.")
-@click.option("--oidc-url", envvar="KIRO2API_OIDC_URL", show_envvar=True,
-              default=DEFAULT_OIDC_URL, show_default=True, help="AWS SSO-OIDC base URL for IdC.")
-@click.option("--proxy", envvar="KIRO2API_PROXY", show_envvar=True, default=None,
-              help="Outbound HTTP(S) proxy URL (HTTPS_PROXY is honoured when unset).")
+@social_auth_url_option
+@oidc_url_option
+@proxy_option
 @click.option("--log-level", envvar="KIRO2API_LOG_LEVEL", show_envvar=True, default="INFO",
               show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
@@ -226,6 +1364,296 @@ def server(port_arg, key_arg, host, port, api_key, no_auth, token_files, upstrea
     )
     configure_logging(config.log_level, config.log_format)
     serve(config)
+
+
+def fail(errors: list[TokenError]) -> None:
+    """End the command with exit 1 and one ``Error:`` line per failure, if there were any."""
+    for error in errors[:-1]:
+        click.echo(f"Error: {error}", err=True)
+    if errors:
+        raise click.ClickException(str(errors[-1]))
+
+
+def run_stores(config: Config, each: Callable[[TokenStore], Awaitable[None]], *,
+               first_only: bool = False) -> None:
+    """Run ``each`` on the store of every token file (or the first) in one event loop."""
+    if not log.handlers:
+        # The commands report failures themselves; keep the logging module's
+        # last-resort handler from printing them a second time.
+        log.addHandler(logging.NullHandler())
+    errors: list[TokenError] = []
+
+    async def main() -> None:
+        async with aiohttp.ClientSession(trust_env=config.proxy is None) as session:
+            for path in config.token_files[:1] if first_only else config.token_files:
+                try:
+                    await each(TokenStore(path, config=config, session=session))
+                except TokenError as exc:
+                    errors.append(exc)
+
+    asyncio.run(main())
+    fail(errors)
+
+
+def human_duration(seconds: float) -> str:
+    seconds = int(abs(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes = seconds // 60
+    if minutes < 60:
+        return f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours} h {minutes} min"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h"
+
+
+def describe_expiry(credentials: Credentials) -> str:
+    """``2026-04-06 21:29:16 CEST, in 52 min``, in local time."""
+    if credentials.expires_at is None:
+        return "unknown (refreshed when Kiro rejects the token)"
+    left = credentials.seconds_left() or 0.0
+    when = credentials.expires_at.astimezone().strftime("%Y-%m-%d %H:%M:%S %Z").strip()
+    if left > 0:
+        return f"{when}, in {human_duration(left)}"
+    return f"{when}, expired {human_duration(left)} ago"
+
+
+def mask(secret: str) -> str:
+    """The first and last few characters of a token, never enough to use it."""
+    if len(secret) < 24:
+        return f"*** ({len(secret)} chars)"
+    return f"{secret[:6]}...{secret[-4:]} ({len(secret)} chars)"
+
+
+@cli.command()
+@token_file_option
+@click.option("--json", "as_json", is_flag=True,
+              help="Print JSON: an object, or a list of them for several token files.")
+def read(token_files: tuple[Path, ...], as_json: bool) -> None:
+    """Show the Kiro token file: login, region, expiry; tokens masked.
+
+    \b
+    Examples:
+      kiro2api read
+      kiro2api read --json | jq .seconds_left
+    """
+    shown: list[Json] = []
+    errors: list[TokenError] = []
+    for path in token_paths(token_files):
+        try:
+            _, credentials = read_token_file(path)
+        except TokenError as exc:
+            errors.append(exc)
+            continue
+        left = credentials.seconds_left()
+        shown.append({
+            "path": str(path),
+            "auth_method": credentials.auth_method,
+            "provider": credentials.provider,
+            "region": credentials.region,
+            "profile_arn": credentials.profile_arn,
+            "expires_at": format_expires_at(credentials.expires_at)
+            if credentials.expires_at else None,
+            "seconds_left": None if left is None else int(left),
+            "expired": None if left is None else left <= 0,
+            "access_token": mask(credentials.access_token),
+            "refresh_token": mask(credentials.refresh_token),
+        })
+        if not as_json:
+            if len(shown) > 1:
+                click.echo()
+            click.echo(f"Token file:    {path}")
+            click.echo(f"Auth method:   {credentials.auth_method}"
+                       + (f" ({credentials.provider})" if credentials.provider else ""))
+            click.echo(f"Region:        {credentials.region}")
+            click.echo(f"Profile ARN:   {credentials.profile_arn or '-'}")
+            click.echo(f"Expires:       {describe_expiry(credentials)}")
+            click.echo(f"Access token:  {shown[-1]['access_token']}")
+            click.echo(f"Refresh token: {shown[-1]['refresh_token']}")
+    if as_json and shown:
+        click.echo(json.dumps(shown[0] if len(shown) == 1 and not errors else shown, indent=2))
+    fail(errors)
+
+
+@cli.command()
+@refresh_options
+def refresh(token_files: tuple[Path, ...], social_auth_url: str, oidc_url: str,
+            proxy: str | None) -> None:
+    """Refresh the Kiro access token now and save it.
+
+    If another program (the Kiro IDE, a running kiro2api server) has just
+    refreshed it, its new token is kept instead.
+    """
+    config = Config(token_files=token_paths(token_files), social_auth_url=social_auth_url,
+                    oidc_url=oidc_url, proxy=proxy)
+
+    async def each(store: TokenStore) -> None:
+        credentials = await store.refresh()
+        if store.error is not None:  # refreshed, but the file could not be written
+            raise store.error
+        done = "Refreshed" if store.refreshes else "Already refreshed by another program:"
+        click.echo(f"{done} {store.path}; expires {describe_expiry(credentials)}.")
+
+    run_stores(config, each)
+
+
+SHELLS = ("posix", "fish", "cmd", "powershell")
+
+
+def default_shell(platform: str | None = None) -> str:
+    return "powershell" if (platform or sys.platform).startswith("win") else "posix"
+
+
+def shell_assignment(shell: str, name: str, value: str) -> str:
+    """One line that sets the environment variable ``name`` to ``value`` in ``shell``.
+
+    Raises ValueError for a value the shell cannot hold or quote safely.
+    """
+    if "\0" in value:
+        raise ValueError(f"the value of {name} contains a NUL character")
+    if shell == "posix":
+        return f"export {name}={shlex.quote(value)}"
+    if shell == "fish":  # in fish's single quotes only \\ and \' are escapes
+        return "set -gx {} '{}'".format(name, value.replace("\\", "\\\\").replace("'", "\\'"))
+    if shell == "powershell":  # PowerShell also takes the curly quotes as single quotes
+        return "$env:{} = '{}'".format(name, re.sub("['\u2018\u2019\u201a\u201b]",
+                                                    lambda m: m.group() * 2, value))
+    # cmd: quoting the whole assignment makes & | < > ^ literal, but nothing
+    # can escape a double quote, and % and ! would still be expanded.
+    unsafe = sorted(set(value) & set('"%!\r\n'))
+    if unsafe:
+        raise ValueError(f"the value of {name} contains {''.join(unsafe)!r}, which cmd cannot "
+                         f"quote safely; use --shell powershell")
+    return f'set "{name}={value}"'
+
+
+def client_base_url(host: str, port: int) -> str:
+    """The URL a client on this machine uses for a server listening on ``host:port``."""
+    name = host.strip().strip("[]")
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        address = None
+    if name in ("", "localhost") or (address is not None
+                                     and (address.is_loopback or address.is_unspecified)):
+        name = "localhost"
+    elif address is not None and address.version == 6:
+        name = f"[{name}]"
+    return f"http://{name}:{port}"
+
+
+@cli.command()
+@host_option("The server's --host.")
+@port_option(f"The server's --port [default: {DEFAULT_PORT}].")
+@api_key_option("The server's client key; printed instead of the Kiro access token.")
+@refresh_options
+@click.option("--shell", type=click.Choice(SHELLS), default=None,
+              help="Syntax of the lines [default: powershell on Windows, else posix].")
+def export(host: str, port: int | None, api_key: str | None, token_files: tuple[Path, ...],
+           social_auth_url: str, oidc_url: str, proxy: str | None, shell: str | None) -> None:
+    """Print shell lines that point Claude Code at the server.
+
+    ANTHROPIC_AUTH_TOKEN is the server's client key if one is set, else the
+    current Kiro access token (refreshed first if it is about to expire),
+    which a server started without --api-key accepts.
+
+    \b
+    Examples:
+      eval "$(kiro2api export)"                              # bash, zsh
+      kiro2api export --shell fish | source                  # fish
+      kiro2api export --shell powershell | Invoke-Expression
+    """
+    shell = shell or default_shell()
+    values = {"ANTHROPIC_BASE_URL": client_base_url(host, DEFAULT_PORT if port is None else port)}
+    if api_key:
+        values["ANTHROPIC_AUTH_TOKEN"] = api_key
+    else:
+        config = Config(token_files=token_paths(token_files), social_auth_url=social_auth_url,
+                        oidc_url=oidc_url, proxy=proxy)
+
+        async def each(store: TokenStore) -> None:
+            values["ANTHROPIC_AUTH_TOKEN"] = (await store.credentials()).access_token
+
+        run_stores(config, each, first_only=True)
+    try:
+        lines = [shell_assignment(shell, name, value) for name, value in values.items()]
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo("\n".join(lines))
+
+
+@cli.command(name="authToken")
+@refresh_options
+def auth_token(token_files: tuple[Path, ...], social_auth_url: str, oidc_url: str,
+               proxy: str | None) -> None:
+    """Print the current Kiro access token and how to use it.
+
+    The token alone goes to stdout (TOKEN=$(kiro2api authToken) works); the
+    hints go to stderr. It is refreshed first if it is about to expire.
+    """
+    config = Config(token_files=token_paths(token_files), social_auth_url=social_auth_url,
+                    oidc_url=oidc_url, proxy=proxy)
+
+    async def each(store: TokenStore) -> None:
+        credentials = await store.credentials()
+        click.echo(credentials.access_token)
+        click.echo(
+            f"\nThe Kiro access token of {store.path}; expires "
+            f"{describe_expiry(credentials)}.\n"
+            "A kiro2api server started without --api-key accepts it as the client key.\n"
+            "Point Claude Code at the server with:\n"
+            '  eval "$(kiro2api export)"    # sets ANTHROPIC_BASE_URL and ANTHROPIC_AUTH_TOKEN',
+            err=True)
+
+    run_stores(config, each, first_only=True)
+
+
+@cli.command()
+def claude() -> None:
+    """Mark ~/.claude.json so that Claude Code skips its own login.
+
+    The original tool called this the "region bypass".
+
+    Sets "hasCompletedOnboarding": true and "kiro2api": true at the top of
+    ~/.claude.json, keeping every other key and their order, and creates the
+    file if it is missing. Run it while Claude Code is not running.
+    """
+    path = Path.home() / ".claude.json"
+    redo = "fix or move it, then run kiro2api claude again"
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        data: Any = {}
+        mode = 0o600
+    except OSError as exc:
+        raise click.ClickException(f"cannot read {path} ({exc.strerror or exc}); {redo}") from None
+    else:
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise click.ClickException(
+                f"{path} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); "
+                f"{redo}") from None
+        except (ValueError, RecursionError):
+            raise click.ClickException(f"{path} is not valid JSON (not UTF-8 text); {redo}") \
+                from None
+        if not isinstance(data, dict):
+            raise click.ClickException(f"{path} holds JSON but not an object; {redo}")
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    if data.get("hasCompletedOnboarding") is True and data.get("kiro2api") is True:
+        click.echo(f"{path} already has hasCompletedOnboarding and kiro2api set; nothing to do.")
+        return
+    data["hasCompletedOnboarding"] = True
+    data["kiro2api"] = True
+    try:
+        write_json_atomic(path, data, mode=mode)
+    except OSError as exc:
+        raise click.ClickException(
+            f"cannot write {path} ({exc.strerror or exc}); check its directory's permissions"
+        ) from None
+    click.echo(f"Updated {path}: hasCompletedOnboarding and kiro2api are true.")
 
 
 if __name__ == "__main__":

@@ -32,3 +32,72 @@ async def fake_upstream(aiohttp_server):
     server = await aiohttp_server(fake.app())
     fake.url = str(server.make_url("")).rstrip("/")
     return fake
+
+
+API_KEY = "test-client-key"
+
+
+def write_token_file(path, **overrides):
+    """A social-login token file, valid for an hour unless overridden."""
+    import datetime
+    import json
+
+    expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1)
+    data = {
+        "accessToken": "aoa-initial-access",
+        "refreshToken": "aor-initial-refresh",
+        "expiresAt": expires.strftime("%Y-%m-%dT%H:%M:%S.000Z"),
+        "authMethod": "social",
+        "provider": "Github",
+        "profileArn": "arn:aws:codewhisperer:us-east-1:111122223333:profile/FAKE",
+    }
+    data.update(overrides)
+    path.write_text(json.dumps(data, indent=2))
+    path.chmod(0o600)
+    return path
+
+
+class Proxy:
+    """The real kiro2api app on a real port, in front of ``fake``."""
+
+    def __init__(self, url, fake, config):
+        self.url = url
+        self.fake = fake
+        self.config = config
+
+    def anthropic(self, **kwargs):
+        import anthropic
+
+        return anthropic.AsyncAnthropic(base_url=self.url, api_key=API_KEY, max_retries=0,
+                                        **kwargs)
+
+    def openai(self, **kwargs):
+        import openai
+
+        return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=API_KEY, max_retries=0,
+                                  **kwargs)
+
+
+@pytest.fixture
+def proxy_config(fake_upstream, tmp_path):
+    import kiro2api
+
+    token_file = write_token_file(tmp_path / "kiro-auth-token.json")
+    return kiro2api.Config(
+        api_key=API_KEY,
+        token_files=(token_file,),
+        upstream=fake_upstream.url,
+        social_auth_url=fake_upstream.url,
+        oidc_url=fake_upstream.url,
+        ping_interval=30.0,
+        retries=0,  # the retry tests turn them on
+    )
+
+
+@pytest.fixture
+async def proxy(aiohttp_server, fake_upstream, proxy_config):
+    """kiro2api serving on 127.0.0.1, talking to the fake upstream."""
+    import kiro2api
+
+    server = await aiohttp_server(kiro2api.make_app(proxy_config))
+    return Proxy(str(server.make_url("")).rstrip("/"), fake_upstream, proxy_config)

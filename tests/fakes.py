@@ -5,9 +5,11 @@ One ``FakeUpstream`` answers every URL kiro2api calls, so a test points
 
 - ``POST /generateAssistantResponse``: replies from ``script`` (a queue of
   ``Stream`` or ``Status`` objects); an empty queue answers a short greeting.
-- ``POST /refreshToken`` (social) and ``POST /token`` (IdC): replies from
-  ``auth_script`` if anything is queued, else a fresh token pair numbered by
-  how many refreshes there have been.
+- ``POST /refreshToken`` (social) and ``POST /token`` (IdC), also under a
+  ``/{region}/`` prefix for URL templates: replies from ``auth_script`` if
+  anything is queued, else a fresh token pair numbered by how many refreshes
+  there have been. ``auth_delay`` delays every auth reply; while
+  ``auth_gate`` is set to an unset ``asyncio.Event``, auth replies wait for it.
 
 Every request is recorded in ``requests`` (path, headers, parsed JSON body).
 """
@@ -18,6 +20,8 @@ import asyncio
 import json
 from collections import deque
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -113,16 +117,26 @@ class FakeUpstream:
         self.script: deque[Stream | Status] = deque()
         self.auth_script: deque[Status] = deque()
         self.auth_delay = 0.0
+        self.auth_gate: asyncio.Event | None = None
         self.refreshes = 0
 
     def calls(self, path: str) -> list[Recorded]:
         return [r for r in self.requests if r.path == path]
+
+    async def wait_for(self, path: str, count: int = 1, timeout: float = 5.0) -> None:
+        """Wait until ``count`` requests to ``path`` have arrived."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while len(self.calls(path)) < count:
+            assert asyncio.get_running_loop().time() < deadline, f"no request to {path}"
+            await asyncio.sleep(0.01)
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/generateAssistantResponse", self._generate)
         app.router.add_post("/refreshToken", self._social_refresh)
         app.router.add_post("/token", self._idc_refresh)
+        app.router.add_post("/{region}/refreshToken", self._social_refresh)
+        app.router.add_post("/{region}/token", self._idc_refresh)
         return app
 
     async def _record(self, request: web.Request) -> Any:
@@ -181,6 +195,8 @@ class FakeUpstream:
     async def _refresh(self, kind: str, *, profile_arn: bool) -> web.Response:
         if self.auth_delay:
             await asyncio.sleep(self.auth_delay)
+        if self.auth_gate is not None:
+            await self.auth_gate.wait()
         if self.auth_script:
             return await self._status(self.auth_script.popleft())
         self.refreshes += 1
@@ -195,3 +211,47 @@ class FakeUpstream:
         else:
             body["tokenType"] = "Bearer"
         return web.json_response(body)
+
+
+# Token files ##############################################################
+
+SOCIAL_ACCESS = "aoaAAAAAsocialAccessToken0123456789abcdefghijklmnopqrstuvwxyzSOCIAL"
+SOCIAL_REFRESH = "aorAAAAAsocialRefreshToken0123456789abcdefghijklmnopqrstuvwxyzSOCIAL"
+IDC_ACCESS = "aoaAAAAAidcAccessToken0123456789abcdefghijklmnopqrstuvwxyzIDC"
+IDC_REFRESH = "aorAAAAAidcRefreshToken0123456789abcdefghijklmnopqrstuvwxyzIDC"
+CLIENT_ID_HASH = "0123456789abcdef0123456789abcdef01234567"
+CLIENT_ID = "fakeClientId-0123456789"
+CLIENT_SECRET = "eyJraWQiOiJmYWtlLWNsaWVudC1zZWNyZXQifQ.secret"
+PROFILE_ARN = "arn:aws:codewhisperer:us-east-1:699475941385:profile/EHGA3GRVQMUK"
+
+
+def ide_time(seconds_from_now: float) -> str:
+    """An ``expiresAt`` as the Kiro IDE writes it, this many seconds from now."""
+    moment = datetime.now(timezone.utc) + timedelta(seconds=seconds_from_now)
+    return f"{moment:%Y-%m-%dT%H:%M:%S}.{moment.microsecond // 1000:03d}Z"
+
+
+def write_token(path: Path, *, method: str = "social", expires_in: float = 3600,
+                mode: int = 0o644, **overrides: Any) -> dict[str, Any]:
+    """Write a token file as the Kiro IDE does (``method`` social or idc; for idc
+    also the client registration beside it); keys set to None are left out."""
+    if method == "social":
+        data: dict[str, Any] = {
+            "accessToken": SOCIAL_ACCESS, "refreshToken": SOCIAL_REFRESH,
+            "expiresAt": ide_time(expires_in), "authMethod": "social", "provider": "Google",
+            "profileArn": PROFILE_ARN,
+        }
+    else:
+        data = {
+            "accessToken": IDC_ACCESS, "refreshToken": IDC_REFRESH,
+            "expiresAt": ide_time(expires_in), "clientIdHash": CLIENT_ID_HASH,
+            "authMethod": "IdC", "provider": "BuilderId", "region": "us-east-1",
+        }
+        registration = path.parent / f"{CLIENT_ID_HASH}.json"
+        registration.write_text(json.dumps({"clientId": CLIENT_ID, "clientSecret": CLIENT_SECRET,
+                                            "expiresAt": ide_time(90 * 86400)}))
+    data.update(overrides)
+    data = {k: v for k, v in data.items() if v is not None}
+    path.write_text(json.dumps(data, indent=2))
+    path.chmod(mode)
+    return data

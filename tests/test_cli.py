@@ -1,13 +1,25 @@
-"""The command line: help, version, and how ``server`` builds its Config."""
+"""The command line: help, version, how ``server`` builds its Config, and the
+token commands (read, refresh, export, authToken, claude)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import shlex
+import socket
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 import kiro2api
+from fakes import (
+    CLIENT_SECRET, IDC_ACCESS, PROFILE_ARN, SOCIAL_ACCESS, SOCIAL_REFRESH, Status, write_token,
+)
 
 
 @pytest.fixture
@@ -21,8 +33,8 @@ def served(monkeypatch):
 def test_help_lists_every_command():
     result = CliRunner().invoke(kiro2api.cli, ["--help"])
     assert result.exit_code == 0, result.output
-    for command in ("server",):
-        assert command in result.output
+    for command in ("read", "refresh", "export", "authToken", "claude", "server"):
+        assert f"\n  {command} " in result.output
 
 
 def test_version():
@@ -73,3 +85,389 @@ def test_server_token_files_repeat(served, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert served[0].token_files == (Path(a), Path(b))
+
+
+
+# Token commands ###########################################################
+#
+# Commands that may refresh run in a thread (``invoke_async``) so that the
+# test's event loop keeps serving the fake auth service meanwhile.
+
+MAIN = Path(kiro2api.__file__).resolve().parent
+
+
+def invoke(*args, env=None):
+    return CliRunner().invoke(kiro2api.cli, list(args), env=env)
+
+
+async def invoke_async(*args, env=None):
+    return await asyncio.to_thread(invoke, *args, env=env)
+
+
+def assert_fails_cleanly(result, *expected):
+    """Exit 1 with one ``Error:`` line holding ``expected``, and no traceback."""
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), result.exception
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    for text in expected:
+        assert text in lines[0]
+    assert "Traceback" not in result.output
+
+
+def closed_port_url():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+@pytest.fixture
+def token_file(isolated_env):
+    """The default token file, under the isolated HOME."""
+    path = isolated_env / ".aws/sso/cache/kiro-auth-token.json"
+    path.parent.mkdir(parents=True)
+    return path
+
+
+# read
+
+
+def test_read_shows_the_login_with_tokens_masked(token_file):
+    write_token(token_file, expires_in=3000)
+    result = invoke("read")
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert f"Token file:    {token_file}\n" in out
+    assert "Auth method:   social (Google)\n" in out
+    assert "Region:        us-east-1\n" in out
+    assert f"Profile ARN:   {PROFILE_ARN}\n" in out
+    assert ", in 49 min\n" in out
+    assert f"Access token:  {SOCIAL_ACCESS[:6]}...{SOCIAL_ACCESS[-4:]} (" in out
+    assert SOCIAL_ACCESS not in out and SOCIAL_REFRESH not in out
+
+
+def test_read_shows_an_expired_and_an_unknown_expiry(tmp_path):
+    expired, unknown = tmp_path / "expired.json", tmp_path / "unknown.json"
+    write_token(expired, expires_in=-7230)
+    write_token(unknown, expiresAt=None)
+    result = invoke("read", "--token-file", str(expired), "--token-file", str(unknown))
+    assert result.exit_code == 0, result.output
+    assert ", expired 2 h 0 min ago\n" in result.output
+    assert "Expires:       unknown" in result.output
+
+
+def test_read_json(token_file):
+    write_token(token_file, method="idc", expires_in=600)
+    result = invoke("read", "--json")
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.output)
+    assert shown["path"] == str(token_file)
+    assert (shown["auth_method"], shown["provider"], shown["region"], shown["profile_arn"]) == (
+        "idc", "BuilderId", "us-east-1", None)
+    assert 590 < shown["seconds_left"] <= 600 and shown["expired"] is False
+    assert shown["access_token"].startswith(IDC_ACCESS[:6] + "...")
+    assert IDC_ACCESS not in result.output and CLIENT_SECRET not in result.output
+
+
+def test_read_json_lists_several_files_from_the_environment(tmp_path, monkeypatch):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    write_token(a)
+    write_token(b, method="idc")
+    monkeypatch.setenv("KIRO2API_TOKEN_FILE", f"{a}{os.pathsep}{b}")
+    result = invoke("read", "--json")
+    assert result.exit_code == 0, result.output
+    assert [s["auth_method"] for s in json.loads(result.output)] == ["social", "idc"]
+
+
+def test_read_token_file_option_beats_environment(tmp_path, monkeypatch):
+    good = tmp_path / "good.json"
+    write_token(good)
+    monkeypatch.setenv("KIRO2API_TOKEN_FILE", str(tmp_path / "missing.json"))
+    result = invoke("read", "--token-file", str(good))
+    assert result.exit_code == 0, result.output
+    assert str(good) in result.output
+
+
+BAD_TOKEN_FILES = {
+    "missing": (lambda p: None, "does not exist; log in to Kiro first"),
+    "unreadable": (lambda p: p.mkdir(), "cannot read"),
+    "invalid-json": (lambda p: p.write_text("{nope"), "is not valid JSON"),
+    "missing-fields": (lambda p: p.write_text('{"accessToken": "x"}'), "has no refreshToken"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_TOKEN_FILES, ids=list(BAD_TOKEN_FILES))
+@pytest.mark.parametrize("command", ["read", "refresh", "export", "authToken"])
+def test_bad_token_file_fails_every_command_cleanly(token_file, command, case):
+    make, expected = BAD_TOKEN_FILES[case]
+    make(token_file)
+    result = invoke(command)
+    assert_fails_cleanly(result, str(token_file), expected)
+    assert result.stdout == ""
+
+
+def test_read_shows_the_good_files_and_fails_for_the_bad_one(tmp_path):
+    good = tmp_path / "good.json"
+    write_token(good)
+    result = invoke("read", "--token-file", str(good), "--token-file", str(tmp_path / "x.json"))
+    assert_fails_cleanly(result, "x.json does not exist")
+    assert str(good) in result.stdout
+
+
+# refresh
+
+
+async def test_refresh_writes_the_new_token_and_prints_its_expiry(token_file, fake_upstream):
+    write_token(token_file, expires_in=1200, ideOnly=1)
+    result = await invoke_async("refresh", "--social-auth-url", fake_upstream.url)
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"Refreshed {token_file}; expires ")
+    assert result.output.endswith(", in 59 min.\n")
+    saved = json.loads(token_file.read_text())
+    assert (saved["accessToken"], saved["ideOnly"]) == ("aoa-social-access-1", 1)
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    assert [r.body for r in fake_upstream.requests] == [{"refreshToken": SOCIAL_REFRESH}]
+
+
+async def test_refresh_an_idc_login(token_file, fake_upstream):
+    write_token(token_file, method="idc")
+    result = await invoke_async("refresh", "--oidc-url", fake_upstream.url)
+    assert result.exit_code == 0, result.output
+    assert fake_upstream.requests[0].path == "/token"
+    assert json.loads(token_file.read_text())["accessToken"] == "aoa-idc-access-1"
+
+
+REFRESH_FAILURES = {
+    "refused": (Status(400, {"error": "invalid_grant"}), "invalid_grant); log in to Kiro again"),
+    "garbage": (Status(200, "<html>"), "with no JSON; check --social-auth-url"),
+    "server-error": (Status(502, {"message": "bad gateway"}), "HTTP 502: bad gateway"),
+}
+
+
+@pytest.mark.parametrize("case", REFRESH_FAILURES, ids=list(REFRESH_FAILURES))
+async def test_refresh_failure_is_one_line_and_leaves_the_file(token_file, fake_upstream, case):
+    reply, expected = REFRESH_FAILURES[case]
+    write_token(token_file)
+    before = token_file.read_bytes()
+    fake_upstream.auth_script.append(reply)
+    result = await invoke_async("refresh", "--social-auth-url", fake_upstream.url)
+    assert_fails_cleanly(result, f"{fake_upstream.url}/refreshToken", expected)
+    assert token_file.read_bytes() == before
+
+
+def test_refresh_with_the_auth_service_down(token_file):
+    write_token(token_file)
+    before = token_file.read_bytes()
+    url = closed_port_url()
+    result = invoke("refresh", "--social-auth-url", url)
+    assert_fails_cleanly(result, f"cannot reach {url}/refreshToken", "check the network")
+    assert token_file.read_bytes() == before
+
+
+@pytest.mark.parametrize("url", ["notaurl", "ftp://example.com"])
+def test_refresh_with_a_url_that_is_not_http(token_file, url):
+    write_token(token_file)
+    result = invoke("refresh", "--social-auth-url", url)
+    assert_fails_cleanly(result, f"cannot reach {url}/refreshToken (not a valid http(s) URL)")
+
+
+async def test_refresh_url_from_environment_and_option_beats_it(
+        token_file, fake_upstream, monkeypatch):
+    write_token(token_file)
+    monkeypatch.setenv("KIRO2API_SOCIAL_AUTH_URL", fake_upstream.url)
+    result = await invoke_async("refresh")
+    assert result.exit_code == 0, result.output
+    monkeypatch.setenv("KIRO2API_SOCIAL_AUTH_URL", closed_port_url())
+    result = await invoke_async("refresh", "--social-auth-url", fake_upstream.url)
+    assert result.exit_code == 0, result.output
+    assert fake_upstream.refreshes == 2
+
+
+# export
+
+
+def test_export_posix_lines_with_the_client_key(token_file):
+    result = invoke("export", "--api-key", "client-key")
+    assert result.exit_code == 0, result.output
+    assert result.output == ("export ANTHROPIC_BASE_URL=http://localhost:8080\n"
+                             "export ANTHROPIC_AUTH_TOKEN=client-key\n")
+
+
+def test_export_without_a_key_prints_the_access_token(token_file):
+    write_token(token_file)
+    result = invoke("export", "--shell", "posix")
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[1] == f"export ANTHROPIC_AUTH_TOKEN={SOCIAL_ACCESS}"
+
+
+async def test_export_refreshes_an_expired_token_first(token_file, fake_upstream, monkeypatch):
+    write_token(token_file, expires_in=-60)
+    monkeypatch.setenv("KIRO2API_SOCIAL_AUTH_URL", fake_upstream.url)
+    result = await invoke_async("export", "--shell", "posix")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[1] == "export ANTHROPIC_AUTH_TOKEN=aoa-social-access-1"
+    assert json.loads(token_file.read_text())["accessToken"] == "aoa-social-access-1"
+
+
+@pytest.mark.parametrize("host, port, url", [
+    ("127.0.0.1", None, "http://localhost:8080"),
+    ("0.0.0.0", "9000", "http://localhost:9000"),
+    ("::", "9000", "http://localhost:9000"),
+    ("::1", "9000", "http://localhost:9000"),
+    ("192.168.1.5", None, "http://192.168.1.5:8080"),
+    ("2001:db8::5", "80", "http://[2001:db8::5]:80"),
+    ("kiro.lan", "8443", "http://kiro.lan:8443"),
+])
+def test_export_base_url(host, port, url):
+    args = ["export", "--api-key", "k", "--host", host] + (["--port", port] if port else [])
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0] == f"export ANTHROPIC_BASE_URL={shlex.quote(url)}"
+
+
+def test_export_options_beat_environment(monkeypatch):
+    monkeypatch.setenv("KIRO2API_HOST", "10.0.0.2")
+    monkeypatch.setenv("KIRO2API_PORT", "7000")
+    monkeypatch.setenv("KIRO2API_API_KEY", "from-env")
+    result = invoke("export")
+    assert result.exit_code == 0, result.output
+    assert result.output == ("export ANTHROPIC_BASE_URL=http://10.0.0.2:7000\n"
+                             "export ANTHROPIC_AUTH_TOKEN=from-env\n")
+    result = invoke("export", "--port", "7001", "--api-key", "from-option")
+    assert result.exit_code == 0, result.output
+    assert result.output == ("export ANTHROPIC_BASE_URL=http://10.0.0.2:7001\n"
+                             "export ANTHROPIC_AUTH_TOKEN=from-option\n")
+
+
+@pytest.mark.parametrize("shell, lines", [
+    ("posix", ["export ANTHROPIC_BASE_URL=http://localhost:8080",
+               "export ANTHROPIC_AUTH_TOKEN='k'\"'\"'y \\ $x&^'"]),
+    ("fish", ["set -gx ANTHROPIC_BASE_URL 'http://localhost:8080'",
+              "set -gx ANTHROPIC_AUTH_TOKEN 'k\\'y \\\\ $x&^'"]),
+    ("powershell", ["$env:ANTHROPIC_BASE_URL = 'http://localhost:8080'",
+                    "$env:ANTHROPIC_AUTH_TOKEN = 'k''y \\ $x&^'"]),
+    ("cmd", ['set "ANTHROPIC_BASE_URL=http://localhost:8080"',
+             'set "ANTHROPIC_AUTH_TOKEN=k\'y \\ $x&^"']),
+])
+def test_export_quotes_for_each_shell(shell, lines):
+    result = invoke("export", "--shell", shell, "--api-key", "k'y \\ $x&^")
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == lines
+
+
+def test_powershell_quoting_doubles_curly_single_quotes_too():
+    line = kiro2api.shell_assignment("powershell", "K", "a\u2019b")
+    assert line == "$env:K = 'a\u2019\u2019b'"
+
+
+@pytest.mark.parametrize("key", ['say "hi"', "100%", "bang!", "two\nlines"])
+def test_export_refuses_what_cmd_cannot_quote(key):
+    result = invoke("export", "--shell", "cmd", "--api-key", key)
+    assert_fails_cleanly(result, "cmd cannot quote safely; use --shell powershell")
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("platform, shell", [("linux", "posix"), ("darwin", "posix"),
+                                             ("win32", "powershell"), ("cygwin", "posix")])
+def test_default_shell_follows_the_os(platform, shell):
+    assert kiro2api.default_shell(platform) == shell
+
+
+NASTY_KEY = "it's \"quoted\" $(touch PWNED) `touch PWNED` ; | & \\ * ~ ! # {a,b} \n2nd line"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX shells")
+@pytest.mark.parametrize("sh", ["bash", "sh"])
+def test_eval_export_in_a_real_shell(tmp_path, sh):
+    script = ('eval "$("$PYTHON" "$KIRO2API" export)"; '
+              'printf "%s\\n%s" "$ANTHROPIC_BASE_URL" "$ANTHROPIC_AUTH_TOKEN"')
+    env = {**os.environ, "PYTHON": sys.executable, "KIRO2API": str(MAIN / "kiro2api.py"),
+           "KIRO2API_API_KEY": NASTY_KEY, "KIRO2API_PORT": "9123"}
+    done = subprocess.run([sh, "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"http://localhost:9123\n{NASTY_KEY}"
+    assert not (tmp_path / "PWNED").exists()
+
+
+# authToken
+
+
+def test_auth_token_prints_the_token_alone_on_stdout(token_file):
+    write_token(token_file)
+    result = invoke("authToken")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == SOCIAL_ACCESS + "\n"
+    assert str(token_file) in result.stderr
+    assert 'eval "$(kiro2api export)"' in result.stderr
+
+
+async def test_auth_token_refreshes_an_expired_token(token_file, fake_upstream):
+    write_token(token_file, expires_in=-60)
+    result = await invoke_async("authToken", "--social-auth-url", fake_upstream.url)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "aoa-social-access-1\n"
+
+
+# claude
+
+
+@pytest.fixture
+def claude_json(isolated_env):
+    return isolated_env / ".claude.json"
+
+
+def test_claude_creates_the_file(claude_json):
+    result = invoke("claude")
+    assert result.exit_code == 0, result.output
+    assert json.loads(claude_json.read_text()) == {"hasCompletedOnboarding": True,
+                                                   "kiro2api": True}
+    assert stat.S_IMODE(claude_json.stat().st_mode) == 0o600
+
+
+def test_claude_keeps_every_key_their_order_and_the_mode(claude_json):
+    original = {"numStartups": 3, "hasCompletedOnboarding": False, "projects": {"/ü": {"a": 1}},
+                "userID": "abc"}
+    claude_json.write_text(json.dumps(original))
+    claude_json.chmod(0o640)
+    result = invoke("claude")
+    assert result.exit_code == 0, result.output
+    assert f"Updated {claude_json}" in result.output
+    after = json.loads(claude_json.read_text())
+    assert list(after.items()) == [("numStartups", 3), ("hasCompletedOnboarding", True),
+                                   ("projects", {"/ü": {"a": 1}}), ("userID", "abc"),
+                                   ("kiro2api", True)]
+    assert stat.S_IMODE(claude_json.stat().st_mode) == 0o640
+    assert [p.name for p in claude_json.parent.iterdir()] == [".claude.json"]
+
+
+def test_claude_twice_changes_nothing_the_second_time(claude_json):
+    assert invoke("claude").exit_code == 0
+    before = claude_json.read_bytes()
+    result = invoke("claude")
+    assert result.exit_code == 0, result.output
+    assert "nothing to do" in result.output
+    assert claude_json.read_bytes() == before
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("[1, 2]", "holds JSON but not an object"),
+    ('"text"', "holds JSON but not an object"),
+    ("{broken", "is not valid JSON"),
+])
+def test_claude_refuses_a_file_that_is_not_a_json_object(claude_json, content, expected):
+    claude_json.write_text(content)
+    result = invoke("claude")
+    assert_fails_cleanly(result, str(claude_json), expected)
+    assert claude_json.read_text() == content
+
+
+def test_claude_follows_a_symlinked_file(claude_json, tmp_path):
+    real = tmp_path / "dotfiles-claude.json"
+    real.write_text('{"a": 1}')
+    claude_json.symlink_to(real)
+    result = invoke("claude")
+    assert result.exit_code == 0, result.output
+    assert claude_json.is_symlink()
+    assert json.loads(real.read_text()) == {"a": 1, "hasCompletedOnboarding": True,
+                                            "kiro2api": True}

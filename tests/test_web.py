@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 
 import kiro2api
+from conftest import write_token_file
 
 
 @pytest.fixture
 async def client(aiohttp_client, tmp_path):
-    config = kiro2api.Config(token_files=(tmp_path / "token.json",))
+    config = kiro2api.Config(token_files=(write_token_file(tmp_path / "token.json"),))
     return await aiohttp_client(kiro2api.make_app(config))
 
 
@@ -19,6 +20,15 @@ async def test_health_reports_version(client):
     body = await response.json()
     assert body["status"] == "ok"
     assert body["version"] == kiro2api.__version__
+
+
+async def test_health_is_degraded_when_no_account_is_usable(aiohttp_client, tmp_path):
+    config = kiro2api.Config(token_files=(tmp_path / "missing.json",))
+    client = await aiohttp_client(kiro2api.make_app(config))
+    body = await (await client.get("/health")).json()
+    assert body["status"] == "degraded"
+    assert body["accounts"][0]["state"] == "error"
+    assert "does not exist" in body["accounts"][0]["error"]
 
 
 @pytest.mark.parametrize("method", ["GET", "HEAD"])

@@ -1,0 +1,500 @@
+"""kiro2api against the forwarding floor: CPU, latency and memory per request.
+
+Three processes on 127.0.0.1, each on a free port: the fake upstream
+(``upstream.py``), the floor (``floor.py``, a proxy that forwards the bytes
+unchanged) and ``kiro2api.py server``; this process generates the load
+(``loadgen.py``). Each figure is measured for the floor and for kiro2api in
+the same run, one right after the other, and printed side by side with
+their ratio (kiro2api / floor):
+
+- CPU per request: the proxy's utime + stime from ``/proc/PID/stat`` over a
+  run, divided by its requests; with req/s, time to first byte, to the first
+  text and to the last byte (p50/p99) and peak RSS, at concurrency 20 and 100.
+- Streaming latency: 200 concurrent slow streams (one frame every 20 ms);
+  the delay from the upstream's write of each frame to the client's receipt.
+- Memory: RSS growth per open stream with 500 concurrent slow streams.
+
+Run ``python bench/bench_proxy.py`` (about 3 minutes), ``--quick`` for a
+smoke run, ``--profile`` to run kiro2api under cProfile and print its hot
+spots instead, ``--soak 60`` to add an RSS soak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import pstats
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+for path in (ROOT, BENCH):  # run directly, not through bench/run.py
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+import aiohttp  # noqa: E402
+
+import loadgen  # noqa: E402
+
+API_KEY = "bench-client-key"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+SLOW_INTERVAL_MS = 20
+
+
+@dataclass(frozen=True)
+class Scenario:
+    label: str
+    api: str  # "anthropic" | "openai"
+    stream: bool
+    upstream: str  # the upstream answer: "text" | "tool"
+    expect: tuple[bytes, ...]  # what the end of kiro2api's answer must hold
+
+
+SCENARIOS = (
+    Scenario("stream /v1/messages", "anthropic", True, "text", (b"message_stop",)),
+    Scenario("stream /v1/chat/completions", "openai", True, "text", (b"[DONE]",)),
+    Scenario("non-stream /v1/messages", "anthropic", False, "text", (b'"end_turn"',)),
+    Scenario("tool call, stream /v1/messages", "anthropic", True, "tool",
+             (b'"tool_use"', b"message_stop")),
+)
+FLOOR_EXPECT = (b"metadataEvent",)  # the floor passes the upstream's last frame through
+
+
+@dataclass(frozen=True)
+class Settings:
+    requests: int  # per row and proxy
+    warmup: int
+    concurrency: tuple[int, ...]
+    latency_streams: int
+    latency_frames: int
+    memory_streams: int
+    memory_frames: int
+
+
+FULL = Settings(requests=1000, warmup=100, concurrency=(20, 100), latency_streams=200,
+                latency_frames=150, memory_streams=500, memory_frames=300)
+QUICK = Settings(requests=200, warmup=40, concurrency=(20, 100), latency_streams=200,
+                 latency_frames=50, memory_streams=500, memory_frames=150)
+
+
+# Processes ###############################################################
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the whole process (all threads), in seconds."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of proc(5)
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    url: str
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGINT)
+            try:
+                self.popen.wait(30)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+def start_printing_port(name: str, argv: list[str], workdir: Path) -> Proc:
+    """Start one of our helper servers; it prints its port on its first line."""
+    log = workdir / f"{name}.log"
+    popen = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE,
+                             stderr=log.open("w"), cwd=BENCH, text=True)
+    line = popen.stdout.readline()
+    if not line.strip().isdigit():
+        popen.kill()
+        raise RuntimeError(f"{name} did not start: {log.read_text()[-2000:]}")
+    return Proc(name, popen, f"http://127.0.0.1:{line.strip()}", log)
+
+
+def write_token_file(path: Path) -> Path:
+    expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=6)
+    path.write_text(json.dumps({
+        "accessToken": "aoa-bench-access", "refreshToken": "aor-bench-refresh",
+        "expiresAt": expires.strftime("%Y-%m-%dT%H:%M:%S.000Z"), "authMethod": "social",
+        "provider": "Github",
+        "profileArn": "arn:aws:codewhisperer:us-east-1:111122223333:profile/BENCH"}))
+    path.chmod(0o600)
+    return path
+
+
+def start_kiro2api(upstream: str, workdir: Path, profile: Path | None = None) -> Proc:
+    port = free_port()
+    log = workdir / "kiro2api.log"
+    token_file = write_token_file(workdir / "kiro-auth-token.json")
+    runner = ["-m", "cProfile", "-o", str(profile)] if profile else []
+    argv = [sys.executable, *runner, str(ROOT / "kiro2api.py"), "server", "--port", str(port),
+            "--api-key", API_KEY, "--token-file", str(token_file), "--upstream", upstream,
+            "--social-auth-url", upstream, "--oidc-url", upstream, "--log-level", "WARNING"]
+    env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY")}
+    popen = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log.open("w"), env=env)
+    return Proc("kiro2api", popen, f"http://127.0.0.1:{port}", log)
+
+
+async def wait_ready(proc: Proc, session: aiohttp.ClientSession) -> None:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            break
+        try:
+            async with session.get(proc.url + "/") as response:
+                await response.read()
+                return
+        except aiohttp.ClientError:
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"{proc.name} is not answering: {proc.log.read_text()[-2000:]}")
+
+
+# Measurements #############################################################
+
+
+class PeakRss:
+    """Sample a process's RSS every 50 ms while in the ``async with``."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak_kb = pid, 0
+
+    async def _sample(self) -> None:
+        while True:
+            self.peak_kb = max(self.peak_kb, rss_kb(self.pid))
+            await asyncio.sleep(0.05)
+
+    async def __aenter__(self) -> PeakRss:
+        self._task = asyncio.create_task(self._sample())
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self._task.cancel()
+        self.peak_kb = max(self.peak_kb, rss_kb(self.pid))
+
+
+def target(proc: Proc, scenario: Scenario, upstream_scenario: str) -> tuple[str, bytes, dict, tuple]:
+    """URL, body, headers and expected ending of one scenario on one proxy."""
+    body = loadgen.request_body(scenario.api, upstream_scenario, stream=scenario.stream)
+    headers = {"Content-Type": "application/json", "x-api-key": API_KEY}
+    if proc.name == "floor":
+        return proc.url + loadgen.route(scenario.api), body, headers, FLOOR_EXPECT
+    return proc.url + loadgen.route(scenario.api), body, headers, scenario.expect
+
+
+async def measure(session: aiohttp.ClientSession, proc: Proc, scenario: Scenario,
+                  concurrency: int, settings: Settings) -> dict[str, float]:
+    url, body, headers, expect = target(proc, scenario, scenario.upstream)
+    warm = await loadgen.run_load(session, url, body, headers, concurrency=concurrency,
+                                  requests=max(settings.warmup, concurrency), expect=expect)
+    if warm.errors:
+        raise RuntimeError(f"{proc.name}, {scenario.label}: {warm.errors[0]}")
+    before = cpu_seconds(proc.pid)
+    async with PeakRss(proc.pid) as rss:
+        load = await loadgen.run_load(session, url, body, headers, concurrency=concurrency,
+                                      requests=settings.requests, expect=expect)
+    cpu = cpu_seconds(proc.pid) - before
+    if load.errors:
+        raise RuntimeError(f"{proc.name}, {scenario.label}: {len(load.errors)} errors, "
+                           f"first: {load.errors[0]}")
+    return {
+        "cpu_ms": cpu * 1000 / len(load.samples), "rps": load.rps,
+        "fb50": load.percentile("first_byte", 50), "fb99": load.percentile("first_byte", 99),
+        "ft50": load.percentile("first_text", 50), "ft99": load.percentile("first_text", 99),
+        "tot50": load.percentile("total", 50), "tot99": load.percentile("total", 99),
+        "rss_mb": rss.peak_kb / 1024,
+    }
+
+
+async def latency(session: aiohttp.ClientSession, proc: Proc, api: str,
+                  settings: Settings) -> dict[str, float]:
+    scenario = f"slow:{settings.latency_frames}:{SLOW_INTERVAL_MS}"
+    body = loadgen.request_body(api, scenario)
+    headers = {"Content-Type": "application/json", "x-api-key": API_KEY}
+    before = cpu_seconds(proc.pid)
+    result, done = await loadgen.run_stamped(session, proc.url + loadgen.route(api), body,
+                                             headers, settings.latency_streams)
+    await done
+    cpu = cpu_seconds(proc.pid) - before
+    delays = [d / 1e6 for d in result.delays_ns]
+    expected = settings.latency_streams * settings.latency_frames
+    return {
+        "p50": loadgen.percentile(delays, 50), "p99": loadgen.percentile(delays, 99),
+        "max": max(delays, default=float("nan")), "events": len(delays),
+        "lost": expected - len(delays), "errors": len(result.errors),
+        "fb99": loadgen.percentile(result.first_byte, 99) * 1000,
+        "max_open": result.max_open, "cpu_ms": cpu * 1000 / settings.latency_streams,
+    }
+
+
+async def memory(session: aiohttp.ClientSession, proc: Proc, settings: Settings) -> dict[str, float]:
+    """RSS before and while ``memory_streams`` slow streams are open at once."""
+    scenario = f"slow:{settings.memory_frames}:{SLOW_INTERVAL_MS}"
+    body = loadgen.request_body("anthropic", scenario)
+    headers = {"Content-Type": "application/json", "x-api-key": API_KEY}
+    streams = settings.memory_streams
+    await asyncio.sleep(0.5)
+    before = rss_kb(proc.pid)
+    result, done = await loadgen.run_stamped(session, proc.url + "/v1/messages", body, headers,
+                                             streams)
+    # Wait for every stream to start, for at most half their length; then
+    # sample while (nearly) all are open.
+    deadline = time.monotonic() + settings.memory_frames * SLOW_INTERVAL_MS / 2000
+    while result.open < streams and time.monotonic() < deadline and not done.done():
+        await asyncio.sleep(0.05)
+    open_now, during = result.open, 0
+    for _ in range(5):
+        during = max(during, rss_kb(proc.pid))
+        await asyncio.sleep(0.1)
+    await done
+    await asyncio.sleep(0.5)
+    after = rss_kb(proc.pid)
+    return {"before_mb": before / 1024, "during_mb": during / 1024, "after_mb": after / 1024,
+            "open": open_now, "max_open": result.max_open, "errors": len(result.errors),
+            "kb_per_stream": (during - before) / max(open_now, 1)}
+
+
+async def soak(session: aiohttp.ClientSession, proc: Proc, seconds: float) -> list[tuple[float, float]]:
+    """Stream /v1/messages at c=20 for ``seconds``; RSS (MB) every tenth of the way."""
+    url, body, headers, expect = target(proc, SCENARIOS[0], "text")
+    samples = [(0.0, rss_kb(proc.pid) / 1024)]
+    start = time.monotonic()
+    while (elapsed := time.monotonic() - start) < seconds:
+        await loadgen.run_load(session, url, body, headers, concurrency=20, requests=200,
+                               expect=expect)
+        if elapsed >= len(samples) * seconds / 10:
+            samples.append((elapsed, rss_kb(proc.pid) / 1024))
+    samples.append((time.monotonic() - start, rss_kb(proc.pid) / 1024))
+    return samples
+
+
+# Report ##################################################################
+
+COLUMNS = (("CPU ms/req", "cpu_ms", 2), ("req/s", "rps", 0), ("TTFB p50", "fb50", 2),
+           ("TTFB p99", "fb99", 2), ("text p50", "ft50", 2), ("text p99", "ft99", 2),
+           ("total p50", "tot50", 2), ("total p99", "tot99", 2), ("RSS MB", "rss_mb", 1))
+
+
+def ratio(kiro: float, floor: float) -> str:
+    return f"{kiro / floor:.2f}x" if floor else "-"
+
+
+def row(label: str, values: list[str]) -> str:
+    return f"{label:<40}" + "".join(f"{v:>10}" for v in values)
+
+
+def print_table(results: dict[tuple[str, int], dict[str, dict[str, float]]]) -> None:
+    print(row("scenario / concurrency / proxy", [c[0] for c in COLUMNS]))
+    for (label, concurrency), pair in results.items():
+        floor, kiro = pair["floor"], pair.get("kiro2api")
+        print(row(f"{label}, c={concurrency}", []))
+        print(row("  floor", [f"{floor[k]:.{d}f}" for _, k, d in COLUMNS]))
+        if kiro is None:
+            print(row(f"  kiro2api: {pair['error']}"[:200], []))
+            continue
+        print(row("  kiro2api", [f"{kiro[k]:.{d}f}" for _, k, d in COLUMNS]))
+        print(row("  ratio kiro2api/floor", [ratio(kiro[k], floor[k]) for _, k, _ in COLUMNS]))
+
+
+def print_targets(results: dict, lat: dict, mem: dict) -> None:
+    print("\ntargets (issue 8)")
+    checks = []
+    for (label, concurrency), pair in results.items():
+        kiro = pair.get("kiro2api")
+        if kiro and label.startswith("stream "):
+            r = kiro["cpu_ms"] / pair["floor"]["cpu_ms"]
+            checks.append((f"CPU/req {label} c={concurrency} <= 2.5x floor", f"{r:.2f}x",
+                           r <= 2.5))
+    for (label, concurrency), pair in results.items():
+        kiro = pair.get("kiro2api")
+        if kiro and concurrency == min(c for _, c in results) and label.startswith("stream "):
+            for key, what in (("fb99", "first byte"), ("ft99", "first text")):
+                added = kiro[key] - pair["floor"][key]
+                checks.append((f"added {what} p99, {label} c={concurrency} <= 2 ms",
+                               f"{added:+.2f} ms", added <= 2))
+    for api, result in lat.items():
+        if api != "floor" and result:
+            checks.append((f"streaming latency p99, {api}, 200 slow streams <= 5 ms",
+                           f"{result['p99']:.2f} ms", result["p99"] <= 5))
+    if mem.get("kiro2api"):
+        kb = mem["kiro2api"]["kb_per_stream"]
+        checks.append(("RSS growth per open stream <= 100 KB", f"{kb:.1f} KB", kb <= 100))
+    for what, value, ok in checks:
+        print(f"  {'ok  ' if ok else 'MISS'} {what:<66}{value:>12}")
+
+
+# Profile ##################################################################
+
+
+def print_profile(path: Path, top: int = 30) -> None:
+    """Functions by own time, as a share of the time not spent waiting in epoll."""
+    stats = pstats.Stats(str(path)).stats
+    idle = sum(v[2] for k, v in stats.items() if k[2].startswith("<method 'poll' of 'select"))
+    busy = sum(v[2] for v in stats.values()) - idle
+    print(f"\nkiro2api under cProfile: {busy:.2f} s busy (epoll wait of {idle:.2f} s left out)")
+    print(f"{'own %':>7}{'cum %':>8}{'calls':>10}  function")
+    rows = sorted(((v[2], v[3], v[1], k) for k, v in stats.items()
+                   if not k[2].startswith("<method 'poll' of 'select")), reverse=True)
+    for own, cum, calls, (file, line, func) in rows[:top]:
+        where = f"{Path(file).name}:{line}" if line else "~"
+        print(f"{own / busy * 100:7.1f}{min(cum / busy, 9.99) * 100:8.1f}{calls:>10}  "
+              f"{func} ({where})")
+    print(f"\nby cumulative time (kiro2api, convert, eventstream only)")
+    ours = sorted(((v[3], v[2], v[1], k) for k, v in stats.items()
+                   if Path(k[0]).name in ("kiro2api.py", "convert.py", "eventstream.py")),
+                  reverse=True)
+    for cum, own, calls, (file, line, func) in ours[:top]:
+        print(f"{own / busy * 100:7.1f}{min(cum / busy, 9.99) * 100:8.1f}{calls:>10}  "
+              f"{func} ({Path(file).name}:{line})")
+
+
+# Main ####################################################################
+
+
+def machine() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in
+                  Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.machine())
+    load = os.getloadavg()[0]
+    return (f"{os.cpu_count()} CPUs ({model}), Linux {platform.release()}, Python "
+            f"{platform.python_version()}, aiohttp {aiohttp.__version__}, load avg {load:.2f}")
+
+
+async def bench(args: argparse.Namespace, workdir: Path) -> None:
+    settings = QUICK if args.quick else FULL
+    if args.requests:
+        settings = Settings(**{**settings.__dict__, "requests": args.requests})
+    started = time.monotonic()
+    up = start_printing_port("upstream", ["upstream.py", "--frames-per-write",
+                                          str(args.frames_per_write)], workdir)
+    procs = [up]
+    try:
+        floor = start_printing_port("floor", ["floor.py", "--upstream", up.url], workdir)
+        procs.append(floor)
+        profile = workdir / "kiro2api.prof" if args.profile else None
+        kiro = start_kiro2api(up.url, workdir, profile)
+        procs.append(kiro)
+        async with loadgen.client_session() as session:
+            await wait_ready(kiro, session)
+            print(f"kiro2api vs forwarding floor: {machine()}")
+            print(f"{settings.requests} requests per row and proxy after "
+                  f"{settings.warmup} warm-up; upstream: {args.frames_per_write} frame(s) "
+                  f"per write; times in ms, CPU = utime+stime of the proxy process\n")
+            if args.profile:
+                for scenario in SCENARIOS[:2]:
+                    for concurrency in settings.concurrency:
+                        print(f"profiling {scenario.label}, c={concurrency}", flush=True)
+                        url, body, headers, expect = target(kiro, scenario, "text")
+                        await loadgen.run_load(session, url, body, headers,
+                                               concurrency=concurrency,
+                                               requests=settings.requests, expect=expect)
+                kiro.stop()
+                print_profile(profile)
+                return
+            results: dict[tuple[str, int], dict[str, Any]] = {}
+            for scenario in SCENARIOS:
+                for concurrency in settings.concurrency:
+                    pair = results[scenario.label, concurrency] = {}
+                    pair["floor"] = await measure(session, floor, scenario, concurrency,
+                                                  settings)
+                    try:
+                        pair["kiro2api"] = await measure(session, kiro, scenario, concurrency,
+                                                         settings)
+                    except RuntimeError as exc:
+                        pair["error"] = str(exc)
+            print_table(results)
+
+            print(f"\nstreaming latency: {settings.latency_streams} concurrent streams of "
+                  f"{settings.latency_frames} frames, one every {SLOW_INTERVAL_MS} ms; "
+                  f"upstream write -> client receipt, ms")
+            lat = {"floor": await latency(session, floor, "anthropic", settings),
+                   "kiro2api /v1/messages": await latency(session, kiro, "anthropic", settings),
+                   "kiro2api /v1/chat/completions":
+                       await latency(session, kiro, "openai", settings)}
+            keys = (("p50", "p50", 2), ("p99", "p99", 2), ("max", "max", 1),
+                    ("TTFB p99", "fb99", 1), ("max open", "max_open", 0),
+                    ("CPU ms/str", "cpu_ms", 1), ("lost", "lost", 0), ("errors", "errors", 0))
+            print(row("proxy", [k[0] for k in keys]))
+            for name, result in lat.items():
+                print(row(f"  {name}", [f"{result[k]:.{d}f}" for _, k, d in keys]))
+                if name != "floor":
+                    print(row("  ratio to floor",
+                              [ratio(result[k], lat["floor"][k]) for _, k, _ in keys[:4]]))
+
+            print(f"\nmemory: {settings.memory_streams} concurrent slow streams "
+                  f"({settings.memory_frames} frames, one every {SLOW_INTERVAL_MS} ms), "
+                  f"/v1/messages")
+            mem = {"floor": await memory(session, floor, settings),
+                   "kiro2api": await memory(session, kiro, settings)}
+            keys = (("RSS before", "before_mb", 1), ("RSS open", "during_mb", 1),
+                    ("RSS after", "after_mb", 1), ("open", "open", 0),
+                    ("KB/stream", "kb_per_stream", 1), ("errors", "errors", 0))
+            print(row("proxy (RSS in MB)", [k[0] for k in keys]))
+            for name, result in mem.items():
+                print(row(f"  {name}", [f"{result[k]:.{d}f}" for _, k, d in keys]))
+            print(row("  ratio kiro2api/floor", ["", "", "", "", ratio(
+                mem["kiro2api"]["kb_per_stream"], mem["floor"]["kb_per_stream"])]))
+
+            if args.soak:
+                print(f"\nsoak: kiro2api, stream /v1/messages at c=20 for {args.soak:.0f} s")
+                for elapsed, mb in await soak(session, kiro, args.soak):
+                    print(f"  {elapsed:6.1f} s  RSS {mb:7.1f} MB")
+
+            print_targets(results, lat, mem)
+            print(f"\n(bench took {time.monotonic() - started:.0f} s)")
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the proxy tables (``make bench`` calls this with no arguments)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run of about 30 s")
+    parser.add_argument("--requests", type=int, default=0, help="requests per row and proxy")
+    parser.add_argument("--frames-per-write", type=int, default=1,
+                        help="frames per upstream write (default 1: one write per frame)")
+    parser.add_argument("--profile", action="store_true",
+                        help="run kiro2api under cProfile on the streaming rows; print hot spots")
+    parser.add_argument("--soak", type=float, default=0, metavar="SECONDS",
+                        help="also stream for SECONDS and print kiro2api's RSS over time")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="kiro2api-bench-") as workdir:
+        asyncio.run(bench(args, Path(workdir)))
+
+
+if __name__ == "__main__":
+    main()

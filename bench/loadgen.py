@@ -1,0 +1,229 @@
+"""Load generator: an aiohttp client for kiro2api, the floor, or any proxy.
+
+``run_load`` sends one request body ``requests`` times, from ``concurrency``
+workers (closed loop) or at ``rate`` starts per second (open loop, at most
+``concurrency`` in flight), and times each answer: first body byte, first
+chunk holding the first text (``chunk 000``), and the whole body.
+``run_stamped`` opens streams of ``slow`` answers and measures, for every
+event, the delay from the upstream's write (the ``@ns@`` stamp, on
+CLOCK_MONOTONIC, which every process on the machine shares) to its arrival.
+
+Run it alone against a running proxy::
+
+    python bench/loadgen.py http://127.0.0.1:8080 --api-key K -c 20 -n 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+MODEL = "claude-sonnet-4-5"
+FIRST_TEXT = b"chunk 000"  # the upstream's first text (see upstream.py)
+STAMP = re.compile(rb"@(\d{10,})@")
+TAIL_BYTES = 1024  # how much of the end of a body the completeness check looks at
+
+TOOL = {"name": "write_file", "description": "Write a file.",
+        "schema": {"type": "object", "required": ["path", "content"],
+                   "properties": {"path": {"type": "string"}, "content": {"type": "string"}}}}
+
+
+def request_body(api: str, scenario: str, *, stream: bool = True) -> bytes:
+    """A small request whose prompt names the upstream scenario (``text``, ``tool``, ``slow:F:MS``)."""
+    prompt = f"[bench:{scenario}] Write the benchmark answer."
+    body: dict[str, Any] = {"model": MODEL, "max_tokens": 8192, "stream": stream,
+                            "messages": [{"role": "user", "content": prompt}]}
+    if api == "anthropic":
+        body["tools"] = [{"name": TOOL["name"], "description": TOOL["description"],
+                          "input_schema": TOOL["schema"]}]
+    else:
+        body["tools"] = [{"type": "function", "function": {
+            "name": TOOL["name"], "description": TOOL["description"],
+            "parameters": TOOL["schema"]}}]
+    return json.dumps(body).encode()
+
+
+def route(api: str) -> str:
+    return "/v1/messages" if api == "anthropic" else "/v1/chat/completions"
+
+
+def client_session(limit: int = 2000) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=limit),
+        timeout=aiohttp.ClientTimeout(total=None, sock_read=60))
+
+
+@dataclass
+class Sample:
+    """One request's timings, in seconds from sending it."""
+
+    first_byte: float
+    first_text: float
+    total: float
+
+
+@dataclass
+class Load:
+    samples: list[Sample] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    elapsed: float = 0.0
+
+    @property
+    def rps(self) -> float:
+        return len(self.samples) / self.elapsed if self.elapsed else 0.0
+
+    def percentile(self, name: str, q: float) -> float:
+        """The ``q`` percentile (0-100) of one timing, in milliseconds."""
+        return percentile([getattr(s, name) for s in self.samples], q) * 1000
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q`` percentile (0-100) of ``values``, interpolated between ranks."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+async def one_request(session: aiohttp.ClientSession, url: str, body: bytes,
+                      headers: dict[str, str], expect: tuple[bytes, ...]) -> Sample:
+    """Send one request and read the whole answer; raise if it is not complete."""
+    start = time.perf_counter()
+    first_byte = first_text = 0.0
+    tail = b""
+    async with session.post(url, data=body, headers=headers) as response:
+        async for chunk in response.content.iter_any():
+            if not first_byte:
+                first_byte = time.perf_counter()
+            tail = (tail + chunk)[-TAIL_BYTES:]
+            if not first_text and FIRST_TEXT in tail:
+                first_text = time.perf_counter()
+        total = time.perf_counter()
+        if response.status != 200:
+            raise ValueError(f"status {response.status}: {tail[:300]!r}")
+    missing = [m for m in expect if m not in tail]
+    if missing:
+        raise ValueError(f"answer incomplete, no {missing[0]!r} near the end: {tail[-300:]!r}")
+    return Sample(first_byte - start, (first_text or total) - start, total - start)
+
+
+async def run_load(session: aiohttp.ClientSession, url: str, body: bytes,
+                   headers: dict[str, str], *, concurrency: int, requests: int,
+                   rate: float | None = None, expect: tuple[bytes, ...] = ()) -> Load:
+    """Send ``requests`` requests, closed loop or (with ``rate``) open loop."""
+    load = Load()
+    gate = asyncio.Semaphore(concurrency)
+
+    async def send() -> None:
+        try:
+            load.samples.append(await one_request(session, url, body, headers, expect))
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            load.errors.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            gate.release()
+
+    start = time.perf_counter()
+    tasks = []
+    for i in range(requests):
+        if rate:
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        await gate.acquire()
+        tasks.append(asyncio.create_task(send()))
+    await asyncio.gather(*tasks)
+    load.elapsed = time.perf_counter() - start
+    return load
+
+
+@dataclass
+class Stamped:
+    """Per-event delays (upstream write -> client receipt) of concurrent slow streams."""
+
+    delays_ns: list[int] = field(default_factory=list)
+    first_byte: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    open: int = 0  # streams that have started and not ended
+    max_open: int = 0
+
+
+async def stamped_stream(session: aiohttp.ClientSession, url: str, body: bytes,
+                         headers: dict[str, str], result: Stamped) -> None:
+    start = time.perf_counter()
+    started = False
+    buffer = b""
+    try:
+        async with session.post(url, data=body, headers=headers) as response:
+            async for chunk in response.content.iter_any():
+                now = time.monotonic_ns()
+                if not started:
+                    started = True
+                    result.first_byte.append(time.perf_counter() - start)
+                    result.open += 1
+                    result.max_open = max(result.max_open, result.open)
+                buffer += chunk
+                end = 0
+                for match in STAMP.finditer(buffer):
+                    result.delays_ns.append(now - int(match.group(1)))
+                    end = match.end()
+                buffer = buffer[max(end, len(buffer) - 64):]
+            if response.status != 200:
+                result.errors.append(f"status {response.status}")
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        result.errors.append(f"{type(exc).__name__}: {exc}")
+    finally:
+        if started:
+            result.open -= 1
+
+
+async def run_stamped(session: aiohttp.ClientSession, url: str, body: bytes,
+                      headers: dict[str, str], streams: int) -> tuple[Stamped, asyncio.Future]:
+    """Start ``streams`` slow streams at once; return the live result and their future."""
+    result = Stamped()
+    done = asyncio.gather(*(stamped_stream(session, url, body, headers, result)
+                            for _ in range(streams)))
+    return result, done
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Load a kiro2api-like proxy.")
+    parser.add_argument("url", help="base URL, e.g. http://127.0.0.1:8080")
+    parser.add_argument("--api", choices=["anthropic", "openai"], default="anthropic")
+    parser.add_argument("--scenario", default="text", help="text, tool or slow:FRAMES:MS")
+    parser.add_argument("--no-stream", action="store_true")
+    parser.add_argument("--api-key", default="")
+    parser.add_argument("-c", "--concurrency", type=int, default=20)
+    parser.add_argument("-n", "--requests", type=int, default=1000)
+    parser.add_argument("--rate", type=float, default=None, help="open loop: starts per second")
+    args = parser.parse_args()
+
+    async def go() -> None:
+        body = request_body(args.api, args.scenario, stream=not args.no_stream)
+        headers = {"x-api-key": args.api_key, "Content-Type": "application/json"}
+        async with client_session() as session:
+            load = await run_load(session, args.url.rstrip("/") + route(args.api), body,
+                                  headers, concurrency=args.concurrency,
+                                  requests=args.requests, rate=args.rate)
+        print(f"{len(load.samples)} ok, {len(load.errors)} errors in {load.elapsed:.2f}s, "
+              f"{load.rps:.0f} req/s")
+        for name in ("first_byte", "first_text", "total"):
+            print(f"{name:<11} p50 {load.percentile(name, 50):7.2f} ms"
+                  f"  p99 {load.percentile(name, 99):7.2f} ms")
+        for error in sorted(set(load.errors))[:5]:
+            print("error:", error)
+
+    asyncio.run(go())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,418 @@
+"""/v1/messages end to end: the anthropic SDK -> kiro2api -> the fake upstream."""
+
+from __future__ import annotations
+
+import json
+
+import aiohttp
+import anthropic
+import pydantic
+import pytest
+from anthropic.types import Message, RawMessageStreamEvent
+
+import fakes
+from conftest import API_KEY, write_token_file
+from fakes import Status, Stream
+
+STREAM_EVENT = pydantic.TypeAdapter(RawMessageStreamEvent)
+BASIC = {"model": "claude-sonnet-4-5", "max_tokens": 1024,
+         "messages": [{"role": "user", "content": "Hi"}]}
+UNICODE = "héllo, 世界 🎉 ok"
+
+
+async def raw_sse(proxy, body, headers=None):
+    """POST a streaming request and return [(event line, parsed data)], validated."""
+    async with aiohttp.ClientSession() as session:
+        async with session.post(proxy.url + "/v1/messages", json={**body, "stream": True},
+                                headers={"x-api-key": API_KEY, **(headers or {})}) as response:
+            assert response.status == 200, await response.text()
+            assert response.headers["Content-Type"].startswith("text/event-stream")
+            raw = (await response.read()).decode()
+    events = []
+    for block in raw.split("\n\n"):
+        if not block:
+            continue
+        name_line, data_line = block.split("\n")
+        name = name_line.removeprefix("event: ")
+        data = json.loads(data_line.removeprefix("data: "))
+        assert data["type"] == name, block
+        if name == "ping":  # not in the SDK's event union; it skips pings itself
+            assert data == {"type": "ping"}
+        elif name != "error":
+            STREAM_EVENT.validate_python(data)
+        events.append((name, data))
+    assert raw.endswith("\n\n")
+    return events
+
+
+def check_block_order(events):
+    """Indexes are contiguous from 0, every block starts, gets deltas, then stops."""
+    names = [name for name, _ in events]
+    assert names[:2] == ["message_start", "ping"]
+    open_index, next_index = None, 0
+    for name, data in events[2:]:
+        if name == "content_block_start":
+            assert open_index is None and data["index"] == next_index
+            open_index, next_index = data["index"], next_index + 1
+        elif name == "content_block_delta":
+            assert data["index"] == open_index
+        elif name == "content_block_stop":
+            assert data["index"] == open_index
+            open_index = None
+        else:
+            assert open_index is None, f"{name} while block {open_index} is open"
+
+
+async def test_streaming_text_with_characters_split_across_reads(proxy):
+    chunks = ["hé", "llo, 世", "界 🎉", " ok"]
+    proxy.fake.script.append(Stream(fakes.text(*chunks) + fakes.tail(), split=(1, 2, 3)))
+    events = await raw_sse(proxy, BASIC)
+    check_block_order(events)
+    names = [name for name, _ in events]
+    assert names == ["message_start", "ping", "content_block_start"] + \
+        ["content_block_delta"] * 4 + ["content_block_stop", "message_delta", "message_stop"]
+    deltas = [d["delta"]["text"] for n, d in events if n == "content_block_delta"]
+    assert deltas == chunks
+    assert events[0][1]["message"]["model"] == "claude-sonnet-4-5"
+    assert events[-2][1]["delta"]["stop_reason"] == "end_turn"
+
+
+async def test_sdk_stream_accumulates_text(proxy):
+    proxy.fake.script.append(Stream(fakes.text("héllo, 世", "界 🎉", " ok") + fakes.tail(),
+                                    split=(1,)))
+    async with proxy.anthropic().messages.stream(**BASIC) as stream:
+        message = await stream.get_final_message()
+    assert [block.type for block in message.content] == ["text"]
+    assert message.content[0].text == UNICODE
+    assert message.stop_reason == "end_turn"
+    assert message.usage.output_tokens > 0
+
+
+async def test_streaming_tool_use_input_parses(proxy):
+    frames = (fakes.text("Let me look.")
+              + fakes.tool("tooluse_1", "read_file", '{"pa', 'th": "a.', 'txt"}')
+              + fakes.tool("tooluse_2", "list_dir", '{"dir": "."}')
+              + fakes.tail())
+    proxy.fake.script.append(Stream(frames, split=(5, 1, 17)))
+    events = await raw_sse(proxy, BASIC)
+    check_block_order(events)
+    starts = [d["content_block"] for n, d in events if n == "content_block_start"]
+    assert [b["type"] for b in starts] == ["text", "tool_use", "tool_use"]
+    assert [b.get("id") for b in starts[1:]] == ["tooluse_1", "tooluse_2"]
+    assert all(b["input"] == {} for b in starts[1:])
+    assert events[-2][1]["delta"]["stop_reason"] == "tool_use"
+
+    proxy.fake.script.append(Stream(frames, split=(3,)))
+    async with proxy.anthropic().messages.stream(**BASIC) as stream:
+        message = await stream.get_final_message()
+    assert message.stop_reason == "tool_use"
+    assert [(b.type, getattr(b, "input", None)) for b in message.content] == [
+        ("text", None), ("tool_use", {"path": "a.txt"}), ("tool_use", {"dir": "."})]
+
+
+async def test_non_streaming_message(proxy):
+    frames = fakes.text("Hel", "lo") + fakes.tool("tooluse_9", "read_file", '{"path":"x"}')
+    proxy.fake.script.append(Stream(frames + fakes.tail()))
+    async with aiohttp.ClientSession() as session:
+        async with session.post(proxy.url + "/v1/messages", json=BASIC,
+                                headers={"Authorization": f"Bearer {API_KEY}"}) as response:
+            assert response.status == 200
+            body = await response.json()
+    message = Message.model_validate(body)
+    assert message.id.startswith("msg_")
+    assert [b.type for b in message.content] == ["text", "tool_use"]
+    assert message.content[0].text == "Hello"
+    assert message.content[1].input == {"path": "x"}
+    assert message.stop_reason == "tool_use"
+
+    proxy.fake.script.append(Stream(fakes.text("Hi there") + fakes.tail()))
+    message = await proxy.anthropic().messages.create(**BASIC)
+    assert message.content[0].text == "Hi there"
+
+
+async def test_usage_comes_from_metadata_event_when_sent(proxy):
+    usage = {"tokenUsage": {"uncachedInputTokens": 120, "cacheReadInputTokens": 30,
+                            "cacheWriteInputTokens": 7, "outputTokens": 11, "totalTokens": 168}}
+    proxy.fake.script.append(Stream(fakes.text("ok") + [fakes.event("metadataEvent", usage)]
+                                    + fakes.tail()))
+    message = await proxy.anthropic().messages.create(**BASIC)
+    assert message.usage.input_tokens == 150
+    assert message.usage.output_tokens == 11
+    assert message.usage.cache_read_input_tokens == 30
+    assert message.usage.cache_creation_input_tokens == 7
+
+
+async def test_usage_without_metadata_reports_no_cache_figures(proxy):
+    proxy.fake.script.append(Stream(fakes.text("ok") + fakes.tail()))
+    message = await proxy.anthropic().messages.create(**BASIC)
+    assert message.usage.cache_read_input_tokens is None
+    assert message.usage.cache_creation_input_tokens is None
+    assert message.usage.input_tokens > 0
+
+
+async def test_output_limit_exception_ends_as_max_tokens(proxy):
+    frames = fakes.text("partial answer") + [
+        fakes.exception("ContentLengthExceededException", "output too long")]
+    proxy.fake.script.append(Stream(frames))
+    events = await raw_sse(proxy, BASIC)
+    check_block_order(events)
+    assert events[-2][1]["delta"]["stop_reason"] == "max_tokens"
+    assert events[-1][0] == "message_stop"
+
+
+async def test_tool_call_cut_off_is_never_emitted(proxy):
+    frames = fakes.text("Writing.") + fakes.tool("tooluse_1", "write", '{"content": "abc',
+                                                 stop=False)
+    proxy.fake.script.append(Stream(frames))
+    events = await raw_sse(proxy, BASIC)
+    assert all(d["content_block"]["type"] != "tool_use"
+               for n, d in events if n == "content_block_start")
+    assert events[-2][1]["delta"]["stop_reason"] == "max_tokens"
+
+
+@pytest.mark.parametrize("stream", [
+    Stream(fakes.text("Hello", "world") + fakes.tail(), corrupt_at=130),
+    Stream(fakes.text("Hello") + [fakes.exception("ThrottlingException", "slow down")]),
+    Stream(fakes.text("Hello", "world") + fakes.tail(), hang_up=True, split=(150,)),
+    Stream([fakes.text("Hello")[0], fakes.text("world")[0][:40]]),
+], ids=["bad-crc", "exception-frame", "hang-up-mid-frame", "truncated-body"])
+async def test_mid_stream_failure_ends_with_error_event(proxy, stream):
+    proxy.fake.script.append(stream)
+    events = await raw_sse(proxy, BASIC)
+    names = [name for name, _ in events]
+    assert names[-1] == "error"
+    assert "message_stop" not in names and "message_delta" not in names
+    assert events[-1][1]["error"]["message"]
+    check_block_order(events[:-1])
+
+
+@pytest.mark.parametrize("stream", [
+    Stream(fakes.text("Hello") + fakes.tail(), corrupt_at=3),
+    Stream(fakes.text("Hello") + [fakes.exception("InternalServerException", "boom")]),
+], ids=["bad-crc", "exception-frame"])
+async def test_non_streaming_upstream_failure_is_an_error_status(proxy, stream):
+    proxy.fake.script.append(stream)
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        await proxy.anthropic().messages.create(**BASIC)
+    assert caught.value.status_code == 502
+    assert caught.value.body["type"] == "error"
+
+
+@pytest.mark.parametrize(("reply", "status", "error_type", "text"), [
+    (Status(400, {"message": "Improperly formed request.", "reason": None}),
+     400, "invalid_request_error", "Improperly formed request"),
+    (Status(400, {"message": "Input is too long.", "reason": "CONTENT_LENGTH_EXCEEDS_THRESHOLD"}),
+     400, "invalid_request_error", "prompt is too long"),
+    (Status(429, {"message": "Too many requests"}, {"Retry-After": "7"}),
+     429, "rate_limit_error", "Too many requests"),
+    (Status(402, {"message": "quota", "reason": "MONTHLY_REQUEST_COUNT"}),
+     402, "billing_error", "out of quota"),
+    (Status(403, {"message": "Account suspended", "reason": "TEMPORARILY_SUSPENDED"}),
+     403, "permission_error", "TEMPORARILY_SUSPENDED"),
+    (Status(500, {"message": "boom"}), 502, "api_error", "boom"),
+    (Status(503, "unavailable"), 503, "overloaded_error", "unavailable"),
+], ids=["malformed", "too-long", "throttled", "quota", "suspended", "5xx", "503"])
+async def test_upstream_refusal_maps_to_anthropic_error(proxy, reply, status, error_type, text):
+    proxy.fake.script.append(reply)
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        await proxy.anthropic().messages.create(**BASIC)
+    error = caught.value
+    assert error.status_code == status
+    assert error.body == {"type": "error", "error": {"type": error_type,
+                                                     "message": error.body["error"]["message"]}}
+    assert text in error.body["error"]["message"]
+    if status == 429:
+        assert error.response.headers["Retry-After"] == "7"
+    if text == "prompt is too long":
+        assert error.body["error"]["message"].startswith("prompt is too long")
+
+
+async def test_invalid_bearer_refreshes_once_and_retries(proxy):
+    invalid = {"message": "The bearer token included in the request is invalid.", "reason": None}
+    proxy.fake.script.append(Status(403, invalid))
+    message = await proxy.anthropic().messages.create(**BASIC)
+    assert message.content[0].text == "Hello"
+    calls = proxy.fake.calls("/generateAssistantResponse")
+    assert [c.headers["Authorization"] for c in calls] == [
+        "Bearer aoa-initial-access", "Bearer aoa-social-access-1"]
+    assert len(proxy.fake.calls("/refreshToken")) == 1
+
+
+async def test_invalid_bearer_twice_is_an_authentication_error(proxy):
+    invalid = {"message": "The bearer token included in the request is invalid."}
+    proxy.fake.script.extend([Status(403, invalid), Status(403, invalid)])
+    with pytest.raises(anthropic.AuthenticationError) as caught:
+        await proxy.anthropic().messages.create(**BASIC)
+    assert "log in to Kiro again" in caught.value.body["error"]["message"]
+    assert len(proxy.fake.calls("/generateAssistantResponse")) == 2
+
+
+async def test_upstream_request_carries_kiro_headers_and_payload(proxy):
+    await proxy.anthropic().messages.create(
+        **BASIC, metadata={"user_id": "u"}, stop_sequences=["X"],
+        extra_body={"temperature": 0.2, "top_p": 0.9, "top_k": 5})
+    (call,) = proxy.fake.calls("/generateAssistantResponse")
+    assert call.headers["Authorization"] == "Bearer aoa-initial-access"
+    assert call.headers["x-amzn-kiro-agent-mode"] == "vibe"
+    assert call.headers["x-amzn-codewhisperer-optout"] == "true"
+    assert call.headers["amz-sdk-request"] == "attempt=1; max=3"
+    assert "KiroIDE-" in call.headers["x-amz-user-agent"]
+    state = call.body["conversationState"]
+    assert call.body["profileArn"] == "arn:aws:codewhisperer:us-east-1:111122223333:profile/FAKE"
+    assert state["currentMessage"] == {"userInputMessage": {
+        "content": "Hi", "modelId": "claude-sonnet-4.5", "origin": "AI_EDITOR"}}
+    assert state["chatTriggerType"] == "MANUAL"
+    assert len(state["conversationId"]) == 36
+
+
+# Client mistakes ##########################################################
+
+
+async def post(proxy, path, data, headers=None):
+    async with aiohttp.ClientSession() as session:
+        async with session.post(proxy.url + path, data=data,
+                                headers={"x-api-key": API_KEY, **(headers or {})}) as response:
+            return response.status, await response.json()
+
+
+@pytest.mark.parametrize(("data", "needle"), [
+    (b"{not json", "not valid JSON"),
+    (b"\xff\xfe garbage", "not valid JSON"),
+    (b"[1, 2]", "JSON object"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}]}), "model"),
+    (json.dumps({"model": "claude-sonnet-4-5"}), "messages"),
+    (json.dumps({"model": "claude-sonnet-4-5", "messages": []}), "at least one message"),
+    (json.dumps({"model": 7, "messages": [{"role": "user", "content": "x"}]}), "model"),
+    (json.dumps({"model": "m", "messages": [{"role": "robot", "content": "x"}]}), "role"),
+    (json.dumps({"model": "m", "messages": [{"role": "user", "content": 5}]}), "content"),
+    (json.dumps({"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "hologram"}]}]}), "hologram"),
+    (json.dumps({"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "url", "url": "https://x/y.png"}}]}]}),
+     "messages.0.content.0"),
+    (json.dumps({"model": "m", "system": 5, "messages": [{"role": "user", "content": "x"}]}),
+     "system"),
+    (json.dumps({"model": "m", "tools": {"a": 1}, "messages": [{"role": "user",
+                                                                  "content": "x"}]}), "tools"),
+    (b"[" * 100_000 + b"]" * 100_000, "not valid JSON"),
+], ids=["broken", "not-utf8", "array", "no-model", "no-messages", "empty-messages",
+        "model-type", "bad-role", "content-type", "unknown-block", "url-image", "system-type",
+        "tools-type", "deep-nesting"])
+async def test_bad_request_gets_a_400_envelope(proxy, data, needle):
+    status, body = await post(proxy, "/v1/messages", data)
+    assert status == 400
+    assert body["type"] == "error"
+    assert body["error"]["type"] == "invalid_request_error"
+    assert needle in body["error"]["message"]
+    assert proxy.fake.calls("/generateAssistantResponse") == []
+
+
+async def test_oversized_body_gets_413(aiohttp_server, fake_upstream, proxy_config):
+    import dataclasses
+
+    import kiro2api
+
+    config = dataclasses.replace(proxy_config, max_body_bytes=1000)
+    server = await aiohttp_server(kiro2api.make_app(config))
+    async with aiohttp.ClientSession() as session:
+        async with session.post(server.make_url("/v1/messages"), data=b"x" * 5000,
+                                headers={"x-api-key": API_KEY}) as response:
+            assert response.status == 413
+            body = await response.json()
+    assert body["error"]["type"] == "request_too_large"
+
+
+async def test_unknown_route_and_method_get_envelopes(proxy):
+    async with aiohttp.ClientSession() as session:
+        async with session.get(proxy.url + "/v1/nothing",
+                               headers={"x-api-key": API_KEY}) as response:
+            assert response.status == 404
+            assert (await response.json())["error"]["type"] == "not_found_error"
+        async with session.get(proxy.url + "/v1/messages",
+                               headers={"x-api-key": API_KEY}) as response:
+            assert response.status == 405
+            assert (await response.json())["type"] == "error"
+
+
+# Authentication ###########################################################
+
+
+@pytest.mark.parametrize("headers", [{}, {"x-api-key": "wrong"},
+                                     {"Authorization": "Bearer wrong"},
+                                     {"Authorization": f"Basic {API_KEY}"}])
+async def test_wrong_or_missing_key_is_refused(proxy, headers):
+    async with aiohttp.ClientSession() as session:
+        async with session.post(proxy.url + "/v1/messages", json=BASIC,
+                                headers=headers) as response:
+            assert response.status == 401
+            body = await response.json()
+    assert body["error"]["type"] == "authentication_error"
+    assert proxy.fake.calls("/generateAssistantResponse") == []
+
+
+async def test_without_configured_key_the_kiro_access_token_is_accepted(
+        aiohttp_server, fake_upstream, tmp_path):
+    import kiro2api
+
+    token_file = write_token_file(tmp_path / "t.json")
+    config = kiro2api.Config(token_files=(token_file,), upstream=fake_upstream.url,
+                             social_auth_url=fake_upstream.url, oidc_url=fake_upstream.url)
+    server = await aiohttp_server(kiro2api.make_app(config))
+    url = str(server.make_url("")).rstrip("/")
+    client = anthropic.AsyncAnthropic(base_url=url, auth_token="aoa-initial-access",
+                                      max_retries=0)
+    message = await client.messages.create(**BASIC)
+    assert message.content[0].text == "Hello"
+    stranger = anthropic.AsyncAnthropic(base_url=url, api_key="guess", max_retries=0)
+    with pytest.raises(anthropic.AuthenticationError):
+        await stranger.messages.create(**BASIC)
+
+
+async def test_anthropic_headers_of_claude_code_are_accepted(proxy):
+    events = await raw_sse(proxy, BASIC, headers={
+        "anthropic-version": "2023-06-01",
+        "anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14",
+    })
+    assert events[-1][0] == "message_stop"
+    async with aiohttp.ClientSession() as session:
+        async with session.post(proxy.url + "/v1/messages?beta=true", json=BASIC,
+                                headers={"x-api-key": API_KEY}) as response:
+            assert response.status == 200
+
+
+# Other routes #############################################################
+
+
+async def test_models_list_serves_both_sdks(proxy):
+    page = await proxy.anthropic().models.list()
+    ids = [model.id for model in page.data]
+    assert "claude-sonnet-4-5" in ids and "claude-opus-4-7" in ids
+    async with aiohttp.ClientSession() as session:
+        async with session.get(proxy.url + "/v1/models",
+                               headers={"x-api-key": API_KEY}) as response:
+            body = await response.json()
+    assert body["object"] == "list"
+    assert all(m["object"] == "model" and isinstance(m["created"], int) for m in body["data"])
+
+
+async def test_count_tokens_estimates_and_validates(proxy):
+    client = proxy.anthropic()
+    short = await client.messages.count_tokens(
+        model="claude-sonnet-4-5", messages=[{"role": "user", "content": "Hi"}])
+    long = await client.messages.count_tokens(
+        model="claude-sonnet-4-5", messages=[{"role": "user", "content": "word " * 1000}])
+    assert 0 < short.input_tokens < long.input_tokens
+    assert 1000 <= long.input_tokens <= 2000
+    with pytest.raises(anthropic.BadRequestError):
+        await client.messages.count_tokens(model="claude-sonnet-4-5", messages=[])
+    assert proxy.fake.calls("/generateAssistantResponse") == []
+
+
+async def test_health_shows_account_without_secrets(proxy):
+    async with aiohttp.ClientSession() as session:
+        async with session.get(proxy.url + "/health") as response:
+            text = await response.text()
+    assert "aoa-initial-access" not in text and "aor-initial-refresh" not in text
+    body = json.loads(text)
+    assert body["status"] == "ok"
+    assert len(body["accounts"]) == 1
