@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import hmac
 import ipaddress
+import ipaddress
 import json
 import logging
 import os
@@ -758,6 +759,8 @@ REQUEST_LOG = _RequestKey("log", RequestLog) if _RequestKey else "kiro2api.log"
 
 CONFIG = web.AppKey("config", Config)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
+STREAMS = web.AppKey("streams", set)  # the tasks of streams in flight, for shutdown
+SHUTTING_DOWN = web.AppKey("shutting_down", asyncio.Event)
 ACCOUNTS = web.AppKey("accounts", list)  # list[TokenStore], in the order given
 
 
@@ -1043,6 +1046,9 @@ async def stream_sse(request: web.Request, upstream: aiohttp.ClientResponse,
     await response.prepare(request)
     await response.write(renderer.start())
     keepalive = asyncio.create_task(send_keepalives(response, renderer, config.ping_interval))
+    streams = request.app[STREAMS]
+    task = asyncio.current_task()
+    streams.add(task)
     out: list[bytes] = []  # what one upstream read renders to: one write
     try:
         async for frames in upstream_frames(upstream):
@@ -1060,19 +1066,34 @@ async def stream_sse(request: web.Request, upstream: aiohttp.ClientResponse,
         # What the read rendered before the failure still goes out, then the error.
         failure = web_failure(exc).failure
         log.warning("stream failed after the response started: %s", failure.message)
-        request[REQUEST_LOG].failure = failure.message
-        out.append(renderer.error(failure))
-        with contextlib.suppress(ConnectionError):
-            await response.write(b"".join(out))
+        await end_with_error(request, response, renderer, out, failure)
     except ConnectionError:
         log.debug("client went away mid-stream")
         request[REQUEST_LOG].failure = "client disconnected"
         return response
+    except asyncio.CancelledError:
+        if not request.app[SHUTTING_DOWN].is_set():
+            # The client went away (aiohttp cancels its handler); leaving
+            # the ``async with`` of the caller closes the upstream at once.
+            request[REQUEST_LOG].failure = "client disconnected"
+            raise
+        failure = convert.Failure(503, "kiro2api is shutting down; the answer was cut short",
+                                  "overloaded_error", "server_error", None)
+        await end_with_error(request, response, renderer, out, failure)
     finally:
         keepalive.cancel()
+        streams.discard(task)
     with contextlib.suppress(ConnectionError):
         await response.write_eof()
     return response
+
+
+async def end_with_error(request: web.Request, response: web.StreamResponse, renderer: Any,
+                         out: list[bytes], failure: convert.Failure) -> None:
+    request[REQUEST_LOG].failure = failure.message
+    out.append(renderer.error(failure))
+    with contextlib.suppress(ConnectionError):
+        await response.write(b"".join(out))
 
 
 async def send_keepalives(response: web.StreamResponse, renderer: Any, interval: float) -> None:
@@ -1219,6 +1240,25 @@ async def http_session_ctx(app: web.Application) -> AsyncIterator[None]:
     await session.close()
 
 
+async def finish_streams(app: web.Application) -> None:
+    """On SIGTERM (listening has stopped): let streams finish, then cut them short.
+
+    Streams still running after ``shutdown_timeout`` are cancelled, and
+    ``stream_sse`` ends each with an in-band error event.
+    """
+    app[SHUTTING_DOWN].set()
+    streams = set(app[STREAMS])
+    if not streams:
+        return
+    log.info("shutting down: waiting up to %g s for %d stream(s)",
+             app[CONFIG].shutdown_timeout, len(streams))
+    _, pending = await asyncio.wait(streams, timeout=app[CONFIG].shutdown_timeout)
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.wait(pending, timeout=5)
+
+
 def make_app(config: Config) -> web.Application:
     """Build the aiohttp application for ``config``; the tests call this too."""
     # Order matters: errors wrap auth, so a refused key gets the right envelope.
@@ -1226,6 +1266,9 @@ def make_app(config: Config) -> web.Application:
                           middlewares=[error_middleware, auth_middleware])
     app[CONFIG] = config
     app[ACCOUNTS] = []
+    app[STREAMS] = set()
+    app[SHUTTING_DOWN] = asyncio.Event()
+    app.on_shutdown.append(finish_streams)
     app.cleanup_ctx.append(http_session_ctx)
     app.cleanup_ctx.append(load_accounts_ctx)
     app.router.add_get("/", handle_root)  # also answers HEAD
@@ -1238,12 +1281,20 @@ def make_app(config: Config) -> web.Application:
 
 
 def serve(config: Config) -> None:
-    """Run the server until SIGINT/SIGTERM (the seam the CLI tests replace)."""
+    """Run the server until SIGINT/SIGTERM (the seam the CLI tests replace).
+
+    SIGTERM stops listening, lets streams finish for ``shutdown_timeout``
+    (``finish_streams``) and exits 0. A client that hangs up cancels its
+    handler, which closes its upstream request at once.
+    """
+    log.info("kiro2api %s listening on http://%s:%d", __version__,
+             f"[{config.host}]" if ":" in config.host else config.host, config.port)
     web.run_app(
         make_app(config),
         host=config.host,
         port=config.port,
         shutdown_timeout=config.shutdown_timeout,
+        handler_cancellation=True,
         access_log=None,
         print=None,
     )
@@ -1317,6 +1368,46 @@ def token_paths(token_files: tuple[Path, ...]) -> tuple[Path, ...]:
     return tuple(p.expanduser() for p in token_files) or (Path(DEFAULT_TOKEN_FILE).expanduser(),)
 
 
+# Server tuning: (option, Config field, type, help). Each option's default is
+# the Config field's, and each has a KIRO2API_ variable named after it.
+TUNING = (
+    ("--max-body-bytes", "max_body_bytes", click.IntRange(1), "Largest client request body."),
+    ("--max-input-bytes", "max_input_bytes", click.IntRange(1),
+     "Largest request sent to Kiro; larger ones get 'prompt is too long'."),
+    ("--connect-timeout", "connect_timeout", click.FloatRange(0, min_open=True),
+     "Seconds to connect to Kiro."),
+    ("--first-byte-timeout", "first_byte_timeout", click.FloatRange(0, min_open=True),
+     "Seconds to wait for Kiro to start answering."),
+    ("--idle-timeout", "idle_timeout", click.FloatRange(0, min_open=True),
+     "Seconds of silence from Kiro before a stream is given up."),
+    ("--retries", "retries", click.IntRange(0), "Retries of a failed call before it streams."),
+    ("--retry-seconds", "retry_seconds", click.FloatRange(0),
+     "Time budget for those retries, in seconds."),
+    ("--ping-interval", "ping_interval", click.FloatRange(0, min_open=True),
+     "Seconds of quiet before a keep-alive is sent to the client."),
+    ("--shutdown-timeout", "shutdown_timeout", click.FloatRange(0),
+     "Seconds streams in flight may take to finish on SIGTERM."),
+)
+
+
+def tuning_options(command: Callable) -> Callable:
+    for flag, name, kind, help_text in reversed(TUNING):
+        command = click.option(
+            flag, name, type=kind, envvar="KIRO2API_" + name.upper(), show_envvar=True,
+            default=Config.__dataclass_fields__[name].default, show_default=True,
+            help=help_text)(command)
+    return command
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 @cli.command()
 @click.argument("port_arg", metavar="[PORT]", required=False, type=click.IntRange(0, 65535))
 @click.argument("key_arg", metavar="[API_KEY]", required=False)
@@ -1335,8 +1426,9 @@ def token_paths(token_files: tuple[Path, ...]) -> tuple[Path, ...]:
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 @click.option("--log-format", envvar="KIRO2API_LOG_FORMAT", show_envvar=True, default="text",
               show_default=True, type=click.Choice(["text", "json"]))
+@tuning_options
 def server(port_arg, key_arg, host, port, api_key, no_auth, token_files, upstream,
-           social_auth_url, oidc_url, proxy, log_level, log_format) -> None:
+           social_auth_url, oidc_url, proxy, log_level, log_format, **tuning) -> None:
     """Run the proxy.
 
     \b
@@ -1348,6 +1440,12 @@ def server(port_arg, key_arg, host, port, api_key, no_auth, token_files, upstrea
         raise click.UsageError(f"port given twice: {port_arg} and --port {port}")
     if key_arg is not None and api_key is not None and key_arg != api_key:
         raise click.UsageError("API key given both as an argument and as --api-key")
+    if no_auth and not is_loopback(host):
+        raise click.UsageError(
+            f"--no-auth would let anyone who can reach {host} use your Kiro account; "
+            "it is allowed only on a loopback host such as 127.0.0.1 (use --api-key)")
+    if no_auth and (api_key or key_arg):
+        raise click.UsageError("--no-auth and an API key contradict each other; choose one")
     config = Config(
         host=host,
         port=port if port is not None else (port_arg if port_arg is not None else DEFAULT_PORT),
@@ -1361,6 +1459,7 @@ def server(port_arg, key_arg, host, port, api_key, no_auth, token_files, upstrea
         proxy=proxy,
         log_level=log_level.upper(),
         log_format=log_format,
+        **tuning,
     )
     configure_logging(config.log_level, config.log_format)
     serve(config)

@@ -1,0 +1,85 @@
+"""SIGTERM with streams in flight: a real server process in front of the fake upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import aiohttp
+
+import fakes
+from conftest import API_KEY, write_token_file
+from fakes import Stream
+
+ROOT = Path(__file__).resolve().parents[1]
+BODY = {"model": "claude-sonnet-4-5", "max_tokens": 10, "stream": True,
+        "messages": [{"role": "user", "content": "Hi"}]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def start_server(fake, tmp_path, *extra):
+    port = free_port()
+    token_file = write_token_file(tmp_path / "token.json")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / "kiro2api.py"), "server", "--port", str(port),
+        "--api-key", API_KEY, "--token-file", str(token_file), "--upstream", fake.url,
+        "--social-auth-url", fake.url, "--oidc-url", fake.url, *extra,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=os.environ.copy())
+    url = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as session:
+        for _ in range(100):
+            try:
+                async with session.get(url + "/health"):
+                    return process, url
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(0.05)
+    process.kill()
+    raise AssertionError((await process.stdout.read()).decode())
+
+
+async def read_stream(url):
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url + "/v1/messages", json=BODY,
+                                headers={"x-api-key": API_KEY}) as response:
+            return (await response.read()).decode()
+
+
+async def test_sigterm_lets_a_short_stream_finish_and_exits_0(fake_upstream, tmp_path):
+    process, url = await start_server(fake_upstream, tmp_path, "--shutdown-timeout", "10")
+    fake_upstream.script.append(Stream(fakes.text("a", "b", "c") + fakes.tail(), split=(60,),
+                                       delay=0.2))
+    reader = asyncio.create_task(read_stream(url))
+    await asyncio.sleep(0.3)  # the stream is under way
+    process.send_signal(signal.SIGTERM)
+    body = await asyncio.wait_for(reader, 10)
+    assert body.endswith('event: message_stop\ndata: {"type":"message_stop"}\n\n')
+    assert await asyncio.wait_for(process.wait(), 10) == 0
+
+
+async def test_sigterm_ends_a_long_stream_with_an_error_event(fake_upstream, tmp_path):
+    process, url = await start_server(fake_upstream, tmp_path, "--shutdown-timeout", "0.5")
+    fake_upstream.script.append(Stream(fakes.text(*"abcdefghij") + fakes.tail(), split=(60,),
+                                       delay=0.5))
+    reader = asyncio.create_task(read_stream(url))
+    await asyncio.sleep(0.3)
+    process.send_signal(signal.SIGTERM)
+    body = await asyncio.wait_for(reader, 10)
+    assert "message_stop" not in body
+    last = body.strip().split("\n\n")[-1]
+    assert last.startswith("event: error\n") and "shutting down" in last
+    assert await asyncio.wait_for(process.wait(), 10) == 0
+    async with aiohttp.ClientSession() as session:  # no longer listening
+        try:
+            async with session.get(url + "/health"):
+                raise AssertionError("the server still answers after SIGTERM")
+        except aiohttp.ClientConnectionError:
+            pass
