@@ -409,6 +409,11 @@ class TokenStore:
                  lock_timeout: float = LOCK_TIMEOUT_SECONDS) -> None:
         self.path = Path(path)
         self.refreshes = 0  # refresh calls this store made (for /metrics)
+        self.failures = 0  # loads and refreshes that failed (for /metrics)
+        # Set by the account pool when upstream throttles or refuses this
+        # account: a time.monotonic() before which others are tried first.
+        self.cooldown_until = 0.0
+        self.cooldown_reason: str | None = None
         self._config = config
         self._session = session
         self._timeout = timeout
@@ -514,6 +519,9 @@ class TokenStore:
             "state": state,
             "error": str(self._error) if self._error else None,
             "refreshes": self.refreshes,
+            "cooldown_seconds": max(0, round(self.cooldown_until - time.monotonic())),
+            "cooldown_reason": self.cooldown_reason
+            if self.cooldown_until > time.monotonic() else None,
         }
 
     # Loading and refreshing ------------------------------------------------
@@ -543,6 +551,7 @@ class TokenStore:
             return await self._refresh_under_lock(current)
         except TokenError as exc:
             self._error = exc
+            self.failures += 1
             raise
         finally:
             if self._task is asyncio.current_task():
@@ -748,9 +757,12 @@ async def load_accounts_ctx(app: web.Application) -> AsyncIterator[None]:
 class RequestLog:
     """What the one log line of a request reports, gathered as it is served."""
 
+    id: str = ""
     model: str = "-"
     retries: int = 0
     failure: str | None = None
+    account: str | None = None
+    upstream_first_byte: float | None = None  # seconds from the upstream call to its headers
 
 
 # RequestKey arrived in aiohttp 3.12; a plain string key works before it.
@@ -817,21 +829,74 @@ def retry_delay(attempt: int, retry_after: str | None) -> float:
     return RETRY_BASE_SECONDS * 2 ** (attempt - 1) * random.uniform(0.75, 1.25)
 
 
-async def open_upstream(request: web.Request, prepared: convert.Prepared) -> aiohttp.ClientResponse:
-    """POST the payload and return the 200 response, ready to stream.
+# An account the upstream throttles, finds out of quota or refuses is set
+# aside for a while, so the next requests go to the others first.
+COOLDOWN_SECONDS = {429: 60.0, 402: 3600.0, 403: 600.0, 401: 300.0}
+TOKEN_COOLDOWN_SECONDS = 300.0
 
-    A 401/403 that says the bearer token is invalid refreshes the token once
-    and retries at once. Connection errors, timeouts before the answer
-    starts, 429 and 5xx are retried with backoff, within ``config.retries``
-    and ``config.retry_seconds``. Anything else non-200 is an ``UpstreamError``.
+
+def account_order(stores: list[TokenStore]) -> list[TokenStore]:
+    """Accounts to try, in order: the usable ones as configured, then the rest."""
+    now = time.monotonic()
+    ready = [s for s in stores if s.cooldown_until <= now]
+    resting = sorted((s for s in stores if s.cooldown_until > now),
+                     key=lambda s: s.cooldown_until)
+    return ready + resting
+
+
+def set_aside(store: TokenStore, seconds: float, reason: str) -> None:
+    store.cooldown_until = time.monotonic() + seconds
+    store.cooldown_reason = reason
+    log.warning("account %s set aside for %.0f s: %s", store.path, seconds, reason)
+
+
+async def open_upstream(request: web.Request, prepared: convert.Prepared) -> aiohttp.ClientResponse:
+    """POST the payload for the first account that can take it; return the 200 response.
+
+    An account whose token cannot be refreshed, or that the upstream
+    throttles (429), finds out of quota (402) or refuses (403) is set aside
+    and the next one is tried: one account's trouble never fails a request
+    another account could serve.
+    """
+    app = request.app
+    stores = account_order(app[ACCOUNTS])
+    for i, store in enumerate(stores):
+        others = i + 1 < len(stores)
+        request[REQUEST_LOG].account = store.path.name
+        try:
+            return await call_account(request, prepared, store, failover=others)
+        except TokenError as exc:
+            if not others:
+                raise
+            set_aside(store, TOKEN_COOLDOWN_SECONDS, str(exc))
+        except UpstreamError as exc:
+            status = exc.failure.status
+            if not others or status not in COOLDOWN_SECONDS:
+                raise
+            seconds = COOLDOWN_SECONDS[status]
+            if status == 429 and exc.retry_after and exc.retry_after.strip().isdigit():
+                seconds = float(exc.retry_after)
+            set_aside(store, seconds, exc.failure.message)
+        app[METRICS].failovers += 1
+    raise AssertionError("no accounts configured")  # make_app always has one
+
+
+async def call_account(request: web.Request, prepared: convert.Prepared, store: TokenStore, *,
+                       failover: bool) -> aiohttp.ClientResponse:
+    """One account's attempt: refresh once on a rejected token, retry transient failures.
+
+    Connection errors, timeouts before the answer starts, 429 and 5xx are
+    retried with backoff within ``config.retries`` and ``config.retry_seconds``
+    (a 429 is not, when ``failover`` says another account can take it).
     """
     app = request.app
     config, session = app[CONFIG], app[HTTP]
-    store = app[ACCOUNTS][0]
     credentials = await store.credentials()
+    payload = prepared.payload
+    payload.pop("profileArn", None)
     if credentials.profile_arn:
-        prepared.payload["profileArn"] = credentials.profile_arn
-    body = json.dumps(prepared.payload, ensure_ascii=False).encode()
+        payload["profileArn"] = credentials.profile_arn
+    body = json.dumps(payload, ensure_ascii=False).encode()
     if len(body) > config.max_input_bytes:
         raise convert.ConversionError(
             f"{convert.PROMPT_TOO_LONG}: the request is {len(body)} bytes for Kiro, over its "
@@ -846,6 +911,7 @@ async def open_upstream(request: web.Request, prepared: convert.Prepared) -> aio
         attempt += 1
         url = config.upstream.format(region=api_region(credentials)) + "/generateAssistantResponse"
         retry_after = None
+        started = loop.time()
         try:
             response = await asyncio.wait_for(
                 session.post(url, data=body, headers=upstream_headers(credentials, machine_id),
@@ -860,6 +926,8 @@ async def open_upstream(request: web.Request, prepared: convert.Prepared) -> aio
                 502, f"could not reach Kiro at {url}: {exc or type(exc).__name__}",
                 "api_error", "server_error", None))
         else:
+            request[REQUEST_LOG].upstream_first_byte = loop.time() - started
+            app[METRICS].upstream_first_byte.observe(loop.time() - started)
             if response.status == 200:
                 return response
             async with response:
@@ -875,12 +943,14 @@ async def open_upstream(request: web.Request, prepared: convert.Prepared) -> aio
                 convert.upstream_failure(response.status, text,
                                          response.headers.get("x-amzn-errortype", "")),
                 retry_after=retry_after)
-            if response.status not in RETRYABLE_STATUSES:
+            if response.status not in RETRYABLE_STATUSES or (
+                    failover and response.status == 429):
                 raise error
         delay = retry_delay(attempt, retry_after)
         if attempt > config.retries or loop.time() + delay > deadline:
             raise error
-        request[REQUEST_LOG].retries = attempt
+        request[REQUEST_LOG].retries += 1
+        app[METRICS].retries += 1
         log.info("upstream attempt %d failed (%s); retrying in %.1f s",
                  attempt, error.failure.message, delay)
         await asyncio.sleep(delay)
@@ -895,6 +965,92 @@ async def upstream_frames(response: aiohttp.ClientResponse) -> AsyncIterator[lis
         if frames:
             yield frames
     decoder.close()
+
+
+# Metrics ##################################################################
+
+
+class Histogram:
+    """A Prometheus histogram: cumulative buckets, sum and count."""
+
+    BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+    def __init__(self) -> None:
+        self.counts = [0] * len(self.BUCKETS)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.sum += value
+        self.count += 1
+        for i, bound in enumerate(self.BUCKETS):
+            if value <= bound:
+                self.counts[i] += 1
+
+    def lines(self, name: str) -> list[str]:
+        out = [f'{name}_bucket{{le="{bound:g}"}} {count}'
+               for bound, count in zip(self.BUCKETS, self.counts)]
+        out += [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum:.6f}",
+                f"{name}_count {self.count}"]
+        return out
+
+
+@dataclass
+class Metrics:
+    """What ``GET /metrics`` reports; updated by the middleware and the upstream client."""
+
+    requests: dict[tuple[str, int], int] = field(default_factory=dict)  # (route, status)
+    retries: int = 0
+    failovers: int = 0
+    upstream_first_byte: Histogram = field(default_factory=Histogram)
+    request_duration: Histogram = field(default_factory=Histogram)
+
+    def count_request(self, route: str, status: int, seconds: float) -> None:
+        key = (route, status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        self.request_duration.observe(seconds)
+
+    def render(self, app: web.Application) -> str:
+        def family(name: str, kind: str, help_text: str) -> list[str]:
+            return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+
+        lines = family("kiro2api_requests_total", "counter", "Requests served, by route and status.")
+        lines += [f'kiro2api_requests_total{{route="{route}",status="{status}"}} {count}'
+                  for (route, status), count in sorted(self.requests.items())]
+        lines += family("kiro2api_streams_open", "gauge", "Streaming answers in flight.")
+        lines.append(f"kiro2api_streams_open {len(app[STREAMS])}")
+        lines += family("kiro2api_upstream_retries_total", "counter",
+                        "Upstream calls retried before the answer started.")
+        lines.append(f"kiro2api_upstream_retries_total {self.retries}")
+        lines += family("kiro2api_account_failovers_total", "counter",
+                        "Requests moved to another account.")
+        lines.append(f"kiro2api_account_failovers_total {self.failovers}")
+        lines += family("kiro2api_upstream_first_byte_seconds", "histogram",
+                        "Time from calling Kiro to its answer's headers.")
+        lines += self.upstream_first_byte.lines("kiro2api_upstream_first_byte_seconds")
+        lines += family("kiro2api_request_duration_seconds", "histogram",
+                        "Time to serve a request, streams included.")
+        lines += self.request_duration.lines("kiro2api_request_duration_seconds")
+        stores = app[ACCOUNTS]
+        for name, kind, help_text, value in (
+            ("kiro2api_token_refreshes_total", "counter", "Token refreshes made.",
+             lambda s, h: s.refreshes),
+            ("kiro2api_token_failures_total", "counter", "Token loads or refreshes that failed.",
+             lambda s, h: s.failures),
+            ("kiro2api_account_up", "gauge", "1 if the account can serve requests now.",
+             lambda s, h: int(h["state"] in ("ok", "expiring", "unknown")
+                              and not h["cooldown_seconds"])),
+            ("kiro2api_account_token_seconds_left", "gauge", "Seconds until the token expires.",
+             lambda s, h: h["seconds_left"] if h["seconds_left"] is not None else "NaN"),
+        ):
+            lines += family(name, kind, help_text)
+            for store in stores:
+                label = str(store.path).replace("\\", "\\\\").replace('"', '\\"')
+                lines.append(f'{name}{{account="{label}"}} {value(store, store.health())}')
+        return "\n".join(lines) + "\n"
+
+
+METRICS = web.AppKey("metrics", Metrics)
 
 
 # HTTP handlers ############################################################
@@ -927,6 +1083,12 @@ async def handle_health(request: web.Request) -> web.Response:
         "uptime_seconds": round(time.time() - config.started, 3),
         "accounts": accounts,
     })
+
+
+async def handle_metrics(request: web.Request) -> web.Response:
+    return web.Response(text=request.app[METRICS].render(request.app),
+                        content_type="text/plain", charset="utf-8",
+                        headers={"X-Content-Type-Options": "nosniff"})
 
 
 async def handle_models(request: web.Request) -> web.Response:
@@ -1132,7 +1294,7 @@ def error_response(request: web.Request, status: int, message: str, *,
 async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     """Turn every failure before the response starts into the route's error envelope."""
     started = time.monotonic()
-    request[REQUEST_LOG] = RequestLog()
+    request[REQUEST_LOG] = RequestLog(id=new_id("req_"))
     response: web.StreamResponse | None = None
     try:
         response = await handler(request)
@@ -1170,17 +1332,42 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
     return response
 
 
+QUIET_PATHS = frozenset({"/", "/health", "/metrics"})
+
+
 def log_request(request: web.Request, response: web.StreamResponse | None,
                 started: float) -> None:
-    if request.path in ("/health", "/"):
-        return
+    """Count the request and log its one line (none for probes and scrapes)."""
+    seconds = time.monotonic() - started
     status = response.status if response is not None else 499
+    if isinstance(response, web.StreamResponse) and response.prepared and \
+            request[REQUEST_LOG].failure == "client disconnected":
+        status = 499  # the nginx convention for a client that hung up
+    route = request.match_info.route.resource.canonical \
+        if request.match_info.route.resource is not None else "other"
+    request.app[METRICS].count_request(route, status, seconds)
+    if request.path in QUIET_PATHS:
+        return
     entry = request[REQUEST_LOG]
-    extra = f" ({entry.failure})" if entry.failure else ""
-    if entry.retries:
-        extra += f" retries={entry.retries}"
-    log.info("%s %s model=%s status=%d %.0fms%s", request.method, request.path,
-             entry.model, status, (time.monotonic() - started) * 1000, extra)
+    fields = {
+        "request_id": entry.id, "method": request.method, "route": route,
+        "model": entry.model, "status": status, "duration_ms": round(seconds * 1000, 1),
+        "upstream_first_byte_ms": None if entry.upstream_first_byte is None
+        else round(entry.upstream_first_byte * 1000, 1),
+        "bytes_out": response.body_length if response is not None and response.prepared else 0,
+        "retries": entry.retries, "account": entry.account, "failure": entry.failure,
+    }
+    text = " ".join(f"{k}={v}" for k, v in fields.items()
+                    if v is not None and k != "failure")
+    if entry.failure:
+        text += f" ({entry.failure})"
+    log.info("%s", text, extra={"fields": fields})
+
+
+async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    entry = request.get(REQUEST_LOG)
+    if entry is not None:
+        response.headers["request-id"] = entry.id
 
 
 def presented_key(request: web.Request) -> str:
@@ -1267,12 +1454,15 @@ def make_app(config: Config) -> web.Application:
     app[CONFIG] = config
     app[ACCOUNTS] = []
     app[STREAMS] = set()
+    app[METRICS] = Metrics()
+    app.on_response_prepare.append(add_request_id)
     app[SHUTTING_DOWN] = asyncio.Event()
     app.on_shutdown.append(finish_streams)
     app.cleanup_ctx.append(http_session_ctx)
     app.cleanup_ctx.append(load_accounts_ctx)
     app.router.add_get("/", handle_root)  # also answers HEAD
     app.router.add_get("/health", handle_health)
+    app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/v1/models", handle_models)
     app.router.add_post("/v1/messages", handle_messages)
     app.router.add_post("/v1/messages/count_tokens", handle_count_tokens)
@@ -1303,13 +1493,26 @@ def serve(config: Config) -> None:
 # Command line #############################################################
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: level, logger, message, and a request's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        data: Json = {"level": record.levelname, "logger": record.name,
+                      "message": record.getMessage()}
+        data.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            data["exception"] = self.formatException(record.exc_info)
+        return json.dumps(data, ensure_ascii=False, default=str)
+
+
 def configure_logging(level: str, fmt: str) -> None:
     # No timestamps: journald and terminals add their own.
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json"
+                         else logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    # aiohttp's own access log would repeat our one line per request.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -1,0 +1,95 @@
+"""Several --token-file accounts: first healthy one serves, failover, cooldown."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import aiohttp
+import anthropic
+import pytest
+
+import fakes
+import kiro2api
+from conftest import API_KEY
+from fakes import Status, Stream
+
+BODY = {"model": "claude-sonnet-4-5", "max_tokens": 10,
+        "messages": [{"role": "user", "content": "Hi"}]}
+
+
+@pytest.fixture
+async def pool(aiohttp_server, fake_upstream, proxy_config, tmp_path):
+    """Two accounts: a social one (first) and an IdC one."""
+    social, idc = tmp_path / "social" / "token.json", tmp_path / "idc" / "token.json"
+    social.parent.mkdir()
+    idc.parent.mkdir()
+    fakes.write_token(social, method="social")
+    fakes.write_token(idc, method="idc")
+    config = dataclasses.replace(proxy_config, token_files=(social, idc))
+    server = await aiohttp_server(kiro2api.make_app(config))
+    url = str(server.make_url("")).rstrip("/")
+    client = anthropic.AsyncAnthropic(base_url=url, api_key=API_KEY, max_retries=0)
+    return client, url
+
+
+def tokens(fake):
+    return [c.headers["Authorization"].removeprefix("Bearer ")
+            for c in fake.calls("/generateAssistantResponse")]
+
+
+async def health(url):
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url + "/health") as response:
+            return await response.json()
+
+
+async def test_requests_stick_to_the_first_healthy_account(pool, fake_upstream):
+    client, _ = pool
+    for _ in range(3):
+        await client.messages.create(**BODY)
+    assert tokens(fake_upstream) == [fakes.SOCIAL_ACCESS] * 3
+
+
+@pytest.mark.parametrize(("refusal", "reason"), [
+    (Status(429, {"message": "Too many requests"}), "rate limiting"),
+    (Status(402, {"message": "quota", "reason": "MONTHLY_REQUEST_COUNT"}), "out of quota"),
+    (Status(403, {"message": "suspended", "reason": "TEMPORARILY_SUSPENDED"}), "refused"),
+], ids=["throttled", "quota", "suspended"])
+async def test_refused_account_fails_over_and_cools_down(pool, fake_upstream, refusal, reason):
+    client, url = pool
+    fake_upstream.script.append(refusal)
+    message = await client.messages.create(**BODY)
+    assert message.content[0].text == "Hello"
+    assert tokens(fake_upstream) == [fakes.SOCIAL_ACCESS, fakes.IDC_ACCESS]
+    await client.messages.create(**BODY)  # the refused account rests
+    assert tokens(fake_upstream)[-1] == fakes.IDC_ACCESS
+    first = (await health(url))["accounts"][0]
+    assert first["cooldown_seconds"] > 0 and reason in first["cooldown_reason"]
+
+
+async def test_unrefreshable_account_fails_over(aiohttp_server, fake_upstream, proxy_config,
+                                               tmp_path):
+    social, idc = tmp_path / "social.json", tmp_path / "idc" / "token.json"
+    idc.parent.mkdir()
+    fakes.write_token(social, method="social", expires_in=-60)
+    fakes.write_token(idc, method="idc")
+    fake_upstream.auth_script.append(Status(400, {"error": "invalid_grant"}))
+    config = dataclasses.replace(proxy_config, token_files=(social, idc))
+    server = await aiohttp_server(kiro2api.make_app(config))
+    url = str(server.make_url("")).rstrip("/")
+    client = anthropic.AsyncAnthropic(base_url=url, api_key=API_KEY, max_retries=0)
+    message = await client.messages.create(**BODY)
+    assert message.content[0].text == "Hello"
+    assert tokens(fake_upstream) == [fakes.IDC_ACCESS]
+    first = (await health(url))["accounts"][0]
+    assert first["state"] == "error" and "log in to Kiro again" in first["error"]
+
+
+async def test_when_every_account_is_refused_the_last_error_reaches_the_client(
+        pool, fake_upstream):
+    client, _ = pool
+    fake_upstream.script.extend([Status(429, {"message": "slow down"}),
+                                 Status(429, {"message": "slow down too"})])
+    with pytest.raises(anthropic.RateLimitError) as caught:
+        await client.messages.create(**BODY)
+    assert "slow down too" in caught.value.body["error"]["message"]
