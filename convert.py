@@ -90,6 +90,36 @@ MODELS = (
     ("auto", "auto", 200_000),
 )
 _CONTEXT_WINDOWS = {kiro_id: window for _, kiro_id, window in MODELS}
+MODELS_CREATED = 1_767_225_600  # 2026-01-01: the upstream gives no dates
+
+
+def model_list(upstream: list[Json] | None) -> list[Json]:
+    """``GET /v1/models`` entries, in a shape both SDKs read.
+
+    ``upstream`` is ``ListAvailableModels``' ``models`` (None when it could
+    not be had): each Kiro id is listed, then each of our Anthropic-style
+    names whose Kiro id the account has. Without it, the built-in table.
+    """
+    def entry(name: str, display: str, window: int | None) -> Json:
+        return {"id": name, "object": "model", "created": MODELS_CREATED,
+                "owned_by": "anthropic" if name.startswith("claude") else "kiro",
+                "type": "model", "display_name": display,
+                "created_at": "2026-01-01T00:00:00Z", "context_window": window}
+
+    if upstream is None:
+        return [entry(name, name, window) for name, _, window in MODELS]
+    entries, available = [], set()
+    for model in upstream:
+        if not isinstance(model, dict) or not isinstance(model.get("modelId"), str):
+            continue
+        limits = model.get("tokenLimits") if isinstance(model.get("tokenLimits"), dict) else {}
+        window = limits.get("maxInputTokens")
+        available.add(model["modelId"])
+        entries.append(entry(model["modelId"], str(model.get("modelName") or model["modelId"]),
+                             window if isinstance(window, int) else None))
+    entries += [entry(name, name, window) for name, kiro_id, window in MODELS
+                if kiro_id in available and name != kiro_id]
+    return entries
 DEFAULT_CONTEXT_WINDOW = 200_000
 
 _DATE_SUFFIX = re.compile(r"-\d{8}$")

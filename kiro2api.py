@@ -1091,16 +1091,68 @@ async def handle_metrics(request: web.Request) -> web.Response:
                         headers={"X-Content-Type-Options": "nosniff"})
 
 
+# How long the account's model list is kept, and how long a failure to get
+# it is (the built-in table serves meanwhile).
+MODELS_TTL_SECONDS = 3600.0
+MODELS_RETRY_SECONDS = 60.0
+MODELS_PAGES_MAX = 5
+
+
+@dataclass
+class ModelCache:
+    entries: list[Json] | None = None
+    expires: float = 0.0  # time.monotonic()
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+MODEL_CACHE = web.AppKey("model_cache", ModelCache)
+
+
+async def fetch_models(app: web.Application) -> list[Json] | None:
+    """The first usable account's ``ListAvailableModels``, or None if it fails."""
+    config, session = app[CONFIG], app[HTTP]
+    for store in account_order(app[ACCOUNTS]):
+        try:
+            credentials = await store.credentials()
+        except TokenError:
+            continue
+        url = config.upstream.format(region=api_region(credentials)) + "/ListAvailableModels"
+        params = {"origin": "AI_EDITOR", "maxResults": "50"}
+        if credentials.profile_arn:
+            params["profileArn"] = credentials.profile_arn
+        headers = upstream_headers(credentials, hashlib.sha256(str(store.path).encode()).hexdigest())
+        models: list[Json] = []
+        try:
+            for _ in range(MODELS_PAGES_MAX):
+                async with session.get(url, params=params, headers=headers, proxy=config.proxy,
+                                       timeout=aiohttp.ClientTimeout(total=15)) as response:
+                    if response.status != 200:
+                        raise ValueError(f"HTTP {response.status}")
+                    data = await response.json(content_type=None)
+                models += data.get("models") or []
+                if not data.get("nextToken"):
+                    return models
+                params["nextToken"] = data["nextToken"]
+            return models
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, AttributeError) as exc:
+            log.warning("could not list the account's models (%s); using the built-in list",
+                        exc or type(exc).__name__)
+            return None
+    return None
+
+
 async def handle_models(request: web.Request) -> web.Response:
-    created = 1_767_225_600  # 2026-01-01; the upstream gives no dates
-    data = [
-        {"id": name, "object": "model", "created": created, "owned_by": "anthropic",
-         "type": "model", "display_name": name,
-         "created_at": "2026-01-01T00:00:00Z", "context_window": window}
-        for name, _, window in convert.MODELS
-    ]
+    cache = request.app[MODEL_CACHE]
+    async with cache.lock:  # one upstream call however many clients ask at once
+        if cache.entries is None or time.monotonic() >= cache.expires:
+            upstream = await fetch_models(request.app)
+            cache.entries = convert.model_list(upstream)
+            cache.expires = time.monotonic() + (
+                MODELS_TTL_SECONDS if upstream is not None else MODELS_RETRY_SECONDS)
+        data = cache.entries
     return web.json_response({"object": "list", "data": data, "has_more": False,
-                              "first_id": data[0]["id"], "last_id": data[-1]["id"]})
+                              "first_id": data[0]["id"] if data else None,
+                              "last_id": data[-1]["id"] if data else None})
 
 
 async def handle_count_tokens(request: web.Request) -> web.Response:
@@ -1455,6 +1507,7 @@ def make_app(config: Config) -> web.Application:
     app[ACCOUNTS] = []
     app[STREAMS] = set()
     app[METRICS] = Metrics()
+    app[MODEL_CACHE] = ModelCache()
     app.on_response_prepare.append(add_request_id)
     app[SHUTTING_DOWN] = asyncio.Event()
     app.on_shutdown.append(finish_streams)

@@ -133,11 +133,29 @@ class FakeUpstream:
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/generateAssistantResponse", self._generate)
+        app.router.add_get("/ListAvailableModels", self._list_models)
         app.router.add_post("/refreshToken", self._social_refresh)
         app.router.add_post("/token", self._idc_refresh)
         app.router.add_post("/{region}/refreshToken", self._social_refresh)
         app.router.add_post("/{region}/token", self._idc_refresh)
         return app
+
+    # What ListAvailableModels answers: a Status to fail, else this body.
+    models_reply: Status | None = None
+    MODELS = {"defaultModel": {"modelId": "auto"}, "models": [
+        {"modelId": "claude-sonnet-4.5", "modelName": "Claude Sonnet 4.5",
+         "tokenLimits": {"maxInputTokens": 200000, "maxOutputTokens": 64000}},
+        {"modelId": "claude-opus-4.7", "modelName": "Claude Opus 4.7",
+         "tokenLimits": {"maxInputTokens": 1000000, "maxOutputTokens": 64000}},
+        {"modelId": "qwen3-coder-next", "modelName": "Qwen3 Coder Next",
+         "tokenLimits": {"maxInputTokens": 256000}},
+    ]}
+
+    async def _list_models(self, request: web.Request) -> web.Response:
+        await self._record(request)
+        if self.models_reply is not None:
+            return await self._status(self.models_reply)
+        return web.json_response(self.MODELS)
 
     async def _record(self, request: web.Request) -> Any:
         raw = await request.read()

@@ -416,3 +416,20 @@ async def test_health_shows_account_without_secrets(proxy):
     body = json.loads(text)
     assert body["status"] == "ok"
     assert len(body["accounts"]) == 1
+
+
+async def test_models_come_from_the_account_and_are_cached(proxy):
+    client = proxy.anthropic()
+    ids = [m.id for m in (await client.models.list()).data]
+    assert ids[:3] == ["claude-sonnet-4.5", "claude-opus-4.7", "qwen3-coder-next"]
+    assert "claude-sonnet-4-5" in ids and "claude-opus-4-7" in ids
+    assert "claude-haiku-4-5" not in ids  # the account does not offer it
+    await client.models.list()
+    (call,) = proxy.fake.calls("/ListAvailableModels")
+    assert call.headers["Authorization"] == "Bearer aoa-initial-access"
+
+
+async def test_models_fall_back_to_the_built_in_list(proxy):
+    proxy.fake.models_reply = Status(500, {"message": "boom"})
+    ids = [m.id for m in (await proxy.anthropic().models.list()).data]
+    assert ids[0] == "claude-sonnet-4-5" and "claude-haiku-4-5" in ids
