@@ -273,3 +273,51 @@ def write_token(path: Path, *, method: str = "social", expires_in: float = 3600,
     path.write_text(json.dumps(data, indent=2))
     path.chmod(mode)
     return data
+
+
+# What the tests expect kiro2api to send ##################################
+
+MODEL_ID = "claude-sonnet-4.5"  # what the tests' "claude-sonnet-4-5..." resolves to
+
+
+def user(content: str, **context: Any) -> dict[str, Any]:
+    """An expected ``userInputMessage``; ``images`` and context members as keywords."""
+    message: dict[str, Any] = {"content": content, "modelId": MODEL_ID, "origin": "AI_EDITOR"}
+    if context.get("images"):
+        message["images"] = context.pop("images")
+    if context:
+        message["userInputMessageContext"] = context
+    return message
+
+
+def state(current: dict[str, Any], history: list[Any] | None = None) -> dict[str, Any]:
+    """An expected payload around ``current`` (conversation id "conv-1")."""
+    out: dict[str, Any] = {"chatTriggerType": "MANUAL", "agentTaskType": "vibe",
+                           "conversationId": "conv-1",
+                           "currentMessage": {"userInputMessage": current}}
+    if history:
+        out["history"] = history
+    return {"conversationState": out}
+
+
+def U(content: str, **context: Any) -> dict[str, Any]:
+    return {"userInputMessage": user(content, **context)}
+
+
+def A(content: str, tool_uses: list[Any] | None = None) -> dict[str, Any]:
+    message: dict[str, Any] = {"content": content}
+    if tool_uses:
+        message["toolUses"] = tool_uses
+    return {"assistantResponseMessage": message}
+
+
+# Answers that break after they started: each must reach the client as an
+# in-band error, never as a clean ending.
+BROKEN_STREAMS = {
+    "bad-crc": lambda: Stream(text("Hello", "world") + tail(), corrupt_at=130),
+    "exception-frame": lambda: Stream(text("Hello")
+                                      + [exception("ThrottlingException", "slow down")]),
+    "hang-up-mid-frame": lambda: Stream(text("Hello", "world") + tail(), hang_up=True,
+                                        split=(150,)),
+    "truncated-body": lambda: Stream([text("Hello")[0], text("world")[0][:40]]),
+}

@@ -170,14 +170,9 @@ async def test_tool_call_cut_off_is_never_emitted(proxy):
     assert events[-2][1]["delta"]["stop_reason"] == "max_tokens"
 
 
-@pytest.mark.parametrize("stream", [
-    Stream(fakes.text("Hello", "world") + fakes.tail(), corrupt_at=130),
-    Stream(fakes.text("Hello") + [fakes.exception("ThrottlingException", "slow down")]),
-    Stream(fakes.text("Hello", "world") + fakes.tail(), hang_up=True, split=(150,)),
-    Stream([fakes.text("Hello")[0], fakes.text("world")[0][:40]]),
-], ids=["bad-crc", "exception-frame", "hang-up-mid-frame", "truncated-body"])
-async def test_mid_stream_failure_ends_with_error_event(proxy, stream):
-    proxy.fake.script.append(stream)
+@pytest.mark.parametrize("broken", fakes.BROKEN_STREAMS.values(), ids=fakes.BROKEN_STREAMS)
+async def test_mid_stream_failure_ends_with_error_event(proxy, broken):
+    proxy.fake.script.append(broken())
     events = await raw_sse(proxy, BASIC)
     names = [name for name, _ in events]
     assert names[-1] == "error"

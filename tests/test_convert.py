@@ -9,36 +9,11 @@ import pytest
 import convert
 import eventstream
 import fakes
+from fakes import A, U, state, user
 
-MODEL = "claude-sonnet-4.5"
-
-
-def user(content, **context):
-    message = {"content": content, "modelId": MODEL, "origin": "AI_EDITOR"}
-    if context.get("images"):
-        message["images"] = context.pop("images")
-    if context:
-        message["userInputMessageContext"] = context
-    return message
+MODEL = fakes.MODEL_ID
 
 
-def state(current, history=None):
-    out = {"chatTriggerType": "MANUAL", "agentTaskType": "vibe", "conversationId": "conv-1",
-           "currentMessage": {"userInputMessage": current}}
-    if history:
-        out["history"] = history
-    return {"conversationState": out}
-
-
-def U(content, **context):
-    return {"userInputMessage": user(content, **context)}
-
-
-def A(content, tool_uses=None):
-    message = {"content": content}
-    if tool_uses:
-        message["toolUses"] = tool_uses
-    return {"assistantResponseMessage": message}
 
 
 READ_SPEC = {"toolSpecification": {

@@ -17,39 +17,14 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 import convert
 import fakes
+from fakes import A, U, state, user
 from conftest import API_KEY
 from fakes import Status, Stream
 
-MODEL = "claude-sonnet-4.5"
+MODEL = fakes.MODEL_ID
 BASIC = {"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "Hi"}]}
 
 
-def user(content, **context):
-    message = {"content": content, "modelId": MODEL, "origin": "AI_EDITOR"}
-    if context.get("images"):
-        message["images"] = context.pop("images")
-    if context:
-        message["userInputMessageContext"] = context
-    return message
-
-
-def state(current, history=None):
-    out = {"chatTriggerType": "MANUAL", "agentTaskType": "vibe", "conversationId": "conv-1",
-           "currentMessage": {"userInputMessage": current}}
-    if history:
-        out["history"] = history
-    return {"conversationState": out}
-
-
-def U(content, **context):
-    return {"userInputMessage": user(content, **context)}
-
-
-def A(content, tool_uses=None):
-    message = {"content": content}
-    if tool_uses:
-        message["toolUses"] = tool_uses
-    return {"assistantResponseMessage": message}
 
 
 READ_TOOL = {"type": "function", "function": {
@@ -579,21 +554,16 @@ async def test_stop_sequence_ends_the_answer_with_stop(proxy):
     assert completion.choices[0].finish_reason == "stop"
 
 
-@pytest.mark.parametrize("stream", [
-    Stream(fakes.text("Hello", "world") + fakes.tail(), corrupt_at=130),
-    Stream(fakes.text("Hello") + [fakes.exception("ThrottlingException", "slow down")]),
-    Stream(fakes.text("Hello", "world") + fakes.tail(), hang_up=True, split=(150,)),
-    Stream([fakes.text("Hello")[0], fakes.text("world")[0][:40]]),
-], ids=["bad-crc", "exception-frame", "hang-up-mid-frame", "truncated-body"])
-async def test_mid_stream_failure_ends_with_an_error_chunk(proxy, stream):
-    proxy.fake.script.append(stream)
+@pytest.mark.parametrize("broken", fakes.BROKEN_STREAMS.values(), ids=fakes.BROKEN_STREAMS)
+async def test_mid_stream_failure_ends_with_an_error_chunk(proxy, broken):
+    proxy.fake.script.append(broken())
     chunks = await raw_stream(proxy.url, {**BASIC, "stream_options": {"include_usage": True}})
     assert "[DONE]" not in chunks
     error = chunks[-1]["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
 
-    proxy.fake.script.append(stream)
+    proxy.fake.script.append(broken())
     response = await proxy.openai().chat.completions.create(**BASIC, stream=True)
     with pytest.raises(openai.APIError) as caught:
         async for _ in response:
