@@ -2,11 +2,17 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+MODULES := kiro2api.py eventstream.py convert.py
+# `make dist` writes $(DIST)/kiro2api.pyz, staging the files in $(BUILD)/pyz.
+DIST ?= dist
+BUILD ?= build
+PYZ := $(DIST)/kiro2api.pyz
+# `make install` copies the pyz to $(PREFIX) and the unit to $(UNITDIR), both
+# under $(DESTDIR) for packaging (`make install DESTDIR=/tmp/root`).
 PREFIX ?= /opt/kiro2api
 UNITDIR ?= /etc/systemd/system
-MODULES := kiro2api.py eventstream.py convert.py
 
-.PHONY: install test lint run bench dist clean
+.PHONY: install test lint run demo bench dist clean
 
 $(BIN)/.installed: setup.cfg Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -24,20 +30,32 @@ lint: $(BIN)/.installed
 run: $(BIN)/.installed
 	$(BIN)/python kiro2api.py server --host 127.0.0.1
 
+# No Kiro account needed: kiro2api in front of the tests' fake Kiro backend.
+demo: $(BIN)/.installed
+	$(BIN)/python tests/demo.py
+
 bench: $(BIN)/.installed
 	$(BIN)/python bench/run.py
 
-dist: dist/kiro2api.pyz
+dist: $(PYZ)
 
-dist/kiro2api.pyz: $(MODULES)
-	rm -rf build/pyz && mkdir -p build/pyz dist
-	cp $(MODULES) build/pyz/
-	$(PYTHON) -m zipapp build/pyz -m 'kiro2api:cli' -p '/usr/bin/env python3' -o $@
+# Reproducible: the modules and a __main__.py, in this order, with fixed
+# times and modes (zipapp's own -m stamps __main__.py with the current time,
+# and it adds a directory's files in the file system's order), zipped by the
+# stdlib, then made into a zipapp with its #! line.
+$(PYZ): $(MODULES) Makefile
+	rm -rf $(BUILD)/pyz && mkdir -p $(BUILD)/pyz $(DIST)
+	cp $(MODULES) $(BUILD)/pyz/
+	printf '# -*- coding: utf-8 -*-\nimport kiro2api\nkiro2api.cli()\n' > $(BUILD)/pyz/__main__.py
+	chmod 0644 $(BUILD)/pyz/*.py
+	touch -t 198001020000 $(BUILD)/pyz/*.py
+	$(PYTHON) -m zipfile -c $(BUILD)/pyz.zip $(addprefix $(BUILD)/pyz/,__main__.py $(MODULES))
+	$(PYTHON) -m zipapp $(BUILD)/pyz.zip -p '/usr/bin/env python3' -o $@
 
-install: dist/kiro2api.pyz
-	install -d $(DESTDIR)$(PREFIX)
-	install -m 0644 dist/kiro2api.pyz $(DESTDIR)$(PREFIX)/kiro2api.pyz
-	install -D -m 0644 kiro2api.service $(DESTDIR)$(UNITDIR)/kiro2api.service
+install: $(PYZ)
+	install -d $(DESTDIR)$(PREFIX) $(DESTDIR)$(UNITDIR)
+	install -m 0755 $(PYZ) $(DESTDIR)$(PREFIX)/kiro2api.pyz
+	install -m 0644 kiro2api.service $(DESTDIR)$(UNITDIR)/kiro2api.service
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .hypothesis __pycache__ tests/__pycache__ bench/__pycache__

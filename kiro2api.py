@@ -56,6 +56,9 @@ from aiohttp import web
 import convert
 import eventstream
 
+if not hasattr(web, "AppKey"):  # Debian 12 ships aiohttp 3.8
+    raise ImportError(f"kiro2api needs aiohttp 3.9 or newer; this is {aiohttp.__version__}")
+
 __version__ = "0.1.0"
 
 log = logging.getLogger("kiro2api")

@@ -60,7 +60,11 @@ async def wait_until_up(url: str, process: subprocess.Popen, timeout: float = 15
 
 
 async def main() -> None:
-    import anthropic
+    try:
+        import anthropic
+    except ImportError:
+        raise SystemExit("The demo needs the Anthropic SDK: run `make demo`, which installs "
+                         "it, or `pip install anthropic`.") from None
 
     fake = FakeUpstream()
     frames = text(*ANSWER) + tail(percentage=0.002)  # a short prompt: 0.002 % of the context
@@ -88,7 +92,9 @@ async def main() -> None:
         print(f"kiro2api:          {url}")
         print("  $ python kiro2api.py server --port", port, "--api-key", API_KEY,
               "--token-file", token_file.name, "--upstream", fake_url, "...")
-        process = subprocess.Popen(command, cwd=MAIN, env=env)
+        # Its log goes to a file, shown at the end, so it does not cut into the answer.
+        log = (Path(tmp) / "kiro2api.log").open("w+")
+        process = subprocess.Popen(command, cwd=MAIN, env=env, stderr=log)
         try:
             await wait_until_up(url, process)
             client = anthropic.AsyncAnthropic(base_url=url, api_key=API_KEY, max_retries=0)
@@ -107,11 +113,15 @@ async def main() -> None:
         finally:
             process.terminate()
             try:
-                process.wait(timeout=10)
+                await asyncio.to_thread(process.wait, 10)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
             await runner.cleanup()
+            log.seek(0)
+            print("\nkiro2api's log:")
+            print("".join("  " + line for line in log), end="")
+            log.close()
     print(f"stopped kiro2api (exit status {process.returncode}) and the fake backend")
     if process.returncode != 0:
         raise SystemExit(1)
