@@ -588,7 +588,9 @@ def estimate_input_tokens(body: Json) -> int:
 # Upstream events: one frame -> what it says ###############################
 
 
-class TextDelta(NamedTuple):
+class Text(NamedTuple):
+    """Answer text: an upstream event and, unchanged, a neutral one."""
+
     text: str
 
 
@@ -625,8 +627,11 @@ class UpstreamException(NamedTuple):
     message: str
 
 
-UpstreamEvent = Union[TextDelta, ToolUseDelta, ReasoningDelta, TokenUsage, ContextUsage,
+UpstreamEvent = Union[Text, ToolUseDelta, ReasoningDelta, TokenUsage, ContextUsage,
                       Refusal, UpstreamException]
+
+
+_json_decode = json.JSONDecoder().decode  # json.loads minus its per-call checks
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -644,8 +649,8 @@ def decode_event(headers: Mapping[str, Any], payload: bytes) -> UpstreamEvent | 
         return _exception(headers, payload)
     event_type = headers.get(":event-type")
     try:
-        data = json.loads(payload) if payload else {}
-    except ValueError:
+        data = _json_decode(payload.decode()) if payload else {}
+    except ValueError:  # UnicodeDecodeError included
         return UpstreamException("InvalidEventPayload", f"{event_type} payload is not JSON")
     if not isinstance(data, dict):
         return UpstreamException("InvalidEventPayload", f"{event_type} payload is not an object")
@@ -654,7 +659,7 @@ def decode_event(headers: Mapping[str, Any], payload: bytes) -> UpstreamEvent | 
         data = inner
     if event_type == "assistantResponseEvent" or event_type == "codeEvent":
         content = data.get("content")
-        return TextDelta(content) if isinstance(content, str) and content else None
+        return Text(content) if isinstance(content, str) and content else None
     if event_type == "toolUseEvent":
         tool_input = data.get("input", "")
         if not isinstance(tool_input, str):  # occasionally a whole object
@@ -703,10 +708,6 @@ def _exception(headers: Mapping[str, Any], payload: bytes) -> UpstreamException:
 
 
 # Neutral events ###########################################################
-
-
-class Text(NamedTuple):
-    text: str
 
 
 class Thinking(NamedTuple):
@@ -886,15 +887,26 @@ class Assembler:
 
     def feed(self, headers: Mapping[str, Any], payload: bytes) -> list[Event]:
         """Events for one frame; raises ``StreamError`` for an upstream error."""
+        out: list[Event] = []
+        self.feed_into(out, headers, payload)
+        return out
+
+    def feed_into(self, out: list[Event], headers: Mapping[str, Any], payload: bytes) -> None:
+        """Append one frame's events to ``out`` (the streaming path: one list a read)."""
         if self.stop_reason is not None:
-            return []
+            return
         event = decode_event(headers, payload)
         kind = type(event)
-        if kind is TextDelta:
+        if kind is Text:
             self._output_chars += len(event.text)
             if self._thinking is None and self._stops is None:
-                return [Text(event.text)]
-            return self._text(event.text)
+                out.append(event)
+            else:
+                out += self._text(event.text)
+        elif event is not None:
+            out += self._event(event, kind)
+
+    def _event(self, event: UpstreamEvent, kind: type) -> list[Event]:
         if kind is ToolUseDelta:
             return self._tool(event)
         if kind is ReasoningDelta:

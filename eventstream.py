@@ -36,9 +36,8 @@ import struct
 import uuid
 import zlib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from types import MappingProxyType
-from typing import NoReturn, Union
+from typing import NamedTuple, NoReturn, Union
 
 __all__ = [
     "ChecksumError",
@@ -271,8 +270,7 @@ def encode_headers(headers: Mapping[str, HeaderValue]) -> bytes:
 # Messages #################################################################
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
+class Message(NamedTuple):
     """One decoded frame. ``headers`` is read-only."""
 
     headers: Mapping[str, HeaderValue]
@@ -356,16 +354,22 @@ class Decoder:
             return self._stop()
         self._prelude = None
         self._start = start + total
-        frame = bytes(memoryview(buffer)[start : start + total])
-        (expected,) = _CRC.unpack_from(frame, total - CRC_BYTES)
-        actual = zlib.crc32(memoryview(frame)[8 : total - CRC_BYTES], prelude_crc)
+        end = start + total - CRC_BYTES  # where the message CRC starts
+        body = start + PRELUDE_BYTES + headers_length  # where the payload starts
+        (expected,) = _CRC.unpack_from(buffer, end)
+        # One copy per frame, the payload's: the CRC and the header block are
+        # read through a view (released before the buffer may be resized).
+        with memoryview(buffer) as view:
+            # The message CRC continues from the prelude CRC over bytes 8..end.
+            actual = zlib.crc32(view[start + 8 : end], prelude_crc)
+            block = bytes(view[start + PRELUDE_BYTES : body])
+            payload = bytes(view[body:end])
         if actual != expected:
             self._fail(
                 ChecksumError(
                     "message", expected=expected, actual=actual, offset=self._offset + start
                 )
             )
-        block = frame[PRELUDE_BYTES : PRELUDE_BYTES + headers_length]
         headers = self._header_cache.get(block)
         if headers is None:
             try:
@@ -377,7 +381,7 @@ class Decoder:
             if (len(self._header_cache) < _HEADER_CACHE_ENTRIES
                     and headers_length <= _HEADER_CACHE_BLOCK_BYTES):
                 self._header_cache[block] = headers
-        return Message(headers, frame[PRELUDE_BYTES + headers_length : total - CRC_BYTES])
+        return Message(headers, payload)
 
     def _read_prelude(self, buffer: bytearray, start: int) -> tuple[int, int, int]:
         total, headers_length, expected = _PRELUDE.unpack_from(buffer, start)

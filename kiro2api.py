@@ -37,6 +37,8 @@ import stat
 import sys
 import tempfile
 import time
+import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -110,7 +112,21 @@ class Config:
     # Largest CodeWhisperer body we send, in bytes. The upstream refuses
     # larger ones ("Input is too long."); peers put the limit near 600 KB.
     max_input_bytes: int = 600_000
+    # HTTP(S)_PROXY and NO_PROXY, read once when the Config is made (not per
+    # request: aiohttp's trust_env costs two thread hops a request).
+    environment_proxies: dict[str, str] = field(
+        default_factory=urllib.request.getproxies_environment, compare=False, repr=False)
     started: float = field(default_factory=time.time, compare=False)
+
+    def proxy_for(self, url: str) -> str | None:
+        """The outbound proxy for ``url``: ``--proxy``, else the environment's."""
+        if self.proxy:
+            return self.proxy
+        parts = urllib.parse.urlsplit(url)
+        proxies = self.environment_proxies
+        if not proxies or urllib.request.proxy_bypass_environment(parts.hostname or "", proxies):
+            return None
+        return proxies.get(parts.scheme)
 
 
 # Errors ###################################################################
@@ -646,7 +662,7 @@ class TokenStore:
                     "grantType": "refresh_token", "refreshToken": base.refresh_token}
         try:
             async with self._session.post(
-                url, json=body, proxy=config.proxy, headers={"Accept": "application/json"},
+                url, json=body, proxy=config.proxy_for(url), headers={"Accept": "application/json"},
                 timeout=aiohttp.ClientTimeout(total=self._timeout),
             ) as response:
                 status, raw = response.status, await response.read()
@@ -815,7 +831,7 @@ def upstream_headers(credentials: Credentials, machine_id: str) -> dict[str, str
         "x-amz-user-agent": f"aws-sdk-js/{SDK_VERSION} {agent}",
         "User-Agent": (f"aws-sdk-js/{SDK_VERSION} ua/2.1 os/{sys.platform} lang/js "
                        f"md/nodejs#20.16.0 api/codewhispererstreaming#{SDK_VERSION} m/E {agent}"),
-        "amz-sdk-invocation-id": str(uuid.uuid4()),
+        "amz-sdk-invocation-id": random_uuid(),
         "amz-sdk-request": "attempt=1; max=3",
     }
 
@@ -918,7 +934,7 @@ async def call_account(request: web.Request, prepared: convert.Prepared, store: 
         try:
             response = await asyncio.wait_for(
                 session.post(url, data=body, headers=upstream_headers(credentials, machine_id),
-                             proxy=config.proxy),
+                             proxy=config.proxy_for(url)),
                 config.first_byte_timeout)
         except asyncio.TimeoutError:
             error = UpstreamError(convert.Failure(
@@ -1069,7 +1085,13 @@ async def read_json(request: web.Request) -> Any:
 
 
 def new_id(prefix: str) -> str:
-    return f"{prefix}{uuid.uuid4().hex[:24]}"
+    return f"{prefix}{random.getrandbits(96):024x}"
+
+
+def random_uuid() -> str:
+    """A version 4 UUID from the ``random`` module: these ids are not secrets,
+    and ``uuid.uuid4()`` costs a system call each."""
+    return str(uuid.UUID(int=random.getrandbits(128), version=4))
 
 
 async def handle_root(request: web.Request) -> web.Response:
@@ -1127,7 +1149,8 @@ async def fetch_models(app: web.Application) -> list[Json] | None:
         models: list[Json] = []
         try:
             for _ in range(MODELS_PAGES_MAX):
-                async with session.get(url, params=params, headers=headers, proxy=config.proxy,
+                async with session.get(url, params=params, headers=headers,
+                                       proxy=config.proxy_for(url),
                                        timeout=aiohttp.ClientTimeout(total=15)) as response:
                     if response.status != 200:
                         raise ValueError(f"HTTP {response.status}")
@@ -1169,7 +1192,7 @@ async def handle_count_tokens(request: web.Request) -> web.Response:
 async def handle_messages(request: web.Request) -> web.StreamResponse:
     """``POST /v1/messages``: Anthropic Messages, streaming or not."""
     body = await read_json(request)
-    prepared = convert.anthropic_to_codewhisperer(body, conversation_id=str(uuid.uuid4()))
+    prepared = convert.anthropic_to_codewhisperer(body, conversation_id=random_uuid())
     request[REQUEST_LOG].model = body["model"]
     input_tokens = convert.estimate_input_tokens(body)
     assembler = convert.Assembler.for_request(prepared, input_tokens=input_tokens,
@@ -1191,7 +1214,7 @@ async def handle_chat_completions(request: web.Request) -> web.StreamResponse:
     """``POST /v1/chat/completions``: OpenAI Chat Completions, streaming or not."""
     body = await read_json(request)
     normalised = convert.openai_to_anthropic(body)
-    prepared = convert.anthropic_to_codewhisperer(normalised, conversation_id=str(uuid.uuid4()))
+    prepared = convert.anthropic_to_codewhisperer(normalised, conversation_id=random_uuid())
     model = request[REQUEST_LOG].model = normalised["model"]
     assembler = convert.Assembler.for_request(
         prepared, input_tokens=convert.estimate_input_tokens(normalised), client_model=model)
@@ -1216,7 +1239,7 @@ async def collect_events(upstream: aiohttp.ClientResponse,
     try:
         async for frames in upstream_frames(upstream):
             for frame in frames:
-                events += assembler.feed(frame.headers, frame.payload)
+                assembler.feed_into(events, frame.headers, frame.payload)
             if assembler.stop_reason is not None:
                 break
     except STREAM_FAILURES as exc:
@@ -1266,24 +1289,24 @@ async def stream_sse(request: web.Request, upstream: aiohttp.ClientResponse,
     streams = request.app[STREAMS]
     task = asyncio.current_task()
     streams.add(task)
-    out: list[bytes] = []  # what one upstream read renders to: one write
+    events: list[convert.Event] = []  # one upstream read's events: one render, one write
+    feed = assembler.feed_into
     try:
         async for frames in upstream_frames(upstream):
             for frame in frames:
-                out.append(renderer.render(assembler.feed(frame.headers, frame.payload)))
-            await response.write(b"".join(out))
-            out.clear()
+                feed(events, frame.headers, frame.payload)
+            if events:
+                await response.write(renderer.render(events))
+                events.clear()
             if assembler.stop_reason is not None:
                 break  # refusal, stop sequence or output limit: nothing more will count
-        out.append(renderer.render(assembler.finish()))
-        out.append(renderer.finish(assembler.stop_reason, assembler.usage,
-                                   assembler.stop_sequence))
-        await response.write(b"".join(out))
+        tail = renderer.render(assembler.finish())
+        tail += renderer.finish(assembler.stop_reason, assembler.usage, assembler.stop_sequence)
     except STREAM_FAILURES as exc:
         # What the read rendered before the failure still goes out, then the error.
         failure = web_failure(exc).failure
         log.warning("stream failed after the response started: %s", failure.message)
-        await end_with_error(request, response, renderer, out, failure)
+        tail = end_with_error(request, renderer, events, failure)
     except ConnectionError:
         log.debug("client went away mid-stream")
         request[REQUEST_LOG].failure = "client disconnected"
@@ -1296,21 +1319,20 @@ async def stream_sse(request: web.Request, upstream: aiohttp.ClientResponse,
             raise
         failure = convert.Failure(503, "kiro2api is shutting down; the answer was cut short",
                                   "overloaded_error", "server_error", None)
-        await end_with_error(request, response, renderer, out, failure)
+        tail = end_with_error(request, renderer, events, failure)
     finally:
         keepalive.cancel()
         streams.discard(task)
     with contextlib.suppress(ConnectionError):
-        await response.write_eof()
+        await response.write_eof(tail)  # the last events and the end of the body: one send
     return response
 
 
-async def end_with_error(request: web.Request, response: web.StreamResponse, renderer: Any,
-                         out: list[bytes], failure: convert.Failure) -> None:
+def end_with_error(request: web.Request, renderer: Any, events: list[convert.Event],
+                   failure: convert.Failure) -> bytes:
+    """What a failed stream still sends: the events the read gave before it, then the error."""
     request[REQUEST_LOG].failure = failure.message
-    out.append(renderer.error(failure))
-    with contextlib.suppress(ConnectionError):
-        await response.write(b"".join(out))
+    return renderer.render(events) + renderer.error(failure)
 
 
 async def send_keepalives(response: web.StreamResponse, renderer: Any, interval: float) -> None:
@@ -1474,7 +1496,9 @@ async def http_session_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     timeout = aiohttp.ClientTimeout(
         total=None, sock_connect=config.connect_timeout, sock_read=config.idle_timeout)
-    session = aiohttp.ClientSession(timeout=timeout, trust_env=config.proxy is None)
+    # No connection limit: every stream holds its upstream connection for its
+    # whole length, and aiohttp's default of 100 would queue the 101st.
+    session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
     app[HTTP] = session
     app[ACCOUNTS].extend(TokenStore(path, config=config, session=session)
                          for path in config.token_files)
@@ -1742,7 +1766,7 @@ def run_stores(config: Config, each: Callable[[TokenStore], Awaitable[None]], *,
     errors: list[TokenError] = []
 
     async def main() -> None:
-        async with aiohttp.ClientSession(trust_env=config.proxy is None) as session:
+        async with aiohttp.ClientSession() as session:
             for path in config.token_files[:1] if first_only else config.token_files:
                 try:
                     await each(TokenStore(path, config=config, session=session))

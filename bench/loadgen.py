@@ -36,7 +36,7 @@ TOOL = {"name": "write_file", "description": "Write a file.",
 
 
 def request_body(api: str, scenario: str, *, stream: bool = True) -> bytes:
-    """A small request whose prompt names the upstream scenario (``text``, ``tool``, ``slow:F:MS``)."""
+    """A small request whose prompt names the upstream scenario (see ``upstream.py``)."""
     prompt = f"[bench:{scenario}] Write the benchmark answer."
     body: dict[str, Any] = {"model": MODEL, "max_tokens": 8192, "stream": stream,
                             "messages": [{"role": "user", "content": prompt}]}

@@ -19,6 +19,7 @@ for path in (BENCH.parent, BENCH):
 
 BENCHMARKS = [
     "bench_eventstream",
+    "bench_proxy",
 ]
 
 

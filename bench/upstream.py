@@ -28,6 +28,7 @@ import re
 import signal
 import sys
 import time
+import zlib
 from pathlib import Path
 
 from aiohttp import web
@@ -64,6 +65,19 @@ def tool_answer() -> list[bytes]:
             + tool("tooluse_bench0001", "write_file", *fragments) + answer_tail())
 
 
+class StampedFrames:
+    """Frames of the ``slow`` scenario: a fixed template; only the stamp and CRC change."""
+
+    def __init__(self) -> None:
+        template = text("@" + "0" * 19 + "@")[0]
+        at = template.index(b"@") + 1
+        self.head, self.rest = template[:at], template[at + 19:-4]  # -4: the message CRC
+
+    def frame(self) -> bytes:
+        body = b"%s%019d%s" % (self.head, time.monotonic_ns(), self.rest)
+        return body + zlib.crc32(body).to_bytes(4, "big")
+
+
 def chunks(frames: list[bytes], per_write: int) -> list[bytes]:
     return [b"".join(frames[i:i + per_write]) for i in range(0, len(frames), per_write)]
 
@@ -73,6 +87,7 @@ class Upstream:
         self.canned = {"text": chunks(text_answer(), frames_per_write),
                        "tool": chunks(tool_answer(), frames_per_write)}
         self.tail = b"".join(answer_tail())
+        self.stamped = StampedFrames()
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -91,7 +106,7 @@ class Upstream:
             for i in range(frames):
                 if i:
                     await asyncio.sleep(interval)
-                await response.write(text(f"@{time.monotonic_ns()}@")[0])
+                await response.write(self.stamped.frame())
             await response.write(self.tail)
         else:
             for chunk in self.canned[name]:

@@ -163,7 +163,7 @@ def headers_payload(frame: bytes):
     {"content": "Hi"}, {"assistantResponseEvent": {"content": "Hi"}}])
 def test_decode_event_accepts_bare_and_wrapped_payloads(payload):
     headers, body = headers_payload(fakes.event("assistantResponseEvent", payload))
-    assert convert.decode_event(headers, body) == convert.TextDelta("Hi")
+    assert convert.decode_event(headers, body) == convert.Text("Hi")
 
 
 def test_decode_event_reads_exception_type_from_header_or_payload():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import urllib.request
 import dataclasses
 import json
 import os
@@ -323,10 +324,15 @@ async def test_proxy_option_carries_the_refresh_and_the_upstream_call(
     assert call.headers["Authorization"] == "Bearer aoa-social-access-1"
 
 
+def with_environment(config):
+    """``config`` as the CLI would build it now: the proxy variables are read then."""
+    return dataclasses.replace(config, environment_proxies=urllib.request.getproxies_environment())
+
+
 async def test_http_proxy_variable_is_honoured_without_the_option(
         aiohttp_server, fake_upstream, forward_proxy, expired_config, monkeypatch):
     monkeypatch.setenv("HTTP_PROXY", forward_proxy.url)
-    await ask(aiohttp_server, expired_config)
+    await ask(aiohttp_server, with_environment(expired_config))
     assert forward_proxy.targets() == [fake_upstream.url + "/refreshToken",
                                        fake_upstream.url + "/generateAssistantResponse"]
 
@@ -335,7 +341,9 @@ async def test_no_proxy_bypasses_the_proxy_variable(
         aiohttp_server, fake_upstream, forward_proxy, expired_config, monkeypatch):
     monkeypatch.setenv("HTTP_PROXY", forward_proxy.url)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    await ask(aiohttp_server, expired_config)
+    config = with_environment(expired_config)
+    assert config.environment_proxies["http"] == forward_proxy.url
+    await ask(aiohttp_server, config)
     assert forward_proxy.seen == []
     assert len(fake_upstream.calls("/refreshToken")) == 1
     assert len(fake_upstream.calls("/generateAssistantResponse")) == 1
@@ -358,7 +366,7 @@ async def test_credentials_in_the_proxy_url_become_proxy_authorization(
         config = dataclasses.replace(expired_config, proxy=url)
     else:
         monkeypatch.setenv("HTTP_PROXY", url)
-        config = expired_config
+        config = with_environment(expired_config)
     await ask(aiohttp_server, config)
     expected = "Basic " + base64.b64encode(b"alice:s@cret").decode()
     assert [seen.proxy_authorization for seen in forward_proxy.seen] == [expected, expected]
