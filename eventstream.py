@@ -35,6 +35,7 @@ from __future__ import annotations
 import struct
 import uuid
 import zlib
+from collections import deque
 from collections.abc import Iterator, Mapping
 from types import MappingProxyType
 from typing import NamedTuple, NoReturn, Union
@@ -306,6 +307,7 @@ class Decoder:
         self._error: EventStreamError | None = None
         self._closed = False
         self._header_cache: dict[bytes, Mapping[str, HeaderValue]] = {}
+        self._ready: deque[Message] = deque()  # parsed, not yet handed out
 
     def feed(self, data: bytes) -> None:
         """Append bytes that arrived; never parses and never raises a framing error."""
@@ -324,6 +326,8 @@ class Decoder:
         self._closed = True
         if self._error is not None:
             raise self._error.with_traceback(None)
+        if self._ready:
+            raise RuntimeError("close() before every decoded message was read")
         left = len(self._buffer) - self._start
         if left:
             need = f" of {self._prelude[0]}" if self._prelude else ""
@@ -338,50 +342,69 @@ class Decoder:
         return self
 
     def __next__(self) -> Message:
-        if self._error is not None:
-            raise self._error.with_traceback(None)
-        buffer = self._buffer
+        ready = self._ready
+        if not ready:
+            if self._error is None:
+                self._parse()
+            if not ready:
+                if self._error is not None:
+                    raise self._error.with_traceback(None)
+                raise StopIteration
+        return ready.popleft()
+
+    def _parse(self) -> None:
+        """Parse every complete frame buffered into ``_ready``, then drop their bytes.
+
+        A framing error stops the pass and is kept: the frames before it are
+        still handed out first, and every later call raises it.
+        """
+        buffer, ready, cache = self._buffer, self._ready, self._header_cache
         start = self._start
-        available = len(buffer) - start
-        prelude = self._prelude
-        if prelude is None:
-            if available < PRELUDE_BYTES:
-                return self._stop()
-            prelude = self._read_prelude(buffer, start)
-        total, headers_length, prelude_crc = prelude
-        if available < total:
-            self._prelude = prelude
-            return self._stop()
-        self._prelude = None
-        self._start = start + total
-        end = start + total - CRC_BYTES  # where the message CRC starts
-        body = start + PRELUDE_BYTES + headers_length  # where the payload starts
-        (expected,) = _CRC.unpack_from(buffer, end)
-        # One copy per frame, the payload's: the CRC and the header block are
-        # read through a view (released before the buffer may be resized).
-        with memoryview(buffer) as view:
-            # The message CRC continues from the prelude CRC over bytes 8..end.
-            actual = zlib.crc32(view[start + 8 : end], prelude_crc)
-            block = bytes(view[start + PRELUDE_BYTES : body])
-            payload = bytes(view[body:end])
-        if actual != expected:
-            self._fail(
-                ChecksumError(
-                    "message", expected=expected, actual=actual, offset=self._offset + start
-                )
-            )
-        headers = self._header_cache.get(block)
-        if headers is None:
-            try:
-                headers = MappingProxyType(decode_headers(block))
-            except HeaderError as exc:
-                self._fail(
-                    HeaderError(f"{exc} (frame at stream offset {self._offset + start})")
-                )
-            if (len(self._header_cache) < _HEADER_CACHE_ENTRIES
-                    and headers_length <= _HEADER_CACHE_BLOCK_BYTES):
-                self._header_cache[block] = headers
-        return Message(headers, payload)
+        try:
+            with memoryview(buffer) as view:  # released before the buffer is resized
+                while True:
+                    available = len(buffer) - start
+                    prelude = self._prelude
+                    if prelude is None:
+                        if available < PRELUDE_BYTES:
+                            break
+                        prelude = self._read_prelude(buffer, start)
+                    total, headers_length, prelude_crc = prelude
+                    if available < total:
+                        self._prelude = prelude
+                        break
+                    self._prelude = None
+                    end = start + total - CRC_BYTES  # where the message CRC starts
+                    body = start + PRELUDE_BYTES + headers_length  # where the payload starts
+                    (expected,) = _CRC.unpack_from(buffer, end)
+                    # The message CRC continues from the prelude CRC over bytes 8..end.
+                    actual = zlib.crc32(view[start + 8 : end], prelude_crc)
+                    if actual != expected:
+                        self._fail(ChecksumError("message", expected=expected, actual=actual,
+                                                 offset=self._offset + start))
+                    block = bytes(view[start + PRELUDE_BYTES : body])
+                    headers = cache.get(block)
+                    if headers is None:
+                        headers = self._decode_headers(block, start)
+                    # One copy per frame: the payload's.
+                    ready.append(Message(headers, bytes(view[body:end])))
+                    start += total
+        except EventStreamError:
+            pass  # kept in self._error by _fail; raised once ``ready`` is empty
+        finally:
+            self._start = start
+        if start:
+            self._compact()
+
+    def _decode_headers(self, block: bytes, start: int) -> Mapping[str, HeaderValue]:
+        try:
+            headers = MappingProxyType(decode_headers(block))
+        except HeaderError as exc:
+            self._fail(HeaderError(f"{exc} (frame at stream offset {self._offset + start})"))
+        if (len(self._header_cache) < _HEADER_CACHE_ENTRIES
+                and len(block) <= _HEADER_CACHE_BLOCK_BYTES):
+            self._header_cache[block] = headers
+        return headers
 
     def _read_prelude(self, buffer: bytearray, start: int) -> tuple[int, int, int]:
         total, headers_length, expected = _PRELUDE.unpack_from(buffer, start)
@@ -420,11 +443,6 @@ class Decoder:
                 )
             )
         return total, headers_length, actual
-
-    def _stop(self) -> Message:
-        if self._start:
-            self._compact()
-        raise StopIteration
 
     def _compact(self) -> None:
         # Drop consumed bytes once per pass, not per frame; deleting a prefix
