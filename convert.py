@@ -1067,6 +1067,7 @@ class AnthropicStream:
         self.input_tokens = input_tokens
         self._index = -1
         self._open: str | None = None  # "text" | "thinking" | None
+        self._delta_head = b""  # the open block's content_block_delta, up to "delta":
 
     def start(self) -> bytes:
         message = {
@@ -1080,9 +1081,11 @@ class AnthropicStream:
         out = self._close()
         self._index += 1
         self._open = kind
+        self._delta_head = (b'event: content_block_delta\ndata: {"type":"content_block_delta",'
+                            b'"index":%d,"delta":' % self._index)
         return out + (
             b'event: content_block_start\ndata: {"type":"content_block_start","index":%d,'
-            b'"content_block":%s}\n\n' % (self._index, block.encode())
+            b'"content_block":%s}\n\n' % (self._index, block.encode("utf-8", "backslashreplace"))
         )
 
     def _close(self) -> bytes:
@@ -1092,9 +1095,11 @@ class AnthropicStream:
         return (b'event: content_block_stop\ndata: {"type":"content_block_stop","index":%d}\n\n'
                 % self._index)
 
-    def _delta(self, delta: str) -> bytes:
-        return (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
-                b'"delta":%s}\n\n' % (self._index, delta.encode("utf-8", "backslashreplace")))
+    def _delta(self, head: bytes, value: str) -> bytes:
+        """A delta of the open block: ``head`` (its type and key), then ``value`` as JSON."""
+        # backslashreplace writes a lone surrogate as the JSON escape it came from.
+        return (self._delta_head + head + _json_string(value).encode("utf-8", "backslashreplace")
+                + b"}}\n\n")
 
     def render(self, events: Iterable[Event]) -> bytes:
         out = []
@@ -1103,24 +1108,22 @@ class AnthropicStream:
             if kind is Text:
                 if self._open != "text":
                     out.append(self._begin("text", '{"type":"text","text":""}'))
-                out.append(self._delta(
-                    '{"type":"text_delta","text":%s}' % _json_string(event.text)))
+                out.append(self._delta(b'{"type":"text_delta","text":', event.text))
             elif kind is Thinking:
                 if self._open != "thinking":
                     out.append(self._begin(
                         "thinking", '{"type":"thinking","thinking":"","signature":""}'))
-                out.append(self._delta(
-                    '{"type":"thinking_delta","thinking":%s}' % _json_string(event.text)))
+                out.append(self._delta(b'{"type":"thinking_delta","thinking":', event.text))
             elif kind is ThinkingSignature:
                 if self._open == "thinking":
-                    out.append(self._delta('{"type":"signature_delta","signature":%s}'
-                                           % _json_string(event.signature)))
+                    out.append(self._delta(b'{"type":"signature_delta","signature":',
+                                           event.signature))
             elif kind is ToolCall:
                 out.append(self._begin("tool_use", '{"type":"tool_use","id":%s,"name":%s,'
                                        '"input":{}}' % (_json_string(event.id),
                                                         _json_string(event.name))))
-                out.append(self._delta('{"type":"input_json_delta","partial_json":%s}'
-                                       % _json_string(event.input_json)))
+                out.append(self._delta(b'{"type":"input_json_delta","partial_json":',
+                                       event.input_json))
                 out.append(self._close())
         return b"".join(out)
 

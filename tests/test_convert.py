@@ -400,3 +400,14 @@ def test_oversize_image_is_413_naming_the_block():
             conversation_id="c")
     assert caught.value.status == 413
     assert "messages.0.content.0" in str(caught.value)
+
+
+def test_renderers_escape_lone_surrogates_in_tool_ids_and_names():
+    call = convert.ToolCall(json.loads('"t\\udc80"'), json.loads('"n\\ud800"'), "{}")
+    anthropic_out = convert.AnthropicStream(message_id="m", model="m",
+                                            input_tokens=1).render([call])
+    start = json.loads(anthropic_out.decode().split("\n")[1].removeprefix("data: "))
+    assert start["content_block"]["id"] == call.id and start["content_block"]["name"] == call.name
+    openai_out = convert.OpenAIStream(completion_id="c", model="m", created=1).render([call])
+    first = json.loads(openai_out.decode().split("\n")[0].removeprefix("data: "))
+    assert first["choices"][0]["delta"]["tool_calls"][0]["id"] == call.id
