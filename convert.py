@@ -166,6 +166,11 @@ EMPTY_TOOL_RESULT_TEXT = "(empty result)"
 # descriptions that peers cap at 10,000 characters.
 MAX_TOOL_NAME = 64
 MAX_TOOL_DESCRIPTION = 10_000
+# A longer description (Claude Code's reach 19 KB) goes whole into the system
+# prompt under this heading, and the tool's spec says where to find it.
+TOOL_MANUAL_HEADING = "## Tool: "
+TOOL_MANUAL_REFERENCE = ('The full description of the tool {name} is in the system prompt, '
+                         'under "## Tool: {name}".')
 # Anthropic's own per-image limit; the upstream's is not documented.
 MAX_IMAGE_BYTES = 5 * 1024 * 1024
 # Emulated thinking (PROTOCOL.md 3.4, 5.6): these tags at the head of the
@@ -305,7 +310,9 @@ def _turn(message: Any, index: int) -> _Turn:
         elif kind == "thinking" and role == "assistant":
             thinking = block.get("thinking")
             if isinstance(thinking, str) and thinking:
-                turn.text.insert(0, f"<thinking>{thinking}</thinking>")
+                # In place: with interleaved thinking the blocks alternate
+                # with text and tool calls, and their order is the story.
+                turn.text.append(f"<thinking>{thinking}</thinking>")
         elif kind == "redacted_thinking" and role == "assistant":
             continue  # nothing the upstream could use
         else:
@@ -345,7 +352,10 @@ def _pair_tools(turns: list[_Turn]) -> None:
         kept = []
         for result in turn.tool_results:
             if result["toolUseId"] in offered:
+                offered.discard(result["toolUseId"])  # one result a call; repeats are dropped
                 kept.append(result)
+            elif any(r["toolUseId"] == result["toolUseId"] for r in kept):
+                continue
             else:
                 body = "\n".join(item["text"] for item in result["content"])
                 turn.text.insert(0, f"[Tool result for {result['toolUseId']}]\n{body}")
@@ -358,7 +368,10 @@ def _pair_tools(turns: list[_Turn]) -> None:
         kept = []
         for use in turn.tool_uses:
             if use["toolUseId"] in answered:
+                answered.discard(use["toolUseId"])  # a repeated id would be TOOL_DUPLICATE
                 kept.append(use)
+            elif any(u["toolUseId"] == use["toolUseId"] for u in kept):
+                continue
             else:
                 turn.text.append(
                     f"[Called {use['name']} with input {json.dumps(use['input'])}]")
@@ -373,19 +386,56 @@ def _tool_name(name: str) -> str:
     return f"{name[: MAX_TOOL_NAME - 9]}_{digest}"
 
 
-def _clean_schema(schema: Any) -> Json:
+# JSON Schema keywords whose object maps names (not keywords) to subschemas,
+# and those whose values are data: neither has its keys cleaned.
+_SCHEMA_NAME_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions",
+                               "dependentSchemas"})
+_SCHEMA_DATA = frozenset({"const", "enum", "default", "examples"})
+
+
+def _strip_schema(schema: Any) -> Any:
+    """``schema`` less ``$schema``, empty ``required`` and null name maps, at every level.
+
+    The upstream rejects those (TOOL_SCHEMA_INVALID); every constraint the
+    model needs (``anyOf``, ``const``, ``pattern``, ``format``, bounds,
+    ``additionalProperties``...) is kept as the client wrote it.
+    """
+    if isinstance(schema, list):
+        return [_strip_schema(item) for item in schema]
     if not isinstance(schema, dict):
-        schema = {}
-    cleaned = {k: v for k, v in schema.items() if k != "$schema"}
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key == "$schema" or (key == "required" and value == []):
+            continue
+        if key in _SCHEMA_DATA:
+            out[key] = value
+        elif key in _SCHEMA_NAME_MAPS:
+            if isinstance(value, dict):  # null or worse is no schema at all
+                out[key] = {name: _strip_schema(sub) for name, sub in value.items()}
+        else:
+            out[key] = _strip_schema(value)
+    return out
+
+
+def _clean_schema(schema: Any, where: str) -> Json:
+    """An ``input_schema`` the upstream accepts: an object schema with ``properties``."""
+    try:
+        cleaned = _strip_schema(schema) if isinstance(schema, dict) else {}
+    except RecursionError:
+        raise ConversionError(f"{where}.input_schema: nested too deeply", param=where) from None
     cleaned.setdefault("type", "object")
-    if cleaned.get("type") == "object":
-        cleaned.setdefault("properties", {})
-    if cleaned.get("required") == []:
-        del cleaned["required"]
+    if cleaned["type"] == "object" and not isinstance(cleaned.get("properties"), dict):
+        cleaned["properties"] = {}
     return cleaned
 
 
-def _tool_specs(tools: Any, names: dict[str, str]) -> list[Json]:
+def _tool_specs(tools: Any, names: dict[str, str], manuals: list[str]) -> list[Json]:
+    """The client's tools as ``toolSpecification``s; ``names`` maps sent names back.
+
+    Descriptions over the upstream's limit go whole into ``manuals`` (for the
+    system prompt) and the spec points there, so the model loses none of it.
+    """
     if tools is None:
         return []
     _expect(isinstance(tools, list), "tools: expected a list", "tools")
@@ -402,15 +452,18 @@ def _tool_specs(tools: Any, names: dict[str, str]) -> list[Json]:
             continue  # the upstream refuses duplicate names; the first one wins
         seen.add(sent)
         names[sent] = name
-        description = tool.get("description") or f"Tool: {name}"
+        description = tool.get("description")
         if not isinstance(description, str):
-            description = str(description)
-        if len(description) > MAX_TOOL_DESCRIPTION:
-            description = description[: MAX_TOOL_DESCRIPTION - 3] + "..."
+            description = "" if description is None else str(description)
+        if not description.strip():  # the upstream needs a description
+            description = f"Tool: {sent}"
+        elif len(description) > MAX_TOOL_DESCRIPTION:
+            manuals.append(f"{TOOL_MANUAL_HEADING}{sent}\n\n{description}")
+            description = TOOL_MANUAL_REFERENCE.format(name=sent)
         specs.append({"toolSpecification": {
             "name": sent,
             "description": description,
-            "inputSchema": {"json": _clean_schema(tool.get("input_schema"))},
+            "inputSchema": {"json": _clean_schema(tool.get("input_schema"), f"tools.{i}")},
         }})
     return specs
 
@@ -488,11 +541,12 @@ def anthropic_to_codewhisperer(
     _expect(len(messages) > 0, "messages: at least one message is required", "messages")
     model_id = resolve_model(model)
     tool_names: dict[str, str] = {}
-    tools = _tool_specs(body.get("tools"), tool_names)
+    manuals: list[str] = []
+    tools = _tool_specs(body.get("tools"), tool_names, manuals)
 
     prefix = thinking_prefix(body)
     stop_sequences = _stop_sequences(body)
-    system_parts = [prefix, system_text(body.get("system"))]
+    system_parts = [prefix, system_text(body.get("system")), *manuals]
     turns: list[_Turn] = []
     for i, message in enumerate(messages):
         turn = _turn(message, i)
@@ -608,7 +662,8 @@ class ReasoningDelta(NamedTuple):
 
 
 class TokenUsage(NamedTuple):
-    input_tokens: int | None  # uncached + cache read
+    # As Anthropic counts them: the prompt is input + cache_read + cache_write.
+    input_tokens: int | None  # neither read from nor written to the cache
     output_tokens: int | None
     cache_read: int | None
     cache_write: int | None
@@ -672,11 +727,13 @@ def decode_event(headers: Mapping[str, Any], payload: bytes) -> UpstreamEvent | 
     if event_type == "metadataEvent":
         usage = data.get("tokenUsage")
         if isinstance(usage, dict):
-            uncached = _int_or_none(usage.get("uncachedInputTokens"))
-            cache_read = _int_or_none(usage.get("cacheReadInputTokens"))
-            input_tokens = None if uncached is None else uncached + (cache_read or 0)
-            return TokenUsage(input_tokens, _int_or_none(usage.get("outputTokens")),
-                              cache_read, _int_or_none(usage.get("cacheWriteInputTokens")))
+            # uncached + cacheRead + cacheWrite + output = totalTokens: the same
+            # split as Anthropic's usage, whose clients add the three input
+            # figures up (Claude Code sizes its context that way).
+            return TokenUsage(_int_or_none(usage.get("uncachedInputTokens")),
+                              _int_or_none(usage.get("outputTokens")),
+                              _int_or_none(usage.get("cacheReadInputTokens")),
+                              _int_or_none(usage.get("cacheWriteInputTokens")))
         if str(data.get("stopReason", "")).upper() == "CONTENT_FILTERED":
             details = data.get("stopDetails") or {}
             refusal = details.get("refusal") if isinstance(details, dict) else None
@@ -718,6 +775,12 @@ class ThinkingSignature(NamedTuple):
     signature: str
 
 
+class RedactedThinking(NamedTuple):
+    """Native reasoning the upstream sends encrypted: a block of its own."""
+
+    data: str
+
+
 class ToolCall(NamedTuple):
     """A complete tool call whose ``input_json`` is known to parse as an object."""
 
@@ -726,7 +789,7 @@ class ToolCall(NamedTuple):
     input_json: str
 
 
-Event = Union[Text, Thinking, ThinkingSignature, ToolCall]
+Event = Union[Text, Thinking, ThinkingSignature, RedactedThinking, ToolCall]
 
 
 OPEN_TAG = "<thinking>"
@@ -771,6 +834,8 @@ class ThinkingTags:
                 self.state = "text"
         if self.state == "thinking":
             self._thinking(out, final)
+            if final:  # the text is over (a tool call or the end): so is the thinking
+                self.state = "text"
         if self.state == "text" and self.pending:
             out.append(Text(self.pending))
             self.pending = ""
@@ -916,6 +981,8 @@ class Assembler:
                 out.append(Thinking(event.text))
             if event.signature:
                 out.append(ThinkingSignature(event.signature))
+            if event.redacted:
+                out.append(RedactedThinking(event.redacted))
             return out
         if kind is TokenUsage:
             if event.input_tokens is not None:
@@ -1118,6 +1185,10 @@ class AnthropicStream:
                 if self._open == "thinking":
                     out.append(self._delta(b'{"type":"signature_delta","signature":',
                                            event.signature))
+            elif kind is RedactedThinking:
+                out.append(self._begin("redacted_thinking", '{"type":"redacted_thinking",'
+                                       '"data":' + _json_string(event.data) + "}"))
+                out.append(self._close())
             elif kind is ToolCall:
                 out.append(self._begin("tool_use", '{"type":"tool_use","id":%s,"name":%s,'
                                        '"input":{}}' % (_json_string(event.id),
@@ -1162,6 +1233,8 @@ def collect_anthropic(events: Iterable[Event], *, message_id: str, model: str,
         elif kind is ThinkingSignature:
             if last is not None and last["type"] == "thinking":
                 last["signature"] += event.signature
+        elif kind is RedactedThinking:
+            content.append({"type": "redacted_thinking", "data": event.data})
         elif kind is ToolCall:
             content.append({"type": "tool_use", "id": event.id, "name": event.name,
                             "input": json.loads(event.input_json)})
@@ -1526,8 +1599,11 @@ def finish_reason(stop_reason: str) -> str:
 
 
 def openai_usage(usage: Usage) -> Json:
-    data: Json = {"prompt_tokens": usage.input_tokens, "completion_tokens": usage.output_tokens,
-                  "total_tokens": usage.input_tokens + usage.output_tokens}
+    # OpenAI's prompt_tokens counts every prompt token, cached ones included.
+    prompt = (usage.input_tokens + (usage.cache_read_input_tokens or 0)
+              + (usage.cache_creation_input_tokens or 0))
+    data: Json = {"prompt_tokens": prompt, "completion_tokens": usage.output_tokens,
+                  "total_tokens": prompt + usage.output_tokens}
     if usage.cache_read_input_tokens is not None:
         data["prompt_tokens_details"] = {"cached_tokens": usage.cache_read_input_tokens}
     return data
@@ -1542,7 +1618,8 @@ class OpenAIStream:
     Tool calls are numbered among themselves (``index`` 0, 1, ...). A call's
     id, type and name appear only in its first delta: clients rebuild a call
     by concatenating every string field of its deltas. Thinking goes out as
-    ``reasoning_content``; its signatures have no place in this format.
+    ``reasoning_content``; its signatures and redacted
+    thinking have no place in this format.
     """
 
     keepalive = b": keep-alive\n\n"  # an SSE comment: clients skip it

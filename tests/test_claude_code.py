@@ -9,6 +9,7 @@ in shared/, and sent through the running server with the anthropic SDK.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pytest
 
 import convert
 import fakes
-from fakes import Status, Stream
+from fakes import A, Status, Stream, U, state, user
 
 # A copy of shared/codewhisperer-schema.json (the AWS service model as data).
 SCHEMA_FILE = Path(__file__).parent / "data" / "codewhisperer-schema.json"
@@ -77,11 +78,17 @@ def check(schema, shape, value, where="$"):
         raise AssertionError(f"{where}: no rule for shape {shape!r}")
 
 
+LONG_NAME = "mcp__" + "x" * 70  # over the upstream's 64 characters
+# What it is sent as: a prefix, "_" and 8 hex digits of its SHA-256 (PROTOCOL.md 3.4).
+SENT_LONG_NAME = "mcp__" + "x" * 50 + "_" + hashlib.sha256(LONG_NAME.encode()).hexdigest()[:8]
+LONG_DESCRIPTION = "Does thing 3. " * 1300  # 18,200 characters, like Claude Code's Bash
+
+
 def schema_tool(i):
     """A Claude Code-style tool using JSON Schema 2020-12 features."""
     return {
-        "name": f"Tool{i}" if i else "mcp__" + "x" * 70,
-        "description": ("Does thing %d. " % i) * (1300 if i == 3 else 20),
+        "name": f"Tool{i}" if i else LONG_NAME,
+        "description": LONG_DESCRIPTION if i == 3 else ("Does thing %d. " % i) * 20,
         "input_schema": {
             "$schema": "https://json-schema.org/draft/2020-12/schema",
             "type": "object",
@@ -97,8 +104,43 @@ def schema_tool(i):
     }
 
 
+def expected_spec(i):
+    """What ``schema_tool(i)`` must become: every constraint kept, ``$schema`` gone."""
+    name = f"Tool{i}" if i else SENT_LONG_NAME
+    description = ("The full description of the tool Tool3 is in the system prompt, "
+                   'under "## Tool: Tool3".') if i == 3 else f"Does thing {i}. " * 20
+    return {"toolSpecification": {"name": name, "description": description, "inputSchema": {
+        "json": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "path": {"type": "string", "pattern": "^/", "format": "uri-reference"},
+                "mode": {"anyOf": [{"const": "read"}, {"const": "write"}]},
+                "limit": {"type": "number", "exclusiveMinimum": 0},
+                "tags": {"type": "object", "propertyNames": {"pattern": "^[a-z]+$"}},
+            },
+            "required": ["path"],
+        }}}}
+
+
 PNG = {"type": "image", "source": {"type": "base64", "media_type": "image/png",
                                    "data": "iVBORw0KGgo="}}
+PNG_BLOCK = {"format": "png", "source": {"bytes": "iVBORw0KGgo="}}
+INSTRUCTIONS = "Instructions. " * 3000
+SYSTEM = [
+    {"type": "text", "text": "You are Claude Code, Anthropic's official CLI for Claude.",
+     "cache_control": {"type": "ephemeral"}},
+    {"type": "text", "text": INSTRUCTIONS, "cache_control": {"type": "ephemeral"}},
+    {"type": "text", "text": "gitStatus: clean", "cache_control": {"type": "ephemeral"}},
+]
+ENABLED_TAGS = ("<thinking_mode>enabled</thinking_mode>"
+                "<max_thinking_length>24576</max_thinking_length>")
+ADAPTIVE_TAGS = "<thinking_mode>adaptive</thinking_mode><thinking_effort>high</thinking_effort>"
+# The system prompt as the first user turn begins: thinking tags, the three
+# system blocks, then the long tool description moved out of its spec.
+SYSTEM_TEXT = ("You are Claude Code, Anthropic's official CLI for Claude.\n\n" + INSTRUCTIONS
+               + "\n\ngitStatus: clean\n\n## Tool: Tool3\n\n" + LONG_DESCRIPTION)
+FIRST_USER = "<system-reminder>context</system-reminder>\n\nFix the bug"
 
 
 def first_turn():
@@ -106,22 +148,19 @@ def first_turn():
         "model": "claude-sonnet-4-5-20250929",
         "max_tokens": 32000,
         "stream": True,
-        "system": [
-            {"type": "text", "text": "You are Claude Code, Anthropic's official CLI for Claude.",
-             "cache_control": {"type": "ephemeral"}},
-            {"type": "text", "text": "Instructions. " * 2000,
-             "cache_control": {"type": "ephemeral"}},
-            {"type": "text", "text": "gitStatus: clean", "cache_control": {"type": "ephemeral"}},
-        ],
+        "system": SYSTEM,
         "messages": [{"role": "user", "content": [
             {"type": "text", "text": "<system-reminder>context</system-reminder>"},
             {"type": "text", "text": "Fix the bug", "cache_control": {"type": "ephemeral"}}]}],
         "tools": [schema_tool(i) for i in range(25)] + [
             {"type": "web_search_20250305", "name": "web_search", "max_uses": 8}],
         "thinking": {"type": "enabled", "budget_tokens": 31999},
-        "output_config": {"effort": "high"},
+        "output_config": {"effort": "high", "format": {
+            "type": "json_schema", "schema": {"type": "object", "properties": {
+                "answer": {"type": "string"}}, "additionalProperties": False}}},
         "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
-        "metadata": {"user_id": json.dumps({"device_id": "d", "session_id": "s"})},
+        "metadata": {"user_id": json.dumps({"device_id": "d", "account_uuid": "",
+                                            "session_id": "3f0c-5e"})},
     }
 
 
@@ -133,7 +172,7 @@ def tool_loop_turn():
             {"type": "thinking", "thinking": "Look at both.", "signature": "sig"},
             {"type": "text", "text": "Reading both."},
             {"type": "tool_use", "id": "toolu_01", "name": "Tool1", "input": {"path": "/a"}},
-            {"type": "tool_use", "id": "toolu_02", "name": "mcp__" + "x" * 70,
+            {"type": "tool_use", "id": "toolu_02", "name": LONG_NAME,
              "input": {"path": "/b"}}]},
         {"role": "user", "content": [
             {"type": "tool_result", "tool_use_id": "toolu_01", "content": "contents of a",
@@ -146,47 +185,199 @@ def tool_loop_turn():
     return body
 
 
-@pytest.mark.parametrize("body", [first_turn(), tool_loop_turn(),
-                                  {**first_turn(), "tools": []}],
-                         ids=["first-turn", "tool-loop", "no-tools"])
-def test_claude_code_request_converts_to_a_schema_valid_payload(body):
-    schema = load_schema()
-    prepared = convert.anthropic_to_codewhisperer(body, conversation_id="conv")
-    check(schema, "<GenerateAssistantResponseRequest>", prepared.payload)
-    state = prepared.payload["conversationState"]
-    history = state.get("history", [])
-    roles = [next(iter(m)) for m in history]
-    assert roles == ["userInputMessage", "assistantResponseMessage"] * (len(roles) // 2)
-    current = state["currentMessage"]["userInputMessage"]
-    tools = current.get("userInputMessageContext", {}).get("tools", [])
+def with_(body, **changes):
+    return {**body, **changes}
+
+
+ALL_SPECS = [expected_spec(i) for i in range(25)]
+READ = {"name": "Read", "description": "Reads a file.", "input_schema": {
+    "type": "object", "properties": {"file_path": {"type": "string"}},
+    "required": ["file_path"], "additionalProperties": False,
+    "$schema": "http://json-schema.org/draft-07/schema#"}}
+READ_SPEC = {"toolSpecification": {"name": "Read", "description": "Reads a file.",
+                                   "inputSchema": {"json": {
+                                       "type": "object",
+                                       "properties": {"file_path": {"type": "string"}},
+                                       "required": ["file_path"],
+                                       "additionalProperties": False}}}}
+
+
+def short(messages, **fields):
+    """A small Claude Code turn: its system prompt, the Read tool, ``messages``."""
+    return {"model": "claude-sonnet-4-5-20250929", "max_tokens": 32000, "stream": True,
+            "system": [{"type": "text", "text": "You are Claude Code.",
+                        "cache_control": {"type": "ephemeral"}}],
+            "tools": [READ], "messages": messages,
+            "metadata": {"user_id": '{"session_id": "s"}'}, **fields}
+
+
+def use(tool_id, path):
+    return {"type": "tool_use", "id": tool_id, "name": "Read", "input": {"file_path": path}}
+
+
+def result(tool_id, content, **extra):
+    return {"type": "tool_result", "tool_use_id": tool_id, "content": content, **extra}
+
+
+def ok(tool_id, text):
+    return {"toolUseId": tool_id, "content": [{"text": text}], "status": "success"}
+
+
+def cw_use(tool_id, path):
+    return {"toolUseId": tool_id, "name": "Read", "input": {"file_path": path}}
+
+
+# (id, Claude Code request, exact CodeWhisperer payload; conversation id "conv-1")
+CLAUDE_CODE_REQUESTS = [
+    ("first-turn-80kb", first_turn(),
+     state(user(f"{ENABLED_TAGS}\n\n{SYSTEM_TEXT}\n\n{FIRST_USER}", tools=ALL_SPECS))),
+    ("tool-loop-parallel-calls-errors-images-mid-system", tool_loop_turn(),
+     state(user("and this screenshot", images=[PNG_BLOCK, PNG_BLOCK], toolResults=[
+         ok("toolu_01", "contents of a"),
+         {"toolUseId": "toolu_02", "content": [{"text": "EACCES"}], "status": "error"}],
+         tools=ALL_SPECS),
+         [U(f"{ADAPTIVE_TAGS}\n\n{SYSTEM_TEXT}\n\nThe user changed the working directory."
+            f"\n\n{FIRST_USER}"),
+          A("<thinking>Look at both.</thinking>\n\nReading both.", [
+              {"toolUseId": "toolu_01", "name": "Tool1", "input": {"path": "/a"}},
+              {"toolUseId": "toolu_02", "name": SENT_LONG_NAME, "input": {"path": "/b"}}])])),
+    ("no-tools-first-turn", with_(first_turn(), tools=[], thinking={"type": "disabled"}),
+     state(user(f"{SYSTEM_TEXT.partition(chr(10) * 2 + '## Tool')[0]}\n\n{FIRST_USER}"))),
+    ("tools-empty-but-tool-history", short([
+        {"role": "user", "content": "read a"},
+        {"role": "assistant", "content": [use("toolu_1", "/a")]},
+        {"role": "user", "content": [result("toolu_1", [{"type": "text", "text": "A"}])]},
+        {"role": "assistant", "content": "Done."},
+        {"role": "user", "content": "thanks"}], tools=[]),
+     state(user("thanks", tools=[{"toolSpecification": {
+         "name": "Read", "description": "Tool: Read",
+         "inputSchema": {"json": {"type": "object", "properties": {}}}}}]),
+         [U("You are Claude Code.\n\nread a"), A(" ", [cw_use("toolu_1", "/a")]),
+          U("Tool results provided.", toolResults=[ok("toolu_1", "A")]), A("Done.")])),
+    ("three-parallel-results-one-message-string-and-blocks", short([
+        {"role": "user", "content": "read three"},
+        {"role": "assistant", "content": [use("toolu_1", "/a"), use("toolu_2", "/b"),
+                                          use("toolu_3", "/c")]},
+        {"role": "user", "content": [
+            result("toolu_1", "A", cache_control={"type": "ephemeral"}),
+            result("toolu_2", [{"type": "text", "text": "B1"}, {"type": "text", "text": "B2"}],
+                   is_error=False),
+            result("toolu_3", [], is_error=True)]}],
+        thinking={"type": "enabled", "budget_tokens": 2048}),
+     state(user("Tool results provided.", toolResults=[
+         ok("toolu_1", "A"),
+         {"toolUseId": "toolu_2", "content": [{"text": "B1"}, {"text": "B2"}],
+          "status": "success"},
+         {"toolUseId": "toolu_3", "content": [{"text": "(empty result)"}], "status": "error"}],
+         tools=[READ_SPEC]),
+         [U("<thinking_mode>enabled</thinking_mode><max_thinking_length>2048"
+            "</max_thinking_length>\n\nYou are Claude Code.\n\nread three"),
+          A(" ", [cw_use("toolu_1", "/a"), cw_use("toolu_2", "/b"), cw_use("toolu_3", "/c")])])),
+    ("interleaved-thinking-replayed-in-order", short([
+        {"role": "user", "content": "go"},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "First, look.", "signature": ""},
+            {"type": "text", "text": "Looking."},
+            {"type": "redacted_thinking", "data": "ZW5j"},
+            {"type": "thinking", "thinking": "Then read.", "signature": "c2ln"},
+            use("toolu_1", "/a")]},
+        {"role": "user", "content": [result("toolu_1", "A")]}],
+        thinking={"type": "adaptive"}, output_config={"effort": "low"}),
+     state(user("Tool results provided.", toolResults=[ok("toolu_1", "A")], tools=[READ_SPEC]),
+           [U("<thinking_mode>adaptive</thinking_mode><thinking_effort>low</thinking_effort>"
+              "\n\nYou are Claude Code.\n\ngo"),
+            A("<thinking>First, look.</thinking>\n\nLooking.\n\n"
+              "<thinking>Then read.</thinking>", [cw_use("toolu_1", "/a")])])),
+    ("orphans-and-repeats-repaired", short([
+        {"role": "user", "content": "go"},
+        {"role": "assistant", "content": [use("toolu_1", "/a"), use("toolu_2", "/b"),
+                                          use("toolu_1", "/a")]},
+        {"role": "user", "content": [result("toolu_1", "A"), result("toolu_1", "A again"),
+                                     result("toolu_9", "stray")]},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "[Request interrupted by user]"}]),
+     state(user("[Request interrupted by user]", tools=[READ_SPEC]),
+           [U("You are Claude Code.\n\ngo"),
+            A('[Called Read with input {"file_path": "/b"}]', [cw_use("toolu_1", "/a")]),
+            U("[Tool result for toolu_9]\nstray", toolResults=[ok("toolu_1", "A")]),
+            A("ok")])),
+    ("images-of-every-format-on-their-messages", short([
+        {"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/gif",
+                                         "data": "R0lG"}},
+            {"type": "text", "text": "first"}]},
+        {"role": "assistant", "content": "seen"},
+        {"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/jpeg",
+                                         "data": "/9j/"}},
+            {"type": "image", "source": {"type": "base64", "media_type": "image/webp",
+                                         "data": "UklG"}},
+            {"type": "text", "text": "these"}]}], tools=[]),
+     state(user("these", images=[{"format": "jpeg", "source": {"bytes": "/9j/"}},
+                                 {"format": "webp", "source": {"bytes": "UklG"}}]),
+           [U("You are Claude Code.\n\nfirst",
+              images=[{"format": "gif", "source": {"bytes": "R0lG"}}]),
+            A("seen")])),
+    ("tool-definitions-repaired", short([{"role": "user", "content": "hi"}], tools=[
+        READ,
+        {**READ, "description": "a second Read: the first wins"},
+        {"name": "Blank", "description": "  ", "input_schema": {"type": "object"}},
+        {"name": "NoSchema"},
+        {"name": "Nested", "description": "d", "input_schema": {
+            "type": "object", "required": [], "properties": {
+                "$schema": {"type": "string"},
+                "required": {"type": "boolean"},
+                "opts": {"$schema": "https://json-schema.org/draft/2020-12/schema",
+                         "type": "object", "required": [], "properties": None,
+                         "default": {"required": []}},
+                "items": {"type": "array", "items": {"type": "object", "required": [],
+                                                     "properties": {"k": {"const": 1}}}}}}},
+        {"type": "web_search_20250305", "name": "web_search", "max_uses": 8},
+        {"type": "custom", "name": "Custom", "description": "c",
+         "input_schema": {"type": "object", "properties": {}}}]),
+     state(user("You are Claude Code.\n\nhi", tools=[
+         READ_SPEC,
+         {"toolSpecification": {"name": "Blank", "description": "Tool: Blank",
+                                "inputSchema": {"json": {"type": "object", "properties": {}}}}},
+         {"toolSpecification": {"name": "NoSchema", "description": "Tool: NoSchema",
+                                "inputSchema": {"json": {"type": "object", "properties": {}}}}},
+         {"toolSpecification": {"name": "Nested", "description": "d", "inputSchema": {"json": {
+             "type": "object", "properties": {
+                 "$schema": {"type": "string"},
+                 "required": {"type": "boolean"},
+                 "opts": {"type": "object", "default": {"required": []}},
+                 "items": {"type": "array", "items": {
+                     "type": "object", "properties": {"k": {"const": 1}}}}}}}}},
+         {"toolSpecification": {"name": "Custom", "description": "c", "inputSchema": {
+             "json": {"type": "object", "properties": {}}}}}]))),
+]
+
+
+@pytest.mark.parametrize(("body", "expected"), [c[1:] for c in CLAUDE_CODE_REQUESTS],
+                         ids=[c[0] for c in CLAUDE_CODE_REQUESTS])
+def test_claude_code_request_becomes_exact_schema_valid_payload(body, expected):
+    prepared = convert.anthropic_to_codewhisperer(body, conversation_id="conv-1")
+    assert prepared.payload == expected
+    check(load_schema(), "<GenerateAssistantResponseRequest>", prepared.payload)
+    # What the upstream limits demand, whatever the request held.
+    tools = prepared.payload["conversationState"]["currentMessage"]["userInputMessage"].get(
+        "userInputMessageContext", {}).get("tools", [])
     names = [t["toolSpecification"]["name"] for t in tools]
-    assert "web_search" not in names
     assert len(names) == len(set(names)) and all(len(n) <= 64 for n in names)
-    assert all(0 < len(t["toolSpecification"]["description"]) <= 10_000 for t in tools)
-    for tool in tools:
-        schema_json = tool["toolSpecification"]["inputSchema"]["json"]
-        assert "$schema" not in schema_json
-        if body["tools"]:
-            assert schema_json["properties"]["mode"]["anyOf"][0] == {"const": "read"}
-    first_user = (history[0]["userInputMessage"] if history else current)["content"]
-    assert first_user.startswith("<thinking_mode>")
-    assert "You are Claude Code" in first_user
+    assert all(0 < len(t["toolSpecification"]["description"].strip()) <= 10_000
+               for t in tools)
 
 
-def test_tool_loop_pairs_results_with_calls_and_keeps_images():
-    prepared = convert.anthropic_to_codewhisperer(tool_loop_turn(), conversation_id="c")
-    state = prepared.payload["conversationState"]
-    assistant = state["history"][-1]["assistantResponseMessage"]
-    results_turn = state["currentMessage"]["userInputMessage"]
-    used = [u["toolUseId"] for u in assistant["toolUses"]]
-    answered = [r["toolUseId"] for r in results_turn["userInputMessageContext"]["toolResults"]]
-    assert used == answered == ["toolu_01", "toolu_02"]
-    assert [r["status"] for r in results_turn["userInputMessageContext"]["toolResults"]] == [
-        "success", "error"]
-    assert len(results_turn["images"]) == 2  # one from the tool result, one from the text
-    assert assistant["content"].startswith("<thinking>Look at both.</thinking>\n\nReading both.")
-    assert "The user changed the working directory." in state["history"][0][
-        "userInputMessage"]["content"]
+def test_the_first_turn_is_as_large_as_claude_code_sends():
+    size = len(json.dumps(first_turn()))
+    assert 75_000 <= size <= 90_000
+    assert max(len(t.get("description", "")) for t in first_turn()["tools"]) > 18_000
+
+
+def test_long_tool_names_map_back_to_the_client_name():
+    prepared = convert.anthropic_to_codewhisperer(first_turn(), conversation_id="c")
+    assert prepared.tool_names[SENT_LONG_NAME] == LONG_NAME
+    assert prepared.thinking and prepared.stop_sequences == ()
 
 
 async def test_claude_code_tool_loop_through_the_server(proxy):

@@ -308,7 +308,7 @@ def test_openai_renderer_numbers_tool_calls_and_sets_usage_null_until_the_end():
               convert.Text(" and "),
               convert.ToolCall("tooluse_b", "list_dir", "{}")]
     out = stream.start() + stream.render(events[:3]) + stream.render(events[3:])
-    out += stream.finish("tool_use", convert.Usage(100, 20, cache_read_input_tokens=40))
+    out += stream.finish("tool_use", convert.Usage(60, 20, cache_read_input_tokens=40))
     chunks = chunks_of(out)
     assert chunks[-1] == "[DONE]"
     for chunk in chunks[:-1]:
