@@ -14,9 +14,12 @@ import json
 from pathlib import Path
 
 import anthropic
+import pydantic
 import pytest
+from anthropic.types import Message, RawMessageStreamEvent
 
 import convert
+import eventstream
 import fakes
 from fakes import A, Status, Stream, U, state, user
 
@@ -88,7 +91,7 @@ def schema_tool(i):
     """A Claude Code-style tool using JSON Schema 2020-12 features."""
     return {
         "name": f"Tool{i}" if i else LONG_NAME,
-        "description": LONG_DESCRIPTION if i == 3 else ("Does thing %d. " % i) * 20,
+        "description": LONG_DESCRIPTION if i == 3 else f"Does thing {i}. " * 20,
         "input_schema": {
             "$schema": "https://json-schema.org/draft/2020-12/schema",
             "type": "object",
@@ -467,3 +470,234 @@ async def test_refusal_and_context_window_stop_reasons_reach_the_client(proxy):
     assert (await client.messages.create(**body)).stop_reason == "refusal"
     proxy.fake.script.append(Stream(fakes.text("a") + fakes.tail(percentage=100.0)))
     assert (await client.messages.create(**body)).stop_reason == "model_context_window_exceeded"
+
+
+# Scripted upstream streams -> exact Anthropic SSE ##########################
+#
+# Each stream is rendered the way the server does (one render per upstream
+# read), parsed, every event validated with the anthropic SDK's types, and
+# compared with the exact expected events. Deltas of one block that differ
+# only in how the upstream happened to cut them are joined first, so one
+# expectation holds for every way of splitting the same answer.
+
+STREAM_EVENT = pydantic.TypeAdapter(RawMessageStreamEvent)
+ESTIMATE = 10  # the prompt estimate message_start carries
+# Kiro's own figures, which every stream below that ends normally reports.
+METADATA = fakes.event("metadataEvent", {"tokenUsage": {
+    "uncachedInputTokens": 900, "cacheReadInputTokens": 100, "cacheWriteInputTokens": 20,
+    "outputTokens": 42, "totalTokens": 1062}})
+KIRO_USAGE = {"input_tokens": 900, "output_tokens": 42, "cache_read_input_tokens": 100,
+              "cache_creation_input_tokens": 20}
+DELTA_KEYS = {"text_delta": "text", "thinking_delta": "thinking",
+              "input_json_delta": "partial_json", "signature_delta": "signature"}
+
+
+def render_reads(reads, **options):
+    """SSE bytes for upstream ``reads`` (raw event-stream bytes), as ``stream_sse`` makes them."""
+    assembler = convert.Assembler(input_tokens=ESTIMATE, **options)
+    stream = convert.AnthropicStream(message_id="msg_1", model="claude-sonnet-4-5",
+                                     input_tokens=ESTIMATE)
+    decoder = eventstream.Decoder()
+    out = stream.start()
+    for read in reads:
+        decoder.feed(read)
+        events = []
+        for frame in decoder:
+            assembler.feed_into(events, frame.headers, frame.payload)
+        out += stream.render(events)
+        if assembler.stop_reason is not None:
+            break
+    out += stream.render(assembler.finish())
+    return out + stream.finish(assembler.stop_reason, assembler.usage, assembler.stop_sequence)
+
+
+def sse_events(raw):
+    """Parse, validate with the SDK's types, and join same-kind deltas of a block."""
+    events = []
+    for block in raw.decode().split("\n\n")[:-1]:
+        name, data = block.split("\n")
+        event = json.loads(data.removeprefix("data: "))
+        assert name == f"event: {event['type']}"
+        if event["type"] != "ping":  # the SDK skips pings; they are not in its union
+            STREAM_EVENT.validate_python(event)
+        last = events[-1] if events else None
+        if (event["type"] == "content_block_delta" and last is not None
+                and last["type"] == "content_block_delta" and last["index"] == event["index"]
+                and last["delta"]["type"] == event["delta"]["type"]):
+            key = DELTA_KEYS[event["delta"]["type"]]
+            last["delta"][key] += event["delta"][key]
+        else:
+            events.append(event)
+    assert raw.endswith(b"\n\n")
+    return events
+
+
+def final_message(events):
+    """The answer a client assembles from ``events``, validated as an SDK ``Message``.
+
+    Fails if a tool_use block's input is not a complete JSON object.
+    """
+    message = dict(events[0]["message"], content=[])
+    for event in events[1:]:
+        if event["type"] == "content_block_start":
+            message["content"].append(dict(event["content_block"]))
+        elif event["type"] == "content_block_delta":
+            block, delta = message["content"][event["index"]], event["delta"]
+            if delta["type"] == "input_json_delta":
+                block["input"] = json.loads(delta["partial_json"])
+                assert isinstance(block["input"], dict)
+            else:
+                key = DELTA_KEYS[delta["type"]]
+                block[key] += delta[key]
+        elif event["type"] == "message_delta":
+            message.update(event["delta"], usage=event["usage"])
+    return Message.model_validate(message)
+
+
+def start_events():
+    return [{"type": "message_start", "message": {
+        "id": "msg_1", "type": "message", "role": "assistant", "content": [],
+        "model": "claude-sonnet-4-5", "stop_reason": None, "stop_sequence": None,
+        "usage": {"input_tokens": ESTIMATE, "output_tokens": 0}}}, {"type": "ping"}]
+
+
+def block(index, content_block, *deltas):
+    """A block's start, its deltas (``(type, value)``) and its stop."""
+    return ([{"type": "content_block_start", "index": index, "content_block": content_block}]
+            + [{"type": "content_block_delta", "index": index,
+                "delta": {"type": kind, DELTA_KEYS[kind]: value}} for kind, value in deltas]
+            + [{"type": "content_block_stop", "index": index}])
+
+
+def text_block(index, text):
+    return block(index, {"type": "text", "text": ""}, ("text_delta", text))
+
+
+def thinking_block(index, thinking, signature=None):
+    deltas = [("thinking_delta", thinking)]
+    if signature:
+        deltas.append(("signature_delta", signature))
+    return block(index, {"type": "thinking", "thinking": "", "signature": ""}, *deltas)
+
+
+def tool_block(index, tool_id, name, input_json):
+    return block(index, {"type": "tool_use", "id": tool_id, "name": name, "input": {}},
+                 ("input_json_delta", input_json))
+
+
+def end_events(stop_reason, usage=None, stop_sequence=None):
+    return [{"type": "message_delta",
+             "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
+             "usage": KIRO_USAGE if usage is None else usage},
+            {"type": "message_stop"}]
+
+
+def one_read_per_frame(frames):
+    return list(frames)
+
+
+THINKING_ANSWER = ("\n<thinking>Plan: the tag </thinking> is only mentioned; "
+                   "世界 🎉.</thinking>\n\nAnswer ✓")
+THINKING_SSE = (start_events() + thinking_block(
+    0, "Plan: the tag </thinking> is only mentioned; 世界 🎉.")
+    + text_block(1, "Answer ✓") + end_events("end_turn"))
+
+
+def test_thinking_tags_split_at_every_position_give_the_same_sse():
+    """Every cut of the text between two events, and one event per character."""
+    cuts = [[THINKING_ANSWER[:at], THINKING_ANSWER[at:]] for at in range(1, len(THINKING_ANSWER))]
+    for chunks in cuts + [list(THINKING_ANSWER)]:
+        frames = fakes.text(*chunks) + [METADATA] + fakes.tail()
+        events = sse_events(render_reads(one_read_per_frame(frames), thinking=True))
+        assert events == THINKING_SSE, chunks
+        assert final_message(events).content[0].thinking.endswith("🎉.")
+
+
+def test_thinking_stream_cut_at_every_byte_gives_the_same_sse():
+    """The same answer, its event-stream bytes split into two reads at every byte."""
+    data = b"".join(fakes.text(THINKING_ANSWER[:9], THINKING_ANSWER[9:40], THINKING_ANSWER[40:])
+                    + [METADATA] + fakes.tail())
+    for at in range(1, len(data)):
+        events = sse_events(render_reads([data[:at], data[at:]], thinking=True))
+        assert events == THINKING_SSE, at
+
+
+WRITE_INPUT = '{"file_path": "/tmp/a.py", "content": "print(\\"hé\\")\\n", "n": [1, {}]}'
+
+
+def test_tool_call_cut_at_every_fragment_boundary_never_reaches_the_client():
+    """A Write call streamed one character a fragment, cut after each fragment:
+    by the end of the stream, or by Kiro's output limit."""
+    head = fakes.text("Writing.") + fakes.tool("toolu_1", "Read", '{"file_path": "/a"}')
+    fragments = fakes.tool("toolu_2", "Write", *WRITE_INPUT, stop=False)
+    limit = fakes.exception("ContentLengthExceededException", "Output is too long.")
+    cut_sse = start_events() + text_block(0, "Writing.") + tool_block(
+        1, "toolu_1", "Read", '{"file_path": "/a"}')
+    for count in range(len(fragments) + 1):
+        for ending in ([], [limit]) if count else ([limit],):  # no fragment: nothing was cut
+            events = sse_events(render_reads(head + fragments[:count] + ending))
+            usage = events[-2]["usage"]
+            assert set(usage) == {"input_tokens", "output_tokens"}  # no figures from Kiro
+            assert usage["input_tokens"] == ESTIMATE and usage["output_tokens"] > 0
+            assert events == cut_sse + end_events("max_tokens", usage), (count, ending)
+            assert [b.type for b in final_message(events).content] == ["text", "tool_use"]
+    whole = head + fragments + fakes.tool("toolu_2", "Write", stop=True)[-1:] + [METADATA]
+    events = sse_events(render_reads(whole + fakes.tail()))
+    assert events == cut_sse + tool_block(2, "toolu_2", "Write", WRITE_INPUT) \
+        + end_events("tool_use")
+    assert final_message(events).content[2].input == json.loads(WRITE_INPUT)
+
+
+REFUSAL = fakes.event("metadataEvent", {"stopReason": "CONTENT_FILTERED",
+                                        "stopDetails": {"refusal": {"category": "cyber"}}})
+
+# (id, upstream frames, Assembler options, exact SSE events after the ping)
+SCRIPTED = [
+    ("refusal-without-text", [REFUSAL, METADATA] + fakes.tail(), {},
+     end_events("refusal", {"input_tokens": ESTIMATE, "output_tokens": 0})),
+    ("refusal-after-text", fakes.text("I can help with th") + [REFUSAL, METADATA], {},
+     text_block(0, "I can help with th")
+     + end_events("refusal", {"input_tokens": ESTIMATE, "output_tokens": 5})),
+    ("context-window-full", fakes.text("Long answer") + [METADATA] + fakes.tail(100.0), {},
+     text_block(0, "Long answer") + end_events("model_context_window_exceeded")),
+    ("output-limit-after-text", fakes.text("Partial") + [
+        fakes.exception("ContentLengthExceededException", "too long")], {},
+     text_block(0, "Partial") + end_events("max_tokens",
+                                           {"input_tokens": ESTIMATE, "output_tokens": 2})),
+    ("stop-sequence", fakes.text("one two TH", "REE four") + [METADATA],
+     {"stop_sequences": ("THREE", "\nHuman:")},
+     text_block(0, "one two ") + end_events("stop_sequence", {
+         "input_tokens": ESTIMATE, "output_tokens": 5}, "THREE")),
+    ("native-reasoning-with-signature-and-redacted", [
+        fakes.event("reasoningContentEvent", {"text": "Deep "}),
+        fakes.event("reasoningContentEvent", {"text": "thought."}),
+        fakes.event("reasoningContentEvent", {"signature": "c2lnbmF0dXJl"}),
+        fakes.event("reasoningContentEvent", {"redactedContent": "ZW5jcnlwdGVk"}),
+    ] + fakes.text("Done.") + [METADATA] + fakes.tail(), {},
+     thinking_block(0, "Deep thought.", "c2lnbmF0dXJl")
+     + block(1, {"type": "redacted_thinking", "data": "ZW5jcnlwdGVk"})
+     + text_block(2, "Done.") + end_events("end_turn")),
+    ("thinking-open-at-a-tool-call", fakes.text("<thinking>Need the file")
+     + fakes.tool("toolu_1", SENT_LONG_NAME, '{"path": "/a"}') + fakes.text("after")
+     + [METADATA] + fakes.tail(), {"thinking": True,
+                                   "tool_names": {SENT_LONG_NAME: LONG_NAME}},
+     thinking_block(0, "Need the file") + tool_block(1, "toolu_1", LONG_NAME, '{"path": "/a"}')
+     + text_block(2, "after") + end_events("tool_use")),
+    ("thinking-only", fakes.text("<thinking>", "just thoughts", "</thinking>") + [METADATA],
+     {"thinking": True}, thinking_block(0, "just thoughts") + end_events("end_turn")),
+    ("thinking-not-requested-passes-tags-through",
+     fakes.text("<thinking>x</thinking>\n\ny") + [METADATA], {},
+     text_block(0, "<thinking>x</thinking>\n\ny") + end_events("end_turn")),
+]
+
+
+@pytest.mark.parametrize(("frames", "options", "expected"), [c[1:] for c in SCRIPTED],
+                         ids=[c[0] for c in SCRIPTED])
+def test_scripted_stream_gives_exact_sse(frames, options, expected):
+    events = sse_events(render_reads(frames, **options))
+    assert events == start_events() + expected
+    final_message(events)
+    # Byte by byte, as a slow network delivers it: the same answer.
+    data = b"".join(frames)
+    assert sse_events(render_reads([data[i:i + 1] for i in range(len(data))],
+                                   **options)) == events
