@@ -119,6 +119,7 @@ class FakeUpstream:
         self.auth_delay = 0.0
         self.auth_gate: asyncio.Event | None = None
         self.refreshes = 0
+        self.hung_up_on = 0  # replies the client (kiro2api) closed before their end
 
     def calls(self, path: str) -> list[Recorded]:
         return [r for r in self.requests if r.path == path]
@@ -181,13 +182,18 @@ class FakeUpstream:
         pos = 0
         sizes = reply.split or (len(data) or 1,)
         i = 0
-        while pos < len(data):
-            if reply.delay and pos:
-                await asyncio.sleep(reply.delay)
-            size = sizes[i % len(sizes)]
-            await response.write(data[pos : pos + size])
-            pos += size
-            i += 1
+        try:
+            while pos < len(data):
+                if reply.delay and pos:
+                    await asyncio.sleep(reply.delay)
+                size = sizes[i % len(sizes)]
+                await response.write(data[pos : pos + size])
+                pos += size
+                i += 1
+        except (ConnectionError, asyncio.CancelledError):
+            # A write to a closed connection fails; a handler asleep is cancelled.
+            self.hung_up_on += 1
+            raise
         if reply.hang_up:
             assert request.transport is not None
             request.transport.abort()

@@ -9,6 +9,7 @@ in shared/, and sent through the running server with the anthropic SDK.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from pathlib import Path
@@ -418,7 +419,15 @@ async def test_claude_code_tool_loop_through_the_server(proxy):
     sent = proxy.fake.calls("/generateAssistantResponse")[-1].body
     check(load_schema(), "<GenerateAssistantResponseRequest>", sent)
     assistant = sent["conversationState"]["history"][-1]["assistantResponseMessage"]
-    assert [u["name"] for u in assistant["toolUses"]] == ["Tool1", sent_name]
+    assert assistant == {"content": "<thinking>Check both files.</thinking>\n\nReading both.",
+                         "toolUses": [
+                             {"toolUseId": "toolu_01", "name": "Tool1", "input": {"path": "/a"}},
+                             {"toolUseId": "toolu_02", "name": sent_name,
+                              "input": {"path": "/b"}}]}
+    current = sent["conversationState"]["currentMessage"]["userInputMessage"]
+    assert current["content"] == "Tool results provided."
+    assert current["userInputMessageContext"]["toolResults"] == [ok("toolu_01", "A"),
+                                                                 ok("toolu_02", "B")]
 
 
 async def test_prompt_over_the_input_limit_is_refused_locally(aiohttp_server, fake_upstream,
@@ -458,6 +467,42 @@ async def test_stop_sequence_ends_the_answer_and_closes_the_upstream(proxy):
     assert message.content[0].text == "one two "
     assert message.stop_reason == "stop_sequence"
     assert message.stop_sequence == "THREE"
+
+
+async def test_stop_sequence_closes_the_upstream_request(proxy):
+    """The rest of the answer is never read: kiro2api hangs up on Kiro."""
+    rest = fakes.text(*(["more text "] * 40)) + fakes.tail()
+    proxy.fake.script.append(Stream(fakes.text("one STOP") + rest, split=(120, 60), delay=0.05))
+    async with proxy.anthropic().messages.stream(
+            model="claude-sonnet-4-5", max_tokens=100, stop_sequences=["STOP"],
+            messages=[{"role": "user", "content": "count"}]) as stream:
+        message = await stream.get_final_message()
+    assert (message.content[0].text, message.stop_sequence) == ("one ", "STOP")
+    deadline = asyncio.get_running_loop().time() + 10
+    while not proxy.fake.hung_up_on:  # it finds out at its next write
+        assert asyncio.get_running_loop().time() < deadline, "Kiro's reply was read to the end"
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize(("image", "status", "needle"), [
+    ({"type": "base64", "media_type": "image/bmp", "data": "Qk0="}, 400, "image/bmp"),
+    ({"type": "url", "url": "https://example.com/a.png"}, 400, "'url' is not supported"),
+    ({"type": "base64", "media_type": "image/png", "data": "A" * (7 * 1024 * 1024)}, 413,
+     "larger than 5 MiB"),
+], ids=["unsupported-type", "url-source", "oversize"])
+async def test_image_refusals_name_the_block(proxy, image, status, needle):
+    content = [{"type": "text", "text": "see"}, {"type": "tool_result", "tool_use_id": "t",
+                                                 "content": [{"type": "image", "source": image}]}]
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        await proxy.anthropic().messages.create(
+            model="claude-sonnet-4-5", max_tokens=10,
+            messages=[{"role": "user", "content": "go"}, {"role": "assistant", "content": [
+                {"type": "tool_use", "id": "t", "name": "Read", "input": {}}]},
+                {"role": "user", "content": content}])
+    assert caught.value.status_code == status
+    message = caught.value.body["error"]["message"]
+    assert message.startswith("messages.2.content.1.content.0") and needle in message
+    assert proxy.fake.calls("/generateAssistantResponse") == []
 
 
 async def test_refusal_and_context_window_stop_reasons_reach_the_client(proxy):
