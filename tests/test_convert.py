@@ -411,3 +411,30 @@ def test_renderers_escape_lone_surrogates_in_tool_ids_and_names():
     openai_out = convert.OpenAIStream(completion_id="c", model="m", created=1).render([call])
     first = json.loads(openai_out.decode().split("\n")[0].removeprefix("data: "))
     assert first["choices"][0]["delta"]["tool_calls"][0]["id"] == call.id
+
+
+def test_redacted_thinking_has_no_place_in_openai_answers():
+    events = [convert.Thinking("t"), convert.RedactedThinking("ZW5j"), convert.Text("x")]
+    stream = convert.OpenAIStream(completion_id="c", model="m", created=1)
+    chunks = [json.loads(line[6:]) for line in stream.render(events).decode().split("\n\n")
+              if line]
+    assert [c["choices"][0]["delta"] for c in chunks] == [{"reasoning_content": "t"},
+                                                          {"content": "x"}]
+    message = convert.collect_openai(events, completion_id="c", model="m", created=1,
+                                     stop_reason="end_turn", usage=convert.Usage(1))
+    assert message["choices"][0]["message"]["reasoning_content"] == "t"
+    anthropic_message = convert.collect_anthropic(events, message_id="m", model="m",
+                                                  stop_reason="end_turn", usage=convert.Usage(1))
+    assert [b["type"] for b in anthropic_message["content"]] == [
+        "thinking", "redacted_thinking", "text"]
+
+
+def test_tool_schema_nested_too_deeply_is_a_400():
+    schema = {"type": "object"}
+    for _ in range(5000):
+        schema = {"type": "object", "properties": {"a": schema}}
+    with pytest.raises(convert.ConversionError) as caught:
+        convert.anthropic_to_codewhisperer(
+            {"model": "m", "tools": [{"name": "deep", "input_schema": schema}],
+             "messages": [{"role": "user", "content": "x"}]}, conversation_id="c")
+    assert "tools.0.input_schema" in str(caught.value)
