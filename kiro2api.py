@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import dataclasses
 import email.utils
+import glob
 import hashlib
 import hmac
 import ipaddress
@@ -376,6 +377,17 @@ def write_json_atomic(path: Path, data: Json, *, mode: int) -> None:
                 os.close(dir_fd)
 
 
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete the temporary files of ``write_json_atomic`` that a writer killed before
+    its rename left beside ``path``: they hold tokens. Call it under the file's lock,
+    which every writer of those files holds."""
+    target = Path(os.path.realpath(path))
+    for leftover in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        with contextlib.suppress(OSError):
+            leftover.unlink()
+            log.info("removed %s, left by a writer that was killed", leftover)
+
+
 def auth_endpoint(template: str, region: str) -> str:
     """An auth base URL with ``{region}`` filled in (a URL without it stays as it is)."""
     return template.replace("{region}", region).rstrip("/")
@@ -587,6 +599,7 @@ class TokenStore:
 
     async def _refresh_under_lock(self, current: Credentials) -> Credentials:
         async with self._file_lock():
+            await asyncio.to_thread(remove_stale_temporaries, self.path)
             data, on_disk = await asyncio.to_thread(read_token_file, self.path)
             if on_disk.access_token == current.access_token:
                 base = on_disk
