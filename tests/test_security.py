@@ -254,7 +254,7 @@ async def test_sigkill_at_any_moment_of_a_refresh_leaves_the_old_or_the_new_toke
         pairs.add(pair)
         assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
         kiro2api.read_token_file(token_file)
-    assert fake_upstream.refreshes > KILLS  # every process refreshed, most more than once
+    assert fake_upstream.refreshes >= KILLS  # every process refreshed at least once
     # What a killed writer left (a temporary file holds tokens) goes with the next refresh.
     async with aiohttp.ClientSession() as session:
         config = kiro2api.Config(token_files=(token_file,), social_auth_url=fake_upstream.url,
