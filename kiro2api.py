@@ -23,9 +23,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import email.utils
+import glob
 import hashlib
 import hmac
-import ipaddress
 import ipaddress
 import json
 import logging
@@ -376,6 +377,17 @@ def write_json_atomic(path: Path, data: Json, *, mode: int) -> None:
                 os.close(dir_fd)
 
 
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete the temporary files of ``write_json_atomic`` that a writer killed before
+    its rename left beside ``path``: they hold tokens. Call it under the file's lock,
+    which every writer of those files holds."""
+    target = Path(os.path.realpath(path))
+    for leftover in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        with contextlib.suppress(OSError):
+            leftover.unlink()
+            log.info("removed %s, left by a writer that was killed", leftover)
+
+
 def auth_endpoint(template: str, region: str) -> str:
     """An auth base URL with ``{region}`` filled in (a URL without it stays as it is)."""
     return template.replace("{region}", region).rstrip("/")
@@ -587,6 +599,7 @@ class TokenStore:
 
     async def _refresh_under_lock(self, current: Credentials) -> Credentials:
         async with self._file_lock():
+            await asyncio.to_thread(remove_stale_temporaries, self.path)
             data, on_disk = await asyncio.to_thread(read_token_file, self.path)
             if on_disk.access_token == current.access_token:
                 base = on_disk
@@ -843,9 +856,47 @@ RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
 def retry_delay(attempt: int, retry_after: str | None) -> float:
-    if retry_after and retry_after.strip().isdigit():
-        return float(retry_after.strip())
+    """Seconds to wait before retry ``attempt``: what ``Retry-After`` asks (seconds or an
+    HTTP date), else exponential backoff with jitter."""
+    asked = parse_retry_after(retry_after)
+    if asked is not None:
+        return asked
     return RETRY_BASE_SECONDS * 2 ** (attempt - 1) * random.uniform(0.75, 1.25)
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """A ``Retry-After`` header in seconds from now (0 for a date in the past); None if
+    missing or unreadable."""
+    value = (value or "").strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if moment.tzinfo is None:  # RFC 9110 dates are GMT; parsedate calls "-0000" naive
+        moment = moment.replace(tzinfo=timezone.utc)
+    return max(0.0, (moment - utcnow()).total_seconds())
+
+
+# aiohttp 3.10+ tells a connect timeout from a read timeout by class; 3.9 by message.
+_ConnectTimeout = getattr(aiohttp, "ConnectionTimeoutError", None)
+
+
+def timeout_failure(exc: BaseException, config: Config, url: str) -> convert.Failure:
+    """A 504 naming the limit that ran out: connecting, the first byte, or silence."""
+    if isinstance(exc, aiohttp.ServerTimeoutError) and (
+            (_ConnectTimeout is not None and isinstance(exc, _ConnectTimeout))
+            or "connect" in str(exc).lower()):
+        message = (f"could not connect to Kiro at {url} within {config.connect_timeout:g} s "
+                   f"(--connect-timeout)")
+    elif isinstance(exc, aiohttp.ServerTimeoutError):  # sock_read: --idle-timeout
+        message = (f"Kiro did not start answering within {config.idle_timeout:g} s "
+                   f"(--idle-timeout)")
+    else:
+        message = (f"Kiro did not start answering within {config.first_byte_timeout:g} s "
+                   f"(--first-byte-timeout)")
+    return convert.Failure(504, message, "timeout_error", "server_error", "timeout")
 
 
 # An account the upstream throttles, finds out of quota or refuses is set
@@ -893,8 +944,9 @@ async def open_upstream(request: web.Request, prepared: convert.Prepared) -> aio
             if not others or status not in COOLDOWN_SECONDS:
                 raise
             seconds = COOLDOWN_SECONDS[status]
-            if status == 429 and exc.retry_after and exc.retry_after.strip().isdigit():
-                seconds = float(exc.retry_after)
+            asked = parse_retry_after(exc.retry_after)
+            if status == 429 and asked is not None:
+                seconds = asked
             set_aside(store, seconds, exc.failure.message)
         app[METRICS].failovers += 1
     raise AssertionError("no accounts configured")  # make_app always has one
@@ -936,10 +988,8 @@ async def call_account(request: web.Request, prepared: convert.Prepared, store: 
                 session.post(url, data=body, headers=upstream_headers(credentials, machine_id),
                              proxy=config.proxy_for(url)),
                 config.first_byte_timeout)
-        except asyncio.TimeoutError:
-            error = UpstreamError(convert.Failure(
-                504, f"Kiro did not start answering within {config.first_byte_timeout:g} s",
-                "timeout_error", "server_error", "timeout"))
+        except asyncio.TimeoutError as exc:  # ours, or the session's connect or read timeout
+            error = UpstreamError(timeout_failure(exc, config, url))
         except aiohttp.ClientError as exc:
             error = UpstreamError(convert.Failure(
                 502, f"could not reach Kiro at {url}: {exc or type(exc).__name__}",
@@ -1075,13 +1125,36 @@ METRICS = web.AppKey("metrics", Metrics)
 # HTTP handlers ############################################################
 
 
+# A \uD800-\uDFFF escape: JSON may spell a lone surrogate, which no UTF-8
+# text (and so no upstream body or answer) can hold.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+
+
 async def read_json(request: web.Request) -> Any:
-    """The request body as JSON; a ``ConversionError`` (400) if it is not JSON."""
+    """The request body as JSON; a ``ConversionError`` (400) if it is not JSON.
+
+    Lone surrogates (half an emoji cut by a client) become U+FFFD, as a UTF-8
+    decoder would make of them.
+    """
     raw = await request.read()
     try:
-        return json.loads(raw)
+        data = json.loads(raw)
     except (ValueError, RecursionError):
         raise convert.ConversionError("request body is not valid JSON") from None
+    if _SURROGATE_ESCAPE.search(raw):  # rare: the walk costs nothing otherwise
+        data = without_lone_surrogates(data)
+    return data
+
+
+def without_lone_surrogates(value: Any) -> Any:
+    """``value`` with every lone surrogate in its strings (and keys) replaced by U+FFFD."""
+    if isinstance(value, str):
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, list):
+        return [without_lone_surrogates(item) for item in value]
+    if isinstance(value, dict):
+        return {without_lone_surrogates(k): without_lone_surrogates(v) for k, v in value.items()}
+    return value
 
 
 def new_id(prefix: str) -> str:
@@ -1447,6 +1520,18 @@ async def add_request_id(request: web.Request, response: web.StreamResponse) -> 
         response.headers["request-id"] = entry.id
 
 
+def same_secret(presented: str, expected: str) -> bool:
+    """Compare in constant time, whatever the lengths: both sides are hashed first, so
+    the time taken tells nothing about the key, not even its length.
+
+    Header values that were not UTF-8 arrive with surrogate escapes; they are
+    encoded back to their bytes rather than failing."""
+    def digest(text: str) -> bytes:
+        return hashlib.sha256(text.encode("utf-8", "surrogateescape")).digest()
+
+    return hmac.compare_digest(digest(presented), digest(expected))
+
+
 def presented_key(request: web.Request) -> str:
     key = request.headers.get("x-api-key", "")
     if not key:
@@ -1464,7 +1549,7 @@ async def auth_middleware(request: web.Request, handler: Any) -> web.StreamRespo
         return await handler(request)
     key = presented_key(request)
     if config.api_key is not None:
-        allowed = hmac.compare_digest(key.encode(), config.api_key.encode())
+        allowed = same_secret(key, config.api_key)
     else:
         allowed = bool(key) and await knows_access_token(request.app, key)
     if not allowed:

@@ -20,6 +20,7 @@ for path in (BENCH.parent, BENCH):
 BENCHMARKS = [
     "bench_eventstream",
     "bench_proxy",
+    "bench_soak",
 ]
 
 

@@ -119,7 +119,10 @@ class FakeUpstream:
         self.auth_delay = 0.0
         self.auth_gate: asyncio.Event | None = None
         self.refreshes = 0
-        self.hung_up_on = 0  # replies the client (kiro2api) closed before their end
+        # Answers of generateAssistantResponse being written now, and those
+        # that kiro2api cut short by closing the connection.
+        self.streaming = 0
+        self.interrupted = 0
 
     def calls(self, path: str) -> list[Recorded]:
         return [r for r in self.requests if r.path == path]
@@ -172,8 +175,18 @@ class FakeUpstream:
         reply = self.script.popleft() if self.script else Stream(text("Hello") + tail())
         if isinstance(reply, Status):
             return await self._status(reply)
-        if reply.first_byte_delay:
-            await asyncio.sleep(reply.first_byte_delay)
+        self.streaming += 1
+        try:
+            if reply.first_byte_delay:
+                await asyncio.sleep(reply.first_byte_delay)
+            return await self._write_stream(request, reply)
+        except (ConnectionError, asyncio.CancelledError):
+            self.interrupted += 1
+            raise
+        finally:
+            self.streaming -= 1
+
+    async def _write_stream(self, request: web.Request, reply: Stream) -> web.StreamResponse:
         response = web.StreamResponse(
             headers={"Content-Type": "application/vnd.amazon.eventstream"}
         )
@@ -182,18 +195,13 @@ class FakeUpstream:
         pos = 0
         sizes = reply.split or (len(data) or 1,)
         i = 0
-        try:
-            while pos < len(data):
-                if reply.delay and pos:
-                    await asyncio.sleep(reply.delay)
-                size = sizes[i % len(sizes)]
-                await response.write(data[pos : pos + size])
-                pos += size
-                i += 1
-        except (ConnectionError, asyncio.CancelledError):
-            # A write to a closed connection fails; a handler asleep is cancelled.
-            self.hung_up_on += 1
-            raise
+        while pos < len(data):
+            if reply.delay and pos:
+                await asyncio.sleep(reply.delay)
+            size = sizes[i % len(sizes)]
+            await response.write(data[pos : pos + size])
+            pos += size
+            i += 1
         if reply.hang_up:
             assert request.transport is not None
             request.transport.abort()

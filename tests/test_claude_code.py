@@ -479,7 +479,7 @@ async def test_stop_sequence_closes_the_upstream_request(proxy):
         message = await stream.get_final_message()
     assert (message.content[0].text, message.stop_sequence) == ("one ", "STOP")
     deadline = asyncio.get_running_loop().time() + 10
-    while not proxy.fake.hung_up_on:  # it finds out at its next write
+    while not proxy.fake.interrupted:  # it finds out at its next write
         assert asyncio.get_running_loop().time() < deadline, "Kiro's reply was read to the end"
         await asyncio.sleep(0.02)
 

@@ -1,4 +1,4 @@
-"""SIGTERM with streams in flight: a real server process in front of the fake upstream."""
+"""SIGTERM or SIGINT with streams in flight: a real server process in front of the fake upstream."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 import fakes
 from conftest import API_KEY, write_token_file
@@ -53,13 +54,14 @@ async def read_stream(url):
             return (await response.read()).decode()
 
 
-async def test_sigterm_lets_a_short_stream_finish_and_exits_0(fake_upstream, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_a_signal_lets_a_short_stream_finish_and_exits_0(fake_upstream, tmp_path, sig):
     process, url = await start_server(fake_upstream, tmp_path, "--shutdown-timeout", "10")
     fake_upstream.script.append(Stream(fakes.text("a", "b", "c") + fakes.tail(), split=(60,),
                                        delay=0.2))
     reader = asyncio.create_task(read_stream(url))
     await asyncio.sleep(0.3)  # the stream is under way
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(sig)
     body = await asyncio.wait_for(reader, 10)
     assert body.endswith('event: message_stop\ndata: {"type":"message_stop"}\n\n')
     assert await asyncio.wait_for(process.wait(), 10) == 0
