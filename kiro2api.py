@@ -915,7 +915,10 @@ async def call_account(request: web.Request, prepared: convert.Prepared, store: 
     payload.pop("profileArn", None)
     if credentials.profile_arn:
         payload["profileArn"] = credentials.profile_arn
-    body = json.dumps(payload, ensure_ascii=False).encode()
+    try:
+        body = json.dumps(payload, ensure_ascii=False).encode()
+    except RecursionError:  # the client's JSON parsed, but nests deeper than we can write
+        raise convert.ConversionError("request body nests JSON too deeply") from None
     if len(body) > config.max_input_bytes:
         raise convert.ConversionError(
             f"{convert.PROMPT_TOO_LONG}: the request is {len(body)} bytes for Kiro, over its "
@@ -1320,6 +1323,13 @@ async def stream_sse(request: web.Request, upstream: aiohttp.ClientResponse,
         failure = convert.Failure(503, "kiro2api is shutting down; the answer was cut short",
                                   "overloaded_error", "server_error", None)
         tail = end_with_error(request, renderer, events, failure)
+    except Exception:
+        # A bug of ours: the headers are out, so the error middleware can no
+        # longer answer; the client must still see a failure, not a clean end.
+        log.exception("unhandled error while streaming %s", request.path)
+        failure = convert.Failure(500, "internal error in kiro2api; see its log", "api_error",
+                                  "server_error", None)
+        tail = end_with_error(request, renderer, [], failure)
     finally:
         keepalive.cancel()
         streams.discard(task)
@@ -1464,7 +1474,10 @@ async def auth_middleware(request: web.Request, handler: Any) -> web.StreamRespo
         return await handler(request)
     key = presented_key(request)
     if config.api_key is not None:
-        allowed = hmac.compare_digest(key.encode(), config.api_key.encode())
+        # aiohttp hands over header bytes that are not UTF-8 as surrogate
+        # escapes; encoding them back compares the very bytes the client sent.
+        allowed = hmac.compare_digest(key.encode("utf-8", "surrogateescape"),
+                                      config.api_key.encode("utf-8", "surrogateescape"))
     else:
         allowed = bool(key) and await knows_access_token(request.app, key)
     if not allowed:
