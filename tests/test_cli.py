@@ -338,6 +338,15 @@ async def test_auth_service_failure_fails_every_refreshing_command_cleanly(
         token_file.name, token_file.name + ".lock"]
 
 
+def test_a_token_that_still_works_is_printed_when_the_early_refresh_fails(token_file):
+    write_token(token_file, expires_in=240)
+    before = token_file.read_bytes()
+    result = invoke("authToken", "--social-auth-url", closed_port_url())
+    assert result.exit_code == 0, result.output
+    assert result.stdout == SOCIAL_ACCESS + "\n"
+    assert token_file.read_bytes() == before
+
+
 async def test_idc_refresh_answered_with_garbage_fails_cleanly(token_file, fake_upstream):
     write_token(token_file, method="idc", expires_in=-60)
     before = token_file.read_bytes()

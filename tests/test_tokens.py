@@ -607,3 +607,45 @@ async def test_fifty_concurrent_requests_through_the_server_cause_one_refresh(
     calls = fake_upstream.calls("/generateAssistantResponse")
     assert [c.headers["Authorization"] for c in calls] == ["Bearer aoa-social-access-1"] * 50
     assert json.loads(token_path.read_text())["accessToken"] == "aoa-social-access-1"
+
+
+async def test_a_failed_early_refresh_keeps_serving_the_token_until_it_expires(
+        token_path, make_store, fake_upstream):
+    write_token(token_path, expires_in=240)
+    before = token_path.read_bytes()
+    fake_upstream.auth_script.append(Status(503, {"message": "busy"}))
+    store = make_store(token_path)
+    assert (await store.credentials()).access_token == SOCIAL_ACCESS
+    health = store.health()
+    assert health["state"] == "error" and "HTTP 503: busy" in health["error"]
+    # Not asked again at every request while the retry interval runs.
+    assert (await store.credentials()).access_token == SOCIAL_ACCESS
+    assert len(fake_upstream.calls("/refreshToken")) == 1
+    assert token_path.read_bytes() == before
+
+
+async def test_a_failed_early_refresh_is_tried_again_after_the_interval(
+        token_path, make_store, fake_upstream):
+    write_token(token_path, expires_in=240)
+    fake_upstream.auth_script.append(Status(400, {"error": "invalid_grant"}))
+    store = make_store(token_path, retry_after=0.0)
+    assert (await store.credentials()).access_token == SOCIAL_ACCESS
+    # The refused refresh token is not sent again: the token serves until it expires.
+    assert (await store.credentials()).access_token == SOCIAL_ACCESS
+    assert len(fake_upstream.calls("/refreshToken")) == 1
+    # A forced refresh (upstream rejected the token) still fails loudly.
+    with pytest.raises(kiro2api.RefreshError, match="invalid_grant"):
+        await store.refresh(stale_access_token=SOCIAL_ACCESS)
+    store2 = make_store(token_path, retry_after=0.0)
+    fake_upstream.auth_script.append(Status(503, {"message": "busy"}))
+    assert (await store2.credentials()).access_token == SOCIAL_ACCESS
+    assert (await store2.credentials()).access_token == "aoa-social-access-1"
+    assert store2.health()["state"] == "ok"
+
+
+async def test_a_failed_refresh_of_an_expired_token_is_an_error(
+        token_path, make_store, fake_upstream):
+    write_token(token_path, expires_in=-1)
+    fake_upstream.auth_script.append(Status(503, {"message": "busy"}))
+    with pytest.raises(kiro2api.RefreshError, match="HTTP 503: busy"):
+        await make_store(token_path).credentials()
