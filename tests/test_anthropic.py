@@ -8,7 +8,7 @@ import aiohttp
 import anthropic
 import pydantic
 import pytest
-from anthropic.types import Message, RawMessageStreamEvent
+from anthropic.types import ErrorResponse, Message, RawMessageStreamEvent
 
 import fakes
 from conftest import API_KEY, write_token_file
@@ -38,7 +38,9 @@ async def raw_sse(proxy, body, headers=None):
         assert data["type"] == name, block
         if name == "ping":  # not in the SDK's event union; it skips pings itself
             assert data == {"type": "ping"}
-        elif name != "error":
+        elif name == "error":
+            ErrorResponse.model_validate(data)
+        else:
             STREAM_EVENT.validate_python(data)
         events.append((name, data))
     assert raw.endswith("\n\n")
