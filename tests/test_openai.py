@@ -686,3 +686,20 @@ async def test_keepalive_comments_are_ignored_by_the_sdk(aiohttp_server, fake_up
     stream = await client.chat.completions.create(**BASIC, stream=True)
     received = [chunk async for chunk in stream]
     assert "".join(c.choices[0].delta.content or "" for c in received) == "slow answer"
+
+
+async def test_oversized_body_gets_413_in_the_openai_envelope(aiohttp_server, fake_upstream,
+                                                             proxy_config):
+    import kiro2api
+
+    config = dataclasses.replace(proxy_config, max_body_bytes=1000)
+    server = await aiohttp_server(kiro2api.make_app(config))
+    client = openai.AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key=API_KEY,
+                                max_retries=0)
+    with pytest.raises(openai.APIStatusError) as caught:
+        await client.chat.completions.create(
+            model="claude-sonnet-4-5", messages=[{"role": "user", "content": "x" * 5000}])
+    assert caught.value.status_code == 413
+    assert set(caught.value.body) == {"message", "type", "param", "code"}
+    assert "larger than 1000 bytes" in caught.value.body["message"]
+    assert fake_upstream.calls("/generateAssistantResponse") == []
