@@ -689,8 +689,16 @@ UpstreamEvent = Union[Text, ToolUseDelta, ReasoningDelta, TokenUsage, ContextUsa
 _json_decode = json.JSONDecoder().decode  # json.loads minus its per-call checks
 
 
+def _number_or_none(value: Any) -> float | None:
+    """A finite JSON number, else None (Python's json reads ``1e999`` as infinity)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return value
+    return None
+
+
 def _int_or_none(value: Any) -> int | None:
-    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    number = _number_or_none(value)
+    return None if number is None else int(number)
 
 
 def decode_event(headers: Mapping[str, Any], payload: bytes) -> UpstreamEvent | None:
@@ -705,7 +713,7 @@ def decode_event(headers: Mapping[str, Any], payload: bytes) -> UpstreamEvent | 
     event_type = headers.get(":event-type")
     try:
         data = _json_decode(payload.decode()) if payload else {}
-    except ValueError:  # UnicodeDecodeError included
+    except (ValueError, RecursionError):  # UnicodeDecodeError included; absurd nesting
         return UpstreamException("InvalidEventPayload", f"{event_type} payload is not JSON")
     if not isinstance(data, dict):
         return UpstreamException("InvalidEventPayload", f"{event_type} payload is not an object")
@@ -741,10 +749,8 @@ def decode_event(headers: Mapping[str, Any], payload: bytes) -> UpstreamEvent | 
             return Refusal(str(category))
         return None
     if event_type == "contextUsageEvent":
-        percentage = data.get("contextUsagePercentage")
-        if isinstance(percentage, (int, float)) and not isinstance(percentage, bool):
-            return ContextUsage(float(percentage))
-        return None
+        percentage = _number_or_none(data.get("contextUsagePercentage"))
+        return None if percentage is None else ContextUsage(float(percentage))
     if event_type == "invalidStateEvent":
         return UpstreamException("InvalidStateEvent",
                                  str(data.get("message") or data.get("reason") or ""))
@@ -754,7 +760,7 @@ def decode_event(headers: Mapping[str, Any], payload: bytes) -> UpstreamEvent | 
 def _exception(headers: Mapping[str, Any], payload: bytes) -> UpstreamException:
     try:
         data = json.loads(payload) if payload else {}
-    except ValueError:
+    except (ValueError, RecursionError):
         data = {"message": payload.decode("utf-8", "replace")}
     if not isinstance(data, dict):
         data = {}
@@ -1034,7 +1040,7 @@ class Assembler:
         input_json = "".join(parts[1:]) or "{}"
         try:
             parsed = json.loads(input_json)
-        except ValueError:
+        except (ValueError, RecursionError):
             parsed = None
         if not isinstance(parsed, dict):
             self.stop_reason = "max_tokens"
@@ -1276,7 +1282,7 @@ def upstream_failure(status: int, body: str, error_type: str = "") -> Failure:
     message, reason = body.strip(), ""
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         data = None
     if isinstance(data, dict):
         nested = data.get("error") if isinstance(data.get("error"), dict) else {}

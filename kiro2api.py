@@ -166,6 +166,9 @@ REFRESH_TIMEOUT_SECONDS = 30.0
 LOCK_TIMEOUT_SECONDS = 60.0
 LOCK_POLL_SECONDS = 0.05
 DEFAULT_EXPIRES_IN_SECONDS = 3600
+# After a proactive refresh fails while the token still works, how long the
+# token is used before the auth service is asked again.
+REFRESH_RETRY_SECONDS = 30.0
 MAX_EXPIRES_IN_SECONDS = 366 * 24 * 3600  # keeps a silly expiresIn from overflowing datetime
 # Access tokens a store remembers for ``knows``: one per refresh, so about
 # ten days of hourly refreshes.
@@ -433,11 +436,15 @@ class TokenStore:
       refreshing, and its refresh token is the one used otherwise.
     - A refresh token the auth service refused for good is not sent again
       until the file holds a different one (the user logged in again).
+    - When a refresh made early (the token expiring, not yet expired or
+      rejected) fails, the token is used until it expires, and the refresh
+      is tried again after ``retry_after`` seconds; ``error`` tells.
     """
 
     def __init__(self, path: Path, *, config: Config, session: aiohttp.ClientSession,
                  timeout: float = REFRESH_TIMEOUT_SECONDS,
-                 lock_timeout: float = LOCK_TIMEOUT_SECONDS) -> None:
+                 lock_timeout: float = LOCK_TIMEOUT_SECONDS,
+                 retry_after: float = REFRESH_RETRY_SECONDS) -> None:
         self.path = Path(path)
         self.refreshes = 0  # refresh calls this store made (for /metrics)
         self.failures = 0  # loads and refreshes that failed (for /metrics)
@@ -449,12 +456,14 @@ class TokenStore:
         self._session = session
         self._timeout = timeout
         self._lock_timeout = lock_timeout
+        self._retry_after = retry_after
         self._credentials: Credentials | None = None
         self._task: asyncio.Task[Credentials] | None = None
         self._held: dict[bytes, None] = {}  # access tokens held, oldest first
         self._rejected: str | None = None  # the access token upstream refused
         self._error: TokenError | None = None
         self._dead: tuple[str, RefreshError] | None = None  # (refresh token, its refusal)
+        self._retry_at = 0.0  # time.monotonic() before which a failed refresh is not retried
 
     def __repr__(self) -> str:
         return f"<TokenStore {self.path}>"
@@ -558,7 +567,14 @@ class TokenStore:
     # Loading and refreshing ------------------------------------------------
 
     def _due(self, current: Credentials) -> bool:
-        return current.access_token == self._rejected or current.expiring()
+        if current.access_token == self._rejected:
+            return True
+        if not current.expiring():
+            return False
+        # A proactive refresh failed a moment ago but the token still works:
+        # use it rather than asking the auth service again at every request.
+        left = current.seconds_left()
+        return left is None or left <= 0 or time.monotonic() >= self._retry_at
 
     async def _run(self, mode: str, stale: str | None) -> Credentials:
         """Join the update in flight, or start one; every caller gets its result."""
@@ -579,7 +595,21 @@ class TokenStore:
             if (mode == "load" or (mode == "auto" and not self._due(current))
                     or (mode == "force" and current.access_token != stale)):
                 return current
-            return await self._refresh_under_lock(current)
+            try:
+                return await self._refresh_under_lock(current)
+            except RefreshError as exc:
+                left = current.seconds_left()
+                if mode != "auto" or current.access_token == self._rejected or not left \
+                        or left <= 0:
+                    raise
+                # Refreshing early failed, but the token is still good for a
+                # while: serve with it, and try again in a moment.
+                self._error = exc
+                self.failures += 1
+                self._retry_at = time.monotonic() + self._retry_after
+                log.warning("%s; using the current token, valid %s more", exc,
+                            human_duration(left))
+                return current
         except TokenError as exc:
             self._error = exc
             self.failures += 1
@@ -967,7 +997,10 @@ async def call_account(request: web.Request, prepared: convert.Prepared, store: 
     payload.pop("profileArn", None)
     if credentials.profile_arn:
         payload["profileArn"] = credentials.profile_arn
-    body = json.dumps(payload, ensure_ascii=False).encode()
+    try:
+        body = json.dumps(payload, ensure_ascii=False).encode()
+    except RecursionError:  # the client's JSON parsed, but nests deeper than we can write
+        raise convert.ConversionError("request body nests JSON too deeply") from None
     if len(body) > config.max_input_bytes:
         raise convert.ConversionError(
             f"{convert.PROMPT_TOO_LONG}: the request is {len(body)} bytes for Kiro, over its "
@@ -1393,6 +1426,13 @@ async def stream_sse(request: web.Request, upstream: aiohttp.ClientResponse,
         failure = convert.Failure(503, "kiro2api is shutting down; the answer was cut short",
                                   "overloaded_error", "server_error", None)
         tail = end_with_error(request, renderer, events, failure)
+    except Exception:
+        # A bug of ours: the headers are out, so the error middleware can no
+        # longer answer; the client must still see a failure, not a clean end.
+        log.exception("unhandled error while streaming %s", request.path)
+        failure = convert.Failure(500, "internal error in kiro2api; see its log", "api_error",
+                                  "server_error", None)
+        tail = end_with_error(request, renderer, [], failure)
     finally:
         keepalive.cancel()
         streams.discard(task)

@@ -77,7 +77,9 @@ class Stream:
     multi-byte characters) at awkward places. ``delay`` sleeps before each
     write after the first; ``first_byte_delay`` before the first one.
     ``hang_up`` closes the connection abruptly after the bytes are written,
-    without finishing the chunked body.
+    without finishing the chunked body. ``gate``, if given, holds everything
+    after the first write until the test sets it (an idle upstream, without
+    timing).
     """
 
     frames: list[bytes]
@@ -86,6 +88,7 @@ class Stream:
     first_byte_delay: float = 0.0
     hang_up: bool = False
     corrupt_at: int | None = None  # flip one bit of the byte at this offset
+    gate: asyncio.Event | None = None
 
     def body(self) -> bytes:
         data = bytearray(b"".join(self.frames))
@@ -198,6 +201,8 @@ class FakeUpstream:
         while pos < len(data):
             if reply.delay and pos:
                 await asyncio.sleep(reply.delay)
+            if reply.gate is not None and pos:
+                await reply.gate.wait()
             size = sizes[i % len(sizes)]
             await response.write(data[pos : pos + size])
             pos += size

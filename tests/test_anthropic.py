@@ -8,7 +8,7 @@ import aiohttp
 import anthropic
 import pydantic
 import pytest
-from anthropic.types import Message, RawMessageStreamEvent
+from anthropic.types import ErrorResponse, Message, RawMessageStreamEvent
 
 import fakes
 from conftest import API_KEY, write_token_file
@@ -38,7 +38,9 @@ async def raw_sse(proxy, body, headers=None):
         assert data["type"] == name, block
         if name == "ping":  # not in the SDK's event union; it skips pings itself
             assert data == {"type": "ping"}
-        elif name != "error":
+        elif name == "error":
+            ErrorResponse.model_validate(data)
+        else:
             STREAM_EVENT.validate_python(data)
         events.append((name, data))
     assert raw.endswith("\n\n")
@@ -292,15 +294,90 @@ async def post(proxy, path, data, headers=None):
     (json.dumps({"model": "m", "tools": {"a": 1}, "messages": [{"role": "user",
                                                                   "content": "x"}]}), "tools"),
     (b"[" * 100_000 + b"]" * 100_000, "not valid JSON"),
+    (b"", "not valid JSON"),
+    (b'"just a string"', "JSON object"),
+    (json.dumps({"model": "m", "messages": {"role": "user"}}), "messages"),
+    (json.dumps({"model": "m", "messages": ["hi"]}), "messages.0"),
+    (json.dumps({"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": 5}]}]}), "messages.0.content.0.text"),
+    (json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}, {
+        "role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f",
+                                          "input": "{}"}]}]}), "messages.1.content.0.input"),
+    (json.dumps({"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "t", "content": 5}]}]}), "tool_result content"),
+    (json.dumps({"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "image"}]}]}), "needs a source"),
+    (json.dumps({"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "tool_use", "id": "t", "name": "f", "input": {}}]}]}),
+     "'tool_use' is not supported in a user message"),
+    (json.dumps({"model": "m", "stop_sequences": "END",
+                 "messages": [{"role": "user", "content": "x"}]}), "stop_sequences"),
+    (json.dumps({"model": "m", "tools": [{"description": "nameless"}],
+                 "messages": [{"role": "user", "content": "x"}]}), "tools.0"),
 ], ids=["broken", "not-utf8", "array", "no-model", "no-messages", "empty-messages",
         "model-type", "bad-role", "content-type", "unknown-block", "url-image", "system-type",
-        "tools-type", "deep-nesting"])
+        "tools-type", "deep-nesting", "empty-body", "string-body", "messages-object",
+        "message-string", "text-type", "tool-input-type", "tool-result-content-type",
+        "image-without-source", "tool-use-from-user", "stop-sequences-type",
+        "tool-without-name"])
 async def test_bad_request_gets_a_400_envelope(proxy, data, needle):
     status, body = await post(proxy, "/v1/messages", data)
     assert status == 400
     assert body["type"] == "error"
     assert body["error"]["type"] == "invalid_request_error"
     assert needle in body["error"]["message"]
+    assert proxy.fake.calls("/generateAssistantResponse") == []
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/messages/count_tokens"])
+async def test_bad_request_on_each_anthropic_route_gets_a_400(proxy, path):
+    status, body = await post(proxy, path, b"{not json")
+    assert (status, body["type"], body["error"]["type"]) == (400, "error",
+                                                              "invalid_request_error")
+    status, body = await post(proxy, path, json.dumps({"model": "m", "messages": [
+        {"role": "user", "content": [{"type": "hologram"}]}]}))
+    assert status == 400 and "'hologram' is not supported" in body["error"]["message"]
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/messages/count_tokens",
+                                  "/v1/chat/completions"])
+async def test_json_nested_near_the_interpreter_limit_is_never_a_500(proxy, path):
+    import sys
+
+    # Python reads and writes JSON nested up to about its recursion limit; a
+    # body that parses but nests too deeply to be sent on must still be a 400.
+    limit = sys.getrecursionlimit()
+    statuses = set()
+    for depth in range(limit // 2, limit + 10, 4):
+        deep = '{"a":' * depth + "1" + "}" * depth
+        if path == "/v1/chat/completions":
+            data = ('{"model":"m","messages":[{"role":"user","content":"x"},{"role":"assistant",'
+                    '"tool_calls":[{"id":"t","type":"function","function":{"name":"f",'
+                    '"arguments":' + deep + '}}]},{"role":"tool","tool_call_id":"t",'
+                    '"content":"r"}]}')
+        else:
+            data = ('{"model":"m","messages":[{"role":"user","content":"x"},{"role":"assistant",'
+                    '"content":[{"type":"tool_use","id":"t","name":"f","input":' + deep + '}]},'
+                    '{"role":"user","content":[{"type":"tool_result","tool_use_id":"t",'
+                    '"content":"r"}]}]}')
+        status, _ = await post(proxy, path, data)
+        statuses.add(status)
+    assert statuses == {200, 400}
+
+
+async def test_an_api_key_that_is_not_utf8_is_refused_not_a_crash(proxy):
+    import asyncio
+
+    host, port = proxy.url.removeprefix("http://").split(":")
+    body = json.dumps(BASIC).encode()
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nx-api-key: \xff\xfe\r\n"
+                 b"Content-Type: application/json\r\nConnection: close\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 401 ")
+    assert b'"authentication_error"' in answer
     assert proxy.fake.calls("/generateAssistantResponse") == []
 
 
@@ -430,3 +507,178 @@ async def test_models_fall_back_to_the_built_in_list(proxy):
     proxy.fake.models_reply = Status(500, {"message": "boom"})
     ids = [m.id for m in (await proxy.anthropic().models.list()).data]
     assert ids[0] == "claude-sonnet-4-5" and "claude-haiku-4-5" in ids
+
+
+# The exact CodeWhisperer request, through the server #####################
+
+PROFILE_ARN = "arn:aws:codewhisperer:us-east-1:111122223333:profile/FAKE"
+
+
+def _anthropic_cases():
+    from test_convert import CASES
+
+    return CASES
+
+
+@pytest.mark.parametrize(("body", "expected"), [c[1:] for c in _anthropic_cases()],
+                         ids=[c[0] for c in _anthropic_cases()])
+async def test_the_upstream_receives_the_exact_codewhisperer_request(proxy, body, expected):
+    rest = {k: v for k, v in body.items() if k not in ("messages", "max_tokens")}
+    await proxy.anthropic().messages.create(
+        model="claude-sonnet-4-5-20250929", max_tokens=body.get("max_tokens", 1024),
+        messages=body["messages"], extra_body=rest)
+    (call,) = proxy.fake.calls("/generateAssistantResponse")
+    conversation_id = call.body["conversationState"]["conversationId"]
+    assert len(conversation_id) == 36 and conversation_id.count("-") == 4
+    sent = json.loads(json.dumps(call.body))
+    sent["conversationState"]["conversationId"] = "conv-1"
+    assert sent == {**expected, "profileArn": PROFILE_ARN}
+
+
+# Streams: usage, payload shapes, keep-alives ##############################
+
+
+async def test_streamed_usage_is_estimated_first_and_corrected_from_metadata(proxy):
+    usage = {"tokenUsage": {"uncachedInputTokens": 120, "cacheReadInputTokens": 30,
+                            "cacheWriteInputTokens": 7, "outputTokens": 11}}
+    proxy.fake.script.append(Stream(fakes.text("ok") + [fakes.event("metadataEvent", usage)]
+                                    + fakes.tail(), split=(9,)))
+    body = {**BASIC, "messages": [{"role": "user", "content": "word " * 400}]}
+    events = await raw_sse(proxy, body)
+    estimated = events[0][1]["message"]["usage"]
+    assert estimated["output_tokens"] == 0 and 400 <= estimated["input_tokens"] <= 800
+    # Anthropic's split: input_tokens is neither read from nor written to the cache.
+    assert events[-2][1]["usage"] == {"input_tokens": 120, "output_tokens": 11,
+                                      "cache_read_input_tokens": 30,
+                                      "cache_creation_input_tokens": 7}
+
+
+async def test_streamed_usage_is_corrected_from_context_usage(proxy):
+    # 10% of claude-sonnet-4.5's 200k window, less the 10 tokens of 40 characters sent.
+    proxy.fake.script.append(Stream(fakes.text("abcd" * 10) + fakes.tail(percentage=10.0)))
+    events = await raw_sse(proxy, BASIC)
+    assert events[-2][1]["usage"] == {"input_tokens": 19_990, "output_tokens": 10}
+    assert events[0][1]["message"]["usage"]["input_tokens"] < 100  # "Hi": the estimate
+
+
+def _shaped(event_type, payload, wrapped):
+    return fakes.event(event_type, {event_type: payload} if wrapped else payload)
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["flat", "wrapped"])
+async def test_flat_and_wrapped_payloads_give_the_same_answer(proxy, wrapped):
+    frames = [
+        _shaped("assistantResponseEvent", {"content": "Reading."}, wrapped),
+        _shaped("toolUseEvent", {"toolUseId": "t1", "name": "read_file", "input": '{"pa'},
+                wrapped),
+        _shaped("toolUseEvent", {"toolUseId": "t1", "name": "read_file", "input": 'th": "a"}'},
+                wrapped),
+        _shaped("toolUseEvent", {"toolUseId": "t1", "name": "read_file", "stop": True}, wrapped),
+        _shaped("metadataEvent", {"tokenUsage": {"uncachedInputTokens": 40,
+                                                 "outputTokens": 9}}, wrapped),
+        _shaped("contextUsageEvent", {"contextUsagePercentage": 3.5}, wrapped),
+    ]
+    proxy.fake.script.append(Stream(frames, split=(11, 2)))
+    async with proxy.anthropic().messages.stream(**BASIC) as stream:
+        message = await stream.get_final_message()
+    assert [(b.type, getattr(b, "text", None), getattr(b, "input", None))
+            for b in message.content] == [("text", "Reading.", None),
+                                          ("tool_use", None, {"path": "a"})]
+    assert (message.stop_reason, message.usage.input_tokens, message.usage.output_tokens) == (
+        "tool_use", 40, 9)
+
+
+async def test_an_idle_stream_gets_ping_events(aiohttp_server, fake_upstream, proxy_config):
+    import asyncio
+    import dataclasses
+
+    import kiro2api
+
+    config = dataclasses.replace(proxy_config, ping_interval=0.01)
+    server = await aiohttp_server(kiro2api.make_app(config))
+    gate = asyncio.Event()
+    frames = fakes.text("first", " second") + fakes.tail()
+    fake_upstream.script.append(Stream(frames, split=(len(frames[0]),), gate=gate))
+    raw = b""
+    async with aiohttp.ClientSession() as session, session.post(
+            server.make_url("/v1/messages"), json={**BASIC, "stream": True},
+            headers={"x-api-key": API_KEY}) as response:
+        assert response.status == 200
+        # The upstream sends "first" and then nothing until two pings have gone out.
+        while raw.count(b"event: ping\n") < 3:
+            raw += await response.content.readany()
+        gate.set()
+        raw += await response.read()
+    names = [block.split("\n")[0].removeprefix("event: ")
+             for block in raw.decode().split("\n\n") if block]
+    first_delta = names.index("content_block_delta")
+    assert names[:first_delta] == ["message_start", "ping", "content_block_start"]
+    assert names[first_delta + 1:first_delta + 3] == ["ping", "ping"]
+    assert names[-3:] == ["content_block_stop", "message_delta", "message_stop"]
+    for block in raw.decode().split("\n\n"):
+        if block.startswith("event: ping"):
+            assert block == 'event: ping\ndata: {"type":"ping"}'
+    fake_upstream.script.append(Stream(frames, split=(len(frames[0]),)))
+    client = anthropic.AsyncAnthropic(base_url=str(server.make_url("")).rstrip("/"),
+                                      api_key=API_KEY, max_retries=0)
+    async with client.messages.stream(**BASIC) as stream:
+        assert await stream.get_final_text() == "first second"
+
+
+@pytest.mark.parametrize("frame", [
+    fakes.event("assistantResponseEvent", b"[" * 100_000 + b"]" * 100_000),
+    fakes.event("assistantResponseEvent", b"not json"),
+    fakes.event("assistantResponseEvent", b'{"content": "\xff"}'),
+], ids=["deep-nesting", "not-json", "not-utf8"])
+async def test_a_frame_the_decoder_cannot_read_ends_the_stream_with_an_error(proxy, frame):
+    proxy.fake.script.append(Stream(fakes.text("Hello") + [frame] + fakes.tail()))
+    events = await raw_sse(proxy, BASIC)
+    names = [name for name, _ in events]
+    assert names[-1] == "error" and "message_stop" not in names
+    assert "payload is not JSON" in events[-1][1]["error"]["message"]
+    check_block_order(events[:-1])
+
+
+async def test_a_tool_input_nested_too_deeply_is_never_emitted(proxy):
+    deep = "[" * 100_000 + "]" * 100_000
+    proxy.fake.script.append(Stream(fakes.text("Hello") + fakes.tool("t1", "f", deep)
+                                    + fakes.tail()))
+    events = await raw_sse(proxy, BASIC)
+    check_block_order(events)
+    assert [d["content_block"]["type"] for n, d in events if n == "content_block_start"] == [
+        "text"]
+    assert events[-2][1]["delta"]["stop_reason"] == "max_tokens"
+
+
+async def test_a_failure_of_ours_mid_stream_still_ends_with_an_error_event(
+        proxy, monkeypatch, caplog):
+    import convert
+
+    render = convert.AnthropicStream.render
+
+    def render_then_fail(self, events):
+        if any(type(e) is convert.Text and e.text == "boom" for e in events):
+            raise RuntimeError("a bug")
+        return render(self, events)
+
+    monkeypatch.setattr(convert.AnthropicStream, "render", render_then_fail)
+    proxy.fake.script.append(Stream(fakes.text("Hello") + fakes.text("boom") + fakes.tail(),
+                                    split=(len(fakes.text("Hello")[0]),)))
+    events = await raw_sse(proxy, BASIC)
+    assert [name for name, _ in events][-1] == "error"
+    assert events[-1][1]["error"] == {"type": "api_error",
+                                      "message": "internal error in kiro2api; see its log"}
+    check_block_order(events[:-1])
+    assert any(r.exc_info and "a bug" in str(r.exc_info[1]) for r in caplog.records)
+
+
+async def test_numbers_that_are_not_finite_do_not_break_usage(proxy):
+    infinite = b'{"tokenUsage": {"uncachedInputTokens": 1e999, "outputTokens": -1e999}}'
+    frames = fakes.text("ok") + [fakes.event("metadataEvent", infinite),
+                                 fakes.event("contextUsageEvent",
+                                             b'{"contextUsagePercentage": NaN}')]
+    proxy.fake.script.append(Stream(frames))
+    events = await raw_sse(proxy, BASIC)
+    assert events[-1][0] == "message_stop"
+    usage = events[-2][1]["usage"]
+    assert usage["output_tokens"] == 1 and 0 < usage["input_tokens"] < 100

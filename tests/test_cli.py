@@ -188,6 +188,21 @@ def test_read_token_file_option_beats_environment(tmp_path, monkeypatch):
     assert str(good) in result.output
 
 
+@pytest.mark.parametrize("command", [["read"], ["export", "--shell", "posix"], ["authToken"]])
+def test_token_file_from_environment_and_option_beats_it(tmp_path, monkeypatch, command):
+    from_env, from_option = tmp_path / "env.json", tmp_path / "option.json"
+    write_token(from_env, accessToken="aoa-from-env-" + "e" * 30)
+    write_token(from_option, accessToken="aoa-from-option-" + "o" * 30)
+    monkeypatch.setenv("KIRO2API_TOKEN_FILE", str(from_env))
+    result = invoke(*command)
+    assert result.exit_code == 0, result.output
+    # Even masked (read), the token's end tells the files apart.
+    assert "eeee" in result.stdout and "oooo" not in result.stdout
+    result = invoke(*command, "--token-file", str(from_option))
+    assert result.exit_code == 0, result.output
+    assert "oooo" in result.stdout and "eeee" not in result.stdout
+
+
 BAD_TOKEN_FILES = {
     "missing": (lambda p: None, "does not exist; log in to Kiro first"),
     "unreadable": (lambda p: p.mkdir(), "cannot read"),
@@ -202,6 +217,15 @@ def test_bad_token_file_fails_every_command_cleanly(token_file, command, case):
     make, expected = BAD_TOKEN_FILES[case]
     make(token_file)
     result = invoke(command)
+    assert_fails_cleanly(result, str(token_file), expected)
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("case", BAD_TOKEN_FILES, ids=list(BAD_TOKEN_FILES))
+def test_read_json_with_a_bad_token_file_prints_no_json(token_file, case):
+    make, expected = BAD_TOKEN_FILES[case]
+    make(token_file)
+    result = invoke("read", "--json")
     assert_fails_cleanly(result, str(token_file), expected)
     assert result.stdout == ""
 
@@ -281,6 +305,56 @@ async def test_refresh_url_from_environment_and_option_beats_it(
     result = await invoke_async("refresh", "--social-auth-url", fake_upstream.url)
     assert result.exit_code == 0, result.output
     assert fake_upstream.refreshes == 2
+
+
+# Commands that refresh an expired token first, when the auth service fails
+
+AUTH_FAILURES = {
+    "down": (None, "cannot reach {url}/refreshToken"),
+    "garbage": (Status(200, "<html>"), "{url}/refreshToken answered HTTP 200 with no JSON"),
+    "no-token": (Status(200, {"expiresIn": 60}), "an answer without an accessToken"),
+    "refused": (Status(401, {"message": "Invalid refresh token provided"}),
+                "log in to Kiro again"),
+}
+
+
+@pytest.mark.parametrize("case", AUTH_FAILURES, ids=list(AUTH_FAILURES))
+@pytest.mark.parametrize("command", [["refresh"], ["export", "--shell", "posix"], ["authToken"]])
+async def test_auth_service_failure_fails_every_refreshing_command_cleanly(
+        token_file, fake_upstream, command, case):
+    reply, expected = AUTH_FAILURES[case]
+    write_token(token_file, expires_in=-60)
+    before = token_file.read_bytes()
+    if reply is None:
+        url = closed_port_url()
+    else:
+        url = fake_upstream.url
+        fake_upstream.auth_script.append(reply)
+    result = await invoke_async(*command, "--social-auth-url", url)
+    assert_fails_cleanly(result, expected.format(url=url))
+    assert result.stdout == ""
+    assert token_file.read_bytes() == before
+    assert sorted(p.name for p in token_file.parent.iterdir()) == [
+        token_file.name, token_file.name + ".lock"]
+
+
+def test_a_token_that_still_works_is_printed_when_the_early_refresh_fails(token_file):
+    write_token(token_file, expires_in=240)
+    before = token_file.read_bytes()
+    result = invoke("authToken", "--social-auth-url", closed_port_url())
+    assert result.exit_code == 0, result.output
+    assert result.stdout == SOCIAL_ACCESS + "\n"
+    assert token_file.read_bytes() == before
+
+
+async def test_idc_refresh_answered_with_garbage_fails_cleanly(token_file, fake_upstream):
+    write_token(token_file, method="idc", expires_in=-60)
+    before = token_file.read_bytes()
+    fake_upstream.auth_script.append(Status(200, "not json"))
+    result = await invoke_async("authToken", "--oidc-url", fake_upstream.url)
+    assert_fails_cleanly(result, f"{fake_upstream.url}/token answered HTTP 200 with no JSON",
+                         "check --oidc-url")
+    assert token_file.read_bytes() == before
 
 
 # export
@@ -453,6 +527,8 @@ def test_claude_twice_changes_nothing_the_second_time(claude_json):
 @pytest.mark.parametrize("content, expected", [
     ("[1, 2]", "holds JSON but not an object"),
     ('"text"', "holds JSON but not an object"),
+    ("null", "holds JSON but not an object"),
+    ("", "is not valid JSON"),
     ("{broken", "is not valid JSON"),
 ])
 def test_claude_refuses_a_file_that_is_not_a_json_object(claude_json, content, expected):
@@ -460,6 +536,20 @@ def test_claude_refuses_a_file_that_is_not_a_json_object(claude_json, content, e
     result = invoke("claude")
     assert_fails_cleanly(result, str(claude_json), expected)
     assert claude_json.read_text() == content
+
+
+def test_claude_refuses_a_file_it_cannot_read(claude_json):
+    claude_json.mkdir()
+    result = invoke("claude")
+    assert_fails_cleanly(result, f"cannot read {claude_json}", "run kiro2api claude again")
+    assert claude_json.is_dir() and list(claude_json.iterdir()) == []
+
+
+def test_claude_refuses_a_file_that_is_not_utf8(claude_json):
+    claude_json.write_bytes(b'{"a": "\xff"}')
+    result = invoke("claude")
+    assert_fails_cleanly(result, str(claude_json), "is not valid JSON")
+    assert claude_json.read_bytes() == b'{"a": "\xff"}'
 
 
 def test_claude_follows_a_symlinked_file(claude_json, tmp_path):

@@ -600,18 +600,37 @@ async def test_upstream_refusal_maps_to_openai_error(proxy, reply, status, error
         assert error.response.headers["Retry-After"] == "7"
 
 
-async def test_upstream_request_is_the_converted_payload(proxy):
-    body = {**BASIC, "tools": [READ_TOOL], "messages": TOOL_LOOP, "temperature": 0.1}
-    await proxy.openai().chat.completions.create(**body)
+PROFILE_ARN = "arn:aws:codewhisperer:us-east-1:111122223333:profile/FAKE"
+
+
+@pytest.mark.parametrize(("body", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+async def test_the_upstream_receives_the_exact_codewhisperer_request(proxy, body, expected):
+    rest = {k: v for k, v in body.items() if k != "messages"}
+    await proxy.openai().chat.completions.create(
+        model="claude-sonnet-4-5", messages=body["messages"], extra_body=rest)
     (call,) = proxy.fake.calls("/generateAssistantResponse")
-    expected = convert.anthropic_to_codewhisperer(
-        convert.openai_to_anthropic(body),
-        conversation_id=call.body["conversationState"]["conversationId"],
-        profile_arn="arn:aws:codewhisperer:us-east-1:111122223333:profile/FAKE").payload
-    assert call.body == expected
-    assert expected["conversationState"]["currentMessage"]["userInputMessage"][
-        "userInputMessageContext"]["toolResults"] == TOOL_RESULTS
     assert call.headers["Authorization"] == "Bearer aoa-initial-access"
+    conversation_id = call.body["conversationState"]["conversationId"]
+    assert len(conversation_id) == 36 and conversation_id.count("-") == 4
+    sent = json.loads(json.dumps(call.body))
+    sent["conversationState"]["conversationId"] = "conv-1"
+    assert sent == {**expected, "profileArn": PROFILE_ARN}
+
+
+async def test_a_prompt_over_the_input_limit_is_context_length_exceeded(
+        aiohttp_server, fake_upstream, proxy_config):
+    import kiro2api
+
+    config = dataclasses.replace(proxy_config, max_input_bytes=2_000)
+    server = await aiohttp_server(kiro2api.make_app(config))
+    client = openai.AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key=API_KEY,
+                                max_retries=0)
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.chat.completions.create(
+            model="claude-sonnet-4-5", messages=[{"role": "user", "content": "word " * 1000}])
+    assert caught.value.code == "context_length_exceeded"
+    assert caught.value.body["message"].startswith("prompt is too long")
+    assert fake_upstream.calls("/generateAssistantResponse") == []
 
 
 @pytest.mark.parametrize(("data", "param", "needle"), [
@@ -667,3 +686,20 @@ async def test_keepalive_comments_are_ignored_by_the_sdk(aiohttp_server, fake_up
     stream = await client.chat.completions.create(**BASIC, stream=True)
     received = [chunk async for chunk in stream]
     assert "".join(c.choices[0].delta.content or "" for c in received) == "slow answer"
+
+
+async def test_oversized_body_gets_413_in_the_openai_envelope(aiohttp_server, fake_upstream,
+                                                             proxy_config):
+    import kiro2api
+
+    config = dataclasses.replace(proxy_config, max_body_bytes=1000)
+    server = await aiohttp_server(kiro2api.make_app(config))
+    client = openai.AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key=API_KEY,
+                                max_retries=0)
+    with pytest.raises(openai.APIStatusError) as caught:
+        await client.chat.completions.create(
+            model="claude-sonnet-4-5", messages=[{"role": "user", "content": "x" * 5000}])
+    assert caught.value.status_code == 413
+    assert set(caught.value.body) == {"message", "type", "param", "code"}
+    assert "larger than 1000 bytes" in caught.value.body["message"]
+    assert fake_upstream.calls("/generateAssistantResponse") == []

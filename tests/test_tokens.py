@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import json
 import os
@@ -529,21 +530,122 @@ async def test_a_stuck_lock_holder_is_reported(token_path, make_store, fake_upst
     assert fake_upstream.requests == []
 
 
+async def wait_until_waiting_for(lock_path, processes):
+    """Wait until every process has ``lock_path`` open: it has read the token file
+    and is waiting for the lock. (Without /proc, give them a generous second.)"""
+    if not Path("/proc/self/fd").is_dir():
+        await asyncio.sleep(1.0)
+        return
+    waiting: set[int] = set()
+    while len(waiting) < len(processes):
+        for process in processes:
+            assert process.returncode is None, await process.communicate()
+            fds = Path(f"/proc/{process.pid}/fd")
+            with contextlib.suppress(OSError):
+                if any(os.readlink(fd) == os.path.realpath(lock_path) for fd in fds.iterdir()):
+                    waiting.add(process.pid)
+        await asyncio.sleep(0.01)
+
+
 async def test_two_processes_refreshing_at_once_refresh_once(token_path, fake_upstream):
     write_token(token_path, expires_in=-60, ideOnly="kept")
-    fake_upstream.auth_delay = 1.0  # both processes are up before the first refresh ends
+    before = json.loads(token_path.read_text())
     command = [sys.executable, str(MAIN / "kiro2api.py"), "refresh",
                "--token-file", str(token_path), "--social-auth-url", fake_upstream.url]
-    processes = [
-        await asyncio.create_subprocess_exec(*command, cwd=MAIN, stdout=asyncio.subprocess.PIPE,
-                                             stderr=asyncio.subprocess.PIPE)
-        for _ in range(2)
-    ]
+    lock_path = token_path.with_name(token_path.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        # Hold the lock until both processes have read the expired token and
+        # wait for it: then both mean to refresh the same refresh token.
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        processes = [
+            await asyncio.create_subprocess_exec(*command, cwd=MAIN,
+                                                 stdout=asyncio.subprocess.PIPE,
+                                                 stderr=asyncio.subprocess.PIPE)
+            for _ in range(2)
+        ]
+        await wait_until_waiting_for(lock_path, processes)
+        assert fake_upstream.requests == [] and json.loads(token_path.read_text()) == before
+    finally:
+        os.close(fd)
     outputs = [await p.communicate() for p in processes]
     assert [p.returncode for p in processes] == [0, 0], outputs
-    assert len(fake_upstream.calls("/refreshToken")) == 1
+    assert [r.body for r in fake_upstream.calls("/refreshToken")] == [
+        {"refreshToken": SOCIAL_REFRESH}]
     after = json.loads(token_path.read_text())
     assert after["accessToken"] == "aoa-social-access-1" and after["ideOnly"] == "kept"
+    assert after["refreshToken"] == "aor-social-refresh-1"
+    assert stat.S_IMODE(token_path.stat().st_mode) == 0o600
     stdout = sorted(out.decode() for out, _ in outputs)
     assert stdout[0].startswith("Already refreshed by another program")
     assert stdout[1].startswith("Refreshed")
+
+
+async def test_fifty_concurrent_requests_through_the_server_cause_one_refresh(
+        aiohttp_server, fake_upstream, token_path, session):
+    write_token(token_path, expires_in=-60)
+    config = kiro2api.Config(api_key="k", token_files=(token_path,), upstream=fake_upstream.url,
+                             social_auth_url=fake_upstream.url, oidc_url=fake_upstream.url,
+                             retries=0)
+    server = await aiohttp_server(kiro2api.make_app(config))
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 10,
+            "messages": [{"role": "user", "content": "Hi"}]}
+
+    async def ask() -> str:
+        async with session.post(server.make_url("/v1/messages"), json=body,
+                                headers={"x-api-key": "k"}) as response:
+            assert response.status == 200, await response.text()
+            return (await response.json())["content"][0]["text"]
+
+    fake_upstream.auth_gate = asyncio.Event()
+    requests = [asyncio.create_task(ask()) for _ in range(50)]
+    await fake_upstream.wait_for("/refreshToken")
+    await asyncio.sleep(0.2)  # let the other requests pile up behind the refresh
+    fake_upstream.auth_gate.set()
+    assert await asyncio.gather(*requests) == ["Hello"] * 50
+    assert len(fake_upstream.calls("/refreshToken")) == 1
+    calls = fake_upstream.calls("/generateAssistantResponse")
+    assert [c.headers["Authorization"] for c in calls] == ["Bearer aoa-social-access-1"] * 50
+    assert json.loads(token_path.read_text())["accessToken"] == "aoa-social-access-1"
+
+
+async def test_a_failed_early_refresh_keeps_serving_the_token_until_it_expires(
+        token_path, make_store, fake_upstream):
+    write_token(token_path, expires_in=240)
+    before = token_path.read_bytes()
+    fake_upstream.auth_script.append(Status(503, {"message": "busy"}))
+    store = make_store(token_path)
+    assert (await store.credentials()).access_token == SOCIAL_ACCESS
+    health = store.health()
+    assert health["state"] == "error" and "HTTP 503: busy" in health["error"]
+    # Not asked again at every request while the retry interval runs.
+    assert (await store.credentials()).access_token == SOCIAL_ACCESS
+    assert len(fake_upstream.calls("/refreshToken")) == 1
+    assert token_path.read_bytes() == before
+
+
+async def test_a_failed_early_refresh_is_tried_again_after_the_interval(
+        token_path, make_store, fake_upstream):
+    write_token(token_path, expires_in=240)
+    fake_upstream.auth_script.append(Status(400, {"error": "invalid_grant"}))
+    store = make_store(token_path, retry_after=0.0)
+    assert (await store.credentials()).access_token == SOCIAL_ACCESS
+    # The refused refresh token is not sent again: the token serves until it expires.
+    assert (await store.credentials()).access_token == SOCIAL_ACCESS
+    assert len(fake_upstream.calls("/refreshToken")) == 1
+    # A forced refresh (upstream rejected the token) still fails loudly.
+    with pytest.raises(kiro2api.RefreshError, match="invalid_grant"):
+        await store.refresh(stale_access_token=SOCIAL_ACCESS)
+    store2 = make_store(token_path, retry_after=0.0)
+    fake_upstream.auth_script.append(Status(503, {"message": "busy"}))
+    assert (await store2.credentials()).access_token == SOCIAL_ACCESS
+    assert (await store2.credentials()).access_token == "aoa-social-access-1"
+    assert store2.health()["state"] == "ok"
+
+
+async def test_a_failed_refresh_of_an_expired_token_is_an_error(
+        token_path, make_store, fake_upstream):
+    write_token(token_path, expires_in=-1)
+    fake_upstream.auth_script.append(Status(503, {"message": "busy"}))
+    with pytest.raises(kiro2api.RefreshError, match="HTTP 503: busy"):
+        await make_store(token_path).credentials()
