@@ -6,6 +6,7 @@ and raw HTTP against kiro2api in front of the fake upstream.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import dataclasses
 import json
@@ -675,12 +676,22 @@ async def test_keepalive_comments_are_ignored_by_the_sdk(aiohttp_server, fake_up
     server = await aiohttp_server(kiro2api.make_app(config))
     url = str(server.make_url("")).rstrip("/")
     frames = fakes.text("slow", " answer") + fakes.tail()
-    fake_upstream.script.append(Stream(frames, split=(len(frames[0]),), delay=0.3))
-    status, _, raw = await post_raw(url, {**BASIC, "stream": True})
-    assert status == 200
+    # The upstream sends "slow" and then nothing until two keep-alives have gone out.
+    gate = asyncio.Event()
+    fake_upstream.script.append(Stream(frames, split=(len(frames[0]),), gate=gate))
+    raw = b""
+    async with aiohttp.ClientSession() as session, session.post(
+            url + "/v1/chat/completions", json={**BASIC, "stream": True},
+            headers={"Authorization": f"Bearer {API_KEY}"}) as response:
+        assert response.status == 200
+        while raw.count(b": keep-alive\n\n") < 2:
+            raw += await response.content.readany()
+        gate.set()
+        raw += await response.read()
     assert b"\n\n: keep-alive\n\n" in raw
     assert raw.endswith(b"data: [DONE]\n\n")
 
+    # The SDK skips the comments (the upstream pauses between frames here).
     fake_upstream.script.append(Stream(frames, split=(len(frames[0]),), delay=0.3))
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0)
     stream = await client.chat.completions.create(**BASIC, stream=True)
