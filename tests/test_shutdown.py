@@ -60,7 +60,7 @@ async def test_a_signal_lets_a_short_stream_finish_and_exits_0(fake_upstream, tm
     fake_upstream.script.append(Stream(fakes.text("a", "b", "c") + fakes.tail(), split=(60,),
                                        delay=0.2))
     reader = asyncio.create_task(read_stream(url))
-    await asyncio.sleep(0.3)  # the stream is under way
+    await fake_upstream.wait_for("/generateAssistantResponse")  # the stream is under way
     process.send_signal(sig)
     body = await asyncio.wait_for(reader, 10)
     assert body.endswith('event: message_stop\ndata: {"type":"message_stop"}\n\n')
@@ -72,7 +72,7 @@ async def test_sigterm_ends_a_long_stream_with_an_error_event(fake_upstream, tmp
     fake_upstream.script.append(Stream(fakes.text(*"abcdefghij") + fakes.tail(), split=(60,),
                                        delay=0.5))
     reader = asyncio.create_task(read_stream(url))
-    await asyncio.sleep(0.3)
+    await fake_upstream.wait_for("/generateAssistantResponse")
     process.send_signal(signal.SIGTERM)
     body = await asyncio.wait_for(reader, 10)
     assert "message_stop" not in body
