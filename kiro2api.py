@@ -1238,8 +1238,8 @@ async def collect_events(upstream: aiohttp.ClientResponse,
     events: list[convert.Event] = []
     try:
         async for frames in upstream_frames(upstream):
-            for frame in frames:
-                assembler.feed_into(events, frame.headers, frame.payload)
+            for headers, payload in frames:
+                assembler.feed_into(events, headers, payload)
             if assembler.stop_reason is not None:
                 break
     except STREAM_FAILURES as exc:
@@ -1293,8 +1293,8 @@ async def stream_sse(request: web.Request, upstream: aiohttp.ClientResponse,
     feed = assembler.feed_into
     try:
         async for frames in upstream_frames(upstream):
-            for frame in frames:
-                feed(events, frame.headers, frame.payload)
+            for headers, payload in frames:  # unpacking: cheaper than two attribute reads
+                feed(events, headers, payload)
             if events:
                 await response.write(renderer.render(events))
                 events.clear()
