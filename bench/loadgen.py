@@ -187,11 +187,24 @@ async def stamped_stream(session: aiohttp.ClientSession, url: str, body: bytes,
 
 
 async def run_stamped(session: aiohttp.ClientSession, url: str, body: bytes,
-                      headers: dict[str, str], streams: int) -> tuple[Stamped, asyncio.Future]:
-    """Start ``streams`` slow streams at once; return the live result and their future."""
+                      headers: dict[str, str], streams: int, spread: float = 0.0,
+                      ) -> tuple[Stamped, asyncio.Future]:
+    """Start ``streams`` slow streams, evenly over ``spread`` seconds (0: all at
+    once); return the live result and their future.
+
+    Streams started together get their frames in lockstep: every interval,
+    all of them at once, a burst the proxy works through one frame after the
+    other. Spread over one interval, their frames interleave, as those of
+    independent clients do.
+    """
     result = Stamped()
-    done = asyncio.gather(*(stamped_stream(session, url, body, headers, result)
-                            for _ in range(streams)))
+
+    async def start(k: int) -> None:
+        if spread:
+            await asyncio.sleep(k * spread / streams)
+        await stamped_stream(session, url, body, headers, result)
+
+    done = asyncio.gather(*(start(k) for k in range(streams)))
     return result, done
 
 
