@@ -14,7 +14,9 @@ their ratio (kiro2api / floor):
   the delay from the upstream's write of each frame to the client's receipt.
   Twice: streams started over one interval, so that their frames interleave
   as independent clients' do (the target's row), and all started at once,
-  so that every 20 ms all 200 frames arrive together (a worst case).
+  so that every 20 ms all 200 frames arrive together (a worst case). Each
+  proxy's best p99 of three runs, taken in turn, counts: on a shared machine
+  one burst of someone else's work decides a single run's p99.
 - Memory: RSS growth per open stream with 500 concurrent slow streams.
 - Soak: RSS while streaming at c=20 for 60 s, for both.
 
@@ -88,14 +90,15 @@ class Settings:
     rate: float  # open-loop rows: requests started per second ...
     rate_requests: int  # ... and how many
     soak: float  # seconds of streaming at c=20 for the RSS soak, per proxy (0: none)
+    latency_rounds: int  # streaming-latency runs per proxy; the best p99 counts
 
 
 FULL = Settings(requests=1000, warmup=100, concurrency=(20, 100), latency_streams=200,
                 latency_frames=150, memory_streams=500, memory_frames=300, rate=100,
-                rate_requests=400, soak=60)
+                rate_requests=400, soak=60, latency_rounds=3)
 QUICK = Settings(requests=200, warmup=40, concurrency=(20, 100), latency_streams=200,
                  latency_frames=50, memory_streams=500, memory_frames=150, rate=100,
-                 rate_requests=100, soak=0)
+                 rate_requests=100, soak=0, latency_rounds=1)
 
 
 # Processes ###############################################################
@@ -524,11 +527,20 @@ async def bench(args: argparse.Namespace, workdir: Path) -> None:
                 print(f"\nstreaming latency: {settings.latency_streams} concurrent streams of "
                       f"{settings.latency_frames} frames, one every {SLOW_INTERVAL_MS} ms, "
                       f"{how};\nupstream write -> client receipt, ms")
-                apis = (("anthropic", "/v1/messages"), ("openai", "/v1/chat/completions"))
-                rows = {"floor": await latency(session, floor, "anthropic", settings, spread)}
-                for api, path in apis if spread else apis[:1]:
-                    rows[f"kiro2api {path}"] = await latency(session, kiro, api, settings,
-                                                             spread)
+                runs = [("floor", floor, "anthropic"), ("kiro2api /v1/messages", kiro, "anthropic")]
+                if spread:
+                    runs.append(("kiro2api /v1/chat/completions", kiro, "openai"))
+                rows: dict[str, dict[str, float]] = {}
+                # One stray burst of other work on the machine decides a p99:
+                # each proxy's best of ``latency_rounds`` runs, taken in turn.
+                for _ in range(settings.latency_rounds):
+                    for name, proc, api in runs:
+                        result = await latency(session, proc, api, settings, spread)
+                        if name not in rows or result["p99"] < rows[name]["p99"]:
+                            rows[name] = result
+                if settings.latency_rounds > 1:
+                    print(f"each proxy's best of {settings.latency_rounds} runs by p99, "
+                          f"the runs taken in turn")
                 print_latency(rows)
                 note_waiting(rows, settings.latency_streams)
                 lat = lat or rows  # the interleaved rows are the target's
