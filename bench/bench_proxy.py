@@ -526,7 +526,8 @@ async def bench(args: argparse.Namespace, workdir: Path) -> None:
                                 (False, "started at once, frames in lockstep bursts")):
                 print(f"\nstreaming latency: {settings.latency_streams} concurrent streams of "
                       f"{settings.latency_frames} frames, one every {SLOW_INTERVAL_MS} ms, "
-                      f"{how};\nupstream write -> client receipt, ms")
+                      f"{how};\nupstream write -> client receipt, ms "
+                      f"(load avg {os.getloadavg()[0]:.2f})")
                 runs = [("floor", floor, "anthropic"), ("kiro2api /v1/messages", kiro, "anthropic")]
                 if spread:
                     runs.append(("kiro2api /v1/chat/completions", kiro, "openai"))
@@ -575,7 +576,8 @@ async def bench(args: argparse.Namespace, workdir: Path) -> None:
                           f"{len(samples) - 1} samples over {samples[-1][0]:.0f} s)")
 
             print_targets(results, lat, mem, soaks)
-            print(f"\n(bench took {time.monotonic() - started:.0f} s)")
+            print(f"\n(bench took {time.monotonic() - started:.0f} s; load avg now "
+                  f"{os.getloadavg()[0]:.2f})")
     finally:
         for proc in reversed(procs):
             proc.stop()
