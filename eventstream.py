@@ -356,6 +356,24 @@ class Decoder:
                 raise StopIteration
         return ready.popleft()
 
+    def take(self) -> list[Message]:
+        """Every message complete now, in one list: what iterating would yield,
+        without a call per message (the proxy's per-read path).
+
+        Like iteration, a framing error comes after the messages before it:
+        they are returned, and this call raises it once none are left.
+        """
+        ready = self._ready
+        if self._fed and self._error is None:
+            self._parse()
+        if not ready:
+            if self._error is not None:
+                raise self._error.with_traceback(None)
+            return []
+        messages = list(ready)
+        ready.clear()
+        return messages
+
     def _parse(self) -> None:
         """Parse every complete frame buffered into ``_ready``, then drop their bytes.
 

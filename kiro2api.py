@@ -983,7 +983,7 @@ async def upstream_frames(response: aiohttp.ClientResponse) -> AsyncIterator[lis
     decoder = eventstream.Decoder()
     async for chunk in response.content.iter_any():
         decoder.feed(chunk)
-        frames = list(decoder)
+        frames = decoder.take()
         if frames:
             yield frames
     decoder.close()
