@@ -686,7 +686,22 @@ UpstreamEvent = Union[Text, ToolUseDelta, ReasoningDelta, TokenUsage, ContextUsa
                       Refusal, UpstreamException]
 
 
-_json_decode = json.JSONDecoder().decode  # json.loads minus its per-call checks
+_json_decoder = json.JSONDecoder()
+_json_scan = _json_decoder.scan_once  # the C scanner, without decode()'s two regex passes
+
+
+def _json_payload(text: str) -> Any:
+    """``json.loads(text)`` for a frame payload, minus its per-call overhead.
+
+    The scanner parses the value at the start; anything else (leading or
+    trailing whitespace, extra data, no value at all) goes to the full
+    decoder, which accepts or rejects it exactly as ``json.loads`` would.
+    """
+    try:
+        data, end = _json_scan(text, 0)
+    except StopIteration:
+        return _json_decoder.decode(text)
+    return data if end == len(text) else _json_decoder.decode(text)
 
 
 def _number_or_none(value: Any) -> float | None:
@@ -712,7 +727,7 @@ def decode_event(headers: Mapping[str, Any], payload: bytes) -> UpstreamEvent | 
         return _exception(headers, payload)
     event_type = headers.get(":event-type")
     try:
-        data = _json_decode(payload.decode()) if payload else {}
+        data = _json_payload(payload.decode()) if payload else {}
     except (ValueError, RecursionError):  # UnicodeDecodeError included; absurd nesting
         return UpstreamException("InvalidEventPayload", f"{event_type} payload is not JSON")
     if not isinstance(data, dict):

@@ -308,6 +308,7 @@ class Decoder:
         self._closed = False
         self._header_cache: dict[bytes, Mapping[str, HeaderValue]] = {}
         self._ready: deque[Message] = deque()  # parsed, not yet handed out
+        self._fed = False  # bytes arrived since the last parse
 
     def feed(self, data: bytes) -> None:
         """Append bytes that arrived; never parses and never raises a framing error."""
@@ -316,6 +317,7 @@ class Decoder:
         if self._start:  # a caller that stopped iterating early
             self._compact()
         self._buffer += data
+        self._fed = True
 
     def close(self) -> None:
         """Mark the end of the stream; raise if bytes are left over.
@@ -344,7 +346,9 @@ class Decoder:
     def __next__(self) -> Message:
         ready = self._ready
         if not ready:
-            if self._error is None:
+            # Nothing new since the last pass, nothing to find: the call that
+            # ends each read's iteration costs no parse.
+            if self._fed and self._error is None:
                 self._parse()
             if not ready:
                 if self._error is not None:
@@ -352,12 +356,31 @@ class Decoder:
                 raise StopIteration
         return ready.popleft()
 
+    def take(self) -> list[Message]:
+        """Every message complete now, in one list: what iterating would yield,
+        without a call per message (the proxy's per-read path).
+
+        Like iteration, a framing error comes after the messages before it:
+        they are returned, and this call raises it once none are left.
+        """
+        ready = self._ready
+        if self._fed and self._error is None:
+            self._parse()
+        if not ready:
+            if self._error is not None:
+                raise self._error.with_traceback(None)
+            return []
+        messages = list(ready)
+        ready.clear()
+        return messages
+
     def _parse(self) -> None:
         """Parse every complete frame buffered into ``_ready``, then drop their bytes.
 
         A framing error stops the pass and is kept: the frames before it are
         still handed out first, and every later call raises it.
         """
+        self._fed = False
         buffer, ready, cache = self._buffer, self._ready, self._header_cache
         start = self._start
         try:
@@ -368,7 +391,15 @@ class Decoder:
                     if prelude is None:
                         if available < PRELUDE_BYTES:
                             break
-                        prelude = self._read_prelude(buffer, start)
+                        # The checks of _read_prelude, inline for a sound
+                        # prelude; it reports whatever is wrong with another.
+                        prelude = _PRELUDE.unpack_from(buffer, start)
+                        total, headers_length, prelude_crc = prelude
+                        if (zlib.crc32(view[start : start + 8]) != prelude_crc
+                                or headers_length > MAX_HEADERS_BYTES
+                                or not 0 <= total - MIN_FRAME_BYTES - headers_length
+                                <= MAX_PAYLOAD_BYTES):
+                            prelude = self._read_prelude(buffer, start)
                     total, headers_length, prelude_crc = prelude
                     if available < total:
                         self._prelude = prelude

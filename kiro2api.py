@@ -825,6 +825,8 @@ class RequestLog:
     failure: str | None = None
     account: str | None = None
     upstream_first_byte: float | None = None  # seconds from the upstream call to its headers
+    failovers: int = 0  # accounts set aside while serving this request
+    bytes_out: int = 0  # body bytes of a streamed answer (keep-alive pings aside)
 
 
 # RequestKey arrived in aiohttp 3.12; a plain string key works before it.
@@ -979,6 +981,7 @@ async def open_upstream(request: web.Request, prepared: convert.Prepared) -> aio
                 seconds = asked
             set_aside(store, seconds, exc.failure.message)
         app[METRICS].failovers += 1
+        request[REQUEST_LOG].failovers += 1
     raise AssertionError("no accounts configured")  # make_app always has one
 
 
@@ -1063,7 +1066,7 @@ async def upstream_frames(response: aiohttp.ClientResponse) -> AsyncIterator[lis
     decoder = eventstream.Decoder()
     async for chunk in response.content.iter_any():
         decoder.feed(chunk)
-        frames = list(decoder)
+        frames = decoder.take()
         if frames:
             yield frames
     decoder.close()
@@ -1344,8 +1347,8 @@ async def collect_events(upstream: aiohttp.ClientResponse,
     events: list[convert.Event] = []
     try:
         async for frames in upstream_frames(upstream):
-            for frame in frames:
-                assembler.feed_into(events, frame.headers, frame.payload)
+            for headers, payload in frames:
+                assembler.feed_into(events, headers, payload)
             if assembler.stop_reason is not None:
                 break
     except STREAM_FAILURES as exc:
@@ -1390,7 +1393,10 @@ async def stream_sse(request: web.Request, upstream: aiohttp.ClientResponse,
         "X-Accel-Buffering": "no",
     })
     await response.prepare(request)
-    await response.write(renderer.start())
+    # Counted here: aiohttp's body_length restarts from 0 at each drain.
+    data = renderer.start()
+    written = len(data)
+    await response.write(data)
     keepalive = asyncio.create_task(send_keepalives(response, renderer, config.ping_interval))
     streams = request.app[STREAMS]
     task = asyncio.current_task()
@@ -1399,10 +1405,12 @@ async def stream_sse(request: web.Request, upstream: aiohttp.ClientResponse,
     feed = assembler.feed_into
     try:
         async for frames in upstream_frames(upstream):
-            for frame in frames:
-                feed(events, frame.headers, frame.payload)
+            for headers, payload in frames:  # unpacking: cheaper than two attribute reads
+                feed(events, headers, payload)
             if events:
-                await response.write(renderer.render(events))
+                data = renderer.render(events)
+                written += len(data)
+                await response.write(data)
                 events.clear()
             if assembler.stop_reason is not None:
                 break  # refusal, stop sequence or output limit: nothing more will count
@@ -1436,8 +1444,10 @@ async def stream_sse(request: web.Request, upstream: aiohttp.ClientResponse,
     finally:
         keepalive.cancel()
         streams.discard(task)
+        request[REQUEST_LOG].bytes_out = written
     with contextlib.suppress(ConnectionError):
         await response.write_eof(tail)  # the last events and the end of the body: one send
+        request[REQUEST_LOG].bytes_out += len(tail)
     return response
 
 
@@ -1539,13 +1549,17 @@ def log_request(request: web.Request, response: web.StreamResponse | None,
     if request.path in QUIET_PATHS:
         return
     entry = request[REQUEST_LOG]
+    # A Response's body goes out after this (when the handler has returned).
+    body = getattr(response, "body", None) if response is not None and not response.prepared \
+        else None
     fields = {
         "request_id": entry.id, "method": request.method, "route": route,
         "model": entry.model, "status": status, "duration_ms": round(seconds * 1000, 1),
         "upstream_first_byte_ms": None if entry.upstream_first_byte is None
         else round(entry.upstream_first_byte * 1000, 1),
-        "bytes_out": response.body_length if response is not None and response.prepared else 0,
-        "retries": entry.retries, "account": entry.account, "failure": entry.failure,
+        "bytes_out": len(body) if isinstance(body, (bytes, bytearray)) else entry.bytes_out,
+        "retries": entry.retries, "failovers": entry.failovers, "account": entry.account,
+        "failure": entry.failure,
     }
     text = " ".join(f"{k}={v}" for k, v in fields.items()
                     if v is not None and k != "failure")

@@ -140,6 +140,11 @@ def main() -> None:
             f"\n{HEADLINE_READ // 1024} KiB reads: ours {ours:.1f} MB/s, "
             f"botocore {theirs:.1f} MB/s, ratio ours/botocore {ours / theirs:.2f}x"
         )
+        ratios = [results[read, "ours"] / results[read, "botocore"] for read in READ_SIZES
+                  if (read, "botocore") in results]
+        mark = "ok  " if min(ratios) >= 3 else "MISS"
+        print(f"\ntargets (issue 8)\n  {mark} decoder >= 3x botocore at every read size"
+              f"{'':<20}{min(ratios):>9.2f}x (lowest)")
 
 
 if __name__ == "__main__":

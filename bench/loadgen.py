@@ -150,11 +150,22 @@ async def run_load(session: aiohttp.ClientSession, url: str, body: bytes,
 class Stamped:
     """Per-event delays (upstream write -> client receipt) of concurrent slow streams."""
 
+    streams: int = 0  # how many the run starts
     delays_ns: list[int] = field(default_factory=list)
+    stamps_ns: list[int] = field(default_factory=list)  # each event's upstream write
     first_byte: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     open: int = 0  # streams that have started and not ended
     max_open: int = 0
+    all_open_ns: int | None = None  # when every stream of the run had started
+
+    def steady_delays_ns(self) -> list[int]:
+        """Delays of the events written once every stream was open: the
+        streaming itself, without the other streams' start-up work."""
+        if self.all_open_ns is None:
+            return []
+        return [d for d, stamp in zip(self.delays_ns, self.stamps_ns)
+                if stamp >= self.all_open_ns]
 
 
 async def stamped_stream(session: aiohttp.ClientSession, url: str, body: bytes,
@@ -171,10 +182,14 @@ async def stamped_stream(session: aiohttp.ClientSession, url: str, body: bytes,
                     result.first_byte.append(time.perf_counter() - start)
                     result.open += 1
                     result.max_open = max(result.max_open, result.open)
+                    if result.max_open == result.streams and result.all_open_ns is None:
+                        result.all_open_ns = now
                 buffer += chunk
                 end = 0
                 for match in STAMP.finditer(buffer):
-                    result.delays_ns.append(now - int(match.group(1)))
+                    stamp = int(match.group(1))
+                    result.delays_ns.append(now - stamp)
+                    result.stamps_ns.append(stamp)
                     end = match.end()
                 buffer = buffer[max(end, len(buffer) - 64):]
             if response.status != 200:
@@ -187,11 +202,24 @@ async def stamped_stream(session: aiohttp.ClientSession, url: str, body: bytes,
 
 
 async def run_stamped(session: aiohttp.ClientSession, url: str, body: bytes,
-                      headers: dict[str, str], streams: int) -> tuple[Stamped, asyncio.Future]:
-    """Start ``streams`` slow streams at once; return the live result and their future."""
-    result = Stamped()
-    done = asyncio.gather(*(stamped_stream(session, url, body, headers, result)
-                            for _ in range(streams)))
+                      headers: dict[str, str], streams: int, spread: float = 0.0,
+                      ) -> tuple[Stamped, asyncio.Future]:
+    """Start ``streams`` slow streams, evenly over ``spread`` seconds (0: all at
+    once); return the live result and their future.
+
+    Streams started together get their frames in lockstep: every interval,
+    all of them at once, a burst the proxy works through one frame after the
+    other. Spread over one interval, their frames interleave, as those of
+    independent clients do.
+    """
+    result = Stamped(streams=streams)
+
+    async def start(k: int) -> None:
+        if spread:
+            await asyncio.sleep(k * spread / streams)
+        await stamped_stream(session, url, body, headers, result)
+
+    done = asyncio.gather(*(start(k) for k in range(streams)))
     return result, done
 
 

@@ -9,7 +9,8 @@ forwards it untouched):
   about 20 bytes of text, then the metering / context-usage / metadata tail.
 - ``[bench:tool]``: 50 text frames, then one tool call whose JSON input comes
   in 150 fragments, then the tail.
-- ``[bench:slow:FRAMES:MS]``: FRAMES text frames, one every MS milliseconds.
+- ``[bench:slow:FRAMES:MS]``: FRAMES text frames, one every MS milliseconds
+  (on a fixed schedule from the first).
   Each text is ``@<CLOCK_MONOTONIC ns>@`` stamped just before its write, so a
   client on the same machine can tell how long the frame took to reach it.
 
@@ -102,10 +103,14 @@ class Upstream:
         response = web.StreamResponse(headers=EVENT_STREAM)
         await response.prepare(request)
         if name == "slow":
+            # On a fixed schedule from the first frame, so that a late wake-up
+            # does not shift the later frames (nor bunch streams together).
             frames, interval = int(match.group(2)), int(match.group(3)) / 1000
+            loop = asyncio.get_running_loop()
+            start = loop.time()
             for i in range(frames):
                 if i:
-                    await asyncio.sleep(interval)
+                    await asyncio.sleep(max(0.0, start + i * interval - loop.time()))
                 await response.write(self.stamped.frame())
             await response.write(self.tail)
         else:

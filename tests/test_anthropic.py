@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import aiohttp
@@ -11,6 +12,7 @@ import pytest
 from anthropic.types import ErrorResponse, Message, RawMessageStreamEvent
 
 import fakes
+import kiro2api
 from conftest import API_KEY, write_token_file
 from fakes import Status, Stream
 
@@ -682,3 +684,24 @@ async def test_numbers_that_are_not_finite_do_not_break_usage(proxy):
     assert events[-1][0] == "message_stop"
     usage = events[-2][1]["usage"]
     assert usage["output_tokens"] == 1 and 0 < usage["input_tokens"] < 100
+
+
+async def test_models_are_fetched_again_once_the_cache_expires(proxy, monkeypatch):
+    monkeypatch.setattr(kiro2api, "MODELS_RETRY_SECONDS", 1.0)
+    monkeypatch.setattr(kiro2api, "MODELS_TTL_SECONDS", 1.0)
+    client = proxy.anthropic()
+
+    async def ids():
+        return [m.id for m in (await client.models.list()).data]
+
+    proxy.fake.models_reply = Status(500, {"message": "boom"})
+    assert "claude-haiku-4-5" in await ids()  # the built-in table ...
+    proxy.fake.models_reply = None
+    assert "claude-haiku-4-5" in await ids()  # ... until the failure's retry time
+    assert len(proxy.fake.calls("/ListAvailableModels")) == 1
+    await asyncio.sleep(1.05)
+    assert "claude-haiku-4-5" not in await ids()  # the account's list now
+    assert len(proxy.fake.calls("/ListAvailableModels")) == 2
+    await asyncio.sleep(1.05)
+    await ids()
+    assert len(proxy.fake.calls("/ListAvailableModels")) == 3

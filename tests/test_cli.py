@@ -261,6 +261,22 @@ async def test_refresh_an_idc_login(token_file, fake_upstream):
     assert json.loads(token_file.read_text())["accessToken"] == "aoa-idc-access-1"
 
 
+async def test_refresh_takes_every_account_and_fails_only_for_the_bad_one(tmp_path,
+                                                                        fake_upstream):
+    social, idc, missing = tmp_path / "social.json", tmp_path / "idc.json", tmp_path / "x.json"
+    write_token(social)
+    write_token(idc, method="idc")
+    result = await invoke_async("refresh", "--token-file", str(social), "--token-file", str(idc),
+                                "--token-file", str(missing), "--social-auth-url",
+                                fake_upstream.url, "--oidc-url", fake_upstream.url)
+    assert_fails_cleanly(result, "x.json does not exist")
+    assert [line.split(";")[0] for line in result.stdout.splitlines()] == [
+        f"Refreshed {social}", f"Refreshed {idc}"]
+    assert json.loads(social.read_text())["accessToken"] == "aoa-social-access-1"
+    assert json.loads(idc.read_text())["accessToken"] == "aoa-idc-access-2"
+    assert [r.path for r in fake_upstream.requests] == ["/refreshToken", "/token"]
+
+
 REFRESH_FAILURES = {
     "refused": (Status(400, {"error": "invalid_grant"}), "invalid_grant); log in to Kiro again"),
     "garbage": (Status(200, "<html>"), "with no JSON; check --social-auth-url"),

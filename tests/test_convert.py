@@ -166,6 +166,23 @@ def test_decode_event_accepts_bare_and_wrapped_payloads(payload):
     assert convert.decode_event(headers, body) == convert.Text("Hi")
 
 
+@pytest.mark.parametrize("payload, expected", [
+    (b' {"content": "Hi"}\n', convert.Text("Hi")),  # whitespace around the object
+    (b'{"content": "Hi\\u00e9\\n"}', convert.Text("Hi\u00e9\n")),
+    (b'{"content": "Hi"} x', None), (b'{"content": "Hi"}{}', None),  # extra data
+    (b'{"content": "Hi"', None), (b"nope", None), (b"\xff", None),
+    (b'["content"]', convert.UpstreamException(
+        "InvalidEventPayload", "assistantResponseEvent payload is not an object")),
+])
+def test_decode_event_parses_payloads_as_json_loads_does(payload, expected):
+    # decode_event skips json.loads's wrapper; what it accepts must not change.
+    if expected is None:
+        expected = convert.UpstreamException(
+            "InvalidEventPayload", "assistantResponseEvent payload is not JSON")
+    headers, body = headers_payload(fakes.event("assistantResponseEvent", payload))
+    assert convert.decode_event(headers, body) == expected
+
+
 def test_decode_event_reads_exception_type_from_header_or_payload():
     headers, body = headers_payload(fakes.exception("ThrottlingException", "slow"))
     assert convert.decode_event(headers, body) == convert.UpstreamException(

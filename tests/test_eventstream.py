@@ -669,6 +669,16 @@ def test_decoder_yields_good_frames_before_a_malformed_one(data, error):
 
 
 @pytest.mark.parametrize("data, error", NEGATIVE_CASES, ids=NEGATIVE_IDS)
+def test_take_hands_out_the_good_frames_then_raises(data, error):
+    decoder = Decoder()
+    decoder.feed(GOLDEN_BYTES + GOLDEN_BYTES + data)
+    assert shapes(decoder.take()) == shapes([GOLDEN_MESSAGE, GOLDEN_MESSAGE])
+    with pytest.raises(error):
+        decoder.take()
+        decoder.close()  # only close() can find a truncation
+
+
+@pytest.mark.parametrize("data, error", NEGATIVE_CASES, ids=NEGATIVE_IDS)
 def test_decoder_errors_are_sticky(data, error):
     decoder = Decoder()
     decoder.feed(data)
@@ -934,6 +944,22 @@ quick = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
+
+
+@quick
+@given(st.lists(messages_st, max_size=6), st.data())
+def test_take_gives_what_iteration_gives_however_the_stream_is_split(messages, data):
+    blob = b"".join(encode(headers, payload) for headers, payload in messages)
+    cuts = data.draw(st.lists(st.integers(0, len(blob)), max_size=12), label="cuts")
+    decoder = Decoder()
+    got: list[Message] = []
+    for chunk in split(blob, cuts):
+        decoder.feed(chunk)
+        got += decoder.take()
+        assert decoder.take() == []  # nothing new since: nothing more
+    decoder.close()
+    assert shapes(got) == shapes(decode(*split(blob, cuts)))
+    assert shapes(got) == [(typed(headers), payload) for headers, payload in messages]
 
 
 @quick

@@ -17,8 +17,12 @@ BODY = {"model": "claude-sonnet-4-5", "max_tokens": 10,
 
 
 async def post(proxy, path, body):
+    return await post_to(proxy.url, path, body)
+
+
+async def post_to(url, path, body):
     async with aiohttp.ClientSession() as session:
-        async with session.post(proxy.url + path, json=body,
+        async with session.post(url + path, json=body,
                                 headers={"x-api-key": API_KEY}) as response:
             return response.status, response.headers, await response.read()
 
@@ -86,3 +90,79 @@ async def test_metrics_count_requests_retries_and_accounts(aiohttp_server, fake_
     assert samples[("kiro2api_account_up", account)] == 1
     assert samples[("kiro2api_token_refreshes_total", account)] == 0
     assert 3000 < samples[("kiro2api_account_token_seconds_left", account)] <= 3600
+
+
+def request_line(caplog, request_id):
+    (line,) = [r for r in caplog.records if getattr(r, "fields", {}).get("request_id")
+               == request_id]
+    return line.fields
+
+
+async def test_bytes_out_is_the_body_the_client_received(proxy, caplog):
+    caplog.set_level(logging.INFO, logger="kiro2api")
+    # Over 64 KiB streamed: past aiohttp's drain limit, where its own count restarts.
+    proxy.fake.script.append(Stream(fakes.text(*["x" * 1000] * 100) + fakes.tail()))
+    status, headers, streamed = await post(proxy, "/v1/messages", {**BODY, "stream": True})
+    assert status == 200 and len(streamed) > 65536
+    assert request_line(caplog, headers["request-id"])["bytes_out"] == len(streamed)
+    status, headers, whole = await post(proxy, "/v1/chat/completions", BODY)
+    assert status == 200
+    assert request_line(caplog, headers["request-id"])["bytes_out"] == len(whole)
+    status, headers, refused = await post(proxy, "/v1/messages", {"model": 1})
+    assert status == 400
+    assert request_line(caplog, headers["request-id"])["bytes_out"] == len(refused)
+
+
+async def scrape(url):
+    async with aiohttp.ClientSession() as session, session.get(url + "/metrics") as response:
+        assert response.status == 200
+        return parse_metrics(await response.text())
+
+
+async def test_metrics_show_open_streams_and_time_histograms(proxy):
+    proxy.fake.script.append(Stream(fakes.text("a", "b", "c") + fakes.tail(), split=(60,),
+                                    delay=0.3))
+    async with aiohttp.ClientSession(headers={"x-api-key": API_KEY}) as session, \
+            session.post(proxy.url + "/v1/messages", json={**BODY, "stream": True}) as response:
+        await response.content.readany()  # the stream has started ...
+        during = await scrape(proxy.url)  # ... and is still open
+        await response.read()
+    after = await scrape(proxy.url)
+    assert during[("kiro2api_streams_open", "")] == 1
+    assert after[("kiro2api_streams_open", "")] == 0
+    for name in ("kiro2api_upstream_first_byte_seconds", "kiro2api_request_duration_seconds"):
+        buckets = sorted((float(labels.split('"')[1]), value) for (n, labels), value in
+                         after.items() if n == name + "_bucket")
+        assert buckets[-1][0] == float("inf")
+        counts = [value for _, value in buckets]
+        assert counts == sorted(counts)  # cumulative
+        assert after[(name + "_count", "")] == counts[-1]
+    # The stream took over 0.6 s; its upstream answered at once.
+    assert after[("kiro2api_request_duration_seconds_sum", "")] >= 0.6
+    assert after[("kiro2api_upstream_first_byte_seconds_bucket", 'le="0.5"')] == 1
+    assert after[("kiro2api_request_duration_seconds_bucket", 'le="0.5"')] == 1  # the scrape
+    assert after[("kiro2api_request_duration_seconds_count", "")] == 2
+
+
+async def test_metrics_count_refreshes_and_token_failures(aiohttp_server, fake_upstream,
+                                                          proxy_config):
+    from conftest import write_token_file
+
+    token_file = proxy_config.token_files[0]
+    write_token_file(token_file, expiresAt="2020-01-01T00:00:00.000Z")
+    server = await aiohttp_server(kiro2api.make_app(proxy_config))
+    url = str(server.make_url("")).rstrip("/")
+    account = f'account="{token_file}"'
+    status, _, _ = await post_to(url, "/v1/messages", BODY)
+    assert status == 200
+    samples = await scrape(url)
+    assert samples[("kiro2api_token_refreshes_total", account)] == 1
+    assert samples[("kiro2api_token_failures_total", account)] == 0
+    # Kiro rejects the new token, and the auth service the refresh that follows.
+    fake_upstream.script.append(Status(401, {"message": "The bearer token is invalid"}))
+    fake_upstream.auth_script.append(Status(400, {"error": "invalid_grant"}))
+    status, _, _ = await post_to(url, "/v1/messages", BODY)
+    assert status == 401
+    samples = await scrape(url)
+    assert samples[("kiro2api_token_failures_total", account)] == 1
+    assert samples[("kiro2api_account_up", account)] == 0

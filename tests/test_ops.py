@@ -406,3 +406,162 @@ def test_server_without_a_proxy_setting_leaves_it_to_the_environment(monkeypatch
     result = CliRunner().invoke(kiro2api.cli, ["server"])
     assert result.exit_code == 0, result.output
     assert served[0].proxy is None
+
+
+# HTTPS_PROXY: a CONNECT tunnel to an upstream that speaks TLS ##############
+
+# tests/tls: a test CA and a certificate it signed for localhost and
+# 127.0.0.1, valid 2000-2100 (made with `openssl ca`; nothing else uses them).
+TLS = MAIN / "tests" / "tls"
+
+
+class ConnectProxy:
+    """An HTTPS forward proxy: ``CONNECT host:port`` opens that connection and
+    relays bytes both ways, so it never sees inside the TLS; ``seen`` records
+    each request line and its Proxy-Authorization."""
+
+    def __init__(self) -> None:
+        self.seen: list[Forwarded] = []
+        self.url = ""
+        self._tasks: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def close(self) -> None:
+        self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._tasks.add(asyncio.current_task())
+        try:
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+            method, target, _ = head[0].split(" ", 2)
+            headers = {k.lower(): v for k, _, v in (line.partition(": ") for line in head[1:])}
+            self.seen.append(Forwarded(f"{method} {target}", headers.get("proxy-authorization")))
+            if method != "CONNECT":
+                writer.write(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
+                return
+            host, _, port = target.rpartition(":")
+            up_reader, up_writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            try:
+                await asyncio.gather(self._relay(reader, up_writer),
+                                     self._relay(up_reader, writer))
+            finally:
+                up_writer.close()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            self._tasks.discard(asyncio.current_task())
+
+    @staticmethod
+    async def _relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+
+@pytest.fixture
+async def connect_proxy():
+    proxy = ConnectProxy()
+    await proxy.start()
+    yield proxy
+    await proxy.close()
+
+
+@pytest.fixture
+async def tls_upstream(aiohttp_server):
+    """The fake Kiro backend over https, with the test CA's certificate."""
+    import ssl
+
+    from fakes import FakeUpstream
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(TLS / "localhost.pem", TLS / "localhost.key")
+    fake = FakeUpstream()
+    server = await aiohttp_server(fake.app(), ssl=context)
+    fake.url = str(server.make_url("")).rstrip("/")
+    assert fake.url.startswith("https://127.0.0.1:")
+    return fake
+
+
+async def serve_in_process(command: list[str], env: dict[str, str], port: int,
+                           ) -> asyncio.subprocess.Process:
+    """Start ``command`` (a server on ``port``) and wait until /health answers."""
+    process = await asyncio.create_subprocess_exec(*command, env=env,
+                                                   stderr=asyncio.subprocess.PIPE)
+    async with aiohttp.ClientSession() as session:
+        for _ in range(150):
+            assert process.returncode is None, await process.stderr.read()
+            try:
+                async with session.get(f"http://127.0.0.1:{port}/health") as response:
+                    await response.read()
+                    return process
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(0.05)
+    process.kill()
+    await process.wait()
+    pytest.fail(f"the server did not answer /health: {(await process.stderr.read())[-2000:]!r}")
+
+
+@pytest.mark.parametrize("bypass", [False, True], ids=["https-proxy", "no-proxy"])
+async def test_https_proxy_variable_tunnels_the_refresh_and_the_call(
+        tmp_path, tls_upstream, connect_proxy, bypass):
+    """A real server process, as systemd would start it: HTTPS_PROXY (with
+    credentials) carries the token refresh and the upstream call through
+    CONNECT, unless NO_PROXY names the host; the JSON log has the request's
+    line and the refresh, and no secret."""
+    token_file = write_token_file(tmp_path / "kiro-auth-token.json",
+                                  expiresAt="2020-01-01T00:00:00.000Z")
+    port = free_port()
+    env = {**child_env(), "SSL_CERT_FILE": str(TLS / "ca.pem"),
+           "HTTPS_PROXY": connect_proxy.url.replace("http://", "http://alice:s%40cret@")}
+    if bypass:
+        env["NO_PROXY"] = "localhost,127.0.0.1"
+    url = tls_upstream.url
+    process = await serve_in_process(
+        [sys.executable, str(MAIN / "kiro2api.py"), "server", "--port", str(port),
+         "--api-key", API_KEY, "--token-file", str(token_file), "--upstream", url,
+         "--social-auth-url", url, "--oidc-url", url, "--log-format", "json"], env, port)
+    try:
+        async with aiohttp.ClientSession() as session, session.post(
+                f"http://127.0.0.1:{port}/v1/messages", json=MESSAGE,
+                headers={"x-api-key": API_KEY}) as response:
+            assert response.status == 200, await response.text()
+            assert (await response.json())["content"][0]["text"] == "Hello"
+            request_id = response.headers["request-id"]
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 10) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    stderr = (await process.stderr.read()).decode()
+
+    assert [r.path for r in tls_upstream.requests] == ["/refreshToken",
+                                                       "/generateAssistantResponse"]
+    if bypass:
+        assert connect_proxy.seen == []
+    else:
+        # One tunnel per connection: aiohttp may carry both calls in one.
+        host = url.removeprefix("https://")
+        assert connect_proxy.seen and {s.target for s in connect_proxy.seen} == {
+            f"CONNECT {host}"}
+        expected = "Basic " + base64.b64encode(b"alice:s@cret").decode()
+        assert {s.proxy_authorization for s in connect_proxy.seen} == {expected}
+
+    lines = [json.loads(line) for line in stderr.splitlines()]  # every line is JSON
+    (entry,) = [line for line in lines if line.get("request_id") == request_id]
+    assert entry["route"] == "/v1/messages" and entry["model"] == MESSAGE["model"]
+    assert entry["status"] == 200 and entry["retries"] == 0 and entry["bytes_out"] > 0
+    assert entry["duration_ms"] >= entry["upstream_first_byte_ms"] > 0
+    assert any("refreshed (social login)" in line["message"] for line in lines)
+    for secret in ("aoa-initial-access", "aor-initial-refresh", "aoa-social-access-1",
+                   "aor-social-refresh-1", API_KEY, "s@cret", "s%40cret"):
+        assert secret not in stderr

@@ -93,3 +93,29 @@ async def test_when_every_account_is_refused_the_last_error_reaches_the_client(
     with pytest.raises(anthropic.RateLimitError) as caught:
         await client.messages.create(**BODY)
     assert "slow down too" in caught.value.body["error"]["message"]
+
+
+async def test_failover_is_logged_and_metrics_show_each_account(pool, fake_upstream, caplog):
+    import logging
+
+    from test_observability import parse_metrics
+
+    caplog.set_level(logging.INFO, logger="kiro2api")
+    client, url = pool
+    fake_upstream.script.append(Status(429, {"message": "Too many requests"}))
+    response = await client.messages.with_raw_response.create(**BODY)
+    request_id = response.headers["request-id"]
+    (set_aside,) = [r.getMessage() for r in caplog.records if "set aside" in r.getMessage()]
+    assert "social" in set_aside and "Too many requests" in set_aside
+    (line,) = [r.fields for r in caplog.records
+               if getattr(r, "fields", {}).get("request_id") == request_id]
+    assert line["failovers"] == 1 and line["account"] == "token.json" and line["status"] == 200
+    async with aiohttp.ClientSession() as session, session.get(url + "/metrics") as answer:
+        samples = parse_metrics(await answer.text())
+    first, second = (f'account="{a["path"]}"' for a in (await health(url))["accounts"])
+    assert "social" in first and "idc" in second
+    assert samples[("kiro2api_account_failovers_total", "")] == 1
+    assert samples[("kiro2api_account_up", first)] == 0  # cooling down
+    assert samples[("kiro2api_account_up", second)] == 1
+    assert all(secret not in r.getMessage() for r in caplog.records
+               for secret in (fakes.SOCIAL_ACCESS, fakes.IDC_ACCESS, fakes.SOCIAL_REFRESH))
