@@ -267,7 +267,8 @@ def _tool_result(block: Json, where: str, images: list[Json]) -> Json:
                     f"{where}.content.{j}: unsupported block type {kind!r} in tool_result",
                     param=where)
     else:
-        raise ConversionError(f"{where}: tool_result content must be a string or a list", param=where)
+        raise ConversionError(f"{where}: tool_result content must be a string or a list",
+                              param=where)
     items = [{"text": t} for t in texts if t] or [{"text": EMPTY_TOOL_RESULT_TEXT}]
     return {
         "toolUseId": tool_use_id,

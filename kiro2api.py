@@ -1061,7 +1061,8 @@ async def call_account(request: web.Request, prepared: convert.Prepared, store: 
         await asyncio.sleep(delay)
 
 
-async def upstream_frames(response: aiohttp.ClientResponse) -> AsyncIterator[list[eventstream.Message]]:
+async def upstream_frames(
+        response: aiohttp.ClientResponse) -> AsyncIterator[list[eventstream.Message]]:
     """The frames of each upstream read, as they arrive; raises on framing errors."""
     decoder = eventstream.Decoder()
     async for chunk in response.content.iter_any():
@@ -1119,7 +1120,8 @@ class Metrics:
         def family(name: str, kind: str, help_text: str) -> list[str]:
             return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
 
-        lines = family("kiro2api_requests_total", "counter", "Requests served, by route and status.")
+        lines = family("kiro2api_requests_total", "counter",
+                       "Requests served, by route and status.")
         lines += [f'kiro2api_requests_total{{route="{route}",status="{status}"}} {count}'
                   for (route, status), count in sorted(self.requests.items())]
         lines += family("kiro2api_streams_open", "gauge", "Streaming answers in flight.")
@@ -1254,7 +1256,8 @@ async def fetch_models(app: web.Application) -> list[Json] | None:
         params = {"origin": "AI_EDITOR", "maxResults": "50"}
         if credentials.profile_arn:
             params["profileArn"] = credentials.profile_arn
-        headers = upstream_headers(credentials, hashlib.sha256(str(store.path).encode()).hexdigest())
+        machine_id = hashlib.sha256(str(store.path).encode()).hexdigest()
+        headers = upstream_headers(credentials, machine_id)
         models: list[Json] = []
         try:
             for _ in range(MODELS_PAGES_MAX):
@@ -1372,7 +1375,8 @@ def web_failure(exc: BaseException) -> UpstreamError:
     elif isinstance(exc, asyncio.TimeoutError):
         status, message = 504, "the upstream stopped sending before the answer was complete"
     else:
-        status, message = 502, f"the upstream connection failed mid-answer: {exc or type(exc).__name__}"
+        status = 502
+        message = f"the upstream connection failed mid-answer: {exc or type(exc).__name__}"
     anthropic_type = convert.ANTHROPIC_ERROR_TYPES.get(status, "api_error")
     return UpstreamError(convert.Failure(status, message, anthropic_type,
                                          "server_error" if status >= 500 else "rate_limit_exceeded",

@@ -458,7 +458,7 @@ def print_profile(path: Path, top: int = 30) -> None:
         where = f"{Path(file).name}:{line}" if line else "~"
         print(f"{own / busy * 100:7.1f}{min(cum / busy, 9.99) * 100:8.1f}{calls:>10}  "
               f"{func} ({where})")
-    print(f"\nby cumulative time (kiro2api, convert, eventstream only)")
+    print("\nby cumulative time (kiro2api, convert, eventstream only)")
     ours = sorted(((v[3], v[2], v[1], k) for k, v in stats.items()
                    if Path(k[0]).name in ("kiro2api.py", "convert.py", "eventstream.py")),
                   reverse=True)

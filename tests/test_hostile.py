@@ -290,7 +290,8 @@ GARBAGE = st.one_of(
     st.binary(max_size=300),
     JSON_ANY.map(encode),
     st.sampled_from([b"", b"{", b"null", b'{"model": "\xff\xfe"}', b"[" * 5000,
-                     b'{"messages": ' * 3000, b'{"model": "m", "messages": "' + b"\xc3" * 99 + b'"}',
+                     b'{"messages": ' * 3000,
+                     b'{"model": "m", "messages": "' + b"\xc3" * 99 + b'"}',
                      b'\xef\xbb\xbf{"model": "claude-sonnet-4-5"}', b"\x00" * 64]),
 )
 
