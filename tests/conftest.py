@@ -57,6 +57,48 @@ def write_token_file(path, **overrides):
     return path
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def start_server_process(command, port, **popen):
+    """Start ``command`` (a kiro2api server on ``port``) and wait until /health answers.
+
+    ``popen`` goes to ``asyncio.create_subprocess_exec``; by default the output
+    goes to a pipe on ``stdout``. If the server exits or stays silent for about
+    ten seconds, the test fails with what it printed.
+    """
+    import asyncio
+
+    import aiohttp
+
+    popen.setdefault("stdout", asyncio.subprocess.PIPE)
+    popen.setdefault("stderr", asyncio.subprocess.STDOUT)
+    process = await asyncio.create_subprocess_exec(*command, **popen)
+    output = process.stderr if popen["stderr"] == asyncio.subprocess.PIPE else process.stdout
+    async with aiohttp.ClientSession() as session:
+        for _ in range(200):
+            if process.returncode is not None:
+                break
+            try:
+                async with session.get(f"http://127.0.0.1:{port}/health") as response:
+                    await response.read()
+                    return process
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(0.05)
+    if process.returncode is None:
+        process.kill()
+    await process.wait()
+    printed = (await output.read()).decode(errors="replace") if output else ""
+    pytest.fail(f"the server did not answer /health (exit status {process.returncode}):\n"
+                f"{printed[-2000:]}")
+
+
 class Proxy:
     """The real kiro2api app on a real port, in front of ``fake``."""
 

@@ -618,14 +618,19 @@ async def test_the_upstream_receives_the_exact_codewhisperer_request(proxy, body
     assert sent == {**expected, "profileArn": PROFILE_ARN}
 
 
-async def test_a_prompt_over_the_input_limit_is_context_length_exceeded(
-        aiohttp_server, fake_upstream, proxy_config):
+async def client_with(aiohttp_server, proxy_config, **changes):
+    """An SDK client of a kiro2api whose config differs from ``proxy_config`` by ``changes``."""
     import kiro2api
 
-    config = dataclasses.replace(proxy_config, max_input_bytes=2_000)
+    config = dataclasses.replace(proxy_config, **changes)
     server = await aiohttp_server(kiro2api.make_app(config))
-    client = openai.AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key=API_KEY,
-                                max_retries=0)
+    return openai.AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key=API_KEY,
+                              max_retries=0)
+
+
+async def test_a_prompt_over_the_input_limit_is_context_length_exceeded(
+        aiohttp_server, fake_upstream, proxy_config):
+    client = await client_with(aiohttp_server, proxy_config, max_input_bytes=2_000)
     with pytest.raises(openai.BadRequestError) as caught:
         await client.chat.completions.create(
             model="claude-sonnet-4-5", messages=[{"role": "user", "content": "word " * 1000}])
@@ -701,12 +706,7 @@ async def test_keepalive_comments_are_ignored_by_the_sdk(aiohttp_server, fake_up
 
 async def test_oversized_body_gets_413_in_the_openai_envelope(aiohttp_server, fake_upstream,
                                                              proxy_config):
-    import kiro2api
-
-    config = dataclasses.replace(proxy_config, max_body_bytes=1000)
-    server = await aiohttp_server(kiro2api.make_app(config))
-    client = openai.AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key=API_KEY,
-                                max_retries=0)
+    client = await client_with(aiohttp_server, proxy_config, max_body_bytes=1000)
     with pytest.raises(openai.APIStatusError) as caught:
         await client.chat.completions.create(
             model="claude-sonnet-4-5", messages=[{"role": "user", "content": "x" * 5000}])

@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import zipfile
@@ -24,18 +23,12 @@ from aiohttp import web
 from click.testing import CliRunner
 
 import kiro2api
-from conftest import API_KEY, write_token_file
+from conftest import API_KEY, free_port, start_server_process, write_token_file
 
 MAIN = Path(kiro2api.__file__).resolve().parent
 UNIT = MAIN / "kiro2api.service"
 MESSAGE = {"model": "claude-sonnet-4-6", "max_tokens": 100,
            "messages": [{"role": "user", "content": "Hi"}]}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make(*args: str, **env: str) -> subprocess.CompletedProcess:
@@ -124,21 +117,13 @@ async def test_pyz_serves_and_stops_cleanly_on_sigterm(tmp_path, fake_upstream, 
                "--social-auth-url", fake_upstream.url, "--oidc-url", fake_upstream.url]
     if hardened:
         command = [sys.executable, "-c", MDWE_WRAPPER, *command]
-    process = await asyncio.create_subprocess_exec(
-        *command, cwd=tmp_path, env=child_env(), stderr=asyncio.subprocess.PIPE)
+    process = await start_server_process(command, port, cwd=tmp_path, env=child_env(),
+                                         stdout=None, stderr=asyncio.subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as session:
-            for _ in range(150):
-                assert process.returncode is None, await process.stderr.read()
-                try:
-                    async with session.get(url + "/health") as response:
-                        health = await response.json()
-                        break
-                except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.05)
-            else:
-                pytest.fail("the server from the pyz did not answer /health")
+            async with session.get(url + "/health") as response:
+                health = await response.json()
             assert health["status"] == "ok" and health["version"] == kiro2api.__version__
             async with session.post(url + "/v1/messages", json=MESSAGE,
                                     headers={"x-api-key": API_KEY}) as response:
@@ -491,25 +476,6 @@ async def tls_upstream(aiohttp_server):
     return fake
 
 
-async def serve_in_process(command: list[str], env: dict[str, str], port: int,
-                           ) -> asyncio.subprocess.Process:
-    """Start ``command`` (a server on ``port``) and wait until /health answers."""
-    process = await asyncio.create_subprocess_exec(*command, env=env,
-                                                   stderr=asyncio.subprocess.PIPE)
-    async with aiohttp.ClientSession() as session:
-        for _ in range(150):
-            assert process.returncode is None, await process.stderr.read()
-            try:
-                async with session.get(f"http://127.0.0.1:{port}/health") as response:
-                    await response.read()
-                    return process
-            except aiohttp.ClientConnectionError:
-                await asyncio.sleep(0.05)
-    process.kill()
-    await process.wait()
-    pytest.fail(f"the server did not answer /health: {(await process.stderr.read())[-2000:]!r}")
-
-
 @pytest.mark.parametrize("bypass", [False, True], ids=["https-proxy", "no-proxy"])
 async def test_https_proxy_variable_tunnels_the_refresh_and_the_call(
         tmp_path, tls_upstream, connect_proxy, bypass):
@@ -525,10 +491,11 @@ async def test_https_proxy_variable_tunnels_the_refresh_and_the_call(
     if bypass:
         env["NO_PROXY"] = "localhost,127.0.0.1"
     url = tls_upstream.url
-    process = await serve_in_process(
+    process = await start_server_process(
         [sys.executable, str(MAIN / "kiro2api.py"), "server", "--port", str(port),
          "--api-key", API_KEY, "--token-file", str(token_file), "--upstream", url,
-         "--social-auth-url", url, "--oidc-url", url, "--log-format", "json"], env, port)
+         "--social-auth-url", url, "--oidc-url", url, "--log-format", "json"], port,
+        env=env, stdout=None, stderr=asyncio.subprocess.PIPE)
     try:
         async with aiohttp.ClientSession() as session, session.post(
                 f"http://127.0.0.1:{port}/v1/messages", json=MESSAGE,

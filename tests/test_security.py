@@ -18,9 +18,8 @@ from click.testing import CliRunner
 
 import fakes
 import kiro2api
-from conftest import API_KEY
+from conftest import API_KEY, free_port, start_server_process
 from fakes import Status, Stream
-from test_shutdown import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BODY = {"model": "claude-sonnet-4-5", "max_tokens": 10,
@@ -110,24 +109,14 @@ PROMPT = "PROMPT-TEXT-quartz-lantern-4711"
 
 async def run_server(fake, token_file: Path, level: str, *, umask: int = 0o022):
     port = free_port()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, str(ROOT / "kiro2api.py"), "server", "--port", str(port),
-        "--api-key", KEY, "--token-file", str(token_file), "--upstream", fake.url,
-        "--social-auth-url", fake.url, "--oidc-url", fake.url, "--log-level", level,
-        "--retries", "1", "--retry-seconds", "5",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    process = await start_server_process(
+        [sys.executable, str(ROOT / "kiro2api.py"), "server", "--port", str(port),
+         "--api-key", KEY, "--token-file", str(token_file), "--upstream", fake.url,
+         "--social-auth-url", fake.url, "--oidc-url", fake.url, "--log-level", level,
+         "--retries", "1", "--retry-seconds", "5"], port,
         env={k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY")},
         preexec_fn=lambda: os.umask(umask))
-    url = f"http://127.0.0.1:{port}"
-    async with aiohttp.ClientSession() as session:
-        for _ in range(200):
-            try:
-                async with session.get(url + "/health"):
-                    return process, url
-            except aiohttp.ClientConnectionError:
-                await asyncio.sleep(0.05)
-    process.kill()
-    raise AssertionError((await process.stdout.read()).decode())
+    return process, f"http://127.0.0.1:{port}"
 
 
 async def full_cycles(url: str, fake) -> list[str]:

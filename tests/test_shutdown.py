@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
 import sys
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import aiohttp
 import pytest
 
 import fakes
-from conftest import API_KEY, write_token_file
+from conftest import API_KEY, free_port, start_server_process, write_token_file
 from fakes import Stream
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,30 +19,14 @@ BODY = {"model": "claude-sonnet-4-5", "max_tokens": 10, "stream": True,
         "messages": [{"role": "user", "content": "Hi"}]}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def start_server(fake, tmp_path, *extra):
     port = free_port()
     token_file = write_token_file(tmp_path / "token.json")
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, str(ROOT / "kiro2api.py"), "server", "--port", str(port),
-        "--api-key", API_KEY, "--token-file", str(token_file), "--upstream", fake.url,
-        "--social-auth-url", fake.url, "--oidc-url", fake.url, *extra,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=os.environ.copy())
-    url = f"http://127.0.0.1:{port}"
-    async with aiohttp.ClientSession() as session:
-        for _ in range(100):
-            try:
-                async with session.get(url + "/health"):
-                    return process, url
-            except aiohttp.ClientConnectionError:
-                await asyncio.sleep(0.05)
-    process.kill()
-    raise AssertionError((await process.stdout.read()).decode())
+    process = await start_server_process(
+        [sys.executable, str(ROOT / "kiro2api.py"), "server", "--port", str(port),
+         "--api-key", API_KEY, "--token-file", str(token_file), "--upstream", fake.url,
+         "--social-auth-url", fake.url, "--oidc-url", fake.url, *extra], port)
+    return process, f"http://127.0.0.1:{port}"
 
 
 async def read_stream(url):
