@@ -446,6 +446,9 @@ class TokenStore:
                  lock_timeout: float = LOCK_TIMEOUT_SECONDS,
                  retry_after: float = REFRESH_RETRY_SECONDS) -> None:
         self.path = Path(path)
+        # Kiro's user agent names a machine; ours is the account's file, so one
+        # account is one machine however it is called.
+        self.machine_id = hashlib.sha256(f"kiro2api:{self.path}".encode()).hexdigest()
         self.refreshes = 0  # refresh calls this store made (for /metrics)
         self.failures = 0  # loads and refreshes that failed (for /metrics)
         # Set by the account pool when upstream throttles or refuses this
@@ -1009,7 +1012,6 @@ async def call_account(request: web.Request, prepared: convert.Prepared, store: 
             f"{convert.PROMPT_TOO_LONG}: the request is {len(body)} bytes for Kiro, over its "
             f"{config.max_input_bytes}-byte limit; compact or shorten the conversation",
             code="context_length_exceeded")
-    machine_id = hashlib.sha256(f"kiro2api:{store.path}".encode()).hexdigest()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + config.retry_seconds
     refreshed = False
@@ -1021,7 +1023,8 @@ async def call_account(request: web.Request, prepared: convert.Prepared, store: 
         started = loop.time()
         try:
             response = await asyncio.wait_for(
-                session.post(url, data=body, headers=upstream_headers(credentials, machine_id),
+                session.post(url, data=body,
+                             headers=upstream_headers(credentials, store.machine_id),
                              proxy=config.proxy_for(url)),
                 config.first_byte_timeout)
         except asyncio.TimeoutError as exc:  # ours, or the session's connect or read timeout
@@ -1245,38 +1248,42 @@ MODEL_CACHE = web.AppKey("model_cache", ModelCache)
 
 
 async def fetch_models(app: web.Application) -> list[Json] | None:
-    """The first usable account's ``ListAvailableModels``, or None if it fails."""
-    config, session = app[CONFIG], app[HTTP]
+    """The first usable account's ``ListAvailableModels``; None if no account can list them."""
     for store in account_order(app[ACCOUNTS]):
         try:
             credentials = await store.credentials()
+            return await list_models(app, store, credentials)
         except TokenError:
             continue
-        url = config.upstream.format(region=api_region(credentials)) + "/ListAvailableModels"
-        params = {"origin": "AI_EDITOR", "maxResults": "50"}
-        if credentials.profile_arn:
-            params["profileArn"] = credentials.profile_arn
-        machine_id = hashlib.sha256(str(store.path).encode()).hexdigest()
-        headers = upstream_headers(credentials, machine_id)
-        models: list[Json] = []
-        try:
-            for _ in range(MODELS_PAGES_MAX):
-                async with session.get(url, params=params, headers=headers,
-                                       proxy=config.proxy_for(url),
-                                       timeout=aiohttp.ClientTimeout(total=15)) as response:
-                    if response.status != 200:
-                        raise ValueError(f"HTTP {response.status}")
-                    data = await response.json(content_type=None)
-                models += data.get("models") or []
-                if not data.get("nextToken"):
-                    return models
-                params["nextToken"] = data["nextToken"]
-            return models
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, AttributeError) as exc:
-            log.warning("could not list the account's models (%s); using the built-in list",
+            log.warning("could not list the models of account %s (%s)", store.path.name,
                         exc or type(exc).__name__)
-            return None
+    log.warning("no account could list its models; using the built-in list")
     return None
+
+
+async def list_models(app: web.Application, store: TokenStore,
+                      credentials: Credentials) -> list[Json]:
+    """One account's ``ListAvailableModels``, every page of it."""
+    config = app[CONFIG]
+    url = config.upstream.format(region=api_region(credentials)) + "/ListAvailableModels"
+    params = {"origin": "AI_EDITOR", "maxResults": "50"}
+    if credentials.profile_arn:
+        params["profileArn"] = credentials.profile_arn
+    headers = upstream_headers(credentials, store.machine_id)
+    models: list[Json] = []
+    for _ in range(MODELS_PAGES_MAX):
+        async with app[HTTP].get(url, params=params, headers=headers,
+                                 proxy=config.proxy_for(url),
+                                 timeout=aiohttp.ClientTimeout(total=15)) as response:
+            if response.status != 200:
+                raise ValueError(f"HTTP {response.status}")
+            data = await response.json(content_type=None)
+        models += data.get("models") or []
+        if not data.get("nextToken"):
+            break
+        params["nextToken"] = data["nextToken"]
+    return models
 
 
 async def handle_models(request: web.Request) -> web.Response:

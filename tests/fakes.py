@@ -118,6 +118,7 @@ class FakeUpstream:
     def __init__(self) -> None:
         self.requests: list[Recorded] = []
         self.script: deque[Stream | Status] = deque()
+        self.models_script: deque[Status] = deque()  # ListAvailableModels failures, in turn
         self.auth_script: deque[Status] = deque()
         self.auth_delay = 0.0
         self.auth_gate: asyncio.Event | None = None
@@ -160,6 +161,8 @@ class FakeUpstream:
 
     async def _list_models(self, request: web.Request) -> web.Response:
         await self._record(request)
+        if self.models_script:
+            return await self._status(self.models_script.popleft())
         if self.models_reply is not None:
             return await self._status(self.models_reply)
         return web.json_response(self.MODELS)

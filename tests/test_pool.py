@@ -119,3 +119,15 @@ async def test_failover_is_logged_and_metrics_show_each_account(pool, fake_upstr
     assert samples[("kiro2api_account_up", second)] == 1
     assert all(secret not in r.getMessage() for r in caplog.records
                for secret in (fakes.SOCIAL_ACCESS, fakes.IDC_ACCESS, fakes.SOCIAL_REFRESH))
+
+
+async def test_models_come_from_the_next_account_when_the_first_cannot_list_them(
+        pool, fake_upstream):
+    client, _ = pool
+    fake_upstream.models_script.append(Status(500, {"message": "boom"}))
+    ids = [model.id for model in (await client.models.list()).data]
+    assert "claude-opus-4-7" in ids  # the account's list (the fake offers Opus 4.7) ...
+    assert "claude-haiku-4-5" not in ids  # ... not the built-in one
+    calls = fake_upstream.calls("/ListAvailableModels")
+    assert [c.headers["Authorization"] for c in calls] == [
+        f"Bearer {fakes.SOCIAL_ACCESS}", f"Bearer {fakes.IDC_ACCESS}"]
