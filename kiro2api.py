@@ -380,6 +380,23 @@ def write_json_atomic(path: Path, data: Json, *, mode: int) -> None:
                 os.close(dir_fd)
 
 
+def why_unwritable(path: Path) -> str | None:
+    """Why ``write_json_atomic`` could not replace ``path``, or None if it can.
+
+    It needs to create a file in the directory and rename it over the file;
+    ``os.access`` answers for the real user, and a read-only mount refuses
+    even root.
+    """
+    directory = Path(os.path.realpath(path)).parent
+    if not os.access(directory, os.W_OK | os.X_OK):
+        try:
+            read_only = bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+        except (OSError, AttributeError):  # no statvfs on Windows
+            read_only = False
+        return "read-only file system" if read_only else f"no permission to write in {directory}"
+    return None
+
+
 def remove_stale_temporaries(path: Path) -> None:
     """Delete the temporary files of ``write_json_atomic`` that a writer killed before
     its rename left beside ``path``: they hold tokens. Call it under the file's lock,
@@ -439,13 +456,20 @@ class TokenStore:
     - When a refresh made early (the token expiring, not yet expired or
       rejected) fails, the token is used until it expires, and the refresh
       is tried again after ``retry_after`` seconds; ``error`` tells.
+    - The auth service may hand out a new refresh token and retire the old
+      one, so a refreshed token that cannot be written survives only in
+      memory. A server keeps it there (and says so); a store made with
+      ``must_save`` (the CLI commands, which exit at once) refuses to
+      refresh a file it could not write.
     """
 
     def __init__(self, path: Path, *, config: Config, session: aiohttp.ClientSession,
                  timeout: float = REFRESH_TIMEOUT_SECONDS,
                  lock_timeout: float = LOCK_TIMEOUT_SECONDS,
-                 retry_after: float = REFRESH_RETRY_SECONDS) -> None:
+                 retry_after: float = REFRESH_RETRY_SECONDS,
+                 must_save: bool = False) -> None:
         self.path = Path(path)
+        self.must_save = must_save
         # Kiro's user agent names a machine; ours is the account's file, so one
         # account is one machine however it is called.
         self.machine_id = hashlib.sha256(f"kiro2api:{self.path}".encode()).hexdigest()
@@ -646,6 +670,13 @@ class TokenStore:
                 base = on_disk  # newer than ours, but due too: refresh with its refresh token
             if self._dead is not None and self._dead[0] == base.refresh_token:
                 raise self._dead[1]
+            if self.must_save:
+                unwritable = await asyncio.to_thread(why_unwritable, self.path)
+                if unwritable:
+                    raise TokenFileError(
+                        f"cannot write {self.path} ({unwritable}), so a refreshed token would "
+                        f"be lost when this command ends: make the file and its directory "
+                        f"writable, then try again")
             try:
                 fresh, updates = await self._call_auth_service(base)
             except RefreshError as exc:
@@ -1919,7 +1950,8 @@ def run_stores(config: Config, each: Callable[[TokenStore], Awaitable[None]], *,
         async with aiohttp.ClientSession() as session:
             for path in config.token_files[:1] if first_only else config.token_files:
                 try:
-                    await each(TokenStore(path, config=config, session=session))
+                    await each(TokenStore(path, config=config, session=session,
+                                          must_save=True))
                 except TokenError as exc:
                     errors.append(exc)
 

@@ -295,6 +295,50 @@ async def test_refresh_failure_is_one_line_and_leaves_the_file(token_file, fake_
     assert token_file.read_bytes() == before
 
 
+@pytest.fixture
+def read_only(tmp_path):
+    """Make a directory unwritable for this process: a read-only bind mount for
+    root (whom permissions do not stop), mode 0500 for anyone else."""
+    made: list[Path] = []
+
+    def make(directory: Path) -> None:
+        if os.geteuid() != 0:
+            directory.chmod(0o500)
+        else:
+            mounts = (["mount", "--bind", str(directory), str(directory)],
+                      ["mount", "-o", "remount,bind,ro", str(directory)])
+            for command in mounts:
+                done = subprocess.run(command, capture_output=True)
+                if done.returncode != 0:
+                    if made:
+                        subprocess.run(["umount", str(directory)], check=True)
+                    pytest.skip(f"cannot make a read-only mount here: {done.stderr!r}")
+                made.append(directory)
+        assert not os.access(directory, os.W_OK)
+
+    yield make
+    for directory in made[:1]:
+        subprocess.run(["umount", str(directory)], check=True)
+
+
+@pytest.mark.parametrize("command", ["refresh", "export", "authToken"])
+async def test_a_file_that_cannot_be_written_is_not_refreshed(
+        tmp_path, fake_upstream, read_only, command):
+    # The auth service may retire the old refresh token: refreshing what cannot
+    # be saved would leave a file whose refresh token no longer works.
+    token_file = tmp_path / "cache" / "kiro-auth-token.json"
+    token_file.parent.mkdir()
+    write_token(token_file, expires_in=-60)
+    before = token_file.read_bytes()
+    read_only(token_file.parent)
+    result = await invoke_async(command, "--token-file", str(token_file),
+                                "--social-auth-url", fake_upstream.url)
+    assert_fails_cleanly(result, f"cannot write {token_file}",
+                         "make the file and its directory writable")
+    assert fake_upstream.requests == []
+    assert token_file.read_bytes() == before
+
+
 def test_refresh_with_the_auth_service_down(token_file):
     write_token(token_file)
     before = token_file.read_bytes()
