@@ -1127,11 +1127,14 @@ class Histogram:
             if value <= bound:
                 self.counts[i] += 1
 
-    def lines(self, name: str) -> list[str]:
-        out = [f'{name}_bucket{{le="{bound:g}"}} {count}'
+    def lines(self, name: str, labels: str = "") -> list[str]:
+        """The sample lines; ``labels`` (``key="value"``, escaped) go on each."""
+        within = labels + "," if labels else ""
+        out = [f'{name}_bucket{{{within}le="{bound:g}"}} {count}'
                for bound, count in zip(self.BUCKETS, self.counts)]
-        out += [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum:.6f}",
-                f"{name}_count {self.count}"]
+        braced = f"{{{labels}}}" if labels else ""
+        out += [f'{name}_bucket{{{within}le="+Inf"}} {self.count}',
+                f"{name}_sum{braced} {self.sum:.6f}", f"{name}_count{braced} {self.count}"]
         return out
 
 
@@ -1143,12 +1146,16 @@ class Metrics:
     retries: int = 0
     failovers: int = 0
     upstream_first_byte: Histogram = field(default_factory=Histogram)
-    request_duration: Histogram = field(default_factory=Histogram)
+    # By route, so that scrapes of /metrics and /health stay apart from answers.
+    request_duration: dict[str, Histogram] = field(default_factory=dict)
 
     def count_request(self, route: str, status: int, seconds: float) -> None:
         key = (route, status)
         self.requests[key] = self.requests.get(key, 0) + 1
-        self.request_duration.observe(seconds)
+        histogram = self.request_duration.get(route)
+        if histogram is None:
+            histogram = self.request_duration[route] = Histogram()
+        histogram.observe(seconds)
 
     def render(self, app: web.Application) -> str:
         def family(name: str, kind: str, help_text: str) -> list[str]:
@@ -1170,8 +1177,9 @@ class Metrics:
                         "Time from calling Kiro to its answer's headers.")
         lines += self.upstream_first_byte.lines("kiro2api_upstream_first_byte_seconds")
         lines += family("kiro2api_request_duration_seconds", "histogram",
-                        "Time to serve a request, streams included.")
-        lines += self.request_duration.lines("kiro2api_request_duration_seconds")
+                        "Time to serve a request, streams included, by route.")
+        for route, histogram in sorted(self.request_duration.items()):
+            lines += histogram.lines("kiro2api_request_duration_seconds", f'route="{route}"')
         stores = app[ACCOUNTS]
         for name, kind, help_text, value in (
             ("kiro2api_token_refreshes_total", "counter", "Token refreshes made.",

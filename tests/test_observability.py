@@ -130,18 +130,24 @@ async def test_metrics_show_open_streams_and_time_histograms(proxy):
     after = await scrape(proxy.url)
     assert during[("kiro2api_streams_open", "")] == 1
     assert after[("kiro2api_streams_open", "")] == 0
-    for name in ("kiro2api_upstream_first_byte_seconds", "kiro2api_request_duration_seconds"):
-        buckets = sorted((float(labels.split('"')[1]), value) for (n, labels), value in
-                         after.items() if n == name + "_bucket")
+    duration = "kiro2api_request_duration_seconds"
+    messages, scrapes = 'route="/v1/messages"', 'route="/metrics"'
+    for name, labels in (("kiro2api_upstream_first_byte_seconds", ""), (duration, messages),
+                         (duration, scrapes)):
+        prefix = labels + "," if labels else ""
+        buckets = sorted((float(bucket.removeprefix(prefix).split('"')[1]), value)
+                         for (n, bucket), value in after.items()
+                         if n == name + "_bucket" and bucket.startswith(prefix))
         assert buckets[-1][0] == float("inf")
         counts = [value for _, value in buckets]
         assert counts == sorted(counts)  # cumulative
-        assert after[(name + "_count", "")] == counts[-1]
+        assert after[(name + "_count", labels)] == counts[-1]
     # The stream took over 0.6 s; its upstream answered at once.
-    assert after[("kiro2api_request_duration_seconds_sum", "")] >= 0.6
     assert after[("kiro2api_upstream_first_byte_seconds_bucket", 'le="0.5"')] == 1
-    assert after[("kiro2api_request_duration_seconds_bucket", 'le="0.5"')] == 1  # the scrape
-    assert after[("kiro2api_request_duration_seconds_count", "")] == 2
+    assert after[(duration + "_count", messages)] == 1
+    assert after[(duration + "_sum", messages)] >= 0.6
+    assert after[(duration + "_bucket", messages + ',le="0.5"')] == 0
+    assert after[(duration + "_count", scrapes)] == 1  # the scrape during the stream
 
 
 async def test_metrics_count_refreshes_and_token_failures(aiohttp_server, fake_upstream,
