@@ -816,8 +816,11 @@ Event = Union[Text, Thinking, ThinkingSignature, RedactedThinking, ToolCall]
 
 OPEN_TAG = "<thinking>"
 CLOSE_TAG = "</thinking>"
-# A closing tag ends the thinking only when this follows it (the model also
-# *mentions* the tag while thinking); the separator is swallowed.
+# A closing tag ends the thinking only when a line break follows it (the
+# model also *mentions* the tag while thinking, mid-sentence or quoted). Peers
+# wait for a blank line, but a model that writes one newline would then have
+# its whole answer taken for thinking, and the client would see no text. Up
+# to a blank line of separator is swallowed.
 CLOSE_SEPARATOR = "\n\n"
 
 
@@ -833,8 +836,9 @@ class ThinkingTags:
     """Splits emulated thinking out of the text stream.
 
     The answer may open (after white space) with ``<thinking>``; what follows,
-    up to a ``</thinking>`` followed by a blank line, is thinking. Tags split
-    across reads are held back until they can be told apart from text.
+    up to a ``</thinking>`` at the end of a line (not quoted), is thinking.
+    Tags split across reads are held back until they can be told apart from
+    text.
     """
 
     def __init__(self) -> None:
@@ -869,14 +873,16 @@ class ThinkingTags:
         while (at := pending.find(CLOSE_TAG, start)) >= 0:
             after = pending[at + len(CLOSE_TAG):]
             quoted = (pending[at - 1] if at else self.last) in ("`", "'", '"')
-            if not quoted and after.startswith(CLOSE_SEPARATOR):
-                end = at + len(CLOSE_TAG) + len(CLOSE_SEPARATOR)
-            elif not quoted and final and not after.strip():
+            if not quoted and final and not after.strip():
                 end = len(pending)
             elif not quoted and CLOSE_SEPARATOR.startswith(after):
-                self._emit(out, pending[:at])  # the tag is undecided until the next read
+                # Undecided until the next read: a mention, or the end and how
+                # much separator to swallow.
+                self._emit(out, pending[:at])
                 self.pending = pending[at:]
                 return
+            elif not quoted and after.startswith("\n"):
+                end = at + len(CLOSE_TAG) + (2 if after.startswith(CLOSE_SEPARATOR) else 1)
             else:
                 start = at + 1  # a mention of the tag, not the end
                 continue

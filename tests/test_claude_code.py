@@ -658,6 +658,25 @@ def test_thinking_tags_split_at_every_position_give_the_same_sse():
         assert final_message(events).content[0].thinking.endswith("🎉.")
 
 
+# One newline after the closing tag ends the thinking too; a mention of the
+# tag mid-line or quoted does not. (A peer waits for a blank line: then this
+# whole answer would be thinking, and the client would get no text at all.)
+ONE_NEWLINE_ANSWER = ('<thinking>Say "</thinking>" and `</thinking>` later.\n'
+                      'Let me add.</thinking>\nIt is 4.')
+ONE_NEWLINE_SSE = (start_events() + thinking_block(
+    0, 'Say "</thinking>" and `</thinking>` later.\nLet me add.')
+    + text_block(1, "It is 4.") + end_events("end_turn"))
+
+
+def test_a_closing_tag_at_the_end_of_a_line_ends_the_thinking_at_every_split():
+    cuts = [[ONE_NEWLINE_ANSWER[:at], ONE_NEWLINE_ANSWER[at:]]
+            for at in range(1, len(ONE_NEWLINE_ANSWER))]
+    for chunks in cuts + [list(ONE_NEWLINE_ANSWER)]:
+        frames = fakes.text(*chunks) + [METADATA] + fakes.tail()
+        events = sse_events(render_reads(one_read_per_frame(frames), thinking=True))
+        assert events == ONE_NEWLINE_SSE, chunks
+
+
 def test_thinking_stream_cut_at_every_byte_gives_the_same_sse():
     """The same answer, its event-stream bytes split into two reads at every byte."""
     data = b"".join(fakes.text(THINKING_ANSWER[:9], THINKING_ANSWER[9:40], THINKING_ANSWER[40:])
