@@ -531,8 +531,9 @@ def anthropic_to_codewhisperer(
     ``history``, merged into strict user/assistant alternation. The system
     prompt goes in front of the first user turn. Fields the upstream has no
     place for (temperature, top_p, metadata, tool_choice...) are accepted and
-    left out; ``stop_sequences`` and ``thinking`` are returned in ``Prepared``
-    for the answer's ``Assembler`` to apply.
+    left out, except that ``tool_choice`` ``none`` offers the model no tools;
+    ``stop_sequences`` and ``thinking`` are returned in ``Prepared`` for the
+    answer's ``Assembler`` to apply.
     """
     _expect(isinstance(body, dict), "request body must be a JSON object")
     model = body.get("model")
@@ -544,6 +545,11 @@ def anthropic_to_codewhisperer(
     tool_names: dict[str, str] = {}
     manuals: list[str] = []
     tools = _tool_specs(body.get("tools"), tool_names, manuals)
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict) and choice.get("type") == "none":
+        # The upstream has no tool_choice: not offering the tools is how to
+        # keep the model from calling them (history still gets its specs below).
+        tools, manuals = [], []
 
     prefix = thinking_prefix(body)
     stop_sequences = _stop_sequences(body)

@@ -89,6 +89,21 @@ CASES = [
                     "name": "bash", "description": "Tool: bash",
                     "inputSchema": {"json": {"type": "object", "properties": {}}}}}]),
            [U("go"), A(" ", [{"toolUseId": "t1", "name": "bash", "input": {}}])])),
+    ("tool-choice-none-offers-no-tools", {
+        "tools": [READ_TOOL], "tool_choice": {"type": "none"}, "messages": [
+            {"role": "user", "content": "go"},
+            {"role": "assistant", "content": [
+                {"type": "tool_use", "id": "t1", "name": "bash", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1",
+                                          "content": "done"},
+                                         {"type": "text", "text": "Now just say it."}]}]},
+     state(user("Now just say it.",
+                toolResults=[{"toolUseId": "t1", "content": [{"text": "done"}],
+                              "status": "success"}],
+                tools=[{"toolSpecification": {  # history's tool only, not read_file
+                    "name": "bash", "description": "Tool: bash",
+                    "inputSchema": {"json": {"type": "object", "properties": {}}}}}]),
+           [U("go"), A(" ", [{"toolUseId": "t1", "name": "bash", "input": {}}])])),
     ("orphan-tool-result-becomes-text", {"messages": [
         {"role": "user", "content": [
             {"type": "tool_result", "tool_use_id": "gone", "content": "late"},
