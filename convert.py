@@ -122,7 +122,7 @@ def model_list(upstream: list[Json] | None) -> list[Json]:
     return entries
 DEFAULT_CONTEXT_WINDOW = 200_000
 
-_DATE_SUFFIX = re.compile(r"-\d{8}$")
+_DATE_SUFFIX = re.compile(r"-(\d{8}|latest)$")
 # claude-sonnet-4-5 -> claude-sonnet-4.5 ; claude-3-7-sonnet -> claude-3.7-sonnet
 _FAMILY_VERSION = re.compile(r"^(claude-[a-z]+-\d+)-(\d+)$")
 _VERSION_FAMILY = re.compile(r"^(claude-\d+)-(\d+)(-[a-z]+)$")
@@ -131,7 +131,7 @@ _VERSION_FAMILY = re.compile(r"^(claude-\d+)-(\d+)(-[a-z]+)$")
 def resolve_model(name: str) -> str:
     """Client model name -> Kiro ``modelId``; names we do not know pass through.
 
-    Dated and dashed Anthropic names map to Kiro's dotted ids; the legacy
+    Dated, ``-latest`` and dashed Anthropic names map to Kiro's dotted ids; the legacy
     upper-case ids (``CLAUDE_SONNET_4_20250514_V1_0``) and Kiro's own ids are
     accepted as they are.
     """
@@ -140,10 +140,12 @@ def resolve_model(name: str) -> str:
     if not name.startswith("claude-"):
         return name
     base = _DATE_SUFFIX.sub("", name.removesuffix("[1m]"))
-    for pattern in (_FAMILY_VERSION, _VERSION_FAMILY):
-        match = pattern.match(base)
-        if match:
-            return f"{match[1]}.{match[2]}{match[3] if pattern is _VERSION_FAMILY else ''}"
+    match = _FAMILY_VERSION.match(base)
+    if match:  # Kiro names a .0 release without it: claude-sonnet-4-0 -> claude-sonnet-4
+        return match[1] if match[2] == "0" else f"{match[1]}.{match[2]}"
+    match = _VERSION_FAMILY.match(base)
+    if match:
+        return f"{match[1]}.{match[2]}{match[3]}"
     return base
 
 
@@ -1326,6 +1328,11 @@ def upstream_failure(status: int, body: str, error_type: str = "") -> Failure:
                        f"accepts; compact or shorten it (upstream: {detail})",
                        "invalid_request_error", "invalid_request_error",
                        "context_length_exceeded")
+    if status == 400 and "INVALID_MODEL_ID" in reason:
+        # As Anthropic and OpenAI answer a model they do not have.
+        return Failure(404, f"Kiro has no such model: {detail}; GET /v1/models lists "
+                       f"the account's models", "not_found_error", "invalid_request_error",
+                       "model_not_found")
     if status == 400:
         return Failure(400, f"Kiro rejected the request: {detail}", "invalid_request_error",
                        "invalid_request_error", None)

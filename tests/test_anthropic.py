@@ -212,7 +212,9 @@ async def test_non_streaming_upstream_failure_is_an_error_status(proxy, stream):
      403, "permission_error", "TEMPORARILY_SUSPENDED"),
     (Status(500, {"message": "boom"}), 502, "api_error", "boom"),
     (Status(503, "unavailable"), 503, "overloaded_error", "unavailable"),
-], ids=["malformed", "too-long", "throttled", "quota", "suspended", "5xx", "503"])
+    (Status(400, {"message": "Invalid model.", "reason": "INVALID_MODEL_ID"}),
+     404, "not_found_error", "Kiro has no such model"),
+], ids=["malformed", "too-long", "throttled", "quota", "suspended", "5xx", "503", "model"])
 async def test_upstream_refusal_maps_to_anthropic_error(proxy, reply, status, error_type, text):
     proxy.fake.script.append(reply)
     with pytest.raises(anthropic.APIStatusError) as caught:

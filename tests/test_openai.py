@@ -585,7 +585,9 @@ async def test_mid_stream_failure_ends_with_an_error_chunk(proxy, broken):
     (Status(429, {"message": "Too many requests"}, {"Retry-After": "7"}),
      429, "rate_limit_exceeded", "rate_limit_exceeded", "Too many requests"),
     (Status(500, {"message": "boom"}), 502, "server_error", None, "boom"),
-], ids=["malformed", "too-long", "quota", "suspended", "throttled", "5xx"])
+    (Status(400, {"message": "Invalid model.", "reason": "INVALID_MODEL_ID"}),
+     404, "invalid_request_error", "model_not_found", "Kiro has no such model"),
+], ids=["malformed", "too-long", "quota", "suspended", "throttled", "5xx", "model"])
 async def test_upstream_refusal_maps_to_openai_error(proxy, reply, status, error_type, code,
                                                      needle):
     proxy.fake.script.append(reply)
