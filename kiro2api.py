@@ -1746,17 +1746,28 @@ def serve(config: Config) -> None:
     (``finish_streams``) and exits 0. A client that hangs up cancels its
     handler, which closes its upstream request at once.
     """
-    log.info("kiro2api %s listening on http://%s:%d", __version__,
-             f"[{config.host}]" if ":" in config.host else config.host, config.port)
-    web.run_app(
-        make_app(config),
-        host=config.host,
-        port=config.port,
-        shutdown_timeout=config.shutdown_timeout,
-        handler_cancellation=True,
-        access_log=None,
-        print=None,
-    )
+    host = f"[{config.host}]" if ":" in config.host else config.host
+
+    def listening(banner: str) -> None:
+        # aiohttp calls this once the socket is bound; its banner names the
+        # address, with the port the system chose for --port 0 (aiohttp 3.10+).
+        where = banner.partition("Running on ")[2].partition(" ====")[0]
+        log.info("kiro2api %s listening on %s", __version__,
+                 where or f"http://{host}:{config.port}")
+
+    try:
+        web.run_app(
+            make_app(config),
+            host=config.host,
+            port=config.port,
+            shutdown_timeout=config.shutdown_timeout,
+            handler_cancellation=True,
+            access_log=None,
+            print=listening,
+        )
+    except OSError as exc:  # the bind: a port in use, an address not of this machine
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise click.ClickException(f"cannot listen on {host}:{config.port}: {reason}") from None
 
 
 # Command line #############################################################

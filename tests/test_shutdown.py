@@ -67,3 +67,47 @@ async def test_sigterm_ends_a_long_stream_with_an_error_event(fake_upstream, tmp
                 raise AssertionError("the server still answers after SIGTERM")
         except aiohttp.ClientConnectionError:
             pass
+
+
+# Starting up ##############################################################
+
+
+def server_command(tmp_path, port):
+    token_file = write_token_file(tmp_path / "token.json")
+    return [sys.executable, str(ROOT / "kiro2api.py"), "server", "--port", str(port),
+            "--api-key", API_KEY, "--token-file", str(token_file)]
+
+
+async def test_a_port_in_use_is_one_clear_line_and_exit_1(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process = await asyncio.create_subprocess_exec(
+            *server_command(tmp_path, port), stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 1, err
+    lines = err.decode().splitlines()
+    assert lines[-1].startswith(f"Error: cannot listen on 127.0.0.1:{port}: "), lines
+    assert "Traceback" not in err.decode()
+    assert not any("listening on" in line for line in lines)  # it never was
+
+
+async def test_port_0_logs_the_port_the_system_chose(tmp_path):
+    process = await asyncio.create_subprocess_exec(
+        *server_command(tmp_path, 0), stderr=asyncio.subprocess.PIPE)
+    try:
+        while b"listening on" not in (line := await asyncio.wait_for(
+                process.stderr.readline(), 30)):
+            assert line, "the server exited before it listened"
+        url = line.decode().split("listening on ")[1].strip()
+        port = int(url.rsplit(":", 1)[1])
+        assert url == f"http://127.0.0.1:{port}" and port != 0
+        async with aiohttp.ClientSession() as session, session.get(url + "/health") as reply:
+            assert reply.status == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 10) == 0
