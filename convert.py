@@ -21,6 +21,8 @@ Standard library only: no I/O, no logging, no clock or random ids of its own
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import math
@@ -181,6 +183,10 @@ THINKING_BUDGET_DEFAULT = 20_000
 THINKING_BUDGET_RANGE = (1_024, 24_576)
 IMAGE_FORMATS = {"image/png": "png", "image/jpeg": "jpeg", "image/gif": "gif",
                  "image/webp": "webp"}
+# How each format's data begins, to tell an image sent under another format's
+# name (which Anthropic refuses, and Kiro would misread).
+IMAGE_SIGNATURES = (("png", b"\x89PNG\r\n\x1a\n"), ("jpeg", b"\xff\xd8\xff"),
+                    ("gif", b"GIF87a"), ("gif", b"GIF89a"))
 
 
 @dataclass
@@ -239,11 +245,26 @@ def _image(block: Json, where: str) -> Json:
             f"(use one of {', '.join(sorted(IMAGE_FORMATS))})", param=where)
     data = source.get("data")
     _expect(isinstance(data, str) and data != "", f"{where}: image data is empty", where)
+    _check_image_data(data, media_type, where, too_large_status=413)
+    return {"format": IMAGE_FORMATS[media_type], "source": {"bytes": data}}
+
+
+def _check_image_data(data: str, media_type: str, where: str, *,
+                      too_large_status: int) -> None:
+    """Refuse image data that is too large, not base64, or another format's."""
     if len(data) * 3 // 4 > MAX_IMAGE_BYTES:
         raise ConversionError(
             f"{where}: image is larger than {MAX_IMAGE_BYTES // (1024 * 1024)} MiB",
-            status=413, param=where)
-    return {"format": IMAGE_FORMATS[media_type], "source": {"bytes": data}}
+            status=too_large_status, param=where)
+    try:
+        head = base64.b64decode(data, validate=True)[:12]
+    except (binascii.Error, ValueError):
+        raise ConversionError(f"{where}: image data is not valid base64", param=where) from None
+    actual = next((name for name, signature in IMAGE_SIGNATURES if head.startswith(signature)),
+                  "webp" if head[:4] == b"RIFF" and head[8:12] == b"WEBP" else None)
+    if actual is not None and actual != IMAGE_FORMATS[media_type]:
+        raise ConversionError(f"{where}: the image data is {actual.upper()}, "
+                              f"not {media_type}", param=where)
 
 
 def _tool_result(block: Json, where: str, images: list[Json]) -> Json:
@@ -1405,6 +1426,7 @@ def _openai_image(part: Json, where: str) -> Json:
     _expect(media_type in IMAGE_FORMATS, f"{where}: image type {media_type!r} is not "
             f"supported (use one of {', '.join(sorted(IMAGE_FORMATS))})", where)
     _expect(data != "", f"{where}: the image data is empty", where)
+    _check_image_data(data, media_type, where, too_large_status=400)  # OpenAI's status
     return {"type": "image", "source": {"type": "base64", "media_type": media_type,
                                         "data": data}}
 

@@ -489,7 +489,11 @@ async def test_stop_sequence_closes_the_upstream_request(proxy):
     ({"type": "url", "url": "https://example.com/a.png"}, 400, "'url' is not supported"),
     ({"type": "base64", "media_type": "image/png", "data": "A" * (7 * 1024 * 1024)}, 413,
      "larger than 5 MiB"),
-], ids=["unsupported-type", "url-source", "oversize"])
+    ({"type": "base64", "media_type": "image/png", "data": "!!!notbase64"}, 400,
+     "not valid base64"),
+    ({"type": "base64", "media_type": "image/jpeg", "data": "iVBORw0KGgoAAAANSUhEUg=="}, 400,
+     "the image data is PNG, not image/jpeg"),
+], ids=["unsupported-type", "url-source", "oversize", "not-base64", "png-called-jpeg"])
 async def test_image_refusals_name_the_block(proxy, image, status, needle):
     content = [{"type": "text", "text": "see"}, {"type": "tool_result", "tool_use_id": "t",
                                                  "content": [{"type": "image", "source": image}]}]

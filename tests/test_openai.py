@@ -224,6 +224,15 @@ BAD_REQUESTS = [
     ("data-url-not-base64", with_messages({"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png,rawbytes"}}]}),
      "messages[0].content[0].image_url.url", "base64"),
+    ("image-not-base64", with_messages({"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,!!!notbase64"}}]}),
+     "messages[0].content[0].image_url.url", "not valid base64"),
+    ("image-of-another-type", with_messages({"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/webp;base64,R0lGODlhAQABAAAAACw="}}
+    ]}), "messages[0].content[0].image_url.url", "the image data is GIF, not image/webp"),
+    ("image-too-large", with_messages({"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 7_000_000}}
+    ]}), "messages[0].content[0].image_url.url", "larger than 5 MiB"),
     ("image-type", with_messages({"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/tiff;base64,AAAA"}}]}),
      "messages[0].content[0].image_url.url", "'image/tiff' is not supported"),
