@@ -105,8 +105,9 @@ def model_list(upstream: list[Json] | None) -> list[Json]:
     def entry(name: str, display: str, window: int | None) -> Json:
         return {"id": name, "object": "model", "created": MODELS_CREATED,
                 "owned_by": "anthropic" if name.startswith("claude") else "kiro",
-                "type": "model", "display_name": display,
-                "created_at": "2026-01-01T00:00:00Z", "context_window": window}
+                "type": "model", "display_name": display, "lifecycle": "active",
+                "created_at": "2026-01-01T00:00:00Z", "max_input_tokens": window,
+                "context_window": window}
 
     if upstream is None:
         return [entry(name, name, window) for name, _, window in MODELS]
@@ -1155,8 +1156,9 @@ def anthropic_error(status: int, message: str, error_type: str | None = None) ->
     return {"type": "error", "error": {"type": error_type, "message": message}}
 
 
+# Any other 4xx is an invalid_request_error to OpenAI, unknown URLs and models too.
 OPENAI_ERROR_TYPES = {401: "authentication_error", 403: "permission_error",
-                      404: "not_found_error", 429: "rate_limit_exceeded"}
+                      429: "rate_limit_exceeded"}
 
 
 def openai_error(status: int, message: str, *, error_type: str | None = None,

@@ -1325,18 +1325,33 @@ async def list_models(app: web.Application, store: TokenStore,
     return models
 
 
-async def handle_models(request: web.Request) -> web.Response:
-    cache = request.app[MODEL_CACHE]
+async def cached_models(app: web.Application) -> list[Json]:
+    """The ``/v1/models`` entries, from the cache or fetched anew when it is stale."""
+    cache = app[MODEL_CACHE]
     async with cache.lock:  # one upstream call however many clients ask at once
         if cache.entries is None or time.monotonic() >= cache.expires:
-            upstream = await fetch_models(request.app)
+            upstream = await fetch_models(app)
             cache.entries = convert.model_list(upstream)
             cache.expires = time.monotonic() + (
                 MODELS_TTL_SECONDS if upstream is not None else MODELS_RETRY_SECONDS)
-        data = cache.entries
+        return cache.entries
+
+
+async def handle_models(request: web.Request) -> web.Response:
+    data = await cached_models(request.app)
     return web.json_response({"object": "list", "data": data, "has_more": False,
                               "first_id": data[0]["id"] if data else None,
                               "last_id": data[-1]["id"] if data else None})
+
+
+async def handle_model(request: web.Request) -> web.Response:
+    """``GET /v1/models/{id}``: one entry of the list (both SDKs' ``models.retrieve``)."""
+    wanted = request.match_info["model_id"]
+    for entry in await cached_models(request.app):
+        if entry["id"] == wanted:
+            return web.json_response(entry)
+    raise convert.ConversionError(f"model {wanted!r} is not in GET /v1/models",
+                                  status=404, param="model", code="model_not_found")
 
 
 async def handle_count_tokens(request: web.Request) -> web.Response:
@@ -1523,7 +1538,15 @@ async def send_keepalives(response: web.StreamResponse, renderer: Any, interval:
 
 
 def is_openai_route(request: web.Request) -> bool:
-    return request.path.startswith("/v1/chat/")
+    """Whether errors take OpenAI's envelope: on its own routes, and on the shared
+    model routes when the client does not look like Anthropic's (whose SDKs send
+    ``anthropic-version``, and the key as ``x-api-key`` unless told otherwise)."""
+    path = request.path
+    if path.startswith("/v1/chat/"):
+        return True
+    headers = request.headers
+    return path.startswith("/v1/models") and not (
+        "anthropic-version" in headers or "x-api-key" in headers)
 
 
 def error_response(request: web.Request, status: int, message: str, *,
@@ -1569,7 +1592,9 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
                    404: f"no route {request.path}",
                    405: f"method {request.method} is not allowed on {request.path}"}.get(
                        exc.status, exc.reason)
-        response = error_response(request, exc.status, message)
+        # 405 must say which methods the route takes (RFC 9110 15.5.6).
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        response = error_response(request, exc.status, message, headers=allow)
     except STREAM_FAILURES as exc:
         f = web_failure(exc).failure
         response = error_response(request, f.status, f.message, anthropic_type=f.anthropic_type,
@@ -1733,6 +1758,7 @@ def make_app(config: Config) -> web.Application:
     app.router.add_get("/health", handle_health)
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/v1/models", handle_models)
+    app.router.add_get("/v1/models/{model_id}", handle_model)
     app.router.add_post("/v1/messages", handle_messages)
     app.router.add_post("/v1/messages/count_tokens", handle_count_tokens)
     app.router.add_post("/v1/chat/completions", handle_chat_completions)

@@ -409,6 +409,7 @@ async def test_unknown_route_and_method_get_envelopes(proxy):
         async with session.get(proxy.url + "/v1/messages",
                                headers={"x-api-key": API_KEY}) as response:
             assert response.status == 405
+            assert response.headers["Allow"] == "POST"
             assert (await response.json())["type"] == "error"
 
 
@@ -462,15 +463,44 @@ async def test_anthropic_headers_of_claude_code_are_accepted(proxy):
 
 
 async def test_models_list_serves_both_sdks(proxy):
+    from anthropic.types import ModelInfo
+    from openai.types import Model
+
     page = await proxy.anthropic().models.list()
     ids = [model.id for model in page.data]
     assert "claude-sonnet-4-5" in ids and "claude-opus-4-7" in ids
+    for model in page.data:  # every field the SDK's type requires
+        ModelInfo.model_validate(model.model_dump(exclude_unset=True))
+    async for model in await proxy.openai().models.list():
+        Model.model_validate(model.model_dump(exclude_unset=True))
     async with aiohttp.ClientSession() as session:
         async with session.get(proxy.url + "/v1/models",
                                headers={"x-api-key": API_KEY}) as response:
             body = await response.json()
     assert body["object"] == "list"
     assert all(m["object"] == "model" and isinstance(m["created"], int) for m in body["data"])
+
+
+async def test_models_retrieve_serves_both_sdks_and_names_an_unknown_model(proxy):
+    import openai
+    from anthropic.types import ModelInfo
+    from openai.types import Model
+
+    anthropic_client, openai_client = proxy.anthropic(), proxy.openai()
+    info = await anthropic_client.models.retrieve("claude-sonnet-4-5")
+    assert ModelInfo.model_validate(info.model_dump(exclude_unset=True)).id == "claude-sonnet-4-5"
+    assert info.type == "model" and info.display_name
+    model = await openai_client.models.retrieve("claude-opus-4-7")
+    assert Model.model_validate(model.model_dump(exclude_unset=True)).id == "claude-opus-4-7"
+    assert (model.object, model.owned_by) == ("model", "anthropic")
+    with pytest.raises(anthropic.NotFoundError) as caught:
+        await anthropic_client.models.retrieve("claude-nonesuch")
+    assert caught.value.body["error"]["type"] == "not_found_error"
+    assert "'claude-nonesuch'" in caught.value.body["error"]["message"]
+    with pytest.raises(openai.NotFoundError) as caught:  # OpenAI's envelope for its SDK
+        await openai_client.models.retrieve("claude-nonesuch")
+    assert caught.value.body["type"] == "invalid_request_error"
+    assert caught.value.code == "model_not_found"
 
 
 async def test_count_tokens_estimates_and_validates(proxy):
