@@ -215,6 +215,37 @@ def _expect(condition: bool, message: str, param: str | None = None) -> None:
         raise ConversionError(message, param=param)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# Settings Kiro has no use for still have their types checked, as the real
+# APIs check them: "stream": "yes" is a client's bug that it should hear of.
+# Their values are not (some clients send max_tokens -1 for "no limit", and
+# kiro2api has no limit to apply).
+ANTHROPIC_SETTINGS = (("stream", lambda v: isinstance(v, bool), "true or false"),
+                      ("max_tokens", _is_whole, "a whole number"),
+                      ("temperature", _is_number, "a number"),
+                      ("top_p", _is_number, "a number"),
+                      ("top_k", _is_whole, "a whole number"))
+OPENAI_SETTINGS = (("stream", lambda v: isinstance(v, bool), "true or false"),
+                   ("max_tokens", _is_whole, "a whole number"),
+                   ("max_completion_tokens", _is_whole, "a whole number"),
+                   ("temperature", _is_number, "a number"),
+                   ("top_p", _is_number, "a number"))
+
+
+def _expect_settings(body: Json, settings: tuple) -> None:
+    for name, valid, what in settings:
+        value = body.get(name)
+        _expect(value is None or valid(value), f"{name}: expected {what}, got {value!r:.50}",
+                name)
+
+
 def system_text(system: Any) -> str:
     """The ``system`` field (a string or a list of text blocks) as one string."""
     if system is None:
@@ -565,6 +596,7 @@ def anthropic_to_codewhisperer(
     messages = body.get("messages")
     _expect(isinstance(messages, list), "messages: a list of messages is required", "messages")
     _expect(len(messages) > 0, "messages: at least one message is required", "messages")
+    _expect_settings(body, ANTHROPIC_SETTINGS)
     model_id = resolve_model(model)
     tool_names: dict[str, str] = {}
     manuals: list[str] = []
@@ -1575,6 +1607,7 @@ def openai_to_anthropic(body: Any) -> Json:
     stream_options = body.get("stream_options")
     _expect(stream_options is None or isinstance(stream_options, dict),
             "stream_options: expected an object", "stream_options")
+    _expect_settings(body, OPENAI_SETTINGS)
 
     system: list[str] = []
     out_messages: list[Json] = []

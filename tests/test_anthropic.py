@@ -318,12 +318,21 @@ async def post(proxy, path, data, headers=None):
                  "messages": [{"role": "user", "content": "x"}]}), "stop_sequences"),
     (json.dumps({"model": "m", "tools": [{"description": "nameless"}],
                  "messages": [{"role": "user", "content": "x"}]}), "tools.0"),
+    (json.dumps({"model": "m", "stream": "yes",
+                 "messages": [{"role": "user", "content": "x"}]}),
+     "stream: expected true or false, got 'yes'"),
+    (json.dumps({"model": "m", "max_tokens": "lots",
+                 "messages": [{"role": "user", "content": "x"}]}),
+     "max_tokens: expected a whole number"),
+    (json.dumps({"model": "m", "temperature": "hot",
+                 "messages": [{"role": "user", "content": "x"}]}),
+     "temperature: expected a number"),
 ], ids=["broken", "not-utf8", "array", "no-model", "no-messages", "empty-messages",
         "model-type", "bad-role", "content-type", "unknown-block", "url-image", "system-type",
         "tools-type", "deep-nesting", "empty-body", "string-body", "messages-object",
         "message-string", "text-type", "tool-input-type", "tool-result-content-type",
         "image-without-source", "tool-use-from-user", "stop-sequences-type",
-        "tool-without-name"])
+        "tool-without-name", "stream-type", "max-tokens-type", "temperature-type"])
 async def test_bad_request_gets_a_400_envelope(proxy, data, needle):
     status, body = await post(proxy, "/v1/messages", data)
     assert status == 400
