@@ -164,6 +164,10 @@ ORIGIN = "AI_EDITOR"
 # The upstream rejects empty message content; these short texts stand in.
 # They are what the model sees, so they are plain and neutral.
 EMPTY_USER_TEXT = "Continue"
+# After an assistant message at the end (a prefill, such as "{" to get JSON):
+# the upstream cannot continue a message, so the model is asked to, in words.
+PREFILL_USER_TEXT = ("Continue your last message from exactly where it ends, "
+                     "without repeating any of it.")
 TOOL_RESULTS_TEXT = "Tool results provided."
 EMPTY_ASSISTANT_TEXT = " "
 EMPTY_TOOL_RESULT_TEXT = "(empty result)"
@@ -623,7 +627,7 @@ def anthropic_to_codewhisperer(
     if turns[0].role == "assistant":
         turns.insert(0, _Turn("user", [EMPTY_USER_TEXT]))
     if turns[-1].role == "assistant":  # prefill: the upstream cannot continue it
-        turns.append(_Turn("user", [EMPTY_USER_TEXT]))
+        turns.append(_Turn("user", [PREFILL_USER_TEXT]))
     for turn in turns:  # names in history must match the shortened specs
         for use in turn.tool_uses:
             use["name"] = _tool_name(use["name"])

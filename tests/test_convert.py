@@ -44,7 +44,8 @@ CASES = [
      state(user("e"), [U("a\n\nb"), A("c\n\nd")])),
     ("assistant-last-prefill", {"messages": [
         {"role": "user", "content": "Write JSON"}, {"role": "assistant", "content": "{"}]},
-     state(user("Continue"), [U("Write JSON"), A("{")])),
+     state(user("Continue your last message from exactly where it ends, without repeating "
+                "any of it."), [U("Write JSON"), A("{")])),
     ("assistant-first", {"messages": [
         {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Hi"}]},
      state(user("Hi"), [U("Continue"), A("Hello")])),
