@@ -1088,13 +1088,16 @@ class Assembler:
         elif kind is ContextUsage:
             self._context_percentage = event.percentage
         elif kind is Refusal:
+            held = self._flush_text()  # before the stop reason: it stops the flushing
             self.stop_reason = "refusal"
+            return held
         elif kind is UpstreamException:
             if event.error_type == "ContentLengthExceededException" or \
                     "CONTENT_LENGTH_EXCEEDS" in event.message:
                 self._tools.clear()
+                held = self._flush_text()
                 self.stop_reason = "max_tokens"
-                return self._flush_text()
+                return held
             raise StreamError(event.error_type, event.message)
         return []
 
@@ -1171,9 +1174,11 @@ def sse(event_name: str | None, data: Any) -> bytes:
     """One server-sent event; ``event_name`` None gives a data-only event (OpenAI)."""
     body = data if isinstance(data, str) else json.dumps(
         data, ensure_ascii=False, separators=(",", ":"))
+    # A lone surrogate (from an upstream message, say) cannot be UTF-8: it
+    # goes out as its JSON escape instead, which is what it was on the wire.
     if event_name is None:
-        return f"data: {body}\n\n".encode()
-    return f"event: {event_name}\ndata: {body}\n\n".encode()
+        return f"data: {body}\n\n".encode("utf-8", "backslashreplace")
+    return f"event: {event_name}\ndata: {body}\n\n".encode("utf-8", "backslashreplace")
 
 
 ANTHROPIC_ERROR_TYPES = {

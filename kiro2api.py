@@ -30,6 +30,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -156,6 +157,16 @@ class RefreshError(TokenError):
         self.permanent = permanent
 
 
+# user:password@ in a URL, as aiohttp's errors quote the proxy's URL.
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s'\"]+@")
+
+
+def describe(exc: BaseException) -> str:
+    """An aiohttp client error as words for a client or a log, credentials removed."""
+    text = str(exc) or type(exc).__name__
+    return _USERINFO.sub(r"\1***@", text)
+
+
 # Token store ##############################################################
 
 # Refresh when less than this is left (peers use 5 to 10 minutes).
@@ -173,6 +184,9 @@ MAX_EXPIRES_IN_SECONDS = 366 * 24 * 3600  # keeps a silly expiresIn from overflo
 # Access tokens a store remembers for ``knows``: one per refresh, so about
 # ten days of hourly refreshes.
 HELD_TOKENS_MAX = 256
+# With no client key, an unknown token sends the store to its file, in case
+# the Kiro IDE or ``kiro2api refresh`` wrote a new one: at most this often.
+REREAD_SECONDS = 1.0
 TOKEN_FILE_MODE = 0o600
 
 # authMethod values (matched case-insensitively) → ours. PROTOCOL.md §1.1.
@@ -409,7 +423,7 @@ def remove_stale_temporaries(path: Path) -> None:
 
 
 def auth_endpoint(template: str, region: str) -> str:
-    """An auth base URL with ``{region}`` filled in (a URL without it stays as it is)."""
+    """A base URL (auth or upstream) with ``{region}`` filled in; other text stays as it is."""
     return template.replace("{region}", region).rstrip("/")
 
 
@@ -491,6 +505,7 @@ class TokenStore:
         self._error: TokenError | None = None
         self._dead: tuple[str, RefreshError] | None = None  # (refresh token, its refusal)
         self._retry_at = 0.0  # time.monotonic() before which a failed refresh is not retried
+        self._reread_at = 0.0  # time.monotonic() before which reread() does not read again
 
     def __repr__(self) -> str:
         return f"<TokenStore {self.path}>"
@@ -550,6 +565,24 @@ class TokenStore:
             joined = await asyncio.shield(self._task)
             if joined.access_token != stale:
                 return joined
+
+    async def reread(self) -> None:
+        """Adopt a token another program wrote to the file since (the Kiro IDE, a
+        CLI ``refresh``), so a client can present it at once. Reads at most once
+        every REREAD_SECONDS, however often it is asked (strangers ask too)."""
+        now = time.monotonic()
+        if now < self._reread_at:
+            return
+        self._reread_at = now + REREAD_SECONDS
+        try:
+            _, on_disk = await asyncio.to_thread(read_token_file, self.path)
+        except TokenError:
+            return  # the next credentials() call reports it
+        left = on_disk.seconds_left()
+        # Only a token new to us: one held before is older than ours (a
+        # write-back of ours failed), and its refresh token may be spent.
+        if not self.knows(on_disk.access_token) and (left is None or left > 0):
+            self._adopt(on_disk)
 
     def knows(self, token: str) -> bool:
         """Whether ``token`` is an access token this store has held (constant time)."""
@@ -753,8 +786,8 @@ class TokenStore:
                                 getattr(aiohttp, "NonHttpUrlClientError", aiohttp.InvalidURL))):
                 reason = "not a valid http(s) URL"  # the URL or the proxy's
             else:
-                reason = getattr(getattr(exc, "os_error", None), "strerror", None) or str(exc) \
-                    or type(exc).__name__
+                reason = getattr(getattr(exc, "os_error", None), "strerror", None) \
+                    or describe(exc)
             raise RefreshError(
                 f"cannot reach {url} ({reason}); check the network, --proxy and {option}"
             ) from None
@@ -780,7 +813,7 @@ class TokenStore:
             raise RefreshError(f"{url} answered HTTP 200 with {got}; check {option}", status=200)
         expires_in = answer.get("expiresIn")
         if isinstance(expires_in, bool) or not isinstance(expires_in, (int, float)) \
-                or expires_in <= 0:
+                or not math.isfinite(expires_in) or expires_in <= 0:
             expires_in = DEFAULT_EXPIRES_IN_SECONDS
         expires_at = utcnow() + timedelta(seconds=min(expires_in, MAX_EXPIRES_IN_SECONDS))
         expires_at = expires_at.replace(microsecond=expires_at.microsecond // 1000 * 1000)
@@ -1038,6 +1071,8 @@ async def call_account(request: web.Request, prepared: convert.Prepared, store: 
         body = json.dumps(payload, ensure_ascii=False).encode()
     except RecursionError:  # the client's JSON parsed, but nests deeper than we can write
         raise convert.ConversionError("request body nests JSON too deeply") from None
+    except UnicodeEncodeError:  # read_json lets no lone surrogate through; if one came
+        raise convert.ConversionError("request holds text that is not valid Unicode") from None
     if len(body) > config.max_input_bytes:
         raise convert.ConversionError(
             f"{convert.PROMPT_TOO_LONG}: the request is {len(body)} bytes for Kiro, over its "
@@ -1049,7 +1084,7 @@ async def call_account(request: web.Request, prepared: convert.Prepared, store: 
     attempt = 0
     while True:
         attempt += 1
-        url = config.upstream.format(region=api_region(credentials)) + "/generateAssistantResponse"
+        url = auth_endpoint(config.upstream, api_region(credentials)) + "/generateAssistantResponse"
         retry_after = None
         started = loop.time()
         try:
@@ -1062,7 +1097,7 @@ async def call_account(request: web.Request, prepared: convert.Prepared, store: 
             error = UpstreamError(timeout_failure(exc, config, url))
         except aiohttp.ClientError as exc:
             error = UpstreamError(convert.Failure(
-                502, f"could not reach Kiro at {url}: {exc or type(exc).__name__}",
+                502, f"could not reach Kiro at {url}: {describe(exc)}",
                 "api_error", "server_error", None))
         else:
             request[REQUEST_LOG].upstream_first_byte = loop.time() - started
@@ -1207,7 +1242,7 @@ METRICS = web.AppKey("metrics", Metrics)
 
 # A \uD800-\uDFFF escape: JSON may spell a lone surrogate, which no UTF-8
 # text (and so no upstream body or answer) can hold.
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
 
 
 async def read_json(request: web.Request) -> Any:
@@ -1218,11 +1253,17 @@ async def read_json(request: web.Request) -> Any:
     """
     raw = await request.read()
     try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise convert.ConversionError("request body is not valid JSON") from None
-    if _SURROGATE_ESCAPE.search(raw):  # rare: the walk costs nothing otherwise
-        data = without_lone_surrogates(data)
+        # Strict UTF-8 first: json.loads would take UTF-16, and encoded
+        # surrogates, which no upstream request can carry.
+        text = raw.decode("utf-8")
+        data = json.loads(text)
+    except (ValueError, RecursionError):  # UnicodeDecodeError included
+        raise convert.ConversionError("request body is not valid JSON in UTF-8") from None
+    if _SURROGATE_ESCAPE.search(text):  # rare: the walk costs nothing otherwise
+        try:
+            data = without_lone_surrogates(data)
+        except RecursionError:
+            raise convert.ConversionError("request body nests JSON too deeply") from None
     return data
 
 
@@ -1296,7 +1337,7 @@ async def fetch_models(app: web.Application) -> list[Json] | None:
             continue
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, AttributeError) as exc:
             log.warning("could not list the models of account %s (%s)", store.path.name,
-                        exc or type(exc).__name__)
+                        describe(exc))
     log.warning("no account could list its models; using the built-in list")
     return None
 
@@ -1305,7 +1346,7 @@ async def list_models(app: web.Application, store: TokenStore,
                       credentials: Credentials) -> list[Json]:
     """One account's ``ListAvailableModels``, every page of it."""
     config = app[CONFIG]
-    url = config.upstream.format(region=api_region(credentials)) + "/ListAvailableModels"
+    url = auth_endpoint(config.upstream, api_region(credentials)) + "/ListAvailableModels"
     params = {"origin": "AI_EDITOR", "maxResults": "50"}
     if credentials.profile_arn:
         params["profileArn"] = credentials.profile_arn
@@ -1318,10 +1359,15 @@ async def list_models(app: web.Application, store: TokenStore,
             if response.status != 200:
                 raise ValueError(f"HTTP {response.status}")
             data = await response.json(content_type=None)
-        models += data.get("models") or []
-        if not data.get("nextToken"):
+        page = data.get("models") if isinstance(data, dict) else None
+        if not isinstance(page, list):
+            raise ValueError("an answer without a list of models")
+        models += page
+        if not isinstance(data.get("nextToken"), str) or not data["nextToken"]:
             break
         params["nextToken"] = data["nextToken"]
+    if not models:  # no account serves nothing: the built-in list is the better guess
+        raise ValueError("an empty list of models")
     return models
 
 
@@ -1437,7 +1483,7 @@ def web_failure(exc: BaseException) -> UpstreamError:
         status, message = 504, "the upstream stopped sending before the answer was complete"
     else:
         status = 502
-        message = f"the upstream connection failed mid-answer: {exc or type(exc).__name__}"
+        message = f"the upstream connection failed mid-answer: {describe(exc)}"
     anthropic_type = convert.ANTHROPIC_ERROR_TYPES.get(status, "api_error")
     return UpstreamError(convert.Failure(status, message, anthropic_type,
                                          "server_error" if status >= 500 else "rate_limit_exceeded",
@@ -1458,17 +1504,20 @@ async def stream_sse(request: web.Request, upstream: aiohttp.ClientResponse,
         "X-Accel-Buffering": "no",
     })
     await response.prepare(request)
-    # Counted here: aiohttp's body_length restarts from 0 at each drain.
-    data = renderer.start()
-    written = len(data)
-    await response.write(data)
-    keepalive = asyncio.create_task(send_keepalives(response, renderer, config.ping_interval))
+    # Counted here (aiohttp's body_length restarts from 0 at each drain, or
+    # stays 0 until the end); the keep-alives watch it for silence.
+    written = 0
+    keepalive = asyncio.create_task(
+        send_keepalives(response, renderer, config.ping_interval, lambda: written))
     streams = request.app[STREAMS]
     task = asyncio.current_task()
     streams.add(task)
     events: list[convert.Event] = []  # one upstream read's events: one render, one write
     feed = assembler.feed_into
     try:
+        data = renderer.start()
+        written += len(data)
+        await response.write(data)
         async for frames in upstream_frames(upstream):
             for headers, payload in frames:  # unpacking: cheaper than two attribute reads
                 feed(events, headers, payload)
@@ -1503,9 +1552,7 @@ async def stream_sse(request: web.Request, upstream: aiohttp.ClientResponse,
         # A bug of ours: the headers are out, so the error middleware can no
         # longer answer; the client must still see a failure, not a clean end.
         log.exception("unhandled error while streaming %s", request.path)
-        failure = convert.Failure(500, "internal error in kiro2api; see its log", "api_error",
-                                  "server_error", None)
-        tail = end_with_error(request, renderer, [], failure)
+        tail = end_with_error(request, renderer, [], STREAM_BUG)
     finally:
         keepalive.cancel()
         streams.discard(task)
@@ -1520,18 +1567,29 @@ def end_with_error(request: web.Request, renderer: Any, events: list[convert.Eve
                    failure: convert.Failure) -> bytes:
     """What a failed stream still sends: the events the read gave before it, then the error."""
     request[REQUEST_LOG].failure = failure.message
-    return renderer.render(events) + renderer.error(failure)
+    try:
+        return renderer.render(events) + renderer.error(failure)
+    except Exception:  # nothing may escape once the headers are out
+        log.exception("could not render the error that ends the stream")
+        return renderer.error(STREAM_BUG)
 
 
-async def send_keepalives(response: web.StreamResponse, renderer: Any, interval: float) -> None:
-    """Write the renderer's keep-alive whenever the stream has been quiet for ``interval``."""
+# The error a stream ends with when kiro2api itself failed.
+STREAM_BUG = convert.Failure(500, "internal error in kiro2api; see its log", "api_error",
+                             "server_error", None)
+
+
+async def send_keepalives(response: web.StreamResponse, renderer: Any, interval: float,
+                          written: Callable[[], int]) -> None:
+    """Write the renderer's keep-alive whenever the stream has been quiet for ``interval``
+    (``written()``, the bytes the stream has sent, has not moved)."""
     with contextlib.suppress(ConnectionError, asyncio.CancelledError):
-        last = response.body_length
+        last = written()
         while True:
             await asyncio.sleep(interval)
-            if response.body_length == last:
+            if written() == last:
                 await response.write(renderer.keepalive)
-            last = response.body_length
+            last = written()
 
 
 # Middlewares ##############################################################
@@ -1678,7 +1736,7 @@ async def auth_middleware(request: web.Request, handler: Any) -> web.StreamRespo
         return await handler(request)
     key = presented_key(request)
     if config.api_key is not None:
-        allowed = same_secret(key, config.api_key)
+        allowed = bool(key) and same_secret(key, config.api_key)
     else:
         allowed = bool(key) and await knows_access_token(request.app, key)
     if not allowed:
@@ -1691,14 +1749,15 @@ async def auth_middleware(request: web.Request, handler: Any) -> web.StreamRespo
 
 
 async def knows_access_token(app: web.Application, token: str) -> bool:
+    """Whether ``token`` is an access token of one of the accounts: one held, or
+    one the file holds now (refreshed by the Kiro IDE or ``kiro2api refresh``)."""
     for store in app[ACCOUNTS]:
         if store.knows(token):
             return True
-    for store in app[ACCOUNTS]:  # not loaded yet, or refreshed by someone else
-        with contextlib.suppress(TokenError):
-            await store.credentials()
-            if store.knows(token):
-                return True
+    for store in app[ACCOUNTS]:
+        await store.reread()
+        if store.knows(token):
+            return True
     return False
 
 
@@ -1955,6 +2014,10 @@ def server(port_arg, key_arg, host, port, api_key, no_auth, token_files, upstrea
             "it is allowed only on a loopback host such as 127.0.0.1 (use --api-key)")
     if no_auth and (api_key or key_arg):
         raise click.UsageError("--no-auth and an API key contradict each other; choose one")
+    for given in (api_key, key_arg):
+        if given is not None and not given.strip():
+            # "kiro2api server 8080 "$KEY"" with KEY unset must not mean "no key".
+            raise click.UsageError("the API key is empty; give a key, or leave it out")
     config = Config(
         host=host,
         port=port if port is not None else (port_arg if port_arg is not None else DEFAULT_PORT),

@@ -455,6 +455,17 @@ async def test_without_configured_key_the_kiro_access_token_is_accepted(
     with pytest.raises(anthropic.AuthenticationError):
         await stranger.messages.create(**BASIC)
 
+    # The Kiro IDE (or `kiro2api refresh`) writes a new token; `kiro2api
+    # export` prints it, and the server takes it at once.
+    await asyncio.sleep(kiro2api.REREAD_SECONDS)  # the stranger's look at the file
+    write_token_file(token_file, accessToken="aoa-refreshed-by-the-ide")
+    client = anthropic.AsyncAnthropic(base_url=url, auth_token="aoa-refreshed-by-the-ide",
+                                      max_retries=0)
+    assert (await client.messages.create(**BASIC)).content[0].text == "Hello"
+    assert fake_upstream.calls("/generateAssistantResponse")[-1].headers["Authorization"] == \
+        "Bearer aoa-refreshed-by-the-ide"
+    assert fake_upstream.calls("/refreshToken") == []
+
 
 async def test_anthropic_headers_of_claude_code_are_accepted(proxy):
     events = await raw_sse(proxy, BASIC, headers={
@@ -746,3 +757,56 @@ async def test_models_are_fetched_again_once_the_cache_expires(proxy, monkeypatc
     await asyncio.sleep(1.05)
     await ids()
     assert len(proxy.fake.calls("/ListAvailableModels")) == 3
+
+
+# Found in review: odd text and shapes from either side ####################
+
+
+async def test_an_upstream_error_with_half_a_character_still_ends_in_an_error_event(proxy):
+    # A lone surrogate cannot be UTF-8; it goes out as its JSON escape.
+    proxy.fake.script.append(Stream(fakes.text("Hello") + [
+        fakes.exception("ValidationException", "bad \ud800 input")]))
+    events = await raw_sse(proxy, BASIC)
+    assert [name for name, _ in events][-1] == "error"
+    assert "bad \ud800 input" in events[-1][1]["error"]["message"]
+    assert any(d.get("delta", {}).get("text") == "Hello" for _, d in events)
+
+
+@pytest.mark.parametrize(("data", "needle"), [
+    # Half an emoji encoded as UTF-8 bytes (ED A0 BD), which json.loads would take.
+    ('{"model": "m", "messages": [{"role": "user", "content": "x'.encode() + b"\xed\xa0\xbd"
+     + b'"}]}', "not valid JSON in UTF-8"),
+    (json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                 "metadata": {"user_id": "\ud800"}}).replace(
+        '"metadata"', '"deep": ' + "[" * 900 + "]" * 900 + ', "metadata"').encode(),
+     "nests JSON too deeply"),
+], ids=["utf8-surrogate", "escaped-surrogate-deep"])
+async def test_text_no_upstream_request_can_carry_is_a_400(proxy, data, needle):
+    status, body = await post(proxy, "/v1/messages", data)
+    assert status == 400 and needle in body["error"]["message"]
+    assert proxy.fake.calls("/generateAssistantResponse") == []
+
+
+async def test_a_stream_that_never_goes_quiet_gets_no_keepalives(
+        aiohttp_server, fake_upstream, proxy_config):
+    import dataclasses
+
+    import kiro2api
+
+    config = dataclasses.replace(proxy_config, ping_interval=1.0)
+    server = await aiohttp_server(kiro2api.make_app(config))
+    frames = fakes.text(*["word "] * 60) + fakes.tail()  # one frame every 30 ms: 1.8 s
+    fake_upstream.script.append(Stream(frames, split=(len(frames[0]),), delay=0.03))
+    async with aiohttp.ClientSession() as session, session.post(
+            server.make_url("/v1/messages"), json={**BASIC, "stream": True},
+            headers={"x-api-key": API_KEY}) as response:
+        raw = await response.read()
+    assert raw.count(b"event: ping\n") == 1  # the one after message_start, as Anthropic
+
+
+@pytest.mark.parametrize("reply", [{"models": 5}, {"models": [], "nextToken": 7}, [1]],
+                         ids=["models-not-a-list", "empty", "not-an-object"])
+async def test_a_malformed_model_list_falls_back_to_the_built_in_one(proxy, reply):
+    proxy.fake.models_reply = Status(200, reply)
+    ids = [model.id for model in (await proxy.anthropic().models.list()).data]
+    assert "claude-sonnet-4-5" in ids

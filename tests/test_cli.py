@@ -72,6 +72,16 @@ def test_server_rejects_bad_port(served, port):
     assert served == []
 
 
+@pytest.mark.parametrize("args", [["--host", "0.0.0.0", "8080", ""], ["--api-key", " "]],
+                         ids=["positional", "option"])
+def test_server_refuses_an_empty_api_key(served, args):
+    # `kiro2api server 8080 "$KEY"` with KEY unset must not leave the door open.
+    result = CliRunner().invoke(kiro2api.cli, ["server", *args])
+    assert result.exit_code == 2, result.output
+    assert "the API key is empty" in result.output
+    assert served == []
+
+
 def test_server_rejects_two_different_ports(served):
     result = CliRunner().invoke(kiro2api.cli, ["server", "9000", "--port", "9001"])
     assert result.exit_code == 2, result.output

@@ -413,6 +413,18 @@ def test_stop_sequences_cut_the_text_however_it_is_split(text):
         assert assembler.stop_sequence == ("STOP" if hit else None)
 
 
+@pytest.mark.parametrize("ending", [
+    [fakes.exception("ContentLengthExceededException", "cut")],
+    [fakes.event("metadataEvent", {"stopReason": "CONTENT_FILTERED"})],
+], ids=["output-limit", "refusal"])
+def test_text_held_for_a_stop_sequence_is_kept_when_the_answer_ends_otherwise(ending):
+    # "E" might have begun "END"; the answer ending another way lets it out.
+    events, stop, _ = run(fakes.text("The answer is 4", "2 and E") + ending,
+                          stop_sequences=("END",))
+    assert "".join(e.text for e in events) == "The answer is 42 and E"
+    assert stop in ("max_tokens", "refusal")
+
+
 TOOL_INPUT = '{"path": "a.txt", "content": "line 1\\nline 2", "n": [1, 2]}'
 
 

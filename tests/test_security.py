@@ -251,3 +251,13 @@ async def test_sigkill_at_any_moment_of_a_refresh_leaves_the_old_or_the_new_toke
         await kiro2api.TokenStore(token_file, config=config, session=session).refresh()
     assert sorted(p.name for p in token_file.parent.iterdir()) == [token_file.name,
                                                           token_file.name + ".lock"]
+
+
+def test_proxy_credentials_never_reach_a_message():
+    # aiohttp's proxy errors quote the proxy's URL, password and all; every
+    # message built from a client error goes through describe().
+    error = Exception("407, message='Proxy Authentication Required', "
+                      "url='http://alice:S3CRET-PW@proxy.internal:3128'")
+    assert kiro2api.describe(error) == (
+        "407, message='Proxy Authentication Required', url='http://***@proxy.internal:3128'")
+    assert kiro2api.describe(Exception()) == "Exception"

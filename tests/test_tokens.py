@@ -27,6 +27,8 @@ UTC = timezone.utc
 IDE_FORMAT = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
 MAIN = Path(kiro2api.__file__).resolve().parent
 
+NaN = float("nan")
+
 
 @pytest.fixture
 async def session():
@@ -240,6 +242,17 @@ async def test_refresh_without_rotation_keeps_the_refresh_token_and_profile(
     assert credentials.refresh_token == SOCIAL_REFRESH
     left = credentials.seconds_left()
     assert 3590 < left <= 3600  # expiresIn defaults to an hour
+
+
+async def test_an_expires_in_that_is_not_a_number_counts_as_an_hour(
+        token_path, make_store, fake_upstream):
+    write_token(token_path, expires_in=-60)
+    fake_upstream.auth_script.append(Status(200, {"accessToken": "aoa-new", "expiresIn": NaN,
+                                                  "refreshToken": "aor-rotated"}))
+    credentials = await make_store(token_path).credentials()
+    assert 3590 < credentials.seconds_left() <= 3600
+    after = json.loads(token_path.read_text())  # the rotated refresh token is saved
+    assert (after["accessToken"], after["refreshToken"]) == ("aoa-new", "aor-rotated")
 
 
 async def test_the_next_refresh_sends_the_rotated_refresh_token(
