@@ -227,20 +227,20 @@ def _is_whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
 # Settings Kiro has no use for still have their types checked, as the real
 # APIs check them: "stream": "yes" is a client's bug that it should hear of.
 # Their values are not (some clients send max_tokens -1 for "no limit", and
 # kiro2api has no limit to apply).
-ANTHROPIC_SETTINGS = (("stream", lambda v: isinstance(v, bool), "true or false"),
-                      ("max_tokens", _is_whole, "a whole number"),
-                      ("temperature", _is_number, "a number"),
-                      ("top_p", _is_number, "a number"),
-                      ("top_k", _is_whole, "a whole number"))
-OPENAI_SETTINGS = (("stream", lambda v: isinstance(v, bool), "true or false"),
-                   ("max_tokens", _is_whole, "a whole number"),
-                   ("max_completion_tokens", _is_whole, "a whole number"),
-                   ("temperature", _is_number, "a number"),
-                   ("top_p", _is_number, "a number"))
+_SHARED_SETTINGS = (("stream", _is_bool, "true or false"),
+                    ("max_tokens", _is_whole, "a whole number"),
+                    ("temperature", _is_number, "a number"),
+                    ("top_p", _is_number, "a number"))
+ANTHROPIC_SETTINGS = _SHARED_SETTINGS + (("top_k", _is_whole, "a whole number"),)
+OPENAI_SETTINGS = _SHARED_SETTINGS + (("max_completion_tokens", _is_whole, "a whole number"),)
 
 
 def _expect_settings(body: Json, settings: tuple) -> None:
@@ -409,33 +409,37 @@ def _pair_tools(turns: list[_Turn]) -> None:
             continue
         previous = turns[i - 1] if i else None
         offered = {u["toolUseId"] for u in previous.tool_uses} if previous else set()
-        kept = []
-        for result in turn.tool_results:
-            if result["toolUseId"] in offered:
-                offered.discard(result["toolUseId"])  # one result a call; repeats are dropped
-                kept.append(result)
-            elif any(r["toolUseId"] == result["toolUseId"] for r in kept):
-                continue
-            else:
-                body = "\n".join(item["text"] for item in result["content"])
-                turn.text.insert(0, f"[Tool result for {result['toolUseId']}]\n{body}")
-        turn.tool_results = kept
+        turn.tool_results, orphans = _split_paired(turn.tool_results, offered)
+        for result in orphans:
+            body = "\n".join(item["text"] for item in result["content"])
+            turn.text.insert(0, f"[Tool result for {result['toolUseId']}]\n{body}")
     for i, turn in enumerate(turns):
         if turn.role != "assistant" or not turn.tool_uses:
             continue
         following = turns[i + 1] if i + 1 < len(turns) else None
         answered = {r["toolUseId"] for r in following.tool_results} if following else set()
-        kept = []
-        for use in turn.tool_uses:
-            if use["toolUseId"] in answered:
-                answered.discard(use["toolUseId"])  # a repeated id would be TOOL_DUPLICATE
-                kept.append(use)
-            elif any(u["toolUseId"] == use["toolUseId"] for u in kept):
-                continue
-            else:
-                turn.text.append(
-                    f"[Called {use['name']} with input {json.dumps(use['input'])}]")
-        turn.tool_uses = kept
+        turn.tool_uses, orphans = _split_paired(turn.tool_uses, answered)
+        for use in orphans:
+            turn.text.append(f"[Called {use['name']} with input {json.dumps(use['input'])}]")
+
+
+def _split_paired(items: list[Json], partners: set[str]) -> tuple[list[Json], list[Json]]:
+    """``items`` (tool uses or results) whose ``toolUseId`` is in ``partners``, and
+    those whose id is not. Only the first of an id is kept: the upstream refuses a
+    repeated one (TOOL_DUPLICATE), so later ones are dropped, not made orphans."""
+    kept: list[Json] = []
+    orphans: list[Json] = []
+    seen: set[str] = set()
+    for item in items:
+        key = item["toolUseId"]
+        if key in seen:
+            continue
+        if key in partners:
+            seen.add(key)
+            kept.append(item)
+        else:
+            orphans.append(item)
+    return kept, orphans
 
 
 def _tool_name(name: str) -> str:
@@ -556,7 +560,7 @@ def thinking_prefix(body: Json) -> str:
     kind = thinking.get("type")
     if kind == "enabled":
         budget = thinking.get("budget_tokens")
-        if not isinstance(budget, int) or isinstance(budget, bool):
+        if not _is_whole(budget):
             budget = THINKING_BUDGET_DEFAULT
         low, high = THINKING_BUDGET_RANGE
         budget = min(max(budget, low), high)
@@ -773,7 +777,7 @@ def _json_payload(text: str) -> Any:
 
 def _number_or_none(value: Any) -> float | None:
     """A finite JSON number, else None (Python's json reads ``1e999`` as infinity)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+    if _is_number(value) and math.isfinite(value):
         return value
     return None
 
@@ -1088,16 +1092,13 @@ class Assembler:
         elif kind is ContextUsage:
             self._context_percentage = event.percentage
         elif kind is Refusal:
-            held = self._flush_text()  # before the stop reason: it stops the flushing
-            self.stop_reason = "refusal"
-            return held
+            self.stop_reason = "refusal"  # finish() lets out the text still held
         elif kind is UpstreamException:
             if event.error_type == "ContentLengthExceededException" or \
                     "CONTENT_LENGTH_EXCEEDS" in event.message:
                 self._tools.clear()
-                held = self._flush_text()
                 self.stop_reason = "max_tokens"
-                return held
+                return []
             raise StreamError(event.error_type, event.message)
         return []
 
@@ -1113,7 +1114,7 @@ class Assembler:
     def _flush_text(self) -> list[Event]:
         """Whatever the text stages still hold, as the answer moves past text."""
         events = self._text("", final=True) if self._thinking else []
-        if self._stops is not None and self.stop_reason is None:
+        if self._stops is not None:  # nothing once a stop sequence has matched
             events += self._stops.flush()
         return events
 
@@ -1143,7 +1144,7 @@ class Assembler:
 
     def finish(self) -> list[Event]:
         """The stream is over: settle ``stop_reason`` and usage; return held-back events."""
-        events = self._flush_text() if self.stop_reason is None else []
+        events = self._flush_text()  # whatever ended the answer, held text goes out
         if self._tools and self.stop_reason is None:
             self.stop_reason = "max_tokens"  # cut off inside a tool call
         if self.stop_reason is None:
@@ -1660,13 +1661,14 @@ def openai_to_anthropic(body: Any) -> Json:
     out: Json = {"model": body.get("model"), "messages": out_messages}
     if system:
         out["system"] = "\n\n".join(t for t in system if t)
+    # Types checked by _expect_settings above: what is there can be copied.
     max_tokens = body.get("max_completion_tokens")
     if max_tokens is None:
         max_tokens = body.get("max_tokens")
-    if isinstance(max_tokens, int) and not isinstance(max_tokens, bool):
+    if max_tokens is not None:
         out["max_tokens"] = max_tokens
     for name in ("temperature", "top_p"):
-        if isinstance(body.get(name), (int, float)) and not isinstance(body.get(name), bool):
+        if body.get(name) is not None:
             out[name] = body[name]
     stop = body.get("stop")
     if stop is not None:

@@ -346,13 +346,8 @@ class Decoder:
     def __next__(self) -> Message:
         ready = self._ready
         if not ready:
-            # Nothing new since the last pass, nothing to find: the call that
-            # ends each read's iteration costs no parse.
-            if self._fed and self._error is None:
-                self._parse()
+            self._fill()
             if not ready:
-                if self._error is not None:
-                    raise self._error.with_traceback(None)
                 raise StopIteration
         return ready.popleft()
 
@@ -363,16 +358,20 @@ class Decoder:
         Like iteration, a framing error comes after the messages before it:
         they are returned, and this call raises it once none are left.
         """
-        ready = self._ready
+        self._fill()
+        messages = list(self._ready)
+        self._ready.clear()
+        return messages
+
+    def _fill(self) -> None:
+        """Parse what arrived since the last pass; raise the stream's framing error
+        if no message is left before it."""
+        # Nothing new since the last pass, nothing to find: the call that ends
+        # each read's iteration costs no parse.
         if self._fed and self._error is None:
             self._parse()
-        if not ready:
-            if self._error is not None:
-                raise self._error.with_traceback(None)
-            return []
-        messages = list(ready)
-        ready.clear()
-        return messages
+        if not self._ready and self._error is not None:
+            raise self._error.with_traceback(None)
 
     def _parse(self) -> None:
         """Parse every complete frame buffered into ``_ready``, then drop their bytes.
@@ -391,15 +390,15 @@ class Decoder:
                     if prelude is None:
                         if available < PRELUDE_BYTES:
                             break
-                        # The checks of _read_prelude, inline for a sound
-                        # prelude; it reports whatever is wrong with another.
+                        # Every check of a prelude in one test, inline (this runs
+                        # per frame); _reject_prelude says which one failed.
                         prelude = _PRELUDE.unpack_from(buffer, start)
                         total, headers_length, prelude_crc = prelude
                         if (zlib.crc32(view[start : start + 8]) != prelude_crc
                                 or headers_length > MAX_HEADERS_BYTES
                                 or not 0 <= total - MIN_FRAME_BYTES - headers_length
                                 <= MAX_PAYLOAD_BYTES):
-                            prelude = self._read_prelude(buffer, start)
+                            self._reject_prelude(buffer, start)
                     total, headers_length, prelude_crc = prelude
                     if available < total:
                         self._prelude = prelude
@@ -437,7 +436,9 @@ class Decoder:
             self._header_cache[block] = headers
         return headers
 
-    def _read_prelude(self, buffer: bytearray, start: int) -> tuple[int, int, int]:
+    def _reject_prelude(self, buffer: bytearray, start: int) -> NoReturn:
+        """Fail with what is wrong with the prelude at ``start``, in the order a
+        reader must check it: its CRC first, then the lengths it vouches for."""
         total, headers_length, expected = _PRELUDE.unpack_from(buffer, start)
         actual = zlib.crc32(buffer[start : start + 8])
         offset = self._offset + start
@@ -473,7 +474,7 @@ class Decoder:
                     f"payload; the limit is {MAX_PAYLOAD_BYTES}"
                 )
             )
-        return total, headers_length, actual
+        raise AssertionError("_reject_prelude called on a sound prelude")
 
     def _compact(self) -> None:
         # Drop consumed bytes once per pass, not per frame; deleting a prefix

@@ -42,6 +42,7 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
+from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -271,6 +272,11 @@ class Credentials:
         left = self.seconds_left(now)
         return left is not None and left < REFRESH_MARGIN.total_seconds()
 
+    def expired(self, now: datetime | None = None) -> bool:
+        """True when no time is left; an unknown expiry has not expired."""
+        left = self.seconds_left(now)
+        return left is not None and left <= 0
+
 
 def _read_json_object(path: Path, *, missing: str, fix: str) -> Json:
     try:
@@ -422,7 +428,7 @@ def remove_stale_temporaries(path: Path) -> None:
             log.info("removed %s, left by a writer that was killed", leftover)
 
 
-def auth_endpoint(template: str, region: str) -> str:
+def region_url(template: str, region: str) -> str:
     """A base URL (auth or upstream) with ``{region}`` filled in; other text stays as it is."""
     return template.replace("{region}", region).rstrip("/")
 
@@ -578,10 +584,9 @@ class TokenStore:
             _, on_disk = await asyncio.to_thread(read_token_file, self.path)
         except TokenError:
             return  # the next credentials() call reports it
-        left = on_disk.seconds_left()
         # Only a token new to us: one held before is older than ours (a
         # write-back of ours failed), and its refresh token may be spent.
-        if not self.knows(on_disk.access_token) and (left is None or left > 0):
+        if not self.knows(on_disk.access_token) and not on_disk.expired():
             self._adopt(on_disk)
 
     def knows(self, token: str) -> bool:
@@ -633,8 +638,7 @@ class TokenStore:
             return False
         # A proactive refresh failed a moment ago but the token still works:
         # use it rather than asking the auth service again at every request.
-        left = current.seconds_left()
-        return left is None or left <= 0 or time.monotonic() >= self._retry_at
+        return current.expired() or time.monotonic() >= self._retry_at
 
     async def _run(self, mode: str, stale: str | None) -> Credentials:
         """Join the update in flight, or start one; every caller gets its result."""
@@ -658,9 +662,7 @@ class TokenStore:
             try:
                 return await self._refresh_under_lock(current)
             except RefreshError as exc:
-                left = current.seconds_left()
-                if mode != "auto" or current.access_token == self._rejected or not left \
-                        or left <= 0:
+                if mode != "auto" or current.access_token == self._rejected or current.expired():
                     raise
                 # Refreshing early failed, but the token is still good for a
                 # while: serve with it, and try again in a moment.
@@ -668,7 +670,7 @@ class TokenStore:
                 self.failures += 1
                 self._retry_at = time.monotonic() + self._retry_after
                 log.warning("%s; using the current token, valid %s more", exc,
-                            human_duration(left))
+                            human_duration(current.seconds_left() or 0))
                 return current
         except TokenError as exc:
             self._error = exc
@@ -763,11 +765,11 @@ class TokenStore:
         config = self._config
         if base.auth_method == "social":
             option = "--social-auth-url"
-            url = auth_endpoint(config.social_auth_url, base.region) + "/refreshToken"
+            url = region_url(config.social_auth_url, base.region) + "/refreshToken"
             body: Json = {"refreshToken": base.refresh_token}
         else:
             option = "--oidc-url"
-            url = auth_endpoint(config.oidc_url, base.region) + "/token"
+            url = region_url(config.oidc_url, base.region) + "/token"
             body = {"clientId": base.client_id, "clientSecret": base.client_secret,
                     "grantType": "refresh_token", "refreshToken": base.refresh_token}
         try:
@@ -1071,8 +1073,6 @@ async def call_account(request: web.Request, prepared: convert.Prepared, store: 
         body = json.dumps(payload, ensure_ascii=False).encode()
     except RecursionError:  # the client's JSON parsed, but nests deeper than we can write
         raise convert.ConversionError("request body nests JSON too deeply") from None
-    except UnicodeEncodeError:  # read_json lets no lone surrogate through; if one came
-        raise convert.ConversionError("request holds text that is not valid Unicode") from None
     if len(body) > config.max_input_bytes:
         raise convert.ConversionError(
             f"{convert.PROMPT_TOO_LONG}: the request is {len(body)} bytes for Kiro, over its "
@@ -1084,7 +1084,7 @@ async def call_account(request: web.Request, prepared: convert.Prepared, store: 
     attempt = 0
     while True:
         attempt += 1
-        url = auth_endpoint(config.upstream, api_region(credentials)) + "/generateAssistantResponse"
+        url = region_url(config.upstream, api_region(credentials)) + "/generateAssistantResponse"
         retry_after = None
         started = loop.time()
         try:
@@ -1182,15 +1182,13 @@ class Metrics:
     failovers: int = 0
     upstream_first_byte: Histogram = field(default_factory=Histogram)
     # By route, so that scrapes of /metrics and /health stay apart from answers.
-    request_duration: dict[str, Histogram] = field(default_factory=dict)
+    request_duration: defaultdict[str, Histogram] = field(
+        default_factory=lambda: defaultdict(Histogram))
 
     def count_request(self, route: str, status: int, seconds: float) -> None:
         key = (route, status)
         self.requests[key] = self.requests.get(key, 0) + 1
-        histogram = self.request_duration.get(route)
-        if histogram is None:
-            histogram = self.request_duration[route] = Histogram()
-        histogram.observe(seconds)
+        self.request_duration[route].observe(seconds)
 
     def render(self, app: web.Application) -> str:
         def family(name: str, kind: str, help_text: str) -> list[str]:
@@ -1335,7 +1333,7 @@ async def fetch_models(app: web.Application) -> list[Json] | None:
             return await list_models(app, store, credentials)
         except TokenError:
             continue
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, AttributeError) as exc:
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
             log.warning("could not list the models of account %s (%s)", store.path.name,
                         describe(exc))
     log.warning("no account could list its models; using the built-in list")
@@ -1346,7 +1344,7 @@ async def list_models(app: web.Application, store: TokenStore,
                       credentials: Credentials) -> list[Json]:
     """One account's ``ListAvailableModels``, every page of it."""
     config = app[CONFIG]
-    url = auth_endpoint(config.upstream, api_region(credentials)) + "/ListAvailableModels"
+    url = region_url(config.upstream, api_region(credentials)) + "/ListAvailableModels"
     params = {"origin": "AI_EDITOR", "maxResults": "50"}
     if credentials.profile_arn:
         params["profileArn"] = credentials.profile_arn
@@ -1469,6 +1467,9 @@ async def collect_events(upstream: aiohttp.ClientResponse,
 # What can go wrong once the upstream has answered 200.
 STREAM_FAILURES = (eventstream.EventStreamError, convert.StreamError, aiohttp.ClientError,
                    asyncio.TimeoutError)
+# The error a stream ends with when kiro2api itself failed.
+STREAM_BUG = convert.Failure(500, "internal error in kiro2api; see its log", "api_error",
+                             "server_error", None)
 
 
 def web_failure(exc: BaseException) -> UpstreamError:
@@ -1572,11 +1573,6 @@ def end_with_error(request: web.Request, renderer: Any, events: list[convert.Eve
     except Exception:  # nothing may escape once the headers are out
         log.exception("could not render the error that ends the stream")
         return renderer.error(STREAM_BUG)
-
-
-# The error a stream ends with when kiro2api itself failed.
-STREAM_BUG = convert.Failure(500, "internal error in kiro2api; see its log", "api_error",
-                             "server_error", None)
 
 
 async def send_keepalives(response: web.StreamResponse, renderer: Any, interval: float,
