@@ -450,7 +450,7 @@ class TokenFile:
 
     The one place that knows where and how an account's tokens are kept;
     another kind of storage (kiro-cli's SQLite database) is a class with the
-    same ``read``, ``lock``, ``unwritable`` and ``write``. Blocking file work
+    same ``read``, ``lock``, ``ensure_writable`` and ``write``. Blocking file work
     runs in a thread, so the event loop never waits on the disk.
     """
 
@@ -472,9 +472,14 @@ class TokenFile:
         """The file's JSON and the credentials in it; ``TokenFileError`` if unusable."""
         return await asyncio.to_thread(read_token_file, self.path)
 
-    async def unwritable(self) -> str | None:
-        """Why the file could not be written now, or None (see ``why_unwritable``)."""
-        return await asyncio.to_thread(why_unwritable, self.path)
+    async def ensure_writable(self) -> None:
+        """Raise ``TokenFileError`` if a token refreshed now could not be written."""
+        unwritable = await asyncio.to_thread(why_unwritable, self.path)
+        if unwritable:
+            raise TokenFileError(
+                f"cannot write {self.path} ({unwritable}), so a refreshed token would be lost "
+                f"when this command ends: make the file and its directory writable, then try "
+                f"again")
 
     @contextlib.asynccontextmanager
     async def lock(self) -> AsyncIterator[None]:
@@ -493,7 +498,7 @@ class TokenFile:
         ``data`` and ``on_disk`` are what was read under the lock. The Kiro IDE
         does not take our lock: the file is read once more, and a token another
         program wrote since that outlives ``fresh`` is kept (and returned)
-        instead. Raises OSError when the file cannot be written.
+        instead. Raises ``TokenFileError`` when the file cannot be written.
         """
         try:
             data, latest = await self.read()
@@ -506,7 +511,13 @@ class TokenFile:
             return latest
         merged = dict(data)
         merged.update(updates)  # known keys keep their place
-        await asyncio.to_thread(write_json_atomic, self.path, merged, mode=TOKEN_FILE_MODE)
+        try:
+            await asyncio.to_thread(write_json_atomic, self.path, merged, mode=TOKEN_FILE_MODE)
+        except OSError as exc:
+            raise TokenFileError(
+                f"refreshed the token but cannot write {self.path} ({exc.strerror or exc}); "
+                f"kiro2api keeps the new one in memory only: check the file and its directory"
+            ) from None
         return fresh
 
     @contextlib.asynccontextmanager
@@ -716,6 +727,27 @@ async def _call_auth_service(session: aiohttp.ClientSession, config: Config, bas
 
 
 # Token store ##############################################################
+#
+# Strategy of a ``TokenHolder``, the only shared mutable state in kiro2api:
+# - ``credentials()`` reads the file first if needed and refreshes when less
+#   than REFRESH_MARGIN is left, or when upstream rejected the token and no
+#   refresh has replaced it yet.
+# - The first caller starts the update as a task; everyone else waits for
+#   that task and shares its result or error. The task is shielded, so a
+#   client that hangs up cannot cancel a refresh between the auth service
+#   rotating the refresh token and the file recording it.
+# - Under the file's lock the file is read again (``refresh_base``): a token
+#   another program wrote (the Kiro IDE, a CLI ``refresh``, another server) is
+#   adopted instead of refreshing, and its refresh token is used otherwise.
+# - A refresh token the auth service refused for good is not sent again
+#   until the file holds a different one (the user logged in again).
+# - When an early refresh (the token expiring, not expired or rejected)
+#   fails, the token is used until it expires and the refresh is tried again
+#   after ``retry_after`` seconds; ``error`` tells.
+# - The auth service may rotate the refresh token, so a refreshed token that
+#   cannot be written survives only in memory (and ``error`` says so); with
+#   ``must_save`` (the CLI commands, which exit at once) a file that cannot
+#   be written is not refreshed at all.
 
 # After a proactive refresh fails while the token still works, how long the
 # token is used before the auth service is asked again.
@@ -763,28 +795,22 @@ class Mode(enum.Enum):
 Exchange = Callable[[Credentials], Awaitable[tuple[Credentials, Json]]]
 
 
-class TokenHolder:
-    """One account's credentials, refreshed one at a time however many callers ask.
+def refresh_base(current: Credentials, on_disk: Credentials, held: HeldTokens,
+                 now: datetime) -> Credentials | None:
+    """Which credentials to refresh, given what the file holds now; None when the file
+    holds a fresh token another program wrote, to be used as it is."""
+    if on_disk.access_token == current.access_token:
+        return on_disk
+    if on_disk.access_token in held:
+        return current  # the file is behind us: an earlier write-back failed
+    if not on_disk.expiring(now):
+        return None
+    return on_disk  # newer than ours, but due too: refresh with its refresh token
 
-    - ``credentials()`` reads the file first if needed and refreshes when less
-      than REFRESH_MARGIN is left, or when upstream rejected the token and no
-      refresh has replaced it yet.
-    - The first caller starts the update as a task; everyone else waits for
-      that task and shares its result or error. The task is shielded, so a
-      client that hangs up cannot cancel a refresh between the auth service
-      rotating the refresh token and the file recording it.
-    - Under the file's lock the file is read again: a token someone else
-      wrote (the Kiro IDE, a CLI ``refresh``, another server) is adopted
-      instead of refreshing, and its refresh token is the one used otherwise.
-    - A refresh token the auth service refused for good is not sent again
-      until the file holds a different one (the user logged in again).
-    - When an early refresh (the token expiring, not expired or rejected)
-      fails, the token is used until it expires and the refresh is tried
-      again after ``retry_after`` seconds; ``error`` tells.
-    - A refreshed token that cannot be written survives only in memory; with
-      ``must_save`` (the CLI commands, which exit at once) a file that cannot
-      be written is not refreshed at all.
-    """
+
+class TokenHolder:
+    """One account's credentials, refreshed one at a time however many callers ask
+    (the strategy is at the top of this section)."""
 
     def __init__(self, file: TokenFile, exchange: Exchange, *, clock: Clock = SYSTEM_CLOCK,
                  retry_after: float = REFRESH_RETRY_SECONDS, must_save: bool = False) -> None:
@@ -899,23 +925,15 @@ class TokenHolder:
     async def _refresh_under_lock(self, current: Credentials) -> Credentials:
         async with self.file.lock():
             data, on_disk = await self.file.read()
-            if on_disk.access_token == current.access_token:
-                base = on_disk
-            elif on_disk.access_token in self.held:
-                base = current  # the file is behind us: an earlier write-back failed
-            elif not on_disk.expiring(self.clock.now()):
+            base = refresh_base(current, on_disk, self.held, self.clock.now())
+            if base is None:
                 log.info("%s: using the token another program refreshed", self.file.path)
                 self.adopt(on_disk)
                 return on_disk
-            else:
-                base = on_disk  # newer than ours, but due too: refresh with its refresh token
             if self._dead is not None and self._dead[0] == base.refresh_token:
                 raise self._dead[1]
-            if self.must_save and (unwritable := await self.file.unwritable()):
-                raise TokenFileError(
-                    f"cannot write {self.file.path} ({unwritable}), so a refreshed token would "
-                    f"be lost when this command ends: make the file and its directory "
-                    f"writable, then try again")
+            if self.must_save:
+                await self.file.ensure_writable()
             try:
                 fresh, updates = await self._exchange(base)
             except RefreshError as exc:
@@ -925,14 +943,10 @@ class TokenHolder:
             self.refreshes += 1
             try:
                 kept = await self.file.write(data, on_disk, fresh, updates)
-            except OSError as exc:
-                kept = fresh
+            except TokenFileError as exc:
                 self.adopt(fresh)
-                self.error = TokenFileError(
-                    f"refreshed the token but cannot write {self.file.path} "
-                    f"({exc.strerror or exc}); kiro2api keeps the new one in memory only: "
-                    f"check the file and its directory")
-                log.warning("%s", self.error)
+                self.error = exc  # served from memory, and said so in /health
+                log.warning("%s", exc)
                 return fresh
             if kept is fresh:
                 log.info("%s: refreshed (%s login), valid until %s", self.file.path,
