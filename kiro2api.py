@@ -14,8 +14,9 @@ answer back in the client's own format (``convert.py``) as it arrives.
 Under systemd, see ``kiro2api.service``; ``make dist`` builds a one-file
 ``kiro2api.pyz``.
 
-Layout of this file: configuration, errors, token store, upstream client,
-HTTP handlers, middlewares, application factory, command line.
+Layout of this file: clock, configuration, errors, token files, refresh
+protocols, token store, account pool, upstream client, HTTP handlers,
+middlewares, application factory, command line.
 """
 
 from __future__ import annotations
@@ -2140,16 +2141,29 @@ proxy_option = click.option(
     help="Outbound HTTP(S) proxy URL (HTTPS_PROXY is honoured when unset).")
 
 
-def refresh_options(command: Callable) -> Callable:
-    """The options a command needs to refresh tokens: where to, and through which proxy."""
-    for option in (proxy_option, oidc_url_option, social_auth_url_option, token_file_option):
-        command = option(command)
-    return command
-
-
 def token_paths(token_files: tuple[Path, ...]) -> tuple[Path, ...]:
     """The ``--token-file`` values, ``~`` expanded, or the default file (at run time)."""
     return tuple(p.expanduser() for p in token_files) or (Path(DEFAULT_TOKEN_FILE).expanduser(),)
+
+
+def command_config(token_files: tuple[Path, ...], **options: Any) -> Config:
+    """The ``Config`` of a command: its options, and its token files or the default one."""
+    return Config(token_files=token_paths(token_files), **options)
+
+
+def refresh_options(command: Callable) -> Callable:
+    """The options a command needs to refresh tokens (which files, where to, through
+    which proxy), handed to it as one ``config``."""
+    @functools.wraps(command)
+    def with_config(*args: Any, token_files: tuple[Path, ...], social_auth_url: str,
+                    oidc_url: str, proxy: str | None, **kwargs: Any) -> Any:
+        config = command_config(token_files, social_auth_url=social_auth_url,
+                                oidc_url=oidc_url, proxy=proxy)
+        return command(*args, config=config, **kwargs)
+
+    for option in (proxy_option, oidc_url_option, social_auth_url_option, token_file_option):
+        with_config = option(with_config)
+    return with_config
 
 
 # Server tuning: (option, Config field, type, help). Each option's default is
@@ -2234,13 +2248,12 @@ def server(port_arg, key_arg, host, port, api_key, no_auth, token_files, upstrea
         if given is not None and not given.strip():
             # "kiro2api server 8080 "$KEY"" with KEY unset must not mean "no key".
             raise click.UsageError("the API key is empty; give a key, or leave it out")
-    config = Config(
+    config = command_config(
+        token_files,
         host=host,
         port=port if port is not None else (port_arg if port_arg is not None else DEFAULT_PORT),
         api_key=api_key if api_key is not None else key_arg,
         no_auth=no_auth,
-        token_files=tuple(p.expanduser() for p in token_files)
-        or (Path(DEFAULT_TOKEN_FILE).expanduser(),),
         upstream=upstream,
         social_auth_url=social_auth_url,
         oidc_url=oidc_url,
@@ -2367,15 +2380,12 @@ def read(token_files: tuple[Path, ...], as_json: bool) -> None:
 
 @cli.command()
 @refresh_options
-def refresh(token_files: tuple[Path, ...], social_auth_url: str, oidc_url: str,
-            proxy: str | None) -> None:
+def refresh(config: Config) -> None:
     """Refresh the Kiro access token now and save it.
 
     If another program (the Kiro IDE, a running kiro2api server) has just
     refreshed it, its new token is kept instead.
     """
-    config = Config(token_files=token_paths(token_files), social_auth_url=social_auth_url,
-                    oidc_url=oidc_url, proxy=proxy)
 
     async def each(store: TokenStore) -> None:
         credentials = await store.refresh()
@@ -2439,8 +2449,8 @@ def client_base_url(host: str, port: int) -> str:
 @refresh_options
 @click.option("--shell", type=click.Choice(SHELLS), default=None,
               help="Syntax of the lines [default: powershell on Windows, else posix].")
-def export(host: str, port: int | None, api_key: str | None, token_files: tuple[Path, ...],
-           social_auth_url: str, oidc_url: str, proxy: str | None, shell: str | None) -> None:
+def export(host: str, port: int | None, api_key: str | None, config: Config,
+           shell: str | None) -> None:
     """Print shell lines that point Claude Code at the server.
 
     ANTHROPIC_AUTH_TOKEN is the server's client key if one is set, else the
@@ -2458,9 +2468,6 @@ def export(host: str, port: int | None, api_key: str | None, token_files: tuple[
     if api_key:
         values["ANTHROPIC_AUTH_TOKEN"] = api_key
     else:
-        config = Config(token_files=token_paths(token_files), social_auth_url=social_auth_url,
-                        oidc_url=oidc_url, proxy=proxy)
-
         async def each(store: TokenStore) -> None:
             values["ANTHROPIC_AUTH_TOKEN"] = (await store.credentials()).access_token
 
@@ -2474,15 +2481,12 @@ def export(host: str, port: int | None, api_key: str | None, token_files: tuple[
 
 @cli.command(name="authToken")
 @refresh_options
-def auth_token(token_files: tuple[Path, ...], social_auth_url: str, oidc_url: str,
-               proxy: str | None) -> None:
+def auth_token(config: Config) -> None:
     """Print the current Kiro access token and how to use it.
 
     The token alone goes to stdout (TOKEN=$(kiro2api authToken) works); the
     hints go to stderr. It is refreshed first if it is about to expire.
     """
-    config = Config(token_files=token_paths(token_files), social_auth_url=social_auth_url,
-                    oidc_url=oidc_url, proxy=proxy)
 
     async def each(store: TokenStore) -> None:
         credentials = await store.credentials()
@@ -2511,25 +2515,12 @@ def claude() -> None:
     path = Path.home() / ".claude.json"
     redo = "fix or move it, then run kiro2api claude again"
     try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        data: Any = {}
-        mode = 0o600
-    except OSError as exc:
-        raise click.ClickException(f"cannot read {path} ({exc.strerror or exc}); {redo}") from None
-    else:
-        try:
-            data = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise click.ClickException(
-                f"{path} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); "
-                f"{redo}") from None
-        except (ValueError, RecursionError):
-            raise click.ClickException(f"{path} is not valid JSON (not UTF-8 text); {redo}") \
-                from None
-        if not isinstance(data, dict):
-            raise click.ClickException(f"{path} holds JSON but not an object; {redo}")
+        data = _read_json_object(path, missing=None, fix=redo, unreadable=redo)
         mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        data, mode = {}, 0o600
+    except TokenFileError as exc:
+        raise click.ClickException(str(exc)) from None
     if data.get("hasCompletedOnboarding") is True and data.get("kiro2api") is True:
         click.echo(f"{path} already has hasCompletedOnboarding and kiro2api set; nothing to do.")
         return
