@@ -14,8 +14,9 @@ answer back in the client's own format (``convert.py``) as it arrives.
 Under systemd, see ``kiro2api.service``; ``make dist`` builds a one-file
 ``kiro2api.pyz``.
 
-Layout of this file: configuration, errors, token store, upstream client,
-HTTP handlers, middlewares, application factory, command line.
+Layout of this file: clock, configuration, errors, token files, refresh
+protocols, token store, account pool, upstream client, HTTP handlers,
+middlewares, application factory, command line.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import asyncio
 import contextlib
 import dataclasses
 import email.utils
+import enum
+import functools
 import glob
 import hashlib
 import hmac
@@ -51,7 +54,7 @@ from typing import Any
 
 try:
     import fcntl
-except ImportError:  # Windows: no advisory locks (see TokenStore._file_lock)
+except ImportError:  # Windows: no advisory locks (see TokenFile._flock)
     fcntl = None  # type: ignore[assignment]
 
 import aiohttp
@@ -76,6 +79,28 @@ DEFAULT_UPSTREAM = "https://q.{region}.amazonaws.com"
 DEFAULT_SOCIAL_AUTH_URL = "https://prod.{region}.auth.desktop.kiro.dev"
 DEFAULT_OIDC_URL = "https://oidc.{region}.amazonaws.com"
 DEFAULT_REGION = "us-east-1"
+
+
+# Clock ####################################################################
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass(frozen=True, slots=True)
+class Clock:
+    """Where the token store and the cooldowns read the time; tests give one they move.
+
+    ``monotonic`` measures intervals (retries, cooldowns, lock waits); ``now``
+    is the wall clock that token expiry is read against.
+    """
+
+    monotonic: Callable[[], float] = time.monotonic
+    now: Callable[[], datetime] = utcnow
+
+
+SYSTEM_CLOCK = Clock()
 
 
 # Configuration ############################################################
@@ -120,6 +145,7 @@ class Config:
     environment_proxies: dict[str, str] = field(
         default_factory=urllib.request.getproxies_environment, compare=False, repr=False)
     started: float = field(default_factory=time.time, compare=False)
+    clock: Clock = field(default=SYSTEM_CLOCK, compare=False, repr=False)
 
     def proxy_for(self, url: str) -> str | None:
         """The outbound proxy for ``url``: ``--proxy``, else the environment's."""
@@ -158,6 +184,10 @@ class RefreshError(TokenError):
         self.permanent = permanent
 
 
+class TokenLockError(TokenError):
+    """Another process held a token file's lock for longer than any refresh takes."""
+
+
 # user:password@ in a URL, as aiohttp's errors quote the proxy's URL.
 _USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s'\"]+@")
 
@@ -168,33 +198,20 @@ def describe(exc: BaseException) -> str:
     return _USERINFO.sub(r"\1***@", text)
 
 
-# Token store ##############################################################
+# Token files ##############################################################
 
 # Refresh when less than this is left (peers use 5 to 10 minutes).
 REFRESH_MARGIN = timedelta(minutes=5)
-REFRESH_TIMEOUT_SECONDS = 30.0
 # How long to wait for another process's refresh; it is itself bounded by
 # its own REFRESH_TIMEOUT_SECONDS.
 LOCK_TIMEOUT_SECONDS = 60.0
 LOCK_POLL_SECONDS = 0.05
-DEFAULT_EXPIRES_IN_SECONDS = 3600
-# After a proactive refresh fails while the token still works, how long the
-# token is used before the auth service is asked again.
-REFRESH_RETRY_SECONDS = 30.0
-MAX_EXPIRES_IN_SECONDS = 366 * 24 * 3600  # keeps a silly expiresIn from overflowing datetime
-# Access tokens a store remembers for ``knows``: one per refresh, so about
-# ten days of hourly refreshes.
-HELD_TOKENS_MAX = 256
-# With no client key, an unknown token sends the store to its file, in case
-# the Kiro IDE or ``kiro2api refresh`` wrote a new one: at most this often.
-REREAD_SECONDS = 1.0
 TOKEN_FILE_MODE = 0o600
 
-# authMethod values (matched case-insensitively) → ours. PROTOCOL.md §1.1.
+# authMethod values (matched case-insensitively) → ours, each a row of
+# REFRESH_PROTOCOLS. PROTOCOL.md §1.1.
 AUTH_METHODS = {"social": "social", "idc": "idc", "builder-id": "idc", "builderid": "idc",
                 "iam": "idc"}
-# Error codes of the auth services that mean the refresh token is dead.
-PERMANENT_REASONS = {"invalid_grant", "invalid_client", "unauthorized_client"}
 
 RELOGIN = "log in to Kiro again to rewrite it"
 _REGION = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
@@ -244,10 +261,6 @@ def format_expires_at(moment: datetime) -> str:
     return f"{utc:%Y-%m-%dT%H:%M:%S}.{utc.microsecond // 1000:03d}Z"
 
 
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
 @dataclass(frozen=True, slots=True)
 class Credentials:
     """One Kiro login, as its token file holds it (secrets are kept out of ``repr``)."""
@@ -255,7 +268,7 @@ class Credentials:
     access_token: str = field(repr=False)
     refresh_token: str = field(repr=False)
     expires_at: datetime | None
-    auth_method: str  # "social" or "idc"
+    auth_method: str  # a key of REFRESH_PROTOCOLS: "social" or "idc"
     provider: str | None = None
     region: str = DEFAULT_REGION
     profile_arn: str | None = None
@@ -278,15 +291,20 @@ class Credentials:
         return left is not None and left <= 0
 
 
-def _read_json_object(path: Path, *, missing: str, fix: str) -> Json:
+def _read_json_object(path: Path, *, missing: str | None, fix: str,
+                      unreadable: str = "check that it is a readable file") -> Json:
+    """The JSON object in ``path``, or a ``TokenFileError`` whose one line ends in ``fix``
+    (``unreadable`` when the file cannot be read at all). ``missing`` is the error of
+    an absent file; None lets its ``FileNotFoundError`` through."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
+        if missing is None:
+            raise
         raise TokenFileError(missing) from None
     except OSError as exc:
-        raise TokenFileError(
-            f"cannot read {path} ({exc.strerror or exc}); check that it is a readable file"
-        ) from None
+        raise TokenFileError(f"cannot read {path} ({exc.strerror or exc}); {unreadable}") \
+            from None
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as exc:
@@ -428,9 +446,200 @@ def remove_stale_temporaries(path: Path) -> None:
             log.info("removed %s, left by a writer that was killed", leftover)
 
 
+class TokenFile:
+    """A Kiro IDE token file as the token store uses it: read, lock, merge, write.
+
+    The one place that knows where and how an account's tokens are kept;
+    another kind of storage (kiro-cli's SQLite database) is a class with the
+    same ``read``, ``lock``, ``ensure_writable`` and ``write``. Blocking file work
+    runs in a thread, so the event loop never waits on the disk.
+    """
+
+    def __init__(self, path: Path, *, clock: Clock = SYSTEM_CLOCK,
+                 lock_timeout: float = LOCK_TIMEOUT_SECONDS) -> None:
+        self.path = Path(path)
+        self._clock = clock
+        self._lock_timeout = lock_timeout
+
+    def __repr__(self) -> str:
+        return f"<TokenFile {self.path}>"
+
+    @property
+    def lock_path(self) -> Path:
+        target = Path(os.path.realpath(self.path))
+        return target.with_name(target.name + ".lock")
+
+    async def read(self) -> tuple[Json, Credentials]:
+        """The file's JSON and the credentials in it; ``TokenFileError`` if unusable."""
+        return await asyncio.to_thread(read_token_file, self.path)
+
+    async def ensure_writable(self) -> None:
+        """Raise ``TokenFileError`` if a token refreshed now could not be written."""
+        unwritable = await asyncio.to_thread(why_unwritable, self.path)
+        if unwritable:
+            raise TokenFileError(
+                f"cannot write {self.path} ({unwritable}), so a refreshed token would be lost "
+                f"when this command ends: make the file and its directory writable, then try "
+                f"again")
+
+    @contextlib.asynccontextmanager
+    async def lock(self) -> AsyncIterator[None]:
+        """Hold ``<token file>.lock`` so that processes refresh one at a time.
+
+        Under it, what a writer killed mid-write left beside the file is removed.
+        """
+        async with self._flock():
+            await asyncio.to_thread(remove_stale_temporaries, self.path)
+            yield
+
+    async def write(self, data: Json, on_disk: Credentials, fresh: Credentials,
+                    updates: Json) -> Credentials:
+        """Merge ``updates`` into the file (unknown keys kept) and replace it atomically.
+
+        ``data`` and ``on_disk`` are what was read under the lock. The Kiro IDE
+        does not take our lock: the file is read once more, and a token another
+        program wrote since that outlives ``fresh`` is kept (and returned)
+        instead. Raises ``TokenFileError`` when the file cannot be written.
+        """
+        try:
+            data, latest = await self.read()
+        except TokenError:
+            latest = on_disk  # gone or mid-write: merge into what was read under the lock
+        if latest.access_token != on_disk.access_token and latest.expires_at is not None and (
+                fresh.expires_at is None or latest.expires_at > fresh.expires_at):
+            log.info("%s: another program wrote a newer token during the refresh; using it",
+                     self.path)
+            return latest
+        merged = dict(data)
+        merged.update(updates)  # known keys keep their place
+        try:
+            await asyncio.to_thread(write_json_atomic, self.path, merged, mode=TOKEN_FILE_MODE)
+        except OSError as exc:
+            raise TokenFileError(
+                f"refreshed the token but cannot write {self.path} ({exc.strerror or exc}); "
+                f"kiro2api keeps the new one in memory only: check the file and its directory"
+            ) from None
+        return fresh
+
+    @contextlib.asynccontextmanager
+    async def _flock(self) -> AsyncIterator[None]:
+        # Polled without blocking, so the event loop never waits on it, a
+        # waiting task can be cancelled, and a stuck holder is reported after
+        # lock_timeout rather than waited for forever.
+        if fcntl is None:
+            # No flock on Windows: refreshes there are serialised within the
+            # process only; the re-read before refreshing still catches most
+            # refreshes made elsewhere.
+            yield
+            return
+        lock_path = self.lock_path
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, TOKEN_FILE_MODE)
+        except OSError as exc:
+            # A read-only directory: nobody can write the token file there either.
+            log.debug("no lock file %s (%s); refreshing without it", lock_path, exc)
+            yield
+            return
+        try:
+            deadline = self._clock.monotonic() + self._lock_timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if self._clock.monotonic() >= deadline:
+                        raise TokenLockError(
+                            f"{lock_path} stayed locked for {self._lock_timeout:g} s; another "
+                            f"kiro2api seems stuck refreshing {self.path}: stop it and try again"
+                        ) from None
+                    await asyncio.sleep(LOCK_POLL_SECONDS)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
+
+
+# Refresh protocols ########################################################
+#
+# Each auth method is a pair of pure functions, a request (where to POST
+# which JSON) and an answer reader (a 200 answer's credentials), and a row of
+# REFRESH_PROTOCOLS; ``_call_auth_service`` makes the one HTTP call.
+
+REFRESH_TIMEOUT_SECONDS = 30.0
+DEFAULT_EXPIRES_IN_SECONDS = 3600
+MAX_EXPIRES_IN_SECONDS = 366 * 24 * 3600  # keeps a silly expiresIn from overflowing datetime
+# Error codes of the auth services that mean the refresh token is dead.
+PERMANENT_REASONS = {"invalid_grant", "invalid_client", "unauthorized_client"}
+
+
 def region_url(template: str, region: str) -> str:
     """A base URL (auth or upstream) with ``{region}`` filled in; other text stays as it is."""
     return template.replace("{region}", region).rstrip("/")
+
+
+@dataclass(frozen=True, slots=True)
+class AuthRequest:
+    """One refresh call: the URL, its JSON body, and the option that names the service."""
+
+    url: str
+    body: Json = field(repr=False)
+    option: str
+
+
+def social_refresh_request(base: Credentials, config: Config) -> AuthRequest:
+    """Kiro's own auth service, for Google and GitHub logins."""
+    return AuthRequest(region_url(config.social_auth_url, base.region) + "/refreshToken",
+                       {"refreshToken": base.refresh_token}, "--social-auth-url")
+
+
+def idc_refresh_request(base: Credentials, config: Config) -> AuthRequest:
+    """AWS SSO-OIDC's CreateToken, for Builder ID and IAM Identity Center logins."""
+    return AuthRequest(region_url(config.oidc_url, base.region) + "/token",
+                       {"clientId": base.client_id, "clientSecret": base.client_secret,
+                        "grantType": "refresh_token", "refreshToken": base.refresh_token},
+                       "--oidc-url")
+
+
+def refreshed_credentials(base: Credentials, answer: Json,
+                          now: datetime) -> tuple[Credentials, Json]:
+    """The credentials in a 200 answer (both services answer in camelCase) and the token
+    file keys to update. Raises ValueError saying what the answer lacks."""
+    if not _text(answer, "accessToken"):
+        raise ValueError("an answer without an accessToken")
+    expires_in = answer.get("expiresIn")
+    if isinstance(expires_in, bool) or not isinstance(expires_in, (int, float)) \
+            or not math.isfinite(expires_in) or expires_in <= 0:
+        expires_in = DEFAULT_EXPIRES_IN_SECONDS
+    expires_at = now + timedelta(seconds=min(expires_in, MAX_EXPIRES_IN_SECONDS))
+    expires_at = expires_at.replace(microsecond=expires_at.microsecond // 1000 * 1000)
+    fresh = dataclasses.replace(
+        base,
+        access_token=answer["accessToken"].strip(),
+        # A rotated refresh token replaces the old one; none means keep it.
+        refresh_token=_text(answer, "refreshToken") or base.refresh_token,
+        expires_at=expires_at,
+        profile_arn=_text(answer, "profileArn") or base.profile_arn,
+    )
+    updates: Json = {"accessToken": fresh.access_token,
+                     "refreshToken": fresh.refresh_token,
+                     "expiresAt": format_expires_at(expires_at)}
+    if _text(answer, "profileArn"):
+        updates["profileArn"] = fresh.profile_arn
+    return fresh, updates
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshProtocol:
+    """How one auth method exchanges a refresh token: its request and its answer."""
+
+    request: Callable[[Credentials, Config], AuthRequest]
+    answer: Callable[[Credentials, Json, datetime], tuple[Credentials, Json]]
+
+
+# Credentials.auth_method → its protocol. A new auth method is a new row.
+REFRESH_PROTOCOLS = {
+    "social": RefreshProtocol(social_refresh_request, refreshed_credentials),
+    "idc": RefreshProtocol(idc_refresh_request, refreshed_credentials),
+}
 
 
 def _auth_failure(answer: Any, raw: bytes) -> tuple[str | None, str | None]:
@@ -452,167 +661,416 @@ def _auth_failure(answer: Any, raw: bytes) -> tuple[str | None, str | None]:
     return reason, detail
 
 
+def refusal(request: AuthRequest, base: Credentials, whose: Path, status: int, answer: Any,
+            raw: bytes) -> RefreshError:
+    """The error for a refusal; permanent when the refresh token itself was refused."""
+    reason, detail = _auth_failure(answer, raw)
+    permanent = (status in (400, 401) or reason in PERMANENT_REASONS
+                 or "invalid refresh token" in (detail or "").lower())
+    what = " ".join(filter(None, (f"HTTP {status}", reason)))
+    if detail:
+        what += f": {detail}"
+    for secret in (base.refresh_token, base.client_secret):
+        if secret:
+            what = what.replace(secret, "***")
+    advice = "log in to Kiro again" if permanent else "try again later"
+    return RefreshError(f"{request.url} refused to refresh the token of {whose} ({what}); "
+                        f"{advice}", status=status, reason=reason, permanent=permanent)
+
+
+async def post_auth(session: aiohttp.ClientSession, request: AuthRequest, *,
+                    proxy: str | None, timeout: float) -> tuple[int, bytes]:
+    """POST ``request``: the status and the body; RefreshError if there is no answer."""
+    try:
+        async with session.post(
+            request.url, json=request.body, proxy=proxy, headers={"Accept": "application/json"},
+            timeout=aiohttp.ClientTimeout(total=timeout),
+        ) as response:
+            return response.status, await response.read()
+    except asyncio.TimeoutError:
+        raise RefreshError(
+            f"{request.url} did not answer within {timeout:g} s; check the network, --proxy "
+            f"and {request.option}, then try again") from None
+    except (aiohttp.ClientError, ValueError) as exc:
+        # NonHttpUrlClientError: aiohttp 3.10+ (ftp://...)
+        if isinstance(exc, (aiohttp.InvalidURL,
+                            getattr(aiohttp, "NonHttpUrlClientError", aiohttp.InvalidURL))):
+            reason = "not a valid http(s) URL"  # the URL or the proxy's
+        else:
+            reason = getattr(getattr(exc, "os_error", None), "strerror", None) or describe(exc)
+        raise RefreshError(
+            f"cannot reach {request.url} ({reason}); check the network, --proxy and "
+            f"{request.option}") from None
+
+
+async def _call_auth_service(session: aiohttp.ClientSession, config: Config, base: Credentials,
+                             *, whose: Path, timeout: float = REFRESH_TIMEOUT_SECONDS,
+                             now: Callable[[], datetime] = utcnow) -> tuple[Credentials, Json]:
+    """Exchange ``base``'s refresh token: the new credentials and the token file keys to
+    update. ``whose`` names the account in errors."""
+    protocol = REFRESH_PROTOCOLS[base.auth_method]
+    request = protocol.request(base, config)
+    status, raw = await post_auth(session, request, proxy=config.proxy_for(request.url),
+                                  timeout=timeout)
+    try:
+        answer = json.loads(raw)
+    except (ValueError, RecursionError):
+        answer = None
+    if status != 200:
+        raise refusal(request, base, whose, status, answer, raw)
+    try:
+        if not isinstance(answer, dict):
+            raise ValueError("no JSON")
+        return protocol.answer(base, answer, now())
+    except ValueError as exc:
+        raise RefreshError(f"{request.url} answered HTTP 200 with {exc}; check {request.option}",
+                           status=200) from None
+
+
+# Token store ##############################################################
+#
+# Strategy of a ``TokenHolder``, the only shared mutable state in kiro2api:
+# - ``credentials()`` reads the file first if needed and refreshes when less
+#   than REFRESH_MARGIN is left, or when upstream rejected the token and no
+#   refresh has replaced it yet.
+# - The first caller starts the update as a task; everyone else waits for
+#   that task and shares its result or error. The task is shielded, so a
+#   client that hangs up cannot cancel a refresh between the auth service
+#   rotating the refresh token and the file recording it.
+# - Under the file's lock the file is read again (``refresh_base``): a token
+#   another program wrote (the Kiro IDE, a CLI ``refresh``, another server) is
+#   adopted instead of refreshing, and its refresh token is used otherwise.
+# - A refresh token the auth service refused for good is not sent again
+#   until the file holds a different one (the user logged in again).
+# - When an early refresh (the token expiring, not expired or rejected)
+#   fails, the token is used until it expires and the refresh is tried again
+#   after ``retry_after`` seconds; ``error`` tells.
+# - The auth service may rotate the refresh token, so a refreshed token that
+#   cannot be written survives only in memory (and ``error`` says so); with
+#   ``must_save`` (the CLI commands, which exit at once) a file that cannot
+#   be written is not refreshed at all.
+
+# After a proactive refresh fails while the token still works, how long the
+# token is used before the auth service is asked again.
+REFRESH_RETRY_SECONDS = 30.0
+# Access tokens an account remembers for ``knows``: one per refresh, so about
+# ten days of hourly refreshes.
+HELD_TOKENS_MAX = 256
+
+
+class HeldTokens:
+    """The access tokens an account has held, oldest first, at most HELD_TOKENS_MAX."""
+
+    def __init__(self) -> None:
+        self._tokens: dict[bytes, None] = {}
+
+    def add(self, token: str) -> None:
+        held = token.encode("utf-8", "replace")
+        self._tokens.pop(held, None)
+        self._tokens[held] = None
+        while len(self._tokens) > HELD_TOKENS_MAX:
+            del self._tokens[next(iter(self._tokens))]
+
+    def __contains__(self, token: str) -> bool:
+        return token.encode("utf-8", "replace") in self._tokens
+
+    def knows(self, token: str) -> bool:
+        """Whether ``token`` was held, in constant time (``token`` may be a client's guess)."""
+        if not token:
+            return False
+        candidate = token.encode("utf-8", "replace")
+        found = False
+        for held in self._tokens:
+            found |= hmac.compare_digest(candidate, held)
+        return found
+
+
+class Mode(enum.Enum):
+    """What an update of a ``TokenHolder`` may do."""
+
+    LOAD = "load"  # read the file if it has not been read; never refresh
+    AUTO = "auto"  # refresh if due; when an early refresh fails, keep the token a while
+    FORCE = "force"  # refresh, unless the token upstream rejected is replaced already
+
+
+Exchange = Callable[[Credentials], Awaitable[tuple[Credentials, Json]]]
+
+
+def refresh_base(current: Credentials, on_disk: Credentials, held: HeldTokens,
+                 now: datetime) -> Credentials | None:
+    """Which credentials to refresh, given what the file holds now; None when the file
+    holds a fresh token another program wrote, to be used as it is."""
+    if on_disk.access_token == current.access_token:
+        return on_disk
+    if on_disk.access_token in held:
+        return current  # the file is behind us: an earlier write-back failed
+    if not on_disk.expiring(now):
+        return None
+    return on_disk  # newer than ours, but due too: refresh with its refresh token
+
+
+class TokenHolder:
+    """One account's credentials, refreshed one at a time however many callers ask
+    (the strategy is at the top of this section)."""
+
+    def __init__(self, file: TokenFile, exchange: Exchange, *, clock: Clock = SYSTEM_CLOCK,
+                 retry_after: float = REFRESH_RETRY_SECONDS, must_save: bool = False) -> None:
+        self.file = file
+        self.clock = clock
+        self.must_save = must_save
+        self.current: Credentials | None = None
+        self.error: TokenError | None = None  # the last failure, until something succeeds
+        self.rejected: str | None = None  # the access token upstream refused
+        self.held = HeldTokens()
+        self.refreshes = 0  # refresh calls made (for /metrics)
+        self.failures = 0  # loads and refreshes that failed (for /metrics)
+        self.waiters = 0  # callers waiting for the update in flight
+        self._exchange = exchange
+        self._retry_after = retry_after
+        self._task: asyncio.Task[Credentials] | None = None
+        self._dead: tuple[str, RefreshError] | None = None  # (refresh token, its refusal)
+        self._retry_at = 0.0  # clock.monotonic() before which a failed refresh is not retried
+
+    async def credentials(self) -> Credentials:
+        """The current credentials; reads the file first if needed, refreshes if due."""
+        while True:
+            current = self.current
+            if current is not None and not self.due(current):
+                return current
+            if self._task is None:
+                return await self._run(Mode.AUTO)
+            joined = await self._join()  # e.g. a load: check again
+            if not self.due(joined):
+                return joined
+
+    async def load(self) -> Credentials:
+        """Read the token file now if it has not been read yet; never refreshes."""
+        return self.current or await self._run(Mode.LOAD)
+
+    async def refresh(self, stale: str | None = None) -> Credentials:
+        """Refresh now, e.g. after upstream rejected ``stale``; a token that already
+        replaced ``stale`` is returned without refreshing again."""
+        if stale is None:
+            stale = (self.current or await self.load()).access_token
+        elif self.current is not None and self.current.access_token == stale:
+            self.rejected = stale
+        while True:
+            if self._task is None:
+                return await self._run(Mode.FORCE, stale)
+            joined = await self._join()
+            if joined.access_token != stale:
+                return joined
+
+    def due(self, current: Credentials) -> bool:
+        if current.access_token == self.rejected:
+            return True
+        now = self.clock.now()
+        if not current.expiring(now):
+            return False
+        # A proactive refresh failed a moment ago but the token still works:
+        # use it rather than asking the auth service again at every request.
+        return current.expired(now) or self.clock.monotonic() >= self._retry_at
+
+    def adopt(self, credentials: Credentials) -> None:
+        self.current = credentials
+        self.error = None
+        self.held.add(credentials.access_token)
+
+    async def _run(self, mode: Mode, stale: str | None = None) -> Credentials:
+        if self._task is None:
+            self._task = asyncio.create_task(self._update(mode, stale))
+            # Nobody may be left waiting (all callers cancelled): retrieve the
+            # outcome so asyncio does not report it as never retrieved.
+            self._task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return await self._join()
+
+    async def _join(self) -> Credentials:
+        assert self._task is not None
+        self.waiters += 1
+        try:
+            return await asyncio.shield(self._task)
+        finally:
+            self.waiters -= 1
+
+    async def _update(self, mode: Mode, stale: str | None) -> Credentials:
+        try:
+            if self.current is None:
+                self.adopt((await self.file.read())[1])
+            current = self.current
+            assert current is not None
+            if (mode is Mode.LOAD or (mode is Mode.AUTO and not self.due(current))
+                    or (mode is Mode.FORCE and current.access_token != stale)):
+                return current
+            try:
+                return await self._refresh_under_lock(current)
+            except RefreshError as exc:
+                if mode is not Mode.AUTO or current.access_token == self.rejected \
+                        or current.expired(self.clock.now()):
+                    raise
+                # Refreshing early failed, but the token is still good for a
+                # while: serve with it, and try again in a moment.
+                self.error = exc
+                self.failures += 1
+                self._retry_at = self.clock.monotonic() + self._retry_after
+                log.warning("%s; using the current token, valid %s more", exc,
+                            human_duration(current.seconds_left(self.clock.now()) or 0))
+                return current
+        except TokenError as exc:
+            self.error = exc
+            self.failures += 1
+            raise
+        finally:
+            if self._task is asyncio.current_task():
+                self._task = None
+
+    async def _refresh_under_lock(self, current: Credentials) -> Credentials:
+        async with self.file.lock():
+            data, on_disk = await self.file.read()
+            base = refresh_base(current, on_disk, self.held, self.clock.now())
+            if base is None:
+                log.info("%s: using the token another program refreshed", self.file.path)
+                self.adopt(on_disk)
+                return on_disk
+            if self._dead is not None and self._dead[0] == base.refresh_token:
+                raise self._dead[1]
+            if self.must_save:
+                await self.file.ensure_writable()
+            try:
+                fresh, updates = await self._exchange(base)
+            except RefreshError as exc:
+                if exc.permanent:
+                    self._dead = (base.refresh_token, exc)
+                raise
+            self.refreshes += 1
+            try:
+                kept = await self.file.write(data, on_disk, fresh, updates)
+            except TokenFileError as exc:
+                self.adopt(fresh)
+                self.error = exc  # served from memory, and said so in /health
+                log.warning("%s", exc)
+                return fresh
+            if kept is fresh:
+                log.info("%s: refreshed (%s login), valid until %s", self.file.path,
+                         fresh.auth_method, updates["expiresAt"])
+            self.adopt(kept)
+            return kept
+
+
+# Account pool #############################################################
+
+# With no client key, an unknown token sends an account to its file, in case
+# the Kiro IDE or ``kiro2api refresh`` wrote a new one: at most this often.
+REREAD_SECONDS = 1.0
+
+
 class TokenStore:
-    """The tokens of one Kiro account: read, refreshed and written back.
+    """One account of the pool: its token holder, and what the pool reads of it.
 
-    This is the only shared mutable state in kiro2api. One store per token
-    file lives on the application; every request asks it for credentials.
-
-    - The file is read on first use (the server reads it at startup, see
-      ``load_accounts_ctx``). ``credentials()`` refreshes when less
-      than REFRESH_MARGIN is left, or when the token was rejected upstream
-      and a forced refresh has not yet replaced it.
-    - One refresh at a time per store: the first caller starts it as a task
-      and everyone else waits for that task, sharing its result or error.
-      The task is shielded, so a client that hangs up cannot cancel a refresh
-      between the auth service rotating the refresh token and the file
-      recording it.
-    - Across processes, ``<token file>.lock`` (flock) serialises refreshes.
-      Under it the file is read again: a token someone else wrote (the Kiro
-      IDE, a CLI ``refresh``, another server) is adopted instead of
-      refreshing, and its refresh token is the one used otherwise.
-    - A refresh token the auth service refused for good is not sent again
-      until the file holds a different one (the user logged in again).
-    - When a refresh made early (the token expiring, not yet expired or
-      rejected) fails, the token is used until it expires, and the refresh
-      is tried again after ``retry_after`` seconds; ``error`` tells.
-    - The auth service may hand out a new refresh token and retire the old
-      one, so a refreshed token that cannot be written survives only in
-      memory. A server keeps it there (and says so); a store made with
-      ``must_save`` (the CLI commands, which exit at once) refuses to
-      refresh a file it could not write.
+    ``credentials()``, ``load()`` and ``refresh()`` are its ``TokenHolder``'s;
+    the rest is the account's own: the machine id Kiro's user agent names, the
+    cooldown the pool sets (``set_aside``), the counters of ``/metrics``, the
+    ``/health`` view, and the client-key registry (``knows``, ``reread``).
+    One store per token file lives on the application, in ``app[ACCOUNTS]``.
     """
 
     def __init__(self, path: Path, *, config: Config, session: aiohttp.ClientSession,
                  timeout: float = REFRESH_TIMEOUT_SECONDS,
                  lock_timeout: float = LOCK_TIMEOUT_SECONDS,
                  retry_after: float = REFRESH_RETRY_SECONDS,
-                 must_save: bool = False) -> None:
-        self.path = Path(path)
-        self.must_save = must_save
+                 must_save: bool = False, clock: Clock | None = None) -> None:
+        self.clock = clock or config.clock
+        self.file = TokenFile(path, clock=self.clock, lock_timeout=lock_timeout)
+        self.path = self.file.path
+        exchange = functools.partial(_call_auth_service, session, config, whose=self.path,
+                                     timeout=timeout, now=self.clock.now)
+        self.holder = TokenHolder(self.file, exchange, clock=self.clock,
+                                  retry_after=retry_after, must_save=must_save)
         # Kiro's user agent names a machine; ours is the account's file, so one
         # account is one machine however it is called.
         self.machine_id = hashlib.sha256(f"kiro2api:{self.path}".encode()).hexdigest()
-        self.refreshes = 0  # refresh calls this store made (for /metrics)
-        self.failures = 0  # loads and refreshes that failed (for /metrics)
-        # Set by the account pool when upstream throttles or refuses this
-        # account: a time.monotonic() before which others are tried first.
+        # Set by the pool when upstream throttles or refuses this account: a
+        # clock.monotonic() before which others are tried first.
         self.cooldown_until = 0.0
         self.cooldown_reason: str | None = None
-        self._config = config
-        self._session = session
-        self._timeout = timeout
-        self._lock_timeout = lock_timeout
-        self._retry_after = retry_after
-        self._credentials: Credentials | None = None
-        self._task: asyncio.Task[Credentials] | None = None
-        self._held: dict[bytes, None] = {}  # access tokens held, oldest first
-        self._rejected: str | None = None  # the access token upstream refused
-        self._error: TokenError | None = None
-        self._dead: tuple[str, RefreshError] | None = None  # (refresh token, its refusal)
-        self._retry_at = 0.0  # time.monotonic() before which a failed refresh is not retried
-        self._reread_at = 0.0  # time.monotonic() before which reread() does not read again
+        self._reread_at = 0.0  # clock.monotonic() before which reread() does not read again
 
     def __repr__(self) -> str:
         return f"<TokenStore {self.path}>"
 
-    # What the web layer reads ----------------------------------------------
-
     @property
     def region(self) -> str | None:
-        return self._credentials.region if self._credentials else None
+        return self.holder.current.region if self.holder.current else None
 
     @property
     def profile_arn(self) -> str | None:
-        return self._credentials.profile_arn if self._credentials else None
+        return self.holder.current.profile_arn if self.holder.current else None
 
     @property
     def error(self) -> TokenError | None:
         """The last load or refresh failure, until something succeeds again."""
-        return self._error
+        return self.holder.error
+
+    @property
+    def refreshes(self) -> int:
+        return self.holder.refreshes
+
+    @property
+    def failures(self) -> int:
+        return self.holder.failures
 
     @property
     def lock_path(self) -> Path:
-        target = Path(os.path.realpath(self.path))
-        return target.with_name(target.name + ".lock")
+        return self.file.lock_path
 
     async def credentials(self) -> Credentials:
         """The current credentials; reads the file first if needed, refreshes if due."""
-        while True:
-            current = self._credentials
-            if current is not None and not self._due(current):
-                return current
-            if self._task is None:
-                return await self._run("auto", None)
-            joined = await asyncio.shield(self._task)  # e.g. a load: check again
-            if not self._due(joined):
-                return joined
+        return await self.holder.credentials()
 
     async def load(self) -> Credentials:
         """Read the token file now if it has not been read yet; never refreshes."""
-        if self._credentials is not None:
-            return self._credentials
-        return await self._run("load", None)
+        return await self.holder.load()
 
     async def refresh(self, *, stale_access_token: str | None = None) -> Credentials:
-        """Refresh now, e.g. after upstream rejected ``stale_access_token``.
-
-        If the current access token is already a different one (someone
-        refreshed meanwhile), that one is returned without refreshing again.
-        """
-        stale = stale_access_token
-        if stale is None:
-            stale = (self._credentials or await self.load()).access_token
-        elif self._credentials is not None and self._credentials.access_token == stale:
-            self._rejected = stale
-        while True:
-            if self._task is None:
-                return await self._run("force", stale)
-            joined = await asyncio.shield(self._task)
-            if joined.access_token != stale:
-                return joined
+        """Refresh now, e.g. after upstream rejected ``stale_access_token``."""
+        return await self.holder.refresh(stale_access_token)
 
     async def reread(self) -> None:
         """Adopt a token another program wrote to the file since (the Kiro IDE, a
         CLI ``refresh``), so a client can present it at once. Reads at most once
         every REREAD_SECONDS, however often it is asked (strangers ask too)."""
-        now = time.monotonic()
+        now = self.clock.monotonic()
         if now < self._reread_at:
             return
         self._reread_at = now + REREAD_SECONDS
         try:
-            _, on_disk = await asyncio.to_thread(read_token_file, self.path)
+            _, on_disk = await self.file.read()
         except TokenError:
             return  # the next credentials() call reports it
         # Only a token new to us: one held before is older than ours (a
         # write-back of ours failed), and its refresh token may be spent.
-        if not self.knows(on_disk.access_token) and not on_disk.expired():
-            self._adopt(on_disk)
+        if not self.knows(on_disk.access_token) and not on_disk.expired(self.clock.now()):
+            self.holder.adopt(on_disk)
 
     def knows(self, token: str) -> bool:
-        """Whether ``token`` is an access token this store has held (constant time)."""
-        if not token:
-            return False
-        candidate = token.encode("utf-8", "replace")
-        found = False
-        for held in self._held:
-            found |= hmac.compare_digest(candidate, held)
-        return found
+        """Whether ``token`` is an access token this account has held (constant time)."""
+        return self.holder.held.knows(token)
 
     def health(self) -> Json:
         """The account's state for ``/health``; never a token."""
-        current = self._credentials
-        left = current.seconds_left() if current else None
-        if self._error is not None:
+        current, error = self.holder.current, self.holder.error
+        now = self.clock.now()
+        left = current.seconds_left(now) if current else None
+        if error is not None:
             state = "error"
         elif current is None:
             state = "unknown"  # not read yet
-        elif current.access_token == self._rejected or (left is not None and left <= 0):
+        elif current.access_token == self.holder.rejected or (left is not None and left <= 0):
             state = "expired"
-        elif current.expiring():
+        elif current.expiring(now):
             state = "expiring"
         else:
             state = "ok"
+        resting = self.cooldown_until - self.clock.monotonic()
         return {
             "path": str(self.path),
             "auth_method": current.auth_method if current else None,
@@ -622,247 +1080,11 @@ class TokenStore:
             if current and current.expires_at else None,
             "seconds_left": None if left is None else int(left),
             "state": state,
-            "error": str(self._error) if self._error else None,
+            "error": str(error) if error else None,
             "refreshes": self.refreshes,
-            "cooldown_seconds": max(0, round(self.cooldown_until - time.monotonic())),
-            "cooldown_reason": self.cooldown_reason
-            if self.cooldown_until > time.monotonic() else None,
+            "cooldown_seconds": max(0, round(resting)),
+            "cooldown_reason": self.cooldown_reason if resting > 0 else None,
         }
-
-    # Loading and refreshing ------------------------------------------------
-
-    def _due(self, current: Credentials) -> bool:
-        if current.access_token == self._rejected:
-            return True
-        if not current.expiring():
-            return False
-        # A proactive refresh failed a moment ago but the token still works:
-        # use it rather than asking the auth service again at every request.
-        return current.expired() or time.monotonic() >= self._retry_at
-
-    async def _run(self, mode: str, stale: str | None) -> Credentials:
-        """Join the update in flight, or start one; every caller gets its result."""
-        if self._task is None:
-            self._task = asyncio.create_task(self._update(mode, stale))
-            # Nobody may be left waiting (all callers cancelled): retrieve the
-            # outcome so asyncio does not report it as never retrieved.
-            self._task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        return await asyncio.shield(self._task)
-
-    async def _update(self, mode: str, stale: str | None) -> Credentials:
-        try:
-            if self._credentials is None:
-                _, loaded = await asyncio.to_thread(read_token_file, self.path)
-                self._adopt(loaded)
-            current = self._credentials
-            assert current is not None
-            if (mode == "load" or (mode == "auto" and not self._due(current))
-                    or (mode == "force" and current.access_token != stale)):
-                return current
-            try:
-                return await self._refresh_under_lock(current)
-            except RefreshError as exc:
-                if mode != "auto" or current.access_token == self._rejected or current.expired():
-                    raise
-                # Refreshing early failed, but the token is still good for a
-                # while: serve with it, and try again in a moment.
-                self._error = exc
-                self.failures += 1
-                self._retry_at = time.monotonic() + self._retry_after
-                log.warning("%s; using the current token, valid %s more", exc,
-                            human_duration(current.seconds_left() or 0))
-                return current
-        except TokenError as exc:
-            self._error = exc
-            self.failures += 1
-            raise
-        finally:
-            if self._task is asyncio.current_task():
-                self._task = None
-
-    def _adopt(self, credentials: Credentials) -> None:
-        self._credentials = credentials
-        self._error = None
-        held = credentials.access_token.encode("utf-8", "replace")
-        self._held.pop(held, None)
-        self._held[held] = None
-        while len(self._held) > HELD_TOKENS_MAX:
-            del self._held[next(iter(self._held))]
-
-    async def _refresh_under_lock(self, current: Credentials) -> Credentials:
-        async with self._file_lock():
-            await asyncio.to_thread(remove_stale_temporaries, self.path)
-            data, on_disk = await asyncio.to_thread(read_token_file, self.path)
-            if on_disk.access_token == current.access_token:
-                base = on_disk
-            elif on_disk.access_token.encode("utf-8", "replace") in self._held:
-                base = current  # the file is behind us: an earlier write-back failed
-            elif not on_disk.expiring():
-                log.info("%s: using the token another program refreshed", self.path)
-                self._adopt(on_disk)
-                return on_disk
-            else:
-                base = on_disk  # newer than ours, but due too: refresh with its refresh token
-            if self._dead is not None and self._dead[0] == base.refresh_token:
-                raise self._dead[1]
-            if self.must_save:
-                unwritable = await asyncio.to_thread(why_unwritable, self.path)
-                if unwritable:
-                    raise TokenFileError(
-                        f"cannot write {self.path} ({unwritable}), so a refreshed token would "
-                        f"be lost when this command ends: make the file and its directory "
-                        f"writable, then try again")
-            try:
-                fresh, updates = await self._call_auth_service(base)
-            except RefreshError as exc:
-                if exc.permanent:
-                    self._dead = (base.refresh_token, exc)
-                raise
-            self.refreshes += 1
-            return await self._write_back(data, on_disk, fresh, updates)
-
-    @contextlib.asynccontextmanager
-    async def _file_lock(self) -> AsyncIterator[None]:
-        """Hold ``<token file>.lock`` so that processes refresh one at a time.
-
-        The lock is polled without blocking, so the event loop never waits on
-        it, a waiting task can be cancelled, and a stuck holder is reported
-        after ``lock_timeout`` rather than waited for forever.
-        """
-        if fcntl is None:
-            # No flock on Windows: refreshes there are serialised within the
-            # process only; the re-read before refreshing still catches most
-            # refreshes made elsewhere.
-            yield
-            return
-        lock_path = self.lock_path
-        try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, TOKEN_FILE_MODE)
-        except OSError as exc:
-            # A read-only directory: nobody can write the token file there either.
-            log.debug("no lock file %s (%s); refreshing without it", lock_path, exc)
-            yield
-            return
-        try:
-            deadline = time.monotonic() + self._lock_timeout
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise TokenError(
-                            f"{lock_path} stayed locked for {self._lock_timeout:g} s; another "
-                            f"kiro2api seems stuck refreshing {self.path}: stop it and try again"
-                        ) from None
-                    await asyncio.sleep(LOCK_POLL_SECONDS)
-            yield
-        finally:
-            os.close(fd)  # closing the descriptor releases the lock
-
-    async def _call_auth_service(self, base: Credentials) -> tuple[Credentials, Json]:
-        """POST the refresh token; the new credentials and the token file keys to update."""
-        config = self._config
-        if base.auth_method == "social":
-            option = "--social-auth-url"
-            url = region_url(config.social_auth_url, base.region) + "/refreshToken"
-            body: Json = {"refreshToken": base.refresh_token}
-        else:
-            option = "--oidc-url"
-            url = region_url(config.oidc_url, base.region) + "/token"
-            body = {"clientId": base.client_id, "clientSecret": base.client_secret,
-                    "grantType": "refresh_token", "refreshToken": base.refresh_token}
-        try:
-            async with self._session.post(
-                url, json=body, proxy=config.proxy_for(url), headers={"Accept": "application/json"},
-                timeout=aiohttp.ClientTimeout(total=self._timeout),
-            ) as response:
-                status, raw = response.status, await response.read()
-        except asyncio.TimeoutError:
-            raise RefreshError(
-                f"{url} did not answer within {self._timeout:g} s; check the network, --proxy "
-                f"and {option}, then try again") from None
-        except (aiohttp.ClientError, ValueError) as exc:
-            # NonHttpUrlClientError: aiohttp 3.10+ (ftp://...)
-            if isinstance(exc, (aiohttp.InvalidURL,
-                                getattr(aiohttp, "NonHttpUrlClientError", aiohttp.InvalidURL))):
-                reason = "not a valid http(s) URL"  # the URL or the proxy's
-            else:
-                reason = getattr(getattr(exc, "os_error", None), "strerror", None) \
-                    or describe(exc)
-            raise RefreshError(
-                f"cannot reach {url} ({reason}); check the network, --proxy and {option}"
-            ) from None
-        try:
-            answer = json.loads(raw)
-        except (ValueError, RecursionError):
-            answer = None
-        if status != 200:
-            reason, detail = _auth_failure(answer, raw)
-            permanent = (status in (400, 401) or reason in PERMANENT_REASONS
-                         or "invalid refresh token" in (detail or "").lower())
-            what = " ".join(filter(None, (f"HTTP {status}", reason)))
-            if detail:
-                what += f": {detail}"
-            for secret in (base.refresh_token, base.client_secret):
-                if secret:
-                    what = what.replace(secret, "***")
-            advice = "log in to Kiro again" if permanent else "try again later"
-            raise RefreshError(f"{url} refused to refresh the token of {self.path} ({what}); "
-                               f"{advice}", status=status, reason=reason, permanent=permanent)
-        if not isinstance(answer, dict) or not _text(answer, "accessToken"):
-            got = "an answer without an accessToken" if isinstance(answer, dict) else "no JSON"
-            raise RefreshError(f"{url} answered HTTP 200 with {got}; check {option}", status=200)
-        expires_in = answer.get("expiresIn")
-        if isinstance(expires_in, bool) or not isinstance(expires_in, (int, float)) \
-                or not math.isfinite(expires_in) or expires_in <= 0:
-            expires_in = DEFAULT_EXPIRES_IN_SECONDS
-        expires_at = utcnow() + timedelta(seconds=min(expires_in, MAX_EXPIRES_IN_SECONDS))
-        expires_at = expires_at.replace(microsecond=expires_at.microsecond // 1000 * 1000)
-        fresh = dataclasses.replace(
-            base,
-            access_token=answer["accessToken"].strip(),
-            # A rotated refresh token replaces the old one; none means keep it.
-            refresh_token=_text(answer, "refreshToken") or base.refresh_token,
-            expires_at=expires_at,
-            profile_arn=_text(answer, "profileArn") or base.profile_arn,
-        )
-        updates: Json = {"accessToken": fresh.access_token,
-                         "refreshToken": fresh.refresh_token,
-                         "expiresAt": format_expires_at(expires_at)}
-        if _text(answer, "profileArn"):
-            updates["profileArn"] = fresh.profile_arn
-        return fresh, updates
-
-    async def _write_back(self, data: Json, on_disk: Credentials, fresh: Credentials,
-                          updates: Json) -> Credentials:
-        # The Kiro IDE does not take our lock: look once more, and if it wrote
-        # a token while we were refreshing, keep whichever lives longer.
-        try:
-            data, latest = await asyncio.to_thread(read_token_file, self.path)
-        except TokenError:
-            latest = on_disk  # gone or mid-write: merge into what we read under the lock
-        if latest.access_token != on_disk.access_token and latest.expires_at is not None and (
-                fresh.expires_at is None or latest.expires_at > fresh.expires_at):
-            log.info("%s: another program wrote a newer token during the refresh; using it",
-                     self.path)
-            self._adopt(latest)
-            return latest
-        merged = dict(data)
-        merged.update(updates)  # known keys keep their place; unknown keys are kept
-        try:
-            await asyncio.to_thread(write_json_atomic, self.path, merged, mode=TOKEN_FILE_MODE)
-        except OSError as exc:
-            self._adopt(fresh)
-            self._error = TokenFileError(
-                f"refreshed the token but cannot write {self.path} ({exc.strerror or exc}); "
-                f"kiro2api keeps the new one in memory only: check the file and its directory")
-            log.warning("%s", self._error)
-            return fresh
-        log.info("%s: refreshed (%s login), valid until %s", self.path, fresh.auth_method,
-                 updates["expiresAt"])
-        self._adopt(fresh)
-        return fresh
 
 
 async def load_accounts_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -875,7 +1097,7 @@ async def load_accounts_ctx(app: web.Application) -> AsyncIterator[None]:
         except TokenError as exc:
             log.warning("%s", exc)
             continue
-        left = credentials.seconds_left()
+        left = credentials.seconds_left(store.clock.now())
         log.info("account %s: %s login, region %s, %s", store.path, credentials.auth_method,
                  credentials.region, "expiry unknown" if left is None
                  else f"expires in {human_duration(left)}" if left > 0 else "expired")
@@ -1008,15 +1230,14 @@ TOKEN_COOLDOWN_SECONDS = 300.0
 
 def account_order(stores: list[TokenStore]) -> list[TokenStore]:
     """Accounts to try, in order: the usable ones as configured, then the rest."""
-    now = time.monotonic()
-    ready = [s for s in stores if s.cooldown_until <= now]
-    resting = sorted((s for s in stores if s.cooldown_until > now),
-                     key=lambda s: s.cooldown_until)
+    ready = [s for s in stores if s.cooldown_until <= s.clock.monotonic()]
+    resting = sorted((s for s in stores if s not in ready), key=lambda s: s.cooldown_until)
     return ready + resting
 
 
 def set_aside(store: TokenStore, seconds: float, reason: str) -> None:
-    store.cooldown_until = time.monotonic() + seconds
+    """Try ``store`` after the others for ``seconds`` (on its clock), saying why."""
+    store.cooldown_until = store.clock.monotonic() + seconds
     store.cooldown_reason = reason
     log.warning("account %s set aside for %.0f s: %s", store.path, seconds, reason)
 
@@ -1920,16 +2141,29 @@ proxy_option = click.option(
     help="Outbound HTTP(S) proxy URL (HTTPS_PROXY is honoured when unset).")
 
 
-def refresh_options(command: Callable) -> Callable:
-    """The options a command needs to refresh tokens: where to, and through which proxy."""
-    for option in (proxy_option, oidc_url_option, social_auth_url_option, token_file_option):
-        command = option(command)
-    return command
-
-
 def token_paths(token_files: tuple[Path, ...]) -> tuple[Path, ...]:
     """The ``--token-file`` values, ``~`` expanded, or the default file (at run time)."""
     return tuple(p.expanduser() for p in token_files) or (Path(DEFAULT_TOKEN_FILE).expanduser(),)
+
+
+def command_config(token_files: tuple[Path, ...], **options: Any) -> Config:
+    """The ``Config`` of a command: its options, and its token files or the default one."""
+    return Config(token_files=token_paths(token_files), **options)
+
+
+def refresh_options(command: Callable) -> Callable:
+    """The options a command needs to refresh tokens (which files, where to, through
+    which proxy), handed to it as one ``config``."""
+    @functools.wraps(command)
+    def with_config(*args: Any, token_files: tuple[Path, ...], social_auth_url: str,
+                    oidc_url: str, proxy: str | None, **kwargs: Any) -> Any:
+        config = command_config(token_files, social_auth_url=social_auth_url,
+                                oidc_url=oidc_url, proxy=proxy)
+        return command(*args, config=config, **kwargs)
+
+    for option in (proxy_option, oidc_url_option, social_auth_url_option, token_file_option):
+        with_config = option(with_config)
+    return with_config
 
 
 # Server tuning: (option, Config field, type, help). Each option's default is
@@ -2014,13 +2248,12 @@ def server(port_arg, key_arg, host, port, api_key, no_auth, token_files, upstrea
         if given is not None and not given.strip():
             # "kiro2api server 8080 "$KEY"" with KEY unset must not mean "no key".
             raise click.UsageError("the API key is empty; give a key, or leave it out")
-    config = Config(
+    config = command_config(
+        token_files,
         host=host,
         port=port if port is not None else (port_arg if port_arg is not None else DEFAULT_PORT),
         api_key=api_key if api_key is not None else key_arg,
         no_auth=no_auth,
-        token_files=tuple(p.expanduser() for p in token_files)
-        or (Path(DEFAULT_TOKEN_FILE).expanduser(),),
         upstream=upstream,
         social_auth_url=social_auth_url,
         oidc_url=oidc_url,
@@ -2147,15 +2380,12 @@ def read(token_files: tuple[Path, ...], as_json: bool) -> None:
 
 @cli.command()
 @refresh_options
-def refresh(token_files: tuple[Path, ...], social_auth_url: str, oidc_url: str,
-            proxy: str | None) -> None:
+def refresh(config: Config) -> None:
     """Refresh the Kiro access token now and save it.
 
     If another program (the Kiro IDE, a running kiro2api server) has just
     refreshed it, its new token is kept instead.
     """
-    config = Config(token_files=token_paths(token_files), social_auth_url=social_auth_url,
-                    oidc_url=oidc_url, proxy=proxy)
 
     async def each(store: TokenStore) -> None:
         credentials = await store.refresh()
@@ -2219,8 +2449,8 @@ def client_base_url(host: str, port: int) -> str:
 @refresh_options
 @click.option("--shell", type=click.Choice(SHELLS), default=None,
               help="Syntax of the lines [default: powershell on Windows, else posix].")
-def export(host: str, port: int | None, api_key: str | None, token_files: tuple[Path, ...],
-           social_auth_url: str, oidc_url: str, proxy: str | None, shell: str | None) -> None:
+def export(host: str, port: int | None, api_key: str | None, config: Config,
+           shell: str | None) -> None:
     """Print shell lines that point Claude Code at the server.
 
     ANTHROPIC_AUTH_TOKEN is the server's client key if one is set, else the
@@ -2238,9 +2468,6 @@ def export(host: str, port: int | None, api_key: str | None, token_files: tuple[
     if api_key:
         values["ANTHROPIC_AUTH_TOKEN"] = api_key
     else:
-        config = Config(token_files=token_paths(token_files), social_auth_url=social_auth_url,
-                        oidc_url=oidc_url, proxy=proxy)
-
         async def each(store: TokenStore) -> None:
             values["ANTHROPIC_AUTH_TOKEN"] = (await store.credentials()).access_token
 
@@ -2254,15 +2481,12 @@ def export(host: str, port: int | None, api_key: str | None, token_files: tuple[
 
 @cli.command(name="authToken")
 @refresh_options
-def auth_token(token_files: tuple[Path, ...], social_auth_url: str, oidc_url: str,
-               proxy: str | None) -> None:
+def auth_token(config: Config) -> None:
     """Print the current Kiro access token and how to use it.
 
     The token alone goes to stdout (TOKEN=$(kiro2api authToken) works); the
     hints go to stderr. It is refreshed first if it is about to expire.
     """
-    config = Config(token_files=token_paths(token_files), social_auth_url=social_auth_url,
-                    oidc_url=oidc_url, proxy=proxy)
 
     async def each(store: TokenStore) -> None:
         credentials = await store.credentials()
@@ -2291,25 +2515,12 @@ def claude() -> None:
     path = Path.home() / ".claude.json"
     redo = "fix or move it, then run kiro2api claude again"
     try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        data: Any = {}
-        mode = 0o600
-    except OSError as exc:
-        raise click.ClickException(f"cannot read {path} ({exc.strerror or exc}); {redo}") from None
-    else:
-        try:
-            data = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise click.ClickException(
-                f"{path} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); "
-                f"{redo}") from None
-        except (ValueError, RecursionError):
-            raise click.ClickException(f"{path} is not valid JSON (not UTF-8 text); {redo}") \
-                from None
-        if not isinstance(data, dict):
-            raise click.ClickException(f"{path} holds JSON but not an object; {redo}")
+        data = _read_json_object(path, missing=None, fix=redo, unreadable=redo)
         mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        data, mode = {}, 0o600
+    except TokenFileError as exc:
+        raise click.ClickException(str(exc)) from None
     if data.get("hasCompletedOnboarding") is True and data.get("kiro2api") is True:
         click.echo(f"{path} already has hasCompletedOnboarding and kiro2api set; nothing to do.")
         return

@@ -360,6 +360,32 @@ BROKEN_STREAMS = {
 }
 
 
+class FakeClock:
+    """A ``kiro2api.Clock`` that stands still until a test moves it with ``advance``."""
+
+    def __init__(self) -> None:
+        self.seconds = 1000.0
+        self._start = datetime.now(timezone.utc)
+
+    def monotonic(self) -> float:
+        return self.seconds
+
+    def now(self) -> datetime:
+        return self._start + timedelta(seconds=self.seconds - 1000.0)
+
+    def advance(self, seconds: float) -> None:
+        self.seconds += seconds
+
+
+async def until(condition: Any, timeout: float = 5.0) -> None:
+    """Wait (on the real clock, at most ``timeout``) until ``condition()`` is true."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, "the condition did not come true in time"
+        await asyncio.sleep(0.005)
+
+
 # Today's service (PROTOCOL-2026.md 10.1-10.9) #############################
 #
 # Under ``/runtime`` (runtime.{region}.kiro.dev) and ``/q`` (the legacy

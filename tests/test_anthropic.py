@@ -443,8 +443,10 @@ async def test_without_configured_key_the_kiro_access_token_is_accepted(
     import kiro2api
 
     token_file = write_token_file(tmp_path / "t.json")
+    clock = fakes.FakeClock()
     config = kiro2api.Config(token_files=(token_file,), upstream=fake_upstream.url,
-                             social_auth_url=fake_upstream.url, oidc_url=fake_upstream.url)
+                             social_auth_url=fake_upstream.url, oidc_url=fake_upstream.url,
+                             clock=clock)
     server = await aiohttp_server(kiro2api.make_app(config))
     url = str(server.make_url("")).rstrip("/")
     client = anthropic.AsyncAnthropic(base_url=url, auth_token="aoa-initial-access",
@@ -457,7 +459,7 @@ async def test_without_configured_key_the_kiro_access_token_is_accepted(
 
     # The Kiro IDE (or `kiro2api refresh`) writes a new token; `kiro2api
     # export` prints it, and the server takes it at once.
-    await asyncio.sleep(kiro2api.REREAD_SECONDS)  # the stranger's look at the file
+    clock.advance(kiro2api.REREAD_SECONDS)  # since the stranger's look at the file
     write_token_file(token_file, accessToken="aoa-refreshed-by-the-ide")
     client = anthropic.AsyncAnthropic(base_url=url, auth_token="aoa-refreshed-by-the-ide",
                                       max_retries=0)

@@ -20,7 +20,7 @@ import pytest
 import kiro2api
 from fakes import (
     CLIENT_ID, CLIENT_ID_HASH, CLIENT_SECRET, IDC_ACCESS, IDC_REFRESH, PROFILE_ARN, SOCIAL_ACCESS,
-    SOCIAL_REFRESH, Status, write_token,
+    SOCIAL_REFRESH, FakeClock, Status, until, write_token,
 )
 
 UTC = timezone.utc
@@ -532,12 +532,18 @@ async def test_waits_for_the_lock_another_process_holds(token_path, make_store, 
 
 async def test_a_stuck_lock_holder_is_reported(token_path, make_store, fake_upstream):
     write_token(token_path, expires_in=-60)
-    store = make_store(token_path, lock_timeout=0.2)
+    clock = FakeClock()
+    store = make_store(token_path, lock_timeout=20, clock=clock)
     fd = os.open(store.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        with pytest.raises(kiro2api.TokenError, match="stayed locked for 0.2 s"):
-            await store.credentials()
+        waiting = asyncio.create_task(store.credentials())
+        while not waiting.done():  # the lock is polled; the store's clock runs fast
+            clock.advance(5)
+            await asyncio.sleep(kiro2api.LOCK_POLL_SECONDS)
+        with pytest.raises(kiro2api.TokenError, match="stayed locked for 20 s") as caught:
+            await waiting
+        assert isinstance(caught.value, kiro2api.TokenLockError)
     finally:
         os.close(fd)
     assert fake_upstream.requests == []
@@ -613,7 +619,8 @@ async def test_fifty_concurrent_requests_through_the_server_cause_one_refresh(
     fake_upstream.auth_gate = asyncio.Event()
     requests = [asyncio.create_task(ask()) for _ in range(50)]
     await fake_upstream.wait_for("/refreshToken")
-    await asyncio.sleep(0.2)  # let the other requests pile up behind the refresh
+    holder = server.app[kiro2api.ACCOUNTS][0].holder
+    await until(lambda: holder.waiters == 50)  # every request waits for the one refresh
     fake_upstream.auth_gate.set()
     assert await asyncio.gather(*requests) == ["Hello"] * 50
     assert len(fake_upstream.calls("/refreshToken")) == 1
@@ -641,17 +648,20 @@ async def test_a_failed_early_refresh_is_tried_again_after_the_interval(
         token_path, make_store, fake_upstream):
     write_token(token_path, expires_in=240)
     fake_upstream.auth_script.append(Status(400, {"error": "invalid_grant"}))
-    store = make_store(token_path, retry_after=0.0)
+    clock = FakeClock()
+    store = make_store(token_path, clock=clock)
     assert (await store.credentials()).access_token == SOCIAL_ACCESS
+    clock.advance(kiro2api.REFRESH_RETRY_SECONDS)
     # The refused refresh token is not sent again: the token serves until it expires.
     assert (await store.credentials()).access_token == SOCIAL_ACCESS
     assert len(fake_upstream.calls("/refreshToken")) == 1
     # A forced refresh (upstream rejected the token) still fails loudly.
     with pytest.raises(kiro2api.RefreshError, match="invalid_grant"):
         await store.refresh(stale_access_token=SOCIAL_ACCESS)
-    store2 = make_store(token_path, retry_after=0.0)
+    store2 = make_store(token_path, clock=clock)
     fake_upstream.auth_script.append(Status(503, {"message": "busy"}))
     assert (await store2.credentials()).access_token == SOCIAL_ACCESS
+    clock.advance(kiro2api.REFRESH_RETRY_SECONDS)
     assert (await store2.credentials()).access_token == "aoa-social-access-1"
     assert store2.health()["state"] == "ok"
 
