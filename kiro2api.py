@@ -38,6 +38,7 @@ import os
 import random
 import re
 import shlex
+import sqlite3
 import stat
 import sys
 import tempfile
@@ -75,7 +76,15 @@ Json = dict[str, Any]
 
 DEFAULT_PORT = 8080
 DEFAULT_TOKEN_FILE = "~/.aws/sso/cache/kiro-auth-token.json"
-DEFAULT_UPSTREAM = "https://q.{region}.amazonaws.com"
+# Today's service first, the legacy host after it (PROTOCOL-2026.md 10.1.1, 10.5).
+DEFAULT_UPSTREAMS = ("https://runtime.{region}.kiro.dev", "https://q.{region}.amazonaws.com")
+DEFAULT_MANAGEMENT_URL = "https://management.{region}.kiro.dev"
+# Regions Kiro's own hosts exist in; an IdC login region outside them (say
+# ap-southeast-1) has none, and its calls go to us-east-1 (10.1.1).
+KIRO_REGIONS = ("us-east-1", "eu-central-1", "us-gov-east-1", "us-gov-west-1")
+# Hosts an external identity provider's token endpoint may be on, since the
+# refresh token is sent there (10.6): Microsoft Entra ID's; --allow-idp-host adds.
+DEFAULT_IDP_HOSTS = ("microsoftonline.com", "microsoftonline.us", "microsoftonline.cn")
 DEFAULT_SOCIAL_AUTH_URL = "https://prod.{region}.auth.desktop.kiro.dev"
 DEFAULT_OIDC_URL = "https://oidc.{region}.amazonaws.com"
 DEFAULT_REGION = "us-east-1"
@@ -117,7 +126,14 @@ class Config:
     token_files: tuple[Path, ...] = field(
         default_factory=lambda: (Path(DEFAULT_TOKEN_FILE).expanduser(),)
     )
-    upstream: str = DEFAULT_UPSTREAM
+    # Candidate hosts in order (a single URL is one candidate); "#runtime" or
+    # "#legacy" after a URL names its family where the host name does not.
+    upstream: tuple[str, ...] | str = DEFAULT_UPSTREAMS
+    management_url: str = DEFAULT_MANAGEMENT_URL
+    region: str | None = None  # for accounts whose file names none
+    kiro_version: convert.ClientVersions = field(default_factory=convert.ClientVersions)
+    kiro_api_keys: tuple[str, ...] = field(default=(), repr=False)
+    allow_idp_hosts: tuple[str, ...] = ()
     social_auth_url: str = DEFAULT_SOCIAL_AUTH_URL
     oidc_url: str = DEFAULT_OIDC_URL
     proxy: str | None = None
@@ -146,6 +162,10 @@ class Config:
         default_factory=urllib.request.getproxies_environment, compare=False, repr=False)
     started: float = field(default_factory=time.time, compare=False)
     clock: Clock = field(default=SYSTEM_CLOCK, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.upstream, str):
+            object.__setattr__(self, "upstream", (self.upstream,))
 
     def proxy_for(self, url: str) -> str | None:
         """The outbound proxy for ``url``: ``--proxy``, else the environment's."""
@@ -211,7 +231,7 @@ TOKEN_FILE_MODE = 0o600
 # authMethod values (matched case-insensitively) → ours, each a row of
 # REFRESH_PROTOCOLS. PROTOCOL.md §1.1.
 AUTH_METHODS = {"social": "social", "idc": "idc", "builder-id": "idc", "builderid": "idc",
-                "iam": "idc"}
+                "iam": "idc", "external_idp": "external_idp", "externalidp": "external_idp"}
 
 RELOGIN = "log in to Kiro again to rewrite it"
 _REGION = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
@@ -268,12 +288,21 @@ class Credentials:
     access_token: str = field(repr=False)
     refresh_token: str = field(repr=False)
     expires_at: datetime | None
-    auth_method: str  # a key of REFRESH_PROTOCOLS: "social" or "idc"
+    auth_method: str  # "api_key" or a key of REFRESH_PROTOCOLS: "social", "idc", "external_idp"
     provider: str | None = None
     region: str = DEFAULT_REGION
     profile_arn: str | None = None
     client_id: str | None = None
     client_secret: str | None = field(default=None, repr=False)
+    start_url: str | None = None  # IdC: the organisation's start URL
+    token_endpoint: str | None = None  # external IdP: where its refresh token goes
+    scopes: str | None = None  # external IdP: the scopes asked for on refresh
+
+    @property
+    def kind(self) -> str:
+        """Which of ``convert.KINDS`` this login is (Builder ID and IdC share a method)."""
+        return convert.credential_kind(self.auth_method, self.provider, self.profile_arn,
+                                       self.start_url)
 
     def seconds_left(self, now: datetime | None = None) -> float | None:
         if self.expires_at is None:
@@ -347,7 +376,8 @@ def read_token_file(path: Path) -> tuple[Json, Credentials]:
         if not method:
             raise TokenFileError(
                 f"{path}: authMethod {method_name!r} is not supported; kiro2api handles social "
-                f"(Google, GitHub) and IdC (Builder ID, Enterprise) logins")
+                f"(Google, GitHub), IdC (Builder ID, Enterprise) and external_idp (Entra ID, "
+                f"Okta) logins")
     region = _text(data, "region") or DEFAULT_REGION
     if not _REGION.fullmatch(region):
         raise TokenFileError(f"{path}: region {region!r} is not an AWS region name; {RELOGIN}")
@@ -367,6 +397,9 @@ def read_token_file(path: Path) -> tuple[Json, Credentials]:
         for key, value in (("clientId", client_id), ("clientSecret", client_secret)):
             if value is None:
                 raise TokenFileError(f"{registration} has no {key}; {fix}")
+    if method == "external_idp":
+        for key in ("tokenEndpoint", "clientId"):
+            required(key)
     return data, Credentials(
         access_token=access_token,
         refresh_token=refresh_token,
@@ -375,9 +408,19 @@ def read_token_file(path: Path) -> tuple[Json, Credentials]:
         provider=_text(data, "provider"),
         region=region,
         profile_arn=_text(data, "profileArn"),
-        client_id=client_id if method == "idc" else None,
+        client_id=client_id if method in ("idc", "external_idp") else None,
         client_secret=client_secret if method == "idc" else None,
+        start_url=_text(data, "startUrl"),
+        token_endpoint=_text(data, "tokenEndpoint"),
+        scopes=_scopes(data.get("scopes")),
     )
+
+
+def _scopes(value: Any) -> str | None:
+    """``scopes`` as a list (the IDE) or a space-separated string, as one string."""
+    if isinstance(value, list):
+        value = " ".join(v for v in value if isinstance(v, str))
+    return value.strip() or None if isinstance(value, str) else None
 
 
 def write_json_atomic(path: Path, data: Json, *, mode: int) -> None:
@@ -463,6 +506,11 @@ class TokenFile:
 
     def __repr__(self) -> str:
         return f"<TokenFile {self.path}>"
+
+    @property
+    def identity(self) -> str:
+        """What names the account to Kiro (its machine id is made from it)."""
+        return str(self.path)
 
     @property
     def lock_path(self) -> Path:
@@ -558,6 +606,158 @@ class TokenFile:
             os.close(fd)  # closing the descriptor releases the lock
 
 
+# kiro-cli keeps its logins in SQLite (PROTOCOL-2026.md 10.8): table auth_kv,
+# a JSON value per key, snake_case. The first token row present is used.
+SQLITE_MAGIC = b"SQLite format 3\x00"
+KIRO_CLI_TOKEN_KEYS = (("kirocli:external-idp:token", "external_idp"),
+                       ("kirocli:social:token", "social"),
+                       ("kirocli:odic:token", "idc"), ("kirocli:oidc:token", "idc"),
+                       ("codewhisperer:odic:token", "idc"))
+KIRO_CLI_REGISTRATION_KEYS = ("kirocli:odic:device-registration",
+                              "kirocli:oidc:device-registration",
+                              "codewhisperer:odic:device-registration")
+KIRO_CLI_PROFILE_KEY = "api.codewhisperer.profile"
+# Our token file keys → kiro-cli's, for the write-back.
+KIRO_CLI_KEYS = {"accessToken": "access_token", "refreshToken": "refresh_token",
+                 "expiresAt": "expires_at"}
+SQLITE_BUSY_SECONDS = 5.0
+
+
+def is_sqlite(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(16) == SQLITE_MAGIC
+    except OSError:
+        return path.suffix in (".sqlite3", ".sqlite", ".db")
+
+
+def _sqlite_json(rows: dict[str, str], key: str) -> Json:
+    try:
+        value = json.loads(rows.get(key) or "{}")
+    except (ValueError, RecursionError):
+        value = None
+    return value if isinstance(value, dict) else {}
+
+
+def read_kiro_cli_store(path: Path) -> tuple[Json, Credentials]:
+    """kiro-cli's ``data.sqlite3``: ``{"key": its token row, "value": that row's JSON}``
+    and the credentials in it. Raises ``TokenFileError`` with a one-line reason."""
+    fix = "log in with kiro-cli again (kiro-cli login)"
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True,
+                                                timeout=SQLITE_BUSY_SECONDS)) as db:
+            rows = dict(db.execute("SELECT key, value FROM auth_kv"))
+            state = dict(db.execute("SELECT key, value FROM state WHERE key = ?",
+                                    (KIRO_CLI_PROFILE_KEY,))) if db.execute(
+                "SELECT 1 FROM sqlite_master WHERE name = 'state'").fetchone() else {}
+    except sqlite3.Error as exc:
+        raise TokenFileError(f"cannot read kiro-cli's store {path} ({exc}); {fix}") from None
+    for key, method in KIRO_CLI_TOKEN_KEYS:
+        if key in rows:
+            break
+    else:
+        raise TokenFileError(f"{path} holds no kiro-cli login; {fix}")
+    value = _sqlite_json(rows, key)
+    access, refresh = _text(value, "access_token"), _text(value, "refresh_token")
+    if not access or not refresh:
+        raise TokenFileError(f"{path}: the {key} row has no access_token or refresh_token; {fix}")
+    registration = next((_sqlite_json(rows, k) for k in KIRO_CLI_REGISTRATION_KEYS if k in rows),
+                        {})
+    if method == "idc" and not (_text(registration, "client_id")
+                                and _text(registration, "client_secret")):
+        raise TokenFileError(f"{path} has an IdC login but no client registration; {fix}")
+    arn = _text(_sqlite_json(state, KIRO_CLI_PROFILE_KEY), "arn")
+    if arn == convert.SERVICE_PROFILE_ARN:
+        arn = None  # after a Builder ID login: the service's, not the account's
+    region = _text(value, "region") or DEFAULT_REGION
+    return {"key": key, "value": value}, Credentials(
+        access_token=access, refresh_token=refresh,
+        expires_at=parse_expires_at(value.get("expires_at")), auth_method=method,
+        provider=_text(value, "provider"), region=region if _REGION.fullmatch(region)
+        else DEFAULT_REGION, profile_arn=arn,
+        client_id=_text(registration, "client_id") or _text(value, "client_id"),
+        client_secret=_text(registration, "client_secret") if method == "idc" else None,
+        start_url=_text(value, "start_url") or _text(registration, "start_url"),
+        token_endpoint=_text(value, "token_endpoint"), scopes=_scopes(value.get("scopes")))
+
+
+def write_kiro_cli_row(path: Path, key: str, value: Json) -> None:
+    """Replace one auth_kv row's JSON, in one transaction (kiro-cli may be reading)."""
+    with contextlib.closing(sqlite3.connect(path, timeout=SQLITE_BUSY_SECONDS)) as db:
+        with db:
+            db.execute("UPDATE auth_kv SET value = ? WHERE key = ?",
+                       (json.dumps(value, ensure_ascii=False), key))
+
+
+class KiroCliStore(TokenFile):
+    """kiro-cli's SQLite store as an account's token source: the same ``read``,
+    ``lock`` and ``write`` as a token file, written back in place (the row's
+    other keys kept) under the same ``.lock``, so kiro-cli keeps working with
+    the refreshed token instead of a refresh token we spent."""
+
+    def __repr__(self) -> str:
+        return f"<KiroCliStore {self.path}>"
+
+    async def read(self) -> tuple[Json, Credentials]:
+        return await asyncio.to_thread(read_kiro_cli_store, self.path)
+
+    async def ensure_writable(self) -> None:
+        await super().ensure_writable()
+        if not os.access(self.path, os.W_OK):
+            raise TokenFileError(f"cannot write {self.path}, so a refreshed token would be lost "
+                                 f"when this command ends: make it writable, then try again")
+
+    async def write(self, data: Json, on_disk: Credentials, fresh: Credentials,
+                    updates: Json) -> Credentials:
+        value = dict(data["value"])
+        value.update({KIRO_CLI_KEYS[k]: v for k, v in updates.items() if k in KIRO_CLI_KEYS})
+        try:
+            await asyncio.to_thread(write_kiro_cli_row, self.path, data["key"], value)
+        except sqlite3.Error as exc:
+            raise TokenFileError(
+                f"refreshed the token but cannot write {self.path} ({exc}); kiro2api keeps "
+                f"the new one in memory only: check the file and its directory") from None
+        return fresh
+
+
+class KiroApiKey(TokenFile):
+    """A Kiro API key (``ksk_…``, ``--kiro-api-key``) as an account: nothing to read
+    from disk, nothing to lock, never refreshed (PROTOCOL-2026.md 10.7)."""
+
+    def __init__(self, key: str, number: int, *, region: str) -> None:
+        super().__init__(Path(f"kiro-api-key-{number}"))
+        self._credentials = Credentials(access_token=key, refresh_token="", expires_at=None,
+                                        auth_method="api_key", region=region)
+
+    def __repr__(self) -> str:
+        return f"<KiroApiKey {self.path}>"
+
+    @property
+    def identity(self) -> str:
+        return self._credentials.access_token
+
+    async def read(self) -> tuple[Json, Credentials]:
+        return {}, self._credentials
+
+    async def ensure_writable(self) -> None:
+        return None
+
+    @contextlib.asynccontextmanager
+    async def lock(self) -> AsyncIterator[None]:
+        yield
+
+    async def write(self, data: Json, on_disk: Credentials, fresh: Credentials,
+                    updates: Json) -> Credentials:
+        return fresh
+
+
+def token_source(path: Path, *, clock: Clock = SYSTEM_CLOCK,
+                 lock_timeout: float = LOCK_TIMEOUT_SECONDS) -> TokenFile:
+    """The token source a ``--token-file`` names: kiro-cli's SQLite store, or a JSON file."""
+    kind = KiroCliStore if is_sqlite(Path(path)) else TokenFile
+    return kind(path, clock=clock, lock_timeout=lock_timeout)
+
+
 # Refresh protocols ########################################################
 #
 # Each auth method is a pair of pure functions, a request (where to POST
@@ -583,6 +783,7 @@ class AuthRequest:
     url: str
     body: Json = field(repr=False)
     option: str
+    form: bool = False  # form-encoded (OAuth 2) rather than JSON
 
 
 def social_refresh_request(base: Credentials, config: Config) -> AuthRequest:
@@ -627,6 +828,51 @@ def refreshed_credentials(base: Credentials, answer: Json,
     return fresh, updates
 
 
+def idp_endpoint_problem(url: str, allowed: tuple[str, ...]) -> str | None:
+    """Why the refresh token must not go to ``url``, or None: https only, a host name
+    (no address), on DEFAULT_IDP_HOSTS or ``allowed`` (a name or its subdomains)."""
+    parts = urllib.parse.urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if parts.scheme != "https":
+        return "not an https URL"
+    try:
+        ipaddress.ip_address(host)
+        return "an IP address, not a host name"
+    except ValueError:
+        pass
+    for entry in (*DEFAULT_IDP_HOSTS, *allowed):
+        entry = entry.lower().strip(".")
+        if host == entry or host.endswith("." + entry):
+            return None
+    return f"{host or 'no host'} is not an allowed identity provider (--allow-idp-host)"
+
+
+def external_idp_refresh_request(base: Credentials, config: Config) -> AuthRequest:
+    """The organisation's OAuth 2 token endpoint (Entra ID, Okta): a public client's
+    form-encoded refresh_token grant."""
+    url = base.token_endpoint or ""
+    problem = idp_endpoint_problem(url, config.allow_idp_hosts)
+    if problem:
+        raise RefreshError(f"will not send the refresh token to {url} ({problem}); if that is "
+                           f"your organisation's identity provider, start kiro2api with "
+                           f"--allow-idp-host {urllib.parse.urlsplit(url).hostname or 'HOST'}",
+                           permanent=True)
+    body = {"client_id": base.client_id or "", "grant_type": "refresh_token",
+            "refresh_token": base.refresh_token}
+    if base.scopes:
+        body["scope"] = base.scopes
+    return AuthRequest(url, body, "--allow-idp-host", form=True)
+
+
+def refreshed_idp_credentials(base: Credentials, answer: Json,
+                              now: datetime) -> tuple[Credentials, Json]:
+    """An OAuth 2 answer (snake_case) read as the Kiro services' camelCase one."""
+    camel = {"accessToken": answer.get("access_token"),
+             "refreshToken": answer.get("refresh_token"),
+             "expiresIn": answer.get("expires_in")}
+    return refreshed_credentials(base, camel, now)
+
+
 @dataclass(frozen=True, slots=True)
 class RefreshProtocol:
     """How one auth method exchanges a refresh token: its request and its answer."""
@@ -639,6 +885,7 @@ class RefreshProtocol:
 REFRESH_PROTOCOLS = {
     "social": RefreshProtocol(social_refresh_request, refreshed_credentials),
     "idc": RefreshProtocol(idc_refresh_request, refreshed_credentials),
+    "external_idp": RefreshProtocol(external_idp_refresh_request, refreshed_idp_credentials),
 }
 
 
@@ -683,7 +930,9 @@ async def post_auth(session: aiohttp.ClientSession, request: AuthRequest, *,
     """POST ``request``: the status and the body; RefreshError if there is no answer."""
     try:
         async with session.post(
-            request.url, json=request.body, proxy=proxy, headers={"Accept": "application/json"},
+            request.url, json=None if request.form else request.body,
+            data=request.body if request.form else None, proxy=proxy,
+            headers={"Accept": "application/json"},
             timeout=aiohttp.ClientTimeout(total=timeout),
         ) as response:
             return response.status, await response.read()
@@ -708,7 +957,10 @@ async def _call_auth_service(session: aiohttp.ClientSession, config: Config, bas
                              now: Callable[[], datetime] = utcnow) -> tuple[Credentials, Json]:
     """Exchange ``base``'s refresh token: the new credentials and the token file keys to
     update. ``whose`` names the account in errors."""
-    protocol = REFRESH_PROTOCOLS[base.auth_method]
+    protocol = REFRESH_PROTOCOLS.get(base.auth_method)
+    if protocol is None:  # a Kiro API key
+        raise RefreshError(f"Kiro refused the API key {whose}; an API key cannot be refreshed: "
+                           f"make a new one at app.kiro.dev", permanent=True)
     request = protocol.request(base, config)
     status, raw = await post_auth(session, request, proxy=config.proxy_for(request.url),
                                   timeout=timeout)
@@ -977,9 +1229,10 @@ class TokenStore:
                  timeout: float = REFRESH_TIMEOUT_SECONDS,
                  lock_timeout: float = LOCK_TIMEOUT_SECONDS,
                  retry_after: float = REFRESH_RETRY_SECONDS,
-                 must_save: bool = False, clock: Clock | None = None) -> None:
+                 must_save: bool = False, clock: Clock | None = None,
+                 source: TokenFile | None = None) -> None:
         self.clock = clock or config.clock
-        self.file = TokenFile(path, clock=self.clock, lock_timeout=lock_timeout)
+        self.file = source or token_source(path, clock=self.clock, lock_timeout=lock_timeout)
         self.path = self.file.path
         exchange = functools.partial(_call_auth_service, session, config, whose=self.path,
                                      timeout=timeout, now=self.clock.now)
@@ -987,7 +1240,7 @@ class TokenStore:
                                   retry_after=retry_after, must_save=must_save)
         # Kiro's user agent names a machine; ours is the account's file, so one
         # account is one machine however it is called.
-        self.machine_id = hashlib.sha256(f"kiro2api:{self.path}".encode()).hexdigest()
+        self.machine_id = hashlib.sha256(f"kiro2api:{self.file.identity}".encode()).hexdigest()
         # Set by the pool when upstream throttles or refuses this account: a
         # clock.monotonic() before which others are tried first.
         self.cooldown_until = 0.0
@@ -1085,6 +1338,17 @@ class TokenStore:
             "cooldown_seconds": max(0, round(resting)),
             "cooldown_reason": self.cooldown_reason if resting > 0 else None,
         }
+
+
+def accounts(config: Config, session: aiohttp.ClientSession, **options: Any) -> list[TokenStore]:
+    """One account per ``--token-file``, then one per ``--kiro-api-key``."""
+    stores = [TokenStore(path, config=config, session=session, **options)
+              for path in config.token_files]
+    region = config.region or DEFAULT_REGION
+    stores += [TokenStore(Path(f"kiro-api-key-{n}"), config=config, session=session,
+                          source=KiroApiKey(key, n, region=region), **options)
+               for n, key in enumerate(config.kiro_api_keys, 1)]
+    return stores
 
 
 async def load_accounts_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -1305,7 +1569,7 @@ async def call_account(request: web.Request, prepared: convert.Prepared, store: 
     attempt = 0
     while True:
         attempt += 1
-        url = region_url(config.upstream, api_region(credentials)) + "/generateAssistantResponse"
+        url = region_url(config.upstream[0].partition("#")[0], api_region(credentials)) + "/generateAssistantResponse"
         retry_after = None
         started = loop.time()
         try:
@@ -1565,7 +1829,7 @@ async def list_models(app: web.Application, store: TokenStore,
                       credentials: Credentials) -> list[Json]:
     """One account's ``ListAvailableModels``, every page of it."""
     config = app[CONFIG]
-    url = region_url(config.upstream, api_region(credentials)) + "/ListAvailableModels"
+    url = region_url(config.upstream[0].partition("#")[0], api_region(credentials)) + "/ListAvailableModels"
     params = {"origin": "AI_EDITOR", "maxResults": "50"}
     if credentials.profile_arn:
         params["profileArn"] = credentials.profile_arn
@@ -1990,8 +2254,7 @@ async def http_session_ctx(app: web.Application) -> AsyncIterator[None]:
     # whole length, and aiohttp's default of 100 would queue the 101st.
     session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
     app[HTTP] = session
-    app[ACCOUNTS].extend(TokenStore(path, config=config, session=session)
-                         for path in config.token_files)
+    app[ACCOUNTS].extend(accounts(config, session))
     yield
     await session.close()
 
@@ -2151,6 +2414,68 @@ def command_config(token_files: tuple[Path, ...], **options: Any) -> Config:
     return Config(token_files=token_paths(token_files), **options)
 
 
+def kiro_version(ctx: click.Context, param: click.Parameter,
+                 value: str | None) -> convert.ClientVersions:
+    try:
+        return convert.ClientVersions.parse(value) if value else convert.ClientVersions()
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def region_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and not _KIRO_REGION.fullmatch(value):
+        raise click.BadParameter(f"{value!r} is not an AWS region name such as us-east-1")
+    return value
+
+
+# Region names as host names may be built from (PROTOCOL-2026.md 10.1.1).
+_KIRO_REGION = re.compile(r"[a-z]{2}(-[a-z]+)+-\d")
+
+
+def service_options(command: Callable) -> Callable:
+    """The options that say how to reach Kiro and with which accounts besides the
+    token files, handed to the command as one ``service`` dict of Config fields."""
+    @functools.wraps(command)
+    def with_service(*args: Any, upstream: tuple[str, ...], management_url: str,
+                     region: str | None, kiro_version: convert.ClientVersions,
+                     kiro_api_keys: tuple[str, ...], allow_idp_hosts: tuple[str, ...],
+                     **kwargs: Any) -> Any:
+        for key in kiro_api_keys:
+            if not key.startswith("ksk_"):
+                raise click.BadParameter("a Kiro API key starts with ksk_ (the key itself "
+                                         "is not shown)", param_hint="'--kiro-api-key'")
+        service = {"upstream": upstream or DEFAULT_UPSTREAMS, "management_url": management_url,
+                   "region": region, "kiro_version": kiro_version,
+                   "kiro_api_keys": kiro_api_keys, "allow_idp_hosts": allow_idp_hosts}
+        return command(*args, service=service, **kwargs)
+
+    options = (
+        click.option("--upstream", envvar="KIRO2API_UPSTREAM", show_envvar=True, multiple=True,
+                     help="Kiro host to try, in order; repeatable [default: "
+                          + ", then ".join(DEFAULT_UPSTREAMS) + "]. A #runtime or #legacy "
+                          "suffix names the host's kind."),
+        click.option("--management-url", envvar="KIRO2API_MANAGEMENT_URL", show_envvar=True,
+                     default=DEFAULT_MANAGEMENT_URL, show_default=True,
+                     help="Kiro's control plane: profiles, models, usage limits."),
+        click.option("--region", envvar="KIRO2API_REGION", show_envvar=True,
+                     callback=region_name, help="Region of accounts whose file names none."),
+        click.option("--kiro-version", envvar="KIRO2API_KIRO_VERSION", show_envvar=True,
+                     callback=kiro_version,
+                     help="Client versions shown to Kiro: 1.1.14 (the IDE's) or "
+                          "ide=1.1.14,cli=2.23.1."),
+        click.option("--kiro-api-key", "kiro_api_keys", envvar="KIRO2API_KIRO_API_KEY",
+                     show_envvar=True, multiple=True,
+                     help="A Kiro API key (ksk_...) as an account; repeatable."),
+        click.option("--allow-idp-host", "allow_idp_hosts", envvar="KIRO2API_ALLOW_IDP_HOST",
+                     show_envvar=True, multiple=True,
+                     help="A host (and its subdomains) an external identity provider's "
+                          "token endpoint may be on; repeatable."),
+    )
+    for option in reversed(options):
+        with_service = option(with_service)
+    return with_service
+
+
 def refresh_options(command: Callable) -> Callable:
     """The options a command needs to refresh tokens (which files, where to, through
     which proxy), handed to it as one ``config``."""
@@ -2214,8 +2539,7 @@ def is_loopback(host: str) -> bool:
 @api_key_option()
 @click.option("--no-auth", is_flag=True, help="Accept any client (loopback hosts only).")
 @token_file_option
-@click.option("--upstream", envvar="KIRO2API_UPSTREAM", show_envvar=True,
-              default=DEFAULT_UPSTREAM, show_default=True, help="CodeWhisperer base URL.")
+@service_options
 @social_auth_url_option
 @oidc_url_option
 @proxy_option
@@ -2225,7 +2549,7 @@ def is_loopback(host: str) -> bool:
 @click.option("--log-format", envvar="KIRO2API_LOG_FORMAT", show_envvar=True, default="text",
               show_default=True, type=click.Choice(["text", "json"]))
 @tuning_options
-def server(port_arg, key_arg, host, port, api_key, no_auth, token_files, upstream,
+def server(port_arg, key_arg, host, port, api_key, no_auth, token_files, service,
            social_auth_url, oidc_url, proxy, log_level, log_format, **tuning) -> None:
     """Run the proxy.
 
@@ -2254,7 +2578,7 @@ def server(port_arg, key_arg, host, port, api_key, no_auth, token_files, upstrea
         port=port if port is not None else (port_arg if port_arg is not None else DEFAULT_PORT),
         api_key=api_key if api_key is not None else key_arg,
         no_auth=no_auth,
-        upstream=upstream,
+        **service,
         social_auth_url=social_auth_url,
         oidc_url=oidc_url,
         proxy=proxy,
