@@ -13,8 +13,8 @@ from anthropic.types import ErrorResponse, Message, RawMessageStreamEvent
 
 import fakes
 import kiro2api
-from conftest import API_KEY, write_token_file
 from fakes import Status, Stream
+from helpers import API_KEY, write_token_file
 
 STREAM_EVENT = pydantic.TypeAdapter(RawMessageStreamEvent)
 BASIC = {"model": "claude-sonnet-4-5", "max_tokens": 1024,

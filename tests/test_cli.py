@@ -17,8 +17,9 @@ import pytest
 from click.testing import CliRunner
 
 import kiro2api
-from fakes import (
-    CLIENT_SECRET, IDC_ACCESS, PROFILE_ARN, SOCIAL_ACCESS, SOCIAL_REFRESH, Status, write_token,
+from fakes import Status
+from helpers import (
+    CLIENT_SECRET, IDC_ACCESS, PROFILE_ARN, SOCIAL_ACCESS, SOCIAL_REFRESH, write_token,
 )
 
 

@@ -26,8 +26,8 @@ from hypothesis import strategies as st
 
 import fakes
 import kiro2api
-from conftest import API_KEY, write_token_file
 from fakes import FakeUpstream, Stream
+from helpers import API_KEY, write_token_file
 
 ANTHROPIC, OPENAI = "/v1/messages", "/v1/chat/completions"
 ROUTES = (ANTHROPIC, OPENAI, "/v1/messages/count_tokens")

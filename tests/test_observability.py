@@ -9,8 +9,8 @@ import aiohttp
 
 import fakes
 import kiro2api
-from conftest import API_KEY
 from fakes import Status, Stream
+from helpers import API_KEY
 
 BODY = {"model": "claude-sonnet-4-5", "max_tokens": 10,
         "messages": [{"role": "user", "content": "Hi"}]}
@@ -152,7 +152,7 @@ async def test_metrics_show_open_streams_and_time_histograms(proxy):
 
 async def test_metrics_count_refreshes_and_token_failures(aiohttp_server, fake_upstream,
                                                           proxy_config):
-    from conftest import write_token_file
+    from helpers import write_token_file
 
     token_file = proxy_config.token_files[0]
     write_token_file(token_file, expiresAt="2020-01-01T00:00:00.000Z")

@@ -19,8 +19,8 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 import convert
 import fakes
 from fakes import A, U, state, user
-from conftest import API_KEY
 from fakes import Status, Stream
+from helpers import API_KEY
 
 MODEL = fakes.MODEL_ID
 BASIC = {"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "Hi"}]}

@@ -23,7 +23,7 @@ from aiohttp import web
 from click.testing import CliRunner
 
 import kiro2api
-from conftest import API_KEY, free_port, start_server_process, write_token_file
+from helpers import API_KEY, free_port, start_server_process, write_token_file
 
 MAIN = Path(kiro2api.__file__).resolve().parent
 UNIT = MAIN / "kiro2api.service"

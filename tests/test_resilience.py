@@ -18,8 +18,8 @@ import pytest
 
 import fakes
 import kiro2api
-from conftest import API_KEY
 from fakes import Status, Stream
+from helpers import API_KEY
 
 BODY = {"model": "claude-sonnet-4-5", "max_tokens": 10,
         "messages": [{"role": "user", "content": "Hi"}]}

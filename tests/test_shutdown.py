@@ -11,8 +11,8 @@ import aiohttp
 import pytest
 
 import fakes
-from conftest import API_KEY, free_port, start_server_process, write_token_file
 from fakes import Stream
+from helpers import API_KEY, free_port, start_server_process, write_token_file
 
 ROOT = Path(__file__).resolve().parents[1]
 BODY = {"model": "claude-sonnet-4-5", "max_tokens": 10, "stream": True,

@@ -18,9 +18,10 @@ import aiohttp
 import pytest
 
 import kiro2api
-from fakes import (
+from fakes import Status
+from helpers import (
     CLIENT_ID, CLIENT_ID_HASH, CLIENT_SECRET, IDC_ACCESS, IDC_REFRESH, PROFILE_ARN, SOCIAL_ACCESS,
-    SOCIAL_REFRESH, Status, write_token,
+    SOCIAL_REFRESH, write_token,
 )
 
 UTC = timezone.utc
