@@ -3,6 +3,7 @@
 - Token files: ``write_token`` writes one as the Kiro IDE does (social, or IdC
   with its client registration beside it); ``write_token_file`` is the preset
   the proxy fixtures use.
+- Reading answers: ``parse_sse`` turns a text/event-stream body into its events.
 - Servers: ``API_KEY``, ``free_port``, ``start_server_process`` for a real
   server process, ``Proxy`` for the app the ``proxy`` fixture serves.
 """
@@ -79,6 +80,35 @@ def write_token_file(path: Path, **overrides: Any) -> Path:
     hour, mode 0600) with ``overrides``; returns ``path``."""
     write_token(path, mode=0o600, **{**INITIAL_TOKENS, **overrides})
     return path
+
+
+# Server-sent events #######################################################
+
+
+def parse_sse(body: bytes | str, *, comments: bool = False) -> list[tuple[str | None, Any]]:
+    """The events of a whole text/event-stream body as ``(event name or None, data)``.
+
+    Strict about the framing the proxy writes: every event ends in a blank
+    line and is an optional ``event:`` line followed by exactly one ``data:``
+    line, whose JSON is parsed (OpenAI's ``[DONE]`` stays text). Comment
+    blocks (``: keep-alive``) are left out if ``comments``, else they fail
+    the test, as anything else does.
+    """
+    text = body.decode("utf-8") if isinstance(body, bytes) else body
+    assert not text or text.endswith("\n\n"), text[-200:]
+    events: list[tuple[str | None, Any]] = []
+    for block in text.split("\n\n")[:-1]:
+        if block.startswith(":"):
+            assert comments and "\n" not in block, block
+            continue
+        lines = block.split("\n")
+        name = None
+        if lines[0].startswith("event: "):
+            name = lines.pop(0).removeprefix("event: ")
+        assert len(lines) == 1 and lines[0].startswith("data: "), block
+        data = lines[0].removeprefix("data: ")
+        events.append((name, data if data == "[DONE]" else json.loads(data)))
+    return events
 
 
 # Servers ##################################################################
