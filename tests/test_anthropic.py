@@ -432,6 +432,7 @@ async def test_wrong_or_missing_key_is_refused(proxy, headers):
     assert proxy.fake.calls("/generateAssistantResponse") == []
 
 
+@pytest.mark.slow  # over a second
 async def test_without_configured_key_the_kiro_access_token_is_accepted(
         aiohttp_server, fake_upstream, tmp_path):
     import kiro2api
@@ -731,6 +732,7 @@ async def test_numbers_that_are_not_finite_do_not_break_usage(proxy):
     assert usage["output_tokens"] == 1 and 0 < usage["input_tokens"] < 100
 
 
+@pytest.mark.slow  # over a second
 async def test_models_are_fetched_again_once_the_cache_expires(proxy, monkeypatch):
     monkeypatch.setattr(kiro2api, "MODELS_RETRY_SECONDS", 1.0)
     monkeypatch.setattr(kiro2api, "MODELS_TTL_SECONDS", 1.0)
@@ -780,6 +782,7 @@ async def test_text_no_upstream_request_can_carry_is_a_400(proxy, data, needle):
     assert proxy.fake.calls("/generateAssistantResponse") == []
 
 
+@pytest.mark.slow  # over a second
 async def test_a_stream_that_never_goes_quiet_gets_no_keepalives(
         aiohttp_server, fake_upstream, proxy_config):
     import dataclasses

@@ -281,6 +281,7 @@ GARBAGE = st.one_of(
 )
 
 
+@pytest.mark.slow  # hypothesis: up to a second per route
 @pytest.mark.parametrize("route", ROUTES)
 @HYPOTHESIS
 @given(data=st.data())

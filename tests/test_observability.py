@@ -6,6 +6,7 @@ import json
 import logging
 
 import aiohttp
+import pytest
 
 import fakes
 import kiro2api
@@ -119,6 +120,7 @@ async def scrape(url):
         return parse_metrics(await response.text())
 
 
+@pytest.mark.slow  # over a second
 async def test_metrics_show_open_streams_and_time_histograms(proxy):
     proxy.fake.script.append(Stream(fakes.text("a", "b", "c") + fakes.tail(), split=(60,),
                                     delay=0.3))

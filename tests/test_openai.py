@@ -682,6 +682,7 @@ async def test_wrong_key_gets_openai_authentication_error(proxy):
     assert proxy.fake.calls("/generateAssistantResponse") == []
 
 
+@pytest.mark.slow  # over a second
 async def test_keepalive_comments_are_ignored_by_the_sdk(aiohttp_server, fake_upstream,
                                                          proxy_config):
     import kiro2api

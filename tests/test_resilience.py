@@ -305,6 +305,7 @@ CONCURRENCY = 50
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts through /proc (Linux)")
+@pytest.mark.slow  # over a second
 async def test_a_thousand_clients_hanging_up_at_random_leave_nothing_behind(
         aiohttp_server, fake_upstream, proxy_config):
     app = kiro2api.make_app(proxy_config)

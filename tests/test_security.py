@@ -169,6 +169,7 @@ def secrets(fake) -> list[str]:
 
 
 @pytest.mark.parametrize("level", ["DEBUG", "INFO"])
+@pytest.mark.slow  # a server process
 async def test_no_secret_in_the_log_or_any_answer_and_every_file_0600(fake_upstream, tmp_path,
                                                                       level):
     (tmp_path / "cache").mkdir()
@@ -222,6 +223,7 @@ asyncio.run(main())
 KILLS = 12
 
 
+@pytest.mark.slow  # processes, killed
 async def test_sigkill_at_any_moment_of_a_refresh_leaves_the_old_or_the_new_tokens(
         fake_upstream, tmp_path):
     (tmp_path / "cache").mkdir()

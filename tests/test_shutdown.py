@@ -14,6 +14,8 @@ import fakes
 from fakes import Stream
 from helpers import API_KEY, free_port, parse_sse, start_server_process, write_token_file
 
+pytestmark = pytest.mark.slow  # every test here starts a server process
+
 ROOT = Path(__file__).resolve().parents[1]
 BODY = {"model": "claude-sonnet-4-5", "max_tokens": 10, "stream": True,
         "messages": [{"role": "user", "content": "Hi"}]}

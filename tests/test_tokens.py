@@ -561,6 +561,7 @@ async def wait_until_waiting_for(lock_path, processes):
         await asyncio.sleep(0.01)
 
 
+@pytest.mark.slow  # two kiro2api processes
 async def test_two_processes_refreshing_at_once_refresh_once(token_path, fake_upstream):
     write_token(token_path, expires_in=-60, ideOnly="kept")
     before = json.loads(token_path.read_text())
