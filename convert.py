@@ -1619,7 +1619,7 @@ class Assembler:
         return events
 
 
-# Rendering: the contract every client API's renderer keeps ##################
+# Rendering: the renderer contract #########################################
 #
 # A renderer turns one answer's neutral events into its client API's bytes
 # (streamed) or JSON (``collect``, for a non-streamed answer); the relay in
