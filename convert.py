@@ -1678,6 +1678,12 @@ class EventConsumer:
             out.append(on[type(event)](event))
         return b"".join(out)
 
+    def consume(self, events: Iterable[Event]) -> None:
+        """Hand each event to its method (a collector's way in)."""
+        on = self._on
+        for event in events:
+            on[type(event)](event)
+
 
 def sse(event_name: str | None, data: Any) -> bytes:
     """One server-sent event; ``event_name`` None gives a data-only event (OpenAI)."""
@@ -1719,6 +1725,56 @@ def _usage_json(usage: Usage) -> Json:
 
 MESSAGE_STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
 _DELTA_END = b"}}\n\n"
+
+
+class _AnthropicContent(EventConsumer):
+    """Folds neutral events into the ``content`` list of one Anthropic Message."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.content: list[Json] = []
+
+    def _last(self, block_type: str) -> Json | None:
+        last = self.content[-1] if self.content else None
+        return last if last is not None and last["type"] == block_type else None
+
+    def on_text(self, event: Text) -> None:
+        last = self._last("text")
+        if last is not None:
+            last["text"] += event.text
+        else:
+            self.content.append({"type": "text", "text": event.text})
+
+    def on_thinking(self, event: Thinking) -> None:
+        last = self._last("thinking")
+        if last is not None:
+            last["thinking"] += event.text
+        else:
+            self.content.append({"type": "thinking", "thinking": event.text, "signature": ""})
+
+    def on_signature(self, event: ThinkingSignature) -> None:
+        last = self._last("thinking")
+        if last is not None:
+            last["signature"] += event.signature
+
+    def on_redacted(self, event: RedactedThinking) -> None:
+        self.content.append({"type": "redacted_thinking", "data": event.data})
+
+    def on_tool_call(self, event: ToolCall) -> None:
+        self.content.append({"type": "tool_use", "id": event.id, "name": event.name,
+                             "input": json.loads(event.input_json)})
+
+
+def collect_anthropic(events: Iterable[Event], *, message_id: str, model: str,
+                      stop_reason: str, usage: Usage, stop_sequence: str | None = None) -> Json:
+    """Fold neutral events into one non-streaming Anthropic Message."""
+    fold = _AnthropicContent()
+    fold.consume(events)
+    return {
+        "id": message_id, "type": "message", "role": "assistant", "model": model,
+        "content": fold.content, "stop_reason": stop_reason, "stop_sequence": stop_sequence,
+        "usage": _usage_json(usage),
+    }
 
 
 class AnthropicStream(EventConsumer):
@@ -1818,58 +1874,6 @@ class AnthropicStream(EventConsumer):
                                  stop_sequence=stop_sequence)
 
 
-class _AnthropicContent(EventConsumer):
-    """Folds neutral events into the ``content`` list of one Anthropic Message."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.content: list[Json] = []
-
-    def _last(self, block_type: str) -> Json | None:
-        last = self.content[-1] if self.content else None
-        return last if last is not None and last["type"] == block_type else None
-
-    def on_text(self, event: Text) -> None:
-        last = self._last("text")
-        if last is not None:
-            last["text"] += event.text
-        else:
-            self.content.append({"type": "text", "text": event.text})
-
-    def on_thinking(self, event: Thinking) -> None:
-        last = self._last("thinking")
-        if last is not None:
-            last["thinking"] += event.text
-        else:
-            self.content.append({"type": "thinking", "thinking": event.text, "signature": ""})
-
-    def on_signature(self, event: ThinkingSignature) -> None:
-        last = self._last("thinking")
-        if last is not None:
-            last["signature"] += event.signature
-
-    def on_redacted(self, event: RedactedThinking) -> None:
-        self.content.append({"type": "redacted_thinking", "data": event.data})
-
-    def on_tool_call(self, event: ToolCall) -> None:
-        self.content.append({"type": "tool_use", "id": event.id, "name": event.name,
-                             "input": json.loads(event.input_json)})
-
-
-def collect_anthropic(events: Iterable[Event], *, message_id: str, model: str,
-                      stop_reason: str, usage: Usage, stop_sequence: str | None = None) -> Json:
-    """Fold neutral events into one non-streaming Anthropic Message."""
-    fold = _AnthropicContent()
-    on = fold._on
-    for event in events:
-        on[type(event)](event)
-    return {
-        "id": message_id, "type": "message", "role": "assistant", "model": model,
-        "content": fold.content, "stop_reason": stop_reason, "stop_sequence": stop_sequence,
-        "usage": _usage_json(usage),
-    }
-
-
 # OpenAI rendering #########################################################
 
 FINISH_REASONS = {
@@ -1914,6 +1918,54 @@ def openai_error(failure: Failure) -> Json:
     return {"error": {"message": failure.message,
                       "type": OPENAI_ERROR_TYPES.get(failure.kind, "server_error"),
                       "param": failure.param, "code": failure.code}}
+
+
+class _OpenAIMessage(EventConsumer):
+    """Folds neutral events into the parts of one ``chat.completion`` message."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.texts: list[str] = []
+        self.thinking: list[str] = []
+        self.tool_calls: list[Json] = []
+
+    def on_text(self, event: Text) -> None:
+        self.texts.append(event.text)
+
+    def on_thinking(self, event: Thinking) -> None:
+        self.thinking.append(event.text)
+
+    def on_signature(self, event: ThinkingSignature) -> None:
+        pass  # no place for it in this format
+
+    def on_redacted(self, event: RedactedThinking) -> None:
+        pass
+
+    def on_tool_call(self, event: ToolCall) -> None:
+        self.tool_calls.append({"id": event.id, "type": "function",
+                                "function": {"name": event.name,
+                                             "arguments": event.input_json}})
+
+
+def collect_openai(events: Iterable[Event], *, completion_id: str, model: str, created: int,
+                   stop_reason: str, usage: Usage) -> Json:
+    """Fold neutral events into one non-streaming ``chat.completion``."""
+    fold = _OpenAIMessage()
+    fold.consume(events)
+    tool_calls = fold.tool_calls
+    text = "".join(fold.texts)
+    message: Json = {"role": "assistant", "content": text or (None if tool_calls else ""),
+                     "refusal": None}
+    if fold.thinking:
+        message["reasoning_content"] = "".join(fold.thinking)
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return {
+        "id": completion_id, "object": "chat.completion", "created": created, "model": model,
+        "choices": [{"index": 0, "message": message, "logprobs": None,
+                     "finish_reason": finish_reason(stop_reason)}],
+        "usage": openai_usage(usage),
+    }
 
 
 _CUT = "\0"  # where a pre-spelled chunk takes its value (no JSON text holds a NUL)
@@ -2003,56 +2055,6 @@ class OpenAIStream(EventConsumer):
                 stop_sequence: str | None = None) -> Json:
         return collect_openai(events, completion_id=self.completion_id, model=self.model,
                               created=self.created, stop_reason=stop_reason, usage=usage)
-
-
-class _OpenAIMessage(EventConsumer):
-    """Folds neutral events into the parts of one ``chat.completion`` message."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.texts: list[str] = []
-        self.thinking: list[str] = []
-        self.tool_calls: list[Json] = []
-
-    def on_text(self, event: Text) -> None:
-        self.texts.append(event.text)
-
-    def on_thinking(self, event: Thinking) -> None:
-        self.thinking.append(event.text)
-
-    def on_signature(self, event: ThinkingSignature) -> None:
-        pass  # no place for it in this format
-
-    def on_redacted(self, event: RedactedThinking) -> None:
-        pass
-
-    def on_tool_call(self, event: ToolCall) -> None:
-        self.tool_calls.append({"id": event.id, "type": "function",
-                                "function": {"name": event.name,
-                                             "arguments": event.input_json}})
-
-
-def collect_openai(events: Iterable[Event], *, completion_id: str, model: str, created: int,
-                   stop_reason: str, usage: Usage) -> Json:
-    """Fold neutral events into one non-streaming ``chat.completion``."""
-    fold = _OpenAIMessage()
-    on = fold._on
-    for event in events:
-        on[type(event)](event)
-    tool_calls = fold.tool_calls
-    text = "".join(fold.texts)
-    message: Json = {"role": "assistant", "content": text or (None if tool_calls else ""),
-                     "refusal": None}
-    if fold.thinking:
-        message["reasoning_content"] = "".join(fold.thinking)
-    if tool_calls:
-        message["tool_calls"] = tool_calls
-    return {
-        "id": completion_id, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": message, "logprobs": None,
-                     "finish_reason": finish_reason(stop_reason)}],
-        "usage": openai_usage(usage),
-    }
 
 
 # Client APIs ##############################################################

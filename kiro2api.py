@@ -1448,45 +1448,6 @@ async def handle_count_tokens(request: web.Request) -> web.Response:
 # idle timeout, disconnects, shutdown, the in-band failure ending) is here once.
 
 
-async def relay(request: web.Request, api: convert.ClientApi) -> web.StreamResponse:
-    """Serve one request of ``api``: convert it, call Kiro, answer streamed or whole."""
-    body = await read_json(request)
-    normalised = api.normalise(body)
-    prepared = convert.anthropic_to_codewhisperer(normalised, conversation_id=random_uuid())
-    model = request[REQUEST_LOG].model = normalised["model"]
-    input_tokens = convert.estimate_input_tokens(normalised)
-    assembler = convert.Assembler.for_request(prepared, input_tokens=input_tokens,
-                                              client_model=model)
-    renderer = api.renderer(body, convert.Answer(
-        id=new_id(api.id_prefix), model=model, created=int(time.time()),
-        input_tokens=input_tokens))
-    upstream = await open_upstream(request, prepared)
-    async with upstream:
-        if body.get("stream") is True:
-            return await stream_sse(request, upstream, assembler, renderer)
-        events = await collect_events(upstream, assembler)
-    return web.json_response(renderer.collect(events, assembler.stop_reason, assembler.usage,
-                                              assembler.stop_sequence))
-
-
-def relay_handler(api: convert.ClientApi) -> Callable[[web.Request],
-                                                      Awaitable[web.StreamResponse]]:
-    """The route handler that serves ``api``."""
-    async def handle(request: web.Request) -> web.StreamResponse:
-        return await relay(request, api)
-
-    handle.__name__ = handle.__qualname__ = f"relay_{api.name.replace('-', '_')}"
-    return handle
-
-
-# The client APIs served: (route, the path prefix whose errors take its
-# envelope, the API). Serving another is one ``convert.ClientApi`` and one row.
-API_ROUTES = (
-    ("/v1/messages", "/v1/messages", convert.ANTHROPIC_MESSAGES),
-    ("/v1/chat/completions", "/v1/chat/", convert.OPENAI_CHAT),
-)
-
-
 async def collect_events(upstream: aiohttp.ClientResponse,
                          assembler: convert.Assembler) -> list[convert.Event]:
     """Every neutral event of a whole answer (the non-streamed answer); a failure
@@ -1503,6 +1464,30 @@ async def collect_events(upstream: aiohttp.ClientResponse,
 # What can go wrong once the upstream has answered 200.
 STREAM_FAILURES = (eventstream.EventStreamError, convert.StreamError, aiohttp.ClientError,
                    asyncio.TimeoutError)
+
+
+def end_with_error(request: web.Request, renderer: convert.Renderer,
+                   events: list[convert.Event], failure: convert.Failure) -> bytes:
+    """What a failed stream still sends: the events the read gave before it, then the error."""
+    request[REQUEST_LOG].failure = failure.message
+    try:
+        return renderer.render(events) + renderer.error(failure)
+    except Exception:  # nothing may escape once the headers are out
+        log.exception("could not render the error that ends the stream")
+        return renderer.error(INTERNAL_FAILURE)
+
+
+async def send_keepalives(response: web.StreamResponse, renderer: convert.Renderer,
+                          interval: float, written: Callable[[], int]) -> None:
+    """Write the renderer's keep-alive whenever the stream has been quiet for ``interval``
+    (``written()``, the bytes the stream has sent, has not moved)."""
+    with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+        last = written()
+        while True:
+            await asyncio.sleep(interval)
+            if written() == last:
+                await response.write(renderer.keepalive)
+            last = written()
 
 
 async def stream_sse(request: web.Request, upstream: aiohttp.ClientResponse,
@@ -1577,28 +1562,43 @@ async def stream_sse(request: web.Request, upstream: aiohttp.ClientResponse,
     return response
 
 
-def end_with_error(request: web.Request, renderer: convert.Renderer,
-                   events: list[convert.Event], failure: convert.Failure) -> bytes:
-    """What a failed stream still sends: the events the read gave before it, then the error."""
-    request[REQUEST_LOG].failure = failure.message
-    try:
-        return renderer.render(events) + renderer.error(failure)
-    except Exception:  # nothing may escape once the headers are out
-        log.exception("could not render the error that ends the stream")
-        return renderer.error(INTERNAL_FAILURE)
+async def relay(request: web.Request, api: convert.ClientApi) -> web.StreamResponse:
+    """Serve one request of ``api``: convert it, call Kiro, answer streamed or whole."""
+    body = await read_json(request)
+    normalised = api.normalise(body)
+    prepared = convert.anthropic_to_codewhisperer(normalised, conversation_id=random_uuid())
+    model = request[REQUEST_LOG].model = normalised["model"]
+    input_tokens = convert.estimate_input_tokens(normalised)
+    assembler = convert.Assembler.for_request(prepared, input_tokens=input_tokens,
+                                              client_model=model)
+    renderer = api.renderer(body, convert.Answer(
+        id=new_id(api.id_prefix), model=model, created=int(time.time()),
+        input_tokens=input_tokens))
+    upstream = await open_upstream(request, prepared)
+    async with upstream:
+        if body.get("stream") is True:
+            return await stream_sse(request, upstream, assembler, renderer)
+        events = await collect_events(upstream, assembler)
+    return web.json_response(renderer.collect(events, assembler.stop_reason, assembler.usage,
+                                              assembler.stop_sequence))
 
 
-async def send_keepalives(response: web.StreamResponse, renderer: convert.Renderer,
-                          interval: float, written: Callable[[], int]) -> None:
-    """Write the renderer's keep-alive whenever the stream has been quiet for ``interval``
-    (``written()``, the bytes the stream has sent, has not moved)."""
-    with contextlib.suppress(ConnectionError, asyncio.CancelledError):
-        last = written()
-        while True:
-            await asyncio.sleep(interval)
-            if written() == last:
-                await response.write(renderer.keepalive)
-            last = written()
+def relay_handler(api: convert.ClientApi) -> Callable[[web.Request],
+                                                      Awaitable[web.StreamResponse]]:
+    """The route handler that serves ``api``."""
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return await relay(request, api)
+
+    handle.__name__ = handle.__qualname__ = f"relay_{api.name.replace('-', '_')}"
+    return handle
+
+
+# The client APIs served: (route, the path prefix whose errors take its
+# envelope, the API). Serving another is one ``convert.ClientApi`` and one row.
+API_ROUTES = (
+    ("/v1/messages", "/v1/messages", convert.ANTHROPIC_MESSAGES),
+    ("/v1/chat/completions", "/v1/chat/", convert.OPENAI_CHAT),
+)
 
 
 # Middlewares ##############################################################
