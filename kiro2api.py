@@ -1367,7 +1367,8 @@ async def fetch_models(app: web.Application) -> list[Json] | None:
             return await list_models(app, store, credentials)
         except TokenError:
             continue
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        except (UpstreamError, aiohttp.ClientError, asyncio.TimeoutError,
+                ValueError) as exc:  # ValueError: an answer that is not JSON
             log.warning("could not list the models of account %s (%s)", store.path.name,
                         describe(exc))
     log.warning("no account could list its models; using the built-in list")
@@ -1389,17 +1390,19 @@ async def list_models(app: web.Application, store: TokenStore,
                                  proxy=config.proxy_for(url),
                                  timeout=aiohttp.ClientTimeout(total=15)) as response:
             if response.status != 200:
-                raise ValueError(f"HTTP {response.status}")
+                detail = (await response.text(errors="replace")).strip()[:200]
+                raise UpstreamError(convert.failure(
+                    502, f"Kiro answered HTTP {response.status}: {detail}"))
             data = await response.json(content_type=None)
         page = data.get("models") if isinstance(data, dict) else None
         if not isinstance(page, list):
-            raise ValueError("an answer without a list of models")
+            raise UpstreamError(convert.failure(502, "Kiro answered without a list of models"))
         models += page
         if not isinstance(data.get("nextToken"), str) or not data["nextToken"]:
             break
         params["nextToken"] = data["nextToken"]
     if not models:  # no account serves nothing: the built-in list is the better guess
-        raise ValueError("an empty list of models")
+        raise UpstreamError(convert.failure(502, "Kiro listed no models"))
     return models
 
 
