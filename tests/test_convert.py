@@ -130,8 +130,9 @@ def test_anthropic_request_becomes_exact_codewhisperer_payload(body, expected):
 def test_profile_arn_is_sent_when_known():
     prepared = convert.anthropic_to_codewhisperer(
         {"model": "m", "messages": [{"role": "user", "content": "x"}]},
-        conversation_id="c", profile_arn="arn:aws:codewhisperer:us-east-1:1:profile/P")
-    assert prepared.payload["profileArn"] == "arn:aws:codewhisperer:us-east-1:1:profile/P"
+        conversation_id="c")
+    body = prepared.body("arn:aws:codewhisperer:us-east-1:1:profile/P")
+    assert body["profileArn"] == "arn:aws:codewhisperer:us-east-1:1:profile/P"
 
 
 def test_long_tool_names_are_shortened_and_mapped_back():
@@ -148,7 +149,9 @@ def test_long_tool_names_are_shortened_and_mapped_back():
 
     assembler = convert.Assembler(input_tokens=1, tool_names=prepared.tool_names)
     frames = fakes.tool("t1", sent, "{}")
-    events = [e for f in frames for e in assembler.feed(*headers_payload(f))]
+    events = []
+    for f in frames:
+        assembler.feed_into(events, *headers_payload(f))
     assert events == [convert.ToolCall("t1", name, "{}")]
 
 
@@ -218,7 +221,7 @@ def run(frames, **kwargs):
     assembler = convert.Assembler(input_tokens=kwargs.pop("input_tokens", 10), **kwargs)
     events = []
     for frame in frames:
-        events += assembler.feed(*headers_payload(frame))
+        assembler.feed_into(events, *headers_payload(frame))
     events += assembler.finish()
     return events, assembler.stop_reason, assembler
 
@@ -300,7 +303,7 @@ def test_renderer_output_is_valid_utf8_json_even_for_lone_surrogates():
 ])
 def test_upstream_failure_mapping(status, body, expected_status, code):
     failure = convert.upstream_failure(status, body)
-    assert (failure.status, failure.openai_code) == (expected_status, code)
+    assert (failure.status, failure.code) == (expected_status, code)
     assert failure.message
 
 

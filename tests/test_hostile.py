@@ -123,7 +123,8 @@ def check_envelope(route: str, status: int, body: bytes) -> dict[str, Any]:
         error = data["error"]
         assert set(error) == {"type", "message"}, data
         assert error["type"] == kiro2api.convert.ANTHROPIC_ERROR_TYPES.get(
-            status, error["type"]) or status in (400, 401, 404, 405, 413)
+            kiro2api.convert.KIND_OF_STATUS.get(status), error["type"]) or status in (
+                400, 401, 404, 405, 413)
     assert isinstance(error["message"], str) and error["message"]
     return error
 

@@ -363,8 +363,8 @@ def test_finish_reason_mapping(stop_reason, expected):
 
 def test_openai_renderer_error_is_an_error_chunk_without_done():
     stream = convert.OpenAIStream(completion_id="c", model="m", created=1, include_usage=True)
-    failure = convert.Failure(429, "Kiro ended the answer: slow down", "rate_limit_error",
-                              "rate_limit_exceeded", "rate_limit_exceeded")
+    failure = convert.Failure("rate_limit", 429, "Kiro ended the answer: slow down",
+                              code="rate_limit_exceeded")
     assert chunks_of(stream.error(failure)) == [{"error": {
         "message": "Kiro ended the answer: slow down", "type": "rate_limit_exceeded",
         "param": None, "code": "rate_limit_exceeded"}}]
