@@ -15,7 +15,8 @@ Under systemd, see ``kiro2api.service``; ``make dist`` builds a one-file
 ``kiro2api.pyz``.
 
 Layout of this file: clock, configuration, errors, token files, refresh
-protocols, token store, account pool, upstream client, HTTP handlers,
+protocols, token store, account pool, application state keys, upstream
+client, metrics, HTTP handlers, relay (one for every client API),
 middlewares, application factory, command line.
 """
 
@@ -101,6 +102,21 @@ class Clock:
 
 
 SYSTEM_CLOCK = Clock()
+
+
+def human_duration(seconds: float) -> str:
+    """A duration as a person reads it: 42 s, 5 min, 3 h 10 min, 2 d 4 h."""
+    seconds = int(abs(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes = seconds // 60
+    if minutes < 60:
+        return f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours} h {minutes} min"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h"
 
 
 # Configuration ############################################################
@@ -2300,20 +2316,6 @@ def run_stores(config: Config, each: Callable[[TokenStore], Awaitable[None]], *,
 
     asyncio.run(main())
     fail(errors)
-
-
-def human_duration(seconds: float) -> str:
-    seconds = int(abs(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    minutes = seconds // 60
-    if minutes < 60:
-        return f"{minutes} min"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 48:
-        return f"{hours} h {minutes} min"
-    days, hours = divmod(hours, 24)
-    return f"{days} d {hours} h"
 
 
 def describe_expiry(credentials: Credentials) -> str:
