@@ -12,7 +12,7 @@ PYZ := $(DIST)/kiro2api.pyz
 PREFIX ?= /opt/kiro2api
 UNITDIR ?= /etc/systemd/system
 
-.PHONY: install test lint run demo bench dist clean
+.PHONY: install test test-fast lint run demo bench dist clean
 
 $(BIN)/.installed: setup.cfg Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ $(BIN)/.installed: setup.cfg Makefile
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q
+
+# The fast tier for development: no processes, nothing over a second.
+test-fast: $(BIN)/.installed
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(BIN)/.installed
 	$(BIN)/python -m compileall -q $(MODULES) tests bench

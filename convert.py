@@ -7,13 +7,21 @@ payload through ``anthropic_to_codewhisperer``, the only payload builder.
 Response side, three steps::
 
     frame --decode_event--> upstream event --Assembler--> neutral events
-          --AnthropicStream / OpenAIStream--> SSE bytes
-          (or collect_anthropic / collect_openai for non-streaming answers)
+          --a Renderer (AnthropicStream, OpenAIStream)--> SSE bytes
+          (or its collect() for a non-streamed answer)
 
 ``decode_event`` maps one event-stream frame to what it says; the
 ``Assembler`` keeps per-answer state (tool calls under construction, the
 stop reason, usage) and yields neutral events that know nothing of either
 client format; each renderer is the only place that spells its format.
+Errors are one neutral ``Failure`` (a kind and a status hint) that each
+client API renders in its own envelope. A ``ClientApi`` bundles one API's
+normaliser, renderer and envelope for the relay in kiro2api.py.
+
+Layout: errors and failures, models, requests (Anthropic, then OpenAI),
+token estimates, upstream events, upstream errors, neutral events, the
+assembler, the renderer contract, Anthropic rendering, OpenAI rendering,
+client APIs.
 
 Standard library only: no I/O, no logging, no clock or random ids of its own
 (callers pass them in), so every function here is testable without a loop.
@@ -27,14 +35,15 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring as _json_string  # type: ignore[attr-defined]
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple, Protocol, Union
 
 Json = dict[str, Any]
 
-# Errors ###################################################################
+
+# Errors and failures ######################################################
 
 
 class ConversionError(ValueError):
@@ -64,6 +73,55 @@ class StreamError(Exception):
         super().__init__(f"{error_type}: {message}" if message else error_type)
         self.error_type = error_type
         self.message = message
+
+
+# Failures: one neutral description of every error a client is answered with.
+# Each client API renders it in its own envelope, from its own table of
+# ``kind`` -> error type (``ANTHROPIC_ERROR_TYPES``, ``OPENAI_ERROR_TYPES``).
+
+
+class Failure(NamedTuple):
+    """Why a request failed, in no client API's words.
+
+    ``kind`` names the failure (a key of ``STATUS_OF_KIND``); ``status`` is the
+    HTTP status to answer with, a hint as h11's errors carry
+    ``error_status_hint``; ``retry_after`` is a ``Retry-After`` to pass on;
+    ``param`` and ``code`` are the details OpenAI's envelope has room for.
+    """
+
+    kind: str
+    status: int
+    message: str
+    retry_after: str | None = None
+    param: str | None = None
+    code: str | None = None
+
+
+# Every kind, and the status it stands for when nothing more precise is known.
+STATUS_OF_KIND = {
+    "invalid_request": 400, "authentication": 401, "billing": 402, "permission": 403,
+    "not_found": 404, "too_large": 413, "rate_limit": 429, "internal": 500, "upstream": 502,
+    "unavailable": 503, "timeout": 504,
+}
+# The kind of a bare status (an HTTP error of the web layer, a ConversionError's).
+KIND_OF_STATUS = {
+    **{status: kind for kind, status in STATUS_OF_KIND.items()},
+    405: "invalid_request", 408: "timeout", 529: "unavailable",
+}
+
+
+def failure(status: int, message: str, *, kind: str | None = None,
+            retry_after: str | None = None, param: str | None = None,
+            code: str | None = None) -> Failure:
+    """A ``Failure`` answered with ``status``; its kind is the status's unless given."""
+    if kind is None:
+        kind = KIND_OF_STATUS.get(status, "invalid_request" if status < 500 else "internal")
+    return Failure(kind, status, message, retry_after, param, code)
+
+
+def conversion_failure(exc: ConversionError) -> Failure:
+    """What a refused client request answers."""
+    return failure(exc.status, str(exc), param=exc.param, code=exc.code)
 
 
 # Models ###################################################################
@@ -203,6 +261,13 @@ class Prepared:
     tool_names: dict[str, str] = field(default_factory=dict)  # sent name -> client name
     thinking: bool = False  # thinking tags were injected; parse them back out
     stop_sequences: tuple[str, ...] = ()
+
+    def body(self, profile_arn: str | None) -> Json:
+        """The payload to send for an account with this profile ARN (if it has one);
+        ``payload`` itself is shared by every attempt and never changed."""
+        if not profile_arn:
+            return self.payload
+        return {**self.payload, "profileArn": profile_arn}
 
 
 @dataclass
@@ -585,39 +650,22 @@ def _stop_sequences(body: Json) -> tuple[str, ...]:
     return tuple(v for v in value if v)
 
 
-def anthropic_to_codewhisperer(
-    body: Any, *, conversation_id: str, profile_arn: str | None = None,
-) -> Prepared:
-    """Anthropic Messages request -> CodeWhisperer ``generateAssistantResponse`` body.
-
-    The last user turn becomes ``currentMessage``; everything before it is
-    ``history``, merged into strict user/assistant alternation. The system
-    prompt goes in front of the first user turn. Fields the upstream has no
-    place for (temperature, top_p, metadata, tool_choice...) are accepted and
-    left out, except that ``tool_choice`` ``none`` offers the model no tools;
-    ``stop_sequences`` and ``thinking`` are returned in ``Prepared`` for the
-    answer's ``Assembler`` to apply.
-    """
-    _expect(isinstance(body, dict), "request body must be a JSON object")
-    model = body.get("model")
-    _expect(isinstance(model, str) and model != "", "model: a model name is required", "model")
-    messages = body.get("messages")
-    _expect(isinstance(messages, list), "messages: a list of messages is required", "messages")
-    _expect(len(messages) > 0, "messages: at least one message is required", "messages")
-    _expect_settings(body, ANTHROPIC_SETTINGS)
-    model_id = resolve_model(model)
-    tool_names: dict[str, str] = {}
-    manuals: list[str] = []
+def _offered_tools(body: Json, tool_names: dict[str, str],
+                   manuals: list[str]) -> list[Json]:
+    """The tool specs the model is offered now (their long manuals go to ``manuals``)."""
     tools = _tool_specs(body.get("tools"), tool_names, manuals)
     choice = body.get("tool_choice")
     if isinstance(choice, dict) and choice.get("type") == "none":
         # The upstream has no tool_choice: not offering the tools is how to
         # keep the model from calling them (history still gets its specs below).
-        tools, manuals = [], []
+        tools.clear()
+        manuals.clear()
+    return tools
 
-    prefix = thinking_prefix(body)
-    stop_sequences = _stop_sequences(body)
-    system_parts = [prefix, system_text(body.get("system")), *manuals]
+
+def _conversation(messages: list[Any], system_parts: list[str]) -> list[_Turn]:
+    """The messages as turns in strict user/assistant alternation, starting and ending
+    with a user turn, the system prompt (``system_parts``, joined) in front."""
     turns: list[_Turn] = []
     for i, message in enumerate(messages):
         turn = _turn(message, i)
@@ -639,15 +687,17 @@ def anthropic_to_codewhisperer(
     system = "\n\n".join(p for p in system_parts if p)
     if system:
         turns[0].text.insert(0, system)
+    return turns
 
-    history: list[Json] = []
-    for turn in turns[:-1]:
-        if turn.role == "user":
-            history.append({"userInputMessage": _user_message(turn, model_id)})
-        else:
-            history.append({"assistantResponseMessage": _assistant_message(turn)})
-    # Tools named in history but not offered now still need a spec, or the
-    # upstream rejects the request.
+
+def _history(turns: list[_Turn], model_id: str) -> list[Json]:
+    return [{"userInputMessage": _user_message(turn, model_id)} if turn.role == "user"
+            else {"assistantResponseMessage": _assistant_message(turn)} for turn in turns]
+
+
+def _add_history_specs(tools: list[Json], turns: list[_Turn]) -> None:
+    """Tools named in history but not offered now still need a spec, or the upstream
+    rejects the request: a bare one is added for each."""
     offered = {spec["toolSpecification"]["name"] for spec in tools}
     for turn in turns:
         for use in turn.tool_uses:
@@ -658,6 +708,36 @@ def anthropic_to_codewhisperer(
                     "description": f"Tool: {use['name']}",
                     "inputSchema": {"json": {"type": "object", "properties": {}}},
                 }})
+
+
+def anthropic_to_codewhisperer(body: Any, *, conversation_id: str) -> Prepared:
+    """Anthropic Messages request -> CodeWhisperer ``generateAssistantResponse`` body.
+
+    The last user turn becomes ``currentMessage``; everything before it is
+    ``history``, merged into strict user/assistant alternation. The system
+    prompt goes in front of the first user turn. Fields the upstream has no
+    place for (temperature, top_p, metadata, tool_choice...) are accepted and
+    left out, except that ``tool_choice`` ``none`` offers the model no tools;
+    ``stop_sequences`` and ``thinking`` are returned in ``Prepared`` for the
+    answer's ``Assembler`` to apply. The account's profile ARN is not known
+    here: ``Prepared.body`` adds it.
+    """
+    _expect(isinstance(body, dict), "request body must be a JSON object")
+    model = body.get("model")
+    _expect(isinstance(model, str) and model != "", "model: a model name is required", "model")
+    messages = body.get("messages")
+    _expect(isinstance(messages, list), "messages: a list of messages is required", "messages")
+    _expect(len(messages) > 0, "messages: at least one message is required", "messages")
+    _expect_settings(body, ANTHROPIC_SETTINGS)
+    model_id = resolve_model(model)
+    tool_names: dict[str, str] = {}
+    manuals: list[str] = []
+    tools = _offered_tools(body, tool_names, manuals)
+    prefix = thinking_prefix(body)
+    stop_sequences = _stop_sequences(body)
+    turns = _conversation(messages, [prefix, system_text(body.get("system")), *manuals])
+    history = _history(turns[:-1], model_id)
+    _add_history_specs(tools, turns)
 
     current = _user_message(turns[-1], model_id)
     if tools:
@@ -670,755 +750,8 @@ def anthropic_to_codewhisperer(
     }
     if history:
         state["history"] = history
-    payload: Json = {"conversationState": state}
-    if profile_arn:
-        payload["profileArn"] = profile_arn
-    return Prepared(payload, model_id, tool_names, bool(prefix), stop_sequences)
-
-
-# Token estimates ##########################################################
-#
-# The upstream reports no token counts until the end of the answer (if at
-# all), so the figures clients see first are estimates: about 4 characters a
-# token for ASCII text and about 1.5 for other scripts, which is how Claude's
-# tokenizer behaves on English and CJK text to within roughly 15%.
-
-
-def estimate_text_tokens(text: str) -> int:
-    if not text:
-        return 0
-    ascii_chars = len(text.encode("ascii", "ignore"))
-    return math.ceil(ascii_chars / 4 + (len(text) - ascii_chars) / 1.5)
-
-
-def estimate_input_tokens(body: Json) -> int:
-    """Estimate of the prompt tokens of an Anthropic request (for count_tokens too)."""
-    total = estimate_text_tokens(system_text(body.get("system")) if not isinstance(
-        body.get("system"), (int, float, dict)) else "")
-    for message in body.get("messages") or ():
-        total += 4  # role and framing
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, str):
-            total += estimate_text_tokens(content)
-        elif isinstance(content, list):
-            for block in content:
-                total += estimate_text_tokens(json.dumps(block, ensure_ascii=False)) \
-                    if not (isinstance(block, dict) and block.get("type") == "text") \
-                    else estimate_text_tokens(str(block.get("text", "")))
-    for tool in body.get("tools") or ():
-        total += 8 + estimate_text_tokens(json.dumps(tool, ensure_ascii=False))
-    return max(total, 1)
-
-
-# Upstream events: one frame -> what it says ###############################
-
-
-class Text(NamedTuple):
-    """Answer text: an upstream event and, unchanged, a neutral one."""
-
-    text: str
-
-
-class ToolUseDelta(NamedTuple):
-    tool_use_id: str
-    name: str
-    input: str
-    stop: bool
-
-
-class ReasoningDelta(NamedTuple):
-    text: str
-    signature: str
-    redacted: str
-
-
-class TokenUsage(NamedTuple):
-    # As Anthropic counts them: the prompt is input + cache_read + cache_write.
-    input_tokens: int | None  # neither read from nor written to the cache
-    output_tokens: int | None
-    cache_read: int | None
-    cache_write: int | None
-
-
-class ContextUsage(NamedTuple):
-    percentage: float
-
-
-class Refusal(NamedTuple):
-    category: str
-
-
-class UpstreamException(NamedTuple):
-    error_type: str
-    message: str
-
-
-UpstreamEvent = Union[Text, ToolUseDelta, ReasoningDelta, TokenUsage, ContextUsage,
-                      Refusal, UpstreamException]
-
-
-_json_decoder = json.JSONDecoder()
-_json_scan = _json_decoder.scan_once  # the C scanner, without decode()'s two regex passes
-
-
-def _json_payload(text: str) -> Any:
-    """``json.loads(text)`` for a frame payload, minus its per-call overhead.
-
-    The scanner parses the value at the start; anything else (leading or
-    trailing whitespace, extra data, no value at all) goes to the full
-    decoder, which accepts or rejects it exactly as ``json.loads`` would.
-    """
-    try:
-        data, end = _json_scan(text, 0)
-    except StopIteration:
-        return _json_decoder.decode(text)
-    return data if end == len(text) else _json_decoder.decode(text)
-
-
-def _number_or_none(value: Any) -> float | None:
-    """A finite JSON number, else None (Python's json reads ``1e999`` as infinity)."""
-    if _is_number(value) and math.isfinite(value):
-        return value
-    return None
-
-
-def _int_or_none(value: Any) -> int | None:
-    number = _number_or_none(value)
-    return None if number is None else int(number)
-
-
-def decode_event(headers: Mapping[str, Any], payload: bytes) -> UpstreamEvent | None:
-    """One decoded frame -> an upstream event, or None for events we ignore.
-
-    Accepts both payload shapes seen in the wild: the bare member object and
-    one wrapped under the event's own name.
-    """
-    message_type = headers.get(":message-type", "event")
-    if message_type != "event":
-        return _exception(headers, payload)
-    event_type = headers.get(":event-type")
-    try:
-        data = _json_payload(payload.decode()) if payload else {}
-    except (ValueError, RecursionError):  # UnicodeDecodeError included; absurd nesting
-        return UpstreamException("InvalidEventPayload", f"{event_type} payload is not JSON")
-    if not isinstance(data, dict):
-        return UpstreamException("InvalidEventPayload", f"{event_type} payload is not an object")
-    inner = data.get(event_type)
-    if isinstance(inner, dict) and len(data) == 1:
-        data = inner
-    if event_type == "assistantResponseEvent" or event_type == "codeEvent":
-        content = data.get("content")
-        return Text(content) if isinstance(content, str) and content else None
-    if event_type == "toolUseEvent":
-        tool_input = data.get("input", "")
-        if not isinstance(tool_input, str):  # occasionally a whole object
-            tool_input = json.dumps(tool_input, ensure_ascii=False)
-        return ToolUseDelta(str(data.get("toolUseId", "")), str(data.get("name", "")),
-                            tool_input, data.get("stop") is True)
-    if event_type == "reasoningContentEvent":
-        return ReasoningDelta(str(data.get("text") or ""), str(data.get("signature") or ""),
-                              str(data.get("redactedContent") or ""))
-    if event_type == "metadataEvent":
-        usage = data.get("tokenUsage")
-        if isinstance(usage, dict):
-            # uncached + cacheRead + cacheWrite + output = totalTokens: the same
-            # split as Anthropic's usage, whose clients add the three input
-            # figures up (Claude Code sizes its context that way).
-            return TokenUsage(_int_or_none(usage.get("uncachedInputTokens")),
-                              _int_or_none(usage.get("outputTokens")),
-                              _int_or_none(usage.get("cacheReadInputTokens")),
-                              _int_or_none(usage.get("cacheWriteInputTokens")))
-        if str(data.get("stopReason", "")).upper() == "CONTENT_FILTERED":
-            details = data.get("stopDetails") or {}
-            refusal = details.get("refusal") if isinstance(details, dict) else None
-            category = refusal.get("category", "") if isinstance(refusal, dict) else ""
-            return Refusal(str(category))
-        return None
-    if event_type == "contextUsageEvent":
-        percentage = _number_or_none(data.get("contextUsagePercentage"))
-        return None if percentage is None else ContextUsage(float(percentage))
-    if event_type == "invalidStateEvent":
-        return UpstreamException("InvalidStateEvent",
-                                 str(data.get("message") or data.get("reason") or ""))
-    return None
-
-
-def _exception(headers: Mapping[str, Any], payload: bytes) -> UpstreamException:
-    try:
-        data = json.loads(payload) if payload else {}
-    except (ValueError, RecursionError):
-        data = {"message": payload.decode("utf-8", "replace")}
-    if not isinstance(data, dict):
-        data = {}
-    error_type = (headers.get(":exception-type") or headers.get(":error-code")
-                  or str(data.get("__type", "")).rpartition("#")[2] or "UnknownError")
-    message = data.get("message") or data.get("Message") or headers.get(":error-message") or ""
-    return UpstreamException(str(error_type), str(message))
-
-
-# Neutral events ###########################################################
-
-
-class Thinking(NamedTuple):
-    text: str
-
-
-class ThinkingSignature(NamedTuple):
-    signature: str
-
-
-class RedactedThinking(NamedTuple):
-    """Native reasoning the upstream sends encrypted: a block of its own."""
-
-    data: str
-
-
-class ToolCall(NamedTuple):
-    """A complete tool call whose ``input_json`` is known to parse as an object."""
-
-    id: str
-    name: str
-    input_json: str
-
-
-Event = Union[Text, Thinking, ThinkingSignature, RedactedThinking, ToolCall]
-
-
-OPEN_TAG = "<thinking>"
-CLOSE_TAG = "</thinking>"
-# A closing tag ends the thinking only when a line break follows it (the
-# model also *mentions* the tag while thinking, mid-sentence or quoted). Peers
-# wait for a blank line, but a model that writes one newline would then have
-# its whole answer taken for thinking, and the client would see no text. Up
-# to a blank line of separator is swallowed.
-CLOSE_SEPARATOR = "\n\n"
-
-
-def _partial_suffix(text: str, tag: str) -> int:
-    """Length of the longest end of ``text`` that could begin ``tag``."""
-    for size in range(min(len(text), len(tag) - 1), 0, -1):
-        if text.endswith(tag[:size]):
-            return size
-    return 0
-
-
-class ThinkingTags:
-    """Splits emulated thinking out of the text stream.
-
-    The answer may open (after white space) with ``<thinking>``; what follows,
-    up to a ``</thinking>`` at the end of a line (not quoted), is thinking.
-    Tags split across reads are held back until they can be told apart from
-    text.
-    """
-
-    def __init__(self) -> None:
-        self.state = "start"  # "start" -> "thinking" -> "text", or "start" -> "text"
-        self.pending = ""
-        self.last = ""  # the last character let out as thinking
-
-    def feed(self, text: str, *, final: bool = False) -> list[Event]:
-        self.pending += text
-        out: list[Event] = []
-        if self.state == "start":
-            head = self.pending.lstrip()
-            if head.startswith(OPEN_TAG):
-                self.pending = head[len(OPEN_TAG):]
-                self.state = "thinking"
-            elif OPEN_TAG.startswith(head) and not final:
-                return out  # white space or a tag still arriving
-            else:
-                self.state = "text"
-        if self.state == "thinking":
-            self._thinking(out, final)
-            if final:  # the text is over (a tool call or the end): so is the thinking
-                self.state = "text"
-        if self.state == "text" and self.pending:
-            out.append(Text(self.pending))
-            self.pending = ""
-        return out
-
-    def _thinking(self, out: list[Event], final: bool) -> None:
-        pending = self.pending
-        start = 0
-        while (at := pending.find(CLOSE_TAG, start)) >= 0:
-            after = pending[at + len(CLOSE_TAG):]
-            quoted = (pending[at - 1] if at else self.last) in ("`", "'", '"')
-            if not quoted and final and not after.strip():
-                end = len(pending)
-            elif not quoted and CLOSE_SEPARATOR.startswith(after):
-                # Undecided until the next read: a mention, or the end and how
-                # much separator to swallow.
-                self._emit(out, pending[:at])
-                self.pending = pending[at:]
-                return
-            elif not quoted and after.startswith("\n"):
-                end = at + len(CLOSE_TAG) + (2 if after.startswith(CLOSE_SEPARATOR) else 1)
-            else:
-                start = at + 1  # a mention of the tag, not the end
-                continue
-            self._emit(out, pending[:at])
-            self.pending = pending[end:]
-            self.state = "text"
-            return
-        keep = 0 if final else _partial_suffix(pending, CLOSE_TAG)
-        self._emit(out, pending[: len(pending) - keep])
-        self.pending = pending[len(pending) - keep:]
-
-    def _emit(self, out: list[Event], thinking: str) -> None:
-        if thinking:
-            out.append(Thinking(thinking))
-            self.last = thinking[-1]
-
-
-class StopSequences:
-    """Applies the client's stop sequences to the text, which the upstream cannot do."""
-
-    def __init__(self, sequences: tuple[str, ...]) -> None:
-        self.sequences = sequences
-        self.held = ""
-        self.matched: str | None = None
-
-    def feed(self, events: list[Event]) -> list[Event]:
-        out: list[Event] = []
-        for event in events:
-            if type(event) is not Text or self.matched is not None:
-                if self.matched is None:
-                    out.append(event)
-                continue
-            text = self.held + event.text
-            hits = [(i, s) for s in self.sequences if (i := text.find(s)) >= 0]
-            if hits:
-                at, self.matched = min(hits)
-                self.held = ""
-                if at:
-                    out.append(Text(text[:at]))
-                continue
-            keep = max(_partial_suffix(text, s) for s in self.sequences)
-            self.held = text[len(text) - keep:]
-            if len(text) > keep:
-                out.append(Text(text[: len(text) - keep]))
-        return out
-
-    def flush(self) -> list[Event]:
-        held, self.held = self.held, ""
-        return [Text(held)] if held and self.matched is None else []
-
-
-@dataclass
-class Usage:
-    input_tokens: int
-    output_tokens: int = 0
-    cache_read_input_tokens: int | None = None
-    cache_creation_input_tokens: int | None = None
-
-
-class Assembler:
-    """Turns one answer's upstream events into neutral events, and keeps its state.
-
-    Tool calls are held until their ``stop`` event and let out only if their
-    input parses as a JSON object: a client never receives a tool call it
-    could not execute. When the answer is cut short (the upstream's output
-    limit, or input that does not parse) the call is dropped and the stop
-    reason is ``max_tokens``. With ``thinking``, text runs through
-    ``ThinkingTags``; with stop sequences, through ``StopSequences``, and the
-    first match ends the answer.
-    """
-
-    def __init__(self, *, input_tokens: int, window: int = DEFAULT_CONTEXT_WINDOW,
-                 tool_names: Mapping[str, str] | None = None, thinking: bool = False,
-                 stop_sequences: tuple[str, ...] = ()) -> None:
-        self.usage = Usage(input_tokens)
-        self.window = window
-        self.tool_names = tool_names or {}
-        self.stop_reason: str | None = None  # set once the answer is known to be over
-        self.stop_sequence: str | None = None
-        self.tool_calls = 0
-        self._thinking = ThinkingTags() if thinking else None
-        self._stops = StopSequences(stop_sequences) if stop_sequences else None
-        self._tools: dict[str, list[str]] = {}  # id -> [name, fragment, fragment...]
-        self._output_chars = 0
-        self._reported_output: int | None = None
-        self._context_percentage: float | None = None
-        self._reported_input = False
-
-    @classmethod
-    def for_request(cls, prepared: Prepared, *, input_tokens: int,
-                    client_model: str) -> Assembler:
-        return cls(input_tokens=input_tokens, tool_names=prepared.tool_names,
-                   window=context_window(prepared.model_id, client_model),
-                   thinking=prepared.thinking, stop_sequences=prepared.stop_sequences)
-
-    def feed(self, headers: Mapping[str, Any], payload: bytes) -> list[Event]:
-        """Events for one frame; raises ``StreamError`` for an upstream error."""
-        out: list[Event] = []
-        self.feed_into(out, headers, payload)
-        return out
-
-    def feed_into(self, out: list[Event], headers: Mapping[str, Any], payload: bytes) -> None:
-        """Append one frame's events to ``out`` (the streaming path: one list a read)."""
-        if self.stop_reason is not None:
-            return
-        event = decode_event(headers, payload)
-        kind = type(event)
-        if kind is Text:
-            self._output_chars += len(event.text)
-            if self._thinking is None and self._stops is None:
-                out.append(event)
-            else:
-                out += self._text(event.text)
-        elif event is not None:
-            out += self._event(event, kind)
-
-    def _event(self, event: UpstreamEvent, kind: type) -> list[Event]:
-        if kind is ToolUseDelta:
-            return self._tool(event)
-        if kind is ReasoningDelta:
-            out: list[Event] = []
-            if event.text:
-                self._output_chars += len(event.text)
-                out.append(Thinking(event.text))
-            if event.signature:
-                out.append(ThinkingSignature(event.signature))
-            if event.redacted:
-                out.append(RedactedThinking(event.redacted))
-            return out
-        if kind is TokenUsage:
-            if event.input_tokens is not None:
-                self.usage.input_tokens = event.input_tokens
-                self._reported_input = True
-            self._reported_output = event.output_tokens
-            self.usage.cache_read_input_tokens = event.cache_read
-            self.usage.cache_creation_input_tokens = event.cache_write
-        elif kind is ContextUsage:
-            self._context_percentage = event.percentage
-        elif kind is Refusal:
-            self.stop_reason = "refusal"  # finish() lets out the text still held
-        elif kind is UpstreamException:
-            if event.error_type == "ContentLengthExceededException" or \
-                    "CONTENT_LENGTH_EXCEEDS" in event.message:
-                self._tools.clear()
-                self.stop_reason = "max_tokens"
-                return []
-            raise StreamError(event.error_type, event.message)
-        return []
-
-    def _text(self, text: str, *, final: bool = False) -> list[Event]:
-        events = self._thinking.feed(text, final=final) if self._thinking else [Text(text)]
-        if self._stops is not None:
-            events = self._stops.feed(events)
-            if self._stops.matched is not None:
-                self.stop_reason = "stop_sequence"
-                self.stop_sequence = self._stops.matched
-        return events
-
-    def _flush_text(self) -> list[Event]:
-        """Whatever the text stages still hold, as the answer moves past text."""
-        events = self._text("", final=True) if self._thinking else []
-        if self._stops is not None:  # nothing once a stop sequence has matched
-            events += self._stops.flush()
-        return events
-
-    def _tool(self, event: ToolUseDelta) -> list[Event]:
-        out = self._flush_text() if self._thinking or self._stops else []
-        parts = self._tools.get(event.tool_use_id)
-        if parts is None:
-            parts = self._tools[event.tool_use_id] = [event.name]
-        if event.input:
-            parts.append(event.input)
-            self._output_chars += len(event.input)
-        if not event.stop:
-            return out
-        del self._tools[event.tool_use_id]
-        input_json = "".join(parts[1:]) or "{}"
-        try:
-            parsed = json.loads(input_json)
-        except (ValueError, RecursionError):
-            parsed = None
-        if not isinstance(parsed, dict):
-            self.stop_reason = "max_tokens"
-            return out
-        self.tool_calls += 1
-        name = self.tool_names.get(parts[0], parts[0])
-        out.append(ToolCall(event.tool_use_id, name, input_json))
-        return out
-
-    def finish(self) -> list[Event]:
-        """The stream is over: settle ``stop_reason`` and usage; return held-back events."""
-        events = self._flush_text()  # whatever ended the answer, held text goes out
-        if self._tools and self.stop_reason is None:
-            self.stop_reason = "max_tokens"  # cut off inside a tool call
-        if self.stop_reason is None:
-            if self._context_percentage is not None and self._context_percentage >= 100:
-                self.stop_reason = "model_context_window_exceeded"
-            elif self.tool_calls:
-                self.stop_reason = "tool_use"
-            else:
-                self.stop_reason = "end_turn"
-        self._tools.clear()
-        output = self._reported_output
-        if output is None:
-            output = math.ceil(self._output_chars / 4)
-        self.usage.output_tokens = output
-        if not self._reported_input and self._context_percentage is not None:
-            # The percentage covers the prompt, Kiro's own hidden system
-            # prompt, and this answer: the best figure we can get.
-            estimate = round(self._context_percentage * self.window / 100) - output
-            if estimate > 0:
-                self.usage.input_tokens = estimate
-        return events
-
-
-# Anthropic rendering ######################################################
-
-
-def sse(event_name: str | None, data: Any) -> bytes:
-    """One server-sent event; ``event_name`` None gives a data-only event (OpenAI)."""
-    body = data if isinstance(data, str) else json.dumps(
-        data, ensure_ascii=False, separators=(",", ":"))
-    # A lone surrogate (from an upstream message, say) cannot be UTF-8: it
-    # goes out as its JSON escape instead, which is what it was on the wire.
-    if event_name is None:
-        return f"data: {body}\n\n".encode("utf-8", "backslashreplace")
-    return f"event: {event_name}\ndata: {body}\n\n".encode("utf-8", "backslashreplace")
-
-
-ANTHROPIC_ERROR_TYPES = {
-    400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
-    403: "permission_error", 404: "not_found_error", 405: "invalid_request_error",
-    408: "timeout_error", 413: "request_too_large", 429: "rate_limit_error",
-    500: "api_error", 502: "api_error", 503: "overloaded_error", 504: "timeout_error",
-    529: "overloaded_error",
-}
-
-
-def anthropic_error(status: int, message: str, error_type: str | None = None) -> Json:
-    """The Anthropic error envelope for ``status``."""
-    error_type = error_type or ANTHROPIC_ERROR_TYPES.get(
-        status, "invalid_request_error" if status < 500 else "api_error")
-    return {"type": "error", "error": {"type": error_type, "message": message}}
-
-
-# Any other 4xx is an invalid_request_error to OpenAI, unknown URLs and models too.
-OPENAI_ERROR_TYPES = {401: "authentication_error", 403: "permission_error",
-                      429: "rate_limit_exceeded"}
-
-
-def openai_error(status: int, message: str, *, error_type: str | None = None,
-                 code: str | None = None, param: str | None = None) -> Json:
-    """The OpenAI error envelope for ``status``."""
-    error_type = error_type or OPENAI_ERROR_TYPES.get(
-        status, "invalid_request_error" if status < 500 else "server_error")
-    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
-
-
-def _usage_json(usage: Usage) -> Json:
-    data: Json = {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens}
-    if usage.cache_read_input_tokens is not None:
-        data["cache_read_input_tokens"] = usage.cache_read_input_tokens
-    if usage.cache_creation_input_tokens is not None:
-        data["cache_creation_input_tokens"] = usage.cache_creation_input_tokens
-    return data
-
-
-class AnthropicStream:
-    """Renders neutral events as Anthropic Messages SSE.
-
-    Content blocks open lazily (no empty blocks), indexes only grow, and every
-    block that opens is closed before ``message_delta``.
-    """
-
-    keepalive = b'event: ping\ndata: {"type":"ping"}\n\n'
-
-    def __init__(self, *, message_id: str, model: str, input_tokens: int) -> None:
-        self.message_id = message_id
-        self.model = model
-        self.input_tokens = input_tokens
-        self._index = -1
-        self._open: str | None = None  # "text" | "thinking" | None
-        self._delta_head = b""  # the open block's content_block_delta, up to "delta":
-
-    def start(self) -> bytes:
-        message = {
-            "id": self.message_id, "type": "message", "role": "assistant", "content": [],
-            "model": self.model, "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": self.input_tokens, "output_tokens": 0},
-        }
-        return sse("message_start", {"type": "message_start", "message": message}) + self.keepalive
-
-    def _begin(self, kind: str, block: str) -> bytes:
-        out = self._close()
-        self._index += 1
-        self._open = kind
-        self._delta_head = (b'event: content_block_delta\ndata: {"type":"content_block_delta",'
-                            b'"index":%d,"delta":' % self._index)
-        return out + (
-            b'event: content_block_start\ndata: {"type":"content_block_start","index":%d,'
-            b'"content_block":%s}\n\n' % (self._index, block.encode("utf-8", "backslashreplace"))
-        )
-
-    def _close(self) -> bytes:
-        if self._open is None:
-            return b""
-        self._open = None
-        return (b'event: content_block_stop\ndata: {"type":"content_block_stop","index":%d}\n\n'
-                % self._index)
-
-    def _delta(self, head: bytes, value: str) -> bytes:
-        """A delta of the open block: ``head`` (its type and key), then ``value`` as JSON."""
-        # backslashreplace writes a lone surrogate as the JSON escape it came from.
-        return (self._delta_head + head + _json_string(value).encode("utf-8", "backslashreplace")
-                + b"}}\n\n")
-
-    def render(self, events: Iterable[Event]) -> bytes:
-        out = []
-        for event in events:
-            kind = type(event)
-            if kind is Text:
-                if self._open != "text":
-                    out.append(self._begin("text", '{"type":"text","text":""}'))
-                out.append(self._delta(b'{"type":"text_delta","text":', event.text))
-            elif kind is Thinking:
-                if self._open != "thinking":
-                    out.append(self._begin(
-                        "thinking", '{"type":"thinking","thinking":"","signature":""}'))
-                out.append(self._delta(b'{"type":"thinking_delta","thinking":', event.text))
-            elif kind is ThinkingSignature:
-                if self._open == "thinking":
-                    out.append(self._delta(b'{"type":"signature_delta","signature":',
-                                           event.signature))
-            elif kind is RedactedThinking:
-                out.append(self._begin("redacted_thinking", '{"type":"redacted_thinking",'
-                                       '"data":' + _json_string(event.data) + "}"))
-                out.append(self._close())
-            elif kind is ToolCall:
-                out.append(self._begin("tool_use", '{"type":"tool_use","id":%s,"name":%s,'
-                                       '"input":{}}' % (_json_string(event.id),
-                                                        _json_string(event.name))))
-                out.append(self._delta(b'{"type":"input_json_delta","partial_json":',
-                                       event.input_json))
-                out.append(self._close())
-        return b"".join(out)
-
-    def finish(self, stop_reason: str, usage: Usage, stop_sequence: str | None = None) -> bytes:
-        delta = {"type": "message_delta",
-                 "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
-                 "usage": _usage_json(usage)}
-        return self._close() + sse("message_delta", delta) + MESSAGE_STOP
-
-    def error(self, failure: Failure) -> bytes:
-        """An in-band error that ends the stream (no ``message_stop`` follows)."""
-        return sse("error", anthropic_error(failure.status, failure.message,
-                                            failure.anthropic_type))
-
-
-MESSAGE_STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
-
-
-def collect_anthropic(events: Iterable[Event], *, message_id: str, model: str,
-                      stop_reason: str, usage: Usage, stop_sequence: str | None = None) -> Json:
-    """Fold neutral events into one non-streaming Anthropic Message."""
-    content: list[Json] = []
-    for event in events:
-        kind = type(event)
-        last = content[-1] if content else None
-        if kind is Text:
-            if last is not None and last["type"] == "text":
-                last["text"] += event.text
-            else:
-                content.append({"type": "text", "text": event.text})
-        elif kind is Thinking:
-            if last is not None and last["type"] == "thinking":
-                last["thinking"] += event.text
-            else:
-                content.append({"type": "thinking", "thinking": event.text, "signature": ""})
-        elif kind is ThinkingSignature:
-            if last is not None and last["type"] == "thinking":
-                last["signature"] += event.signature
-        elif kind is RedactedThinking:
-            content.append({"type": "redacted_thinking", "data": event.data})
-        elif kind is ToolCall:
-            content.append({"type": "tool_use", "id": event.id, "name": event.name,
-                            "input": json.loads(event.input_json)})
-    return {
-        "id": message_id, "type": "message", "role": "assistant", "model": model,
-        "content": content, "stop_reason": stop_reason, "stop_sequence": stop_sequence,
-        "usage": _usage_json(usage),
-    }
-
-
-# Upstream errors ##########################################################
-
-
-class Failure(NamedTuple):
-    """How to answer a client when the upstream refused before streaming."""
-
-    status: int
-    message: str
-    anthropic_type: str
-    openai_type: str
-    openai_code: str | None
-
-
-BEARER_INVALID = "bearer token included in the request is invalid"
-PROMPT_TOO_LONG = "prompt is too long"
-
-
-def is_bearer_invalid(status: int, body: str) -> bool:
-    """An expired or revoked access token: worth one refresh and one retry."""
-    return status in (401, 403) and (status == 401 or BEARER_INVALID in body.lower())
-
-
-def upstream_failure(status: int, body: str, error_type: str = "") -> Failure:
-    """Map a non-200 CodeWhisperer answer to the client's status and error types.
-
-    ``body`` is the upstream's text (JSON ``{"message", "reason"}`` as a
-    rule); ``error_type`` its ``x-amzn-errortype`` header.
-    """
-    message, reason = body.strip(), ""
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):
-        data = None
-    if isinstance(data, dict):
-        nested = data.get("error") if isinstance(data.get("error"), dict) else {}
-        message = str(data.get("message") or data.get("Message") or nested.get("message")
-                      or message)
-        reason = str(data.get("reason") or nested.get("reason") or "")
-    error_class = error_type.partition(":")[0]
-    detail = f"{message} ({reason})" if reason and reason not in message else message
-    detail = detail[:500] or f"HTTP {status}"
-    if status == 400 and ("CONTENT_LENGTH_EXCEEDS_THRESHOLD" in reason or
-                          "PROMPT_TOO_LONG" in reason or "input is too long" in message.lower()):
-        return Failure(400, f"{PROMPT_TOO_LONG}: the conversation is larger than Kiro "
-                       f"accepts; compact or shorten it (upstream: {detail})",
-                       "invalid_request_error", "invalid_request_error",
-                       "context_length_exceeded")
-    if status == 400 and "INVALID_MODEL_ID" in reason:
-        # As Anthropic and OpenAI answer a model they do not have.
-        return Failure(404, f"Kiro has no such model: {detail}; GET /v1/models lists "
-                       f"the account's models", "not_found_error", "invalid_request_error",
-                       "model_not_found")
-    if status == 400:
-        return Failure(400, f"Kiro rejected the request: {detail}", "invalid_request_error",
-                       "invalid_request_error", None)
-    if is_bearer_invalid(status, body):
-        return Failure(401, f"Kiro did not accept the access token, even after a refresh; "
-                       f"log in to Kiro again ({detail})", "authentication_error",
-                       "authentication_error", "invalid_api_key")
-    if status == 403:
-        return Failure(403, f"Kiro refused the request: {detail}", "permission_error",
-                       "permission_error", None)
-    if status == 402 or error_class == "ServiceQuotaExceededException":
-        return Failure(402, f"the Kiro account is out of quota: {detail}", "billing_error",
-                       "insufficient_quota", "insufficient_quota")
-    if status == 429:
-        return Failure(429, f"Kiro is rate limiting this account: {detail}",
-                       "rate_limit_error", "rate_limit_exceeded", "rate_limit_exceeded")
-    if status == 503:
-        return Failure(503, f"Kiro is unavailable: {detail}", "overloaded_error",
-                       "server_error", None)
-    return Failure(502, f"Kiro answered HTTP {status}: {detail}", "api_error", "server_error",
-                   None)
+    return Prepared({"conversationState": state}, model_id, tool_names, bool(prefix),
+                    stop_sequences)
 
 
 # Requests: OpenAI Chat Completions -> Anthropic ###########################
@@ -1599,6 +932,73 @@ def _openai_tool_choice(choice: Any, parallel: Any) -> Json | None:
     return result
 
 
+def _openai_tool_message(message: Json, where: str) -> Json:
+    """A ``tool`` message -> its ``tool_result`` block."""
+    call_id = message.get("tool_call_id")
+    _expect(isinstance(call_id, str) and call_id != "",
+            f"{where}.tool_call_id: expected the id of the tool call answered",
+            f"{where}.tool_call_id")
+    texts = _openai_texts(message.get("content"), f"{where}.content")
+    return {"type": "tool_result", "tool_use_id": call_id,
+            "content": [{"type": "text", "text": t} for t in texts]}
+
+
+def _openai_message(message: Json, where: str) -> Json:
+    """A user or assistant message -> its Anthropic message."""
+    role = message.get("role")
+    if role == "user":
+        return {"role": "user",
+                "content": _openai_user_content(message.get("content"), f"{where}.content")}
+    if role == "assistant":
+        return {"role": "assistant", "content": _openai_assistant_content(message, where)}
+    if role == "function":
+        raise ConversionError(f"{where}: role 'function' (the deprecated functions API) is "
+                              "not supported; use tools and tool messages",
+                              param=f"{where}.role")
+    raise ConversionError(f"{where}.role: expected system, developer, user, assistant "
+                          f"or tool, got {role!r}", param=f"{where}.role")
+
+
+def _openai_conversation(messages: list[Any]) -> tuple[list[str], list[Json]]:
+    """The system texts, and the other messages as Anthropic messages."""
+    system: list[str] = []
+    out_messages: list[Json] = []
+    results: list[Json] | None = None  # the tool_result blocks of the last tool message
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        _expect(isinstance(message, dict), f"{where}: expected an object", where)
+        role = message.get("role")
+        if role in ("system", "developer"):
+            system.extend(_openai_texts(message.get("content"), f"{where}.content"))
+        elif role == "tool":  # consecutive tool messages answer in one user message
+            if results is None:
+                results = []
+                out_messages.append({"role": "user", "content": results})
+            results.append(_openai_tool_message(message, where))
+        else:
+            results = None
+            out_messages.append(_openai_message(message, where))
+    return system, out_messages
+
+
+def _openai_sampling(body: Json, out: Json) -> None:
+    """Copy the length and sampling settings (types checked by _expect_settings)."""
+    max_tokens = body.get("max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = body.get("max_tokens")
+    if max_tokens is not None:
+        out["max_tokens"] = max_tokens
+    for name in ("temperature", "top_p"):
+        if body.get(name) is not None:
+            out[name] = body[name]
+    stop = body.get("stop")
+    if stop is not None:
+        stop = [stop] if isinstance(stop, str) else stop
+        _expect(isinstance(stop, list) and all(isinstance(s, str) for s in stop),
+                "stop: expected a string or a list of strings", "stop")
+        out["stop_sequences"] = stop
+
+
 def openai_to_anthropic(body: Any) -> Json:
     """OpenAI Chat Completions request -> the equivalent Anthropic Messages request.
 
@@ -1619,63 +1019,11 @@ def openai_to_anthropic(body: Any) -> Json:
             "stream_options: expected an object", "stream_options")
     _expect_settings(body, OPENAI_SETTINGS)
 
-    system: list[str] = []
-    out_messages: list[Json] = []
-    results: list[Json] | None = None  # the tool_result blocks of the last tool message
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        _expect(isinstance(message, dict), f"{where}: expected an object", where)
-        role = message.get("role")
-        content = message.get("content")
-        if role in ("system", "developer"):
-            system.extend(_openai_texts(content, f"{where}.content"))
-            continue
-        if role == "tool":
-            call_id = message.get("tool_call_id")
-            _expect(isinstance(call_id, str) and call_id != "",
-                    f"{where}.tool_call_id: expected the id of the tool call answered",
-                    f"{where}.tool_call_id")
-            texts = _openai_texts(content, f"{where}.content")
-            block = {"type": "tool_result", "tool_use_id": call_id,
-                     "content": [{"type": "text", "text": t} for t in texts]}
-            if results is None:
-                results = []
-                out_messages.append({"role": "user", "content": results})
-            results.append(block)
-            continue
-        results = None
-        if role == "user":
-            out_messages.append({"role": "user",
-                                 "content": _openai_user_content(content, f"{where}.content")})
-        elif role == "assistant":
-            out_messages.append({"role": "assistant",
-                                 "content": _openai_assistant_content(message, where)})
-        elif role == "function":
-            raise ConversionError(f"{where}: role 'function' (the deprecated functions API) is "
-                                  "not supported; use tools and tool messages",
-                                  param=f"{where}.role")
-        else:
-            raise ConversionError(f"{where}.role: expected system, developer, user, assistant "
-                                  f"or tool, got {role!r}", param=f"{where}.role")
-
+    system, out_messages = _openai_conversation(messages)
     out: Json = {"model": body.get("model"), "messages": out_messages}
     if system:
         out["system"] = "\n\n".join(t for t in system if t)
-    # Types checked by _expect_settings above: what is there can be copied.
-    max_tokens = body.get("max_completion_tokens")
-    if max_tokens is None:
-        max_tokens = body.get("max_tokens")
-    if max_tokens is not None:
-        out["max_tokens"] = max_tokens
-    for name in ("temperature", "top_p"):
-        if body.get(name) is not None:
-            out[name] = body[name]
-    stop = body.get("stop")
-    if stop is not None:
-        stop = [stop] if isinstance(stop, str) else stop
-        _expect(isinstance(stop, list) and all(isinstance(s, str) for s in stop),
-                "stop: expected a string or a list of strings", "stop")
-        out["stop_sequences"] = stop
+    _openai_sampling(body, out)
     if isinstance(body.get("user"), str):
         out["metadata"] = {"user_id": body["user"]}
     tools = _openai_tools(body.get("tools"))
@@ -1691,6 +1039,839 @@ def openai_to_anthropic(body: Any) -> Json:
     if isinstance(body.get("stream"), bool):
         out["stream"] = body["stream"]
     return out
+
+
+# Token estimates ##########################################################
+#
+# The upstream reports no token counts until the end of the answer (if at
+# all), so the figures clients see first are estimates: about 4 characters a
+# token for ASCII text and about 1.5 for other scripts, which is how Claude's
+# tokenizer behaves on English and CJK text to within roughly 15%.
+
+
+def estimate_text_tokens(text: str) -> int:
+    if not text:
+        return 0
+    ascii_chars = len(text.encode("ascii", "ignore"))
+    return math.ceil(ascii_chars / 4 + (len(text) - ascii_chars) / 1.5)
+
+
+def estimate_input_tokens(body: Json) -> int:
+    """Estimate of the prompt tokens of an Anthropic request (for count_tokens too)."""
+    total = estimate_text_tokens(system_text(body.get("system")) if not isinstance(
+        body.get("system"), (int, float, dict)) else "")
+    for message in body.get("messages") or ():
+        total += 4  # role and framing
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            total += estimate_text_tokens(content)
+        elif isinstance(content, list):
+            for block in content:
+                total += estimate_text_tokens(json.dumps(block, ensure_ascii=False)) \
+                    if not (isinstance(block, dict) and block.get("type") == "text") \
+                    else estimate_text_tokens(str(block.get("text", "")))
+    for tool in body.get("tools") or ():
+        total += 8 + estimate_text_tokens(json.dumps(tool, ensure_ascii=False))
+    return max(total, 1)
+
+
+# Upstream events: one frame -> what it says ###############################
+
+
+class Text(NamedTuple):
+    """Answer text: an upstream event and, unchanged, a neutral one."""
+
+    text: str
+
+
+class ToolUseDelta(NamedTuple):
+    tool_use_id: str
+    name: str
+    input: str
+    stop: bool
+
+
+class ReasoningDelta(NamedTuple):
+    text: str
+    signature: str
+    redacted: str
+
+
+class TokenUsage(NamedTuple):
+    # As Anthropic counts them: the prompt is input + cache_read + cache_write.
+    input_tokens: int | None  # neither read from nor written to the cache
+    output_tokens: int | None
+    cache_read: int | None
+    cache_write: int | None
+
+
+class ContextUsage(NamedTuple):
+    percentage: float
+
+
+class Refusal(NamedTuple):
+    category: str
+
+
+class UpstreamException(NamedTuple):
+    error_type: str
+    message: str
+
+
+UpstreamEvent = Union[Text, ToolUseDelta, ReasoningDelta, TokenUsage, ContextUsage,
+                      Refusal, UpstreamException]
+
+
+_json_decoder = json.JSONDecoder()
+_json_scan = _json_decoder.scan_once  # the C scanner, without decode()'s two regex passes
+
+
+def _json_payload(text: str) -> Any:
+    """``json.loads(text)`` for a frame payload, minus its per-call overhead.
+
+    The scanner parses the value at the start; anything else (leading or
+    trailing whitespace, extra data, no value at all) goes to the full
+    decoder, which accepts or rejects it exactly as ``json.loads`` would.
+    """
+    try:
+        data, end = _json_scan(text, 0)
+    except StopIteration:
+        return _json_decoder.decode(text)
+    return data if end == len(text) else _json_decoder.decode(text)
+
+
+def _number_or_none(value: Any) -> float | None:
+    """A finite JSON number, else None (Python's json reads ``1e999`` as infinity)."""
+    if _is_number(value) and math.isfinite(value):
+        return value
+    return None
+
+
+def _int_or_none(value: Any) -> int | None:
+    number = _number_or_none(value)
+    return None if number is None else int(number)
+
+
+def decode_event(headers: Mapping[str, Any], payload: bytes) -> UpstreamEvent | None:
+    """One decoded frame -> an upstream event, or None for events we ignore.
+
+    Accepts both payload shapes seen in the wild: the bare member object and
+    one wrapped under the event's own name.
+    """
+    message_type = headers.get(":message-type", "event")
+    if message_type != "event":
+        return _exception(headers, payload)
+    event_type = headers.get(":event-type")
+    try:
+        data = _json_payload(payload.decode()) if payload else {}
+    except (ValueError, RecursionError):  # UnicodeDecodeError included; absurd nesting
+        return UpstreamException("InvalidEventPayload", f"{event_type} payload is not JSON")
+    if not isinstance(data, dict):
+        return UpstreamException("InvalidEventPayload", f"{event_type} payload is not an object")
+    inner = data.get(event_type)
+    if isinstance(inner, dict) and len(data) == 1:
+        data = inner
+    if event_type == "assistantResponseEvent":  # nearly every frame: no call for it
+        content = data.get("content")
+        return Text(content) if isinstance(content, str) and content else None
+    decode = _EVENT_DECODERS.get(event_type)  # type: ignore[arg-type]
+    return None if decode is None else decode(data)
+
+
+def _text_event(data: Json) -> Text | None:
+    content = data.get("content")
+    return Text(content) if isinstance(content, str) and content else None
+
+
+def _tool_use_event(data: Json) -> ToolUseDelta:
+    tool_input = data.get("input", "")
+    if not isinstance(tool_input, str):  # occasionally a whole object
+        tool_input = json.dumps(tool_input, ensure_ascii=False)
+    return ToolUseDelta(str(data.get("toolUseId", "")), str(data.get("name", "")),
+                        tool_input, data.get("stop") is True)
+
+
+def _reasoning_event(data: Json) -> ReasoningDelta:
+    return ReasoningDelta(str(data.get("text") or ""), str(data.get("signature") or ""),
+                          str(data.get("redactedContent") or ""))
+
+
+def _metadata_event(data: Json) -> TokenUsage | Refusal | None:
+    usage = data.get("tokenUsage")
+    if isinstance(usage, dict):
+        # uncached + cacheRead + cacheWrite + output = totalTokens: the same
+        # split as Anthropic's usage, whose clients add the three input
+        # figures up (Claude Code sizes its context that way).
+        return TokenUsage(_int_or_none(usage.get("uncachedInputTokens")),
+                          _int_or_none(usage.get("outputTokens")),
+                          _int_or_none(usage.get("cacheReadInputTokens")),
+                          _int_or_none(usage.get("cacheWriteInputTokens")))
+    if str(data.get("stopReason", "")).upper() == "CONTENT_FILTERED":
+        details = data.get("stopDetails") or {}
+        refusal = details.get("refusal") if isinstance(details, dict) else None
+        category = refusal.get("category", "") if isinstance(refusal, dict) else ""
+        return Refusal(str(category))
+    return None
+
+
+def _context_usage_event(data: Json) -> ContextUsage | None:
+    percentage = _number_or_none(data.get("contextUsagePercentage"))
+    return None if percentage is None else ContextUsage(float(percentage))
+
+
+def _invalid_state_event(data: Json) -> UpstreamException:
+    return UpstreamException("InvalidStateEvent",
+                             str(data.get("message") or data.get("reason") or ""))
+
+
+# :event-type -> how its payload reads (assistantResponseEvent is decode_event's own).
+_EVENT_DECODERS: dict[str, Callable[[Json], UpstreamEvent | None]] = {
+    "codeEvent": _text_event,
+    "toolUseEvent": _tool_use_event,
+    "reasoningContentEvent": _reasoning_event,
+    "metadataEvent": _metadata_event,
+    "contextUsageEvent": _context_usage_event,
+    "invalidStateEvent": _invalid_state_event,
+}
+
+
+def _exception(headers: Mapping[str, Any], payload: bytes) -> UpstreamException:
+    try:
+        data = json.loads(payload) if payload else {}
+    except (ValueError, RecursionError):
+        data = {"message": payload.decode("utf-8", "replace")}
+    if not isinstance(data, dict):
+        data = {}
+    error_type = (headers.get(":exception-type") or headers.get(":error-code")
+                  or str(data.get("__type", "")).rpartition("#")[2] or "UnknownError")
+    message = data.get("message") or data.get("Message") or headers.get(":error-message") or ""
+    return UpstreamException(str(error_type), str(message))
+
+
+# Upstream errors ##########################################################
+
+
+BEARER_INVALID = "bearer token included in the request is invalid"
+PROMPT_TOO_LONG = "prompt is too long"
+
+
+def is_bearer_invalid(status: int, body: str) -> bool:
+    """An expired or revoked access token: worth one refresh and one retry."""
+    return status in (401, 403) and (status == 401 or BEARER_INVALID in body.lower())
+
+
+def upstream_failure(status: int, body: str, error_type: str = "", *,
+                     retry_after: str | None = None) -> Failure:
+    """Map a non-200 CodeWhisperer answer to the failure the client is answered with.
+
+    ``body`` is the upstream's text (JSON ``{"message", "reason"}`` as a
+    rule); ``error_type`` its ``x-amzn-errortype`` header; ``retry_after`` its
+    ``Retry-After``, passed on.
+    """
+    message, reason = body.strip(), ""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        data = None
+    if isinstance(data, dict):
+        nested = data.get("error") if isinstance(data.get("error"), dict) else {}
+        message = str(data.get("message") or data.get("Message") or nested.get("message")
+                      or message)
+        reason = str(data.get("reason") or nested.get("reason") or "")
+    error_class = error_type.partition(":")[0]
+    detail = f"{message} ({reason})" if reason and reason not in message else message
+    detail = detail[:500] or f"HTTP {status}"
+    if status == 400 and ("CONTENT_LENGTH_EXCEEDS_THRESHOLD" in reason or
+                          "PROMPT_TOO_LONG" in reason or "input is too long" in message.lower()):
+        return Failure("invalid_request", 400, f"{PROMPT_TOO_LONG}: the conversation is larger "
+                       f"than Kiro accepts; compact or shorten it (upstream: {detail})",
+                       retry_after, code="context_length_exceeded")
+    if status == 400 and "INVALID_MODEL_ID" in reason:
+        # As Anthropic and OpenAI answer a model they do not have.
+        return Failure("not_found", 404, f"Kiro has no such model: {detail}; GET /v1/models "
+                       f"lists the account's models", retry_after, code="model_not_found")
+    if status == 400:
+        return Failure("invalid_request", 400, f"Kiro rejected the request: {detail}",
+                       retry_after)
+    if is_bearer_invalid(status, body):
+        return Failure("authentication", 401, f"Kiro did not accept the access token, even "
+                       f"after a refresh; log in to Kiro again ({detail})", retry_after,
+                       code="invalid_api_key")
+    if status == 403:
+        return Failure("permission", 403, f"Kiro refused the request: {detail}", retry_after)
+    if status == 402 or error_class == "ServiceQuotaExceededException":
+        return Failure("billing", 402, f"the Kiro account is out of quota: {detail}",
+                       retry_after, code="insufficient_quota")
+    if status == 429:
+        return Failure("rate_limit", 429, f"Kiro is rate limiting this account: {detail}",
+                       retry_after, code="rate_limit_exceeded")
+    if status == 503:
+        return Failure("unavailable", 503, f"Kiro is unavailable: {detail}", retry_after)
+    return Failure("upstream", 502, f"Kiro answered HTTP {status}: {detail}", retry_after)
+
+
+# Neutral events ###########################################################
+
+
+class Thinking(NamedTuple):
+    text: str
+
+
+class ThinkingSignature(NamedTuple):
+    signature: str
+
+
+class RedactedThinking(NamedTuple):
+    """Native reasoning the upstream sends encrypted: a block of its own."""
+
+    data: str
+
+
+class ToolCall(NamedTuple):
+    """A complete tool call whose ``input_json`` is known to parse as an object."""
+
+    id: str
+    name: str
+    input_json: str
+
+
+Event = Union[Text, Thinking, ThinkingSignature, RedactedThinking, ToolCall]
+
+
+OPEN_TAG = "<thinking>"
+CLOSE_TAG = "</thinking>"
+# A closing tag ends the thinking only when a line break follows it (the
+# model also *mentions* the tag while thinking, mid-sentence or quoted). Peers
+# wait for a blank line, but a model that writes one newline would then have
+# its whole answer taken for thinking, and the client would see no text. Up
+# to a blank line of separator is swallowed.
+CLOSE_SEPARATOR = "\n\n"
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest end of ``text`` that could begin ``tag``."""
+    for size in range(min(len(text), len(tag) - 1), 0, -1):
+        if text.endswith(tag[:size]):
+            return size
+    return 0
+
+
+class ThinkingTags:
+    """Splits emulated thinking out of the text stream.
+
+    The answer may open (after white space) with ``<thinking>``; what follows,
+    up to a ``</thinking>`` at the end of a line (not quoted), is thinking.
+    Tags split across reads are held back until they can be told apart from
+    text.
+    """
+
+    def __init__(self) -> None:
+        self.state = "start"  # "start" -> "thinking" -> "text", or "start" -> "text"
+        self.pending = ""
+        self.last = ""  # the last character let out as thinking
+
+    def feed(self, text: str, *, final: bool = False) -> list[Event]:
+        self.pending += text
+        out: list[Event] = []
+        if self.state == "start":
+            head = self.pending.lstrip()
+            if head.startswith(OPEN_TAG):
+                self.pending = head[len(OPEN_TAG):]
+                self.state = "thinking"
+            elif OPEN_TAG.startswith(head) and not final:
+                return out  # white space or a tag still arriving
+            else:
+                self.state = "text"
+        if self.state == "thinking":
+            self._thinking(out, final)
+            if final:  # the text is over (a tool call or the end): so is the thinking
+                self.state = "text"
+        if self.state == "text" and self.pending:
+            out.append(Text(self.pending))
+            self.pending = ""
+        return out
+
+    def _thinking(self, out: list[Event], final: bool) -> None:
+        pending = self.pending
+        start = 0
+        while (at := pending.find(CLOSE_TAG, start)) >= 0:
+            after = pending[at + len(CLOSE_TAG):]
+            quoted = (pending[at - 1] if at else self.last) in ("`", "'", '"')
+            if not quoted and final and not after.strip():
+                end = len(pending)
+            elif not quoted and CLOSE_SEPARATOR.startswith(after):
+                # Undecided until the next read: a mention, or the end and how
+                # much separator to swallow.
+                self._emit(out, pending[:at])
+                self.pending = pending[at:]
+                return
+            elif not quoted and after.startswith("\n"):
+                end = at + len(CLOSE_TAG) + (2 if after.startswith(CLOSE_SEPARATOR) else 1)
+            else:
+                start = at + 1  # a mention of the tag, not the end
+                continue
+            self._emit(out, pending[:at])
+            self.pending = pending[end:]
+            self.state = "text"
+            return
+        keep = 0 if final else _partial_suffix(pending, CLOSE_TAG)
+        self._emit(out, pending[: len(pending) - keep])
+        self.pending = pending[len(pending) - keep:]
+
+    def _emit(self, out: list[Event], thinking: str) -> None:
+        if thinking:
+            out.append(Thinking(thinking))
+            self.last = thinking[-1]
+
+
+class StopSequences:
+    """Applies the client's stop sequences to the text, which the upstream cannot do."""
+
+    def __init__(self, sequences: tuple[str, ...]) -> None:
+        self.sequences = sequences
+        self.held = ""
+        self.matched: str | None = None
+
+    def feed(self, events: list[Event]) -> list[Event]:
+        out: list[Event] = []
+        for event in events:
+            if type(event) is not Text or self.matched is not None:
+                if self.matched is None:
+                    out.append(event)
+                continue
+            text = self.held + event.text
+            hits = [(i, s) for s in self.sequences if (i := text.find(s)) >= 0]
+            if hits:
+                at, self.matched = min(hits)
+                self.held = ""
+                if at:
+                    out.append(Text(text[:at]))
+                continue
+            keep = max(_partial_suffix(text, s) for s in self.sequences)
+            self.held = text[len(text) - keep:]
+            if len(text) > keep:
+                out.append(Text(text[: len(text) - keep]))
+        return out
+
+    def flush(self) -> list[Event]:
+        held, self.held = self.held, ""
+        return [Text(held)] if held and self.matched is None else []
+
+
+# Assembling an answer #####################################################
+
+
+@dataclass
+class Usage:
+    input_tokens: int
+    output_tokens: int = 0
+    cache_read_input_tokens: int | None = None
+    cache_creation_input_tokens: int | None = None
+
+
+class Assembler:
+    """Turns one answer's upstream events into neutral events, and keeps its state.
+
+    Tool calls are held until their ``stop`` event and let out only if their
+    input parses as a JSON object: a client never receives a tool call it
+    could not execute. When the answer is cut short (the upstream's output
+    limit, or input that does not parse) the call is dropped and the stop
+    reason is ``max_tokens``. With ``thinking``, text runs through
+    ``ThinkingTags``; with stop sequences, through ``StopSequences``, and the
+    first match ends the answer.
+    """
+
+    def __init__(self, *, input_tokens: int, window: int = DEFAULT_CONTEXT_WINDOW,
+                 tool_names: Mapping[str, str] | None = None, thinking: bool = False,
+                 stop_sequences: tuple[str, ...] = ()) -> None:
+        self.usage = Usage(input_tokens)
+        self.window = window
+        self.tool_names = tool_names or {}
+        self.stop_reason: str | None = None  # set once the answer is known to be over
+        self.stop_sequence: str | None = None
+        self.tool_calls = 0
+        self._thinking = ThinkingTags() if thinking else None
+        self._stops = StopSequences(stop_sequences) if stop_sequences else None
+        self._tools: dict[str, list[str]] = {}  # id -> [name, fragment, fragment...]
+        self._output_chars = 0
+        self._reported_output: int | None = None
+        self._context_percentage: float | None = None
+        self._reported_input = False
+
+    @classmethod
+    def for_request(cls, prepared: Prepared, *, input_tokens: int,
+                    client_model: str) -> Assembler:
+        return cls(input_tokens=input_tokens, tool_names=prepared.tool_names,
+                   window=context_window(prepared.model_id, client_model),
+                   thinking=prepared.thinking, stop_sequences=prepared.stop_sequences)
+
+    def feed_into(self, out: list[Event], headers: Mapping[str, Any], payload: bytes) -> None:
+        """Append one frame's events to ``out`` (the streaming path: one list a read)."""
+        if self.stop_reason is not None:
+            return
+        event = decode_event(headers, payload)
+        kind = type(event)
+        if kind is Text:
+            self._output_chars += len(event.text)
+            if self._thinking is None and self._stops is None:
+                out.append(event)
+            else:
+                out += self._text(event.text)
+        elif event is not None:
+            out += self._event(event, kind)
+
+    def _event(self, event: UpstreamEvent, kind: type) -> list[Event]:
+        if kind is ToolUseDelta:
+            return self._tool(event)
+        if kind is ReasoningDelta:
+            out: list[Event] = []
+            if event.text:
+                self._output_chars += len(event.text)
+                out.append(Thinking(event.text))
+            if event.signature:
+                out.append(ThinkingSignature(event.signature))
+            if event.redacted:
+                out.append(RedactedThinking(event.redacted))
+            return out
+        if kind is TokenUsage:
+            if event.input_tokens is not None:
+                self.usage.input_tokens = event.input_tokens
+                self._reported_input = True
+            self._reported_output = event.output_tokens
+            self.usage.cache_read_input_tokens = event.cache_read
+            self.usage.cache_creation_input_tokens = event.cache_write
+        elif kind is ContextUsage:
+            self._context_percentage = event.percentage
+        elif kind is Refusal:
+            self.stop_reason = "refusal"  # finish() lets out the text still held
+        elif kind is UpstreamException:
+            if event.error_type == "ContentLengthExceededException" or \
+                    "CONTENT_LENGTH_EXCEEDS" in event.message:
+                self._tools.clear()
+                self.stop_reason = "max_tokens"
+                return []
+            raise StreamError(event.error_type, event.message)
+        return []
+
+    def _text(self, text: str, *, final: bool = False) -> list[Event]:
+        events = self._thinking.feed(text, final=final) if self._thinking else [Text(text)]
+        if self._stops is not None:
+            events = self._stops.feed(events)
+            if self._stops.matched is not None:
+                self.stop_reason = "stop_sequence"
+                self.stop_sequence = self._stops.matched
+        return events
+
+    def _flush_text(self) -> list[Event]:
+        """Whatever the text stages still hold, as the answer moves past text."""
+        events = self._text("", final=True) if self._thinking else []
+        if self._stops is not None:  # nothing once a stop sequence has matched
+            events += self._stops.flush()
+        return events
+
+    def _tool(self, event: ToolUseDelta) -> list[Event]:
+        out = self._flush_text() if self._thinking or self._stops else []
+        parts = self._tools.get(event.tool_use_id)
+        if parts is None:
+            parts = self._tools[event.tool_use_id] = [event.name]
+        if event.input:
+            parts.append(event.input)
+            self._output_chars += len(event.input)
+        if not event.stop:
+            return out
+        del self._tools[event.tool_use_id]
+        input_json = "".join(parts[1:]) or "{}"
+        try:
+            parsed = json.loads(input_json)
+        except (ValueError, RecursionError):
+            parsed = None
+        if not isinstance(parsed, dict):
+            self.stop_reason = "max_tokens"
+            return out
+        self.tool_calls += 1
+        name = self.tool_names.get(parts[0], parts[0])
+        out.append(ToolCall(event.tool_use_id, name, input_json))
+        return out
+
+    def finish(self) -> list[Event]:
+        """The stream is over: settle ``stop_reason`` and usage; return held-back events."""
+        events = self._flush_text()  # whatever ended the answer, held text goes out
+        if self._tools and self.stop_reason is None:
+            self.stop_reason = "max_tokens"  # cut off inside a tool call
+        if self.stop_reason is None:
+            if self._context_percentage is not None and self._context_percentage >= 100:
+                self.stop_reason = "model_context_window_exceeded"
+            elif self.tool_calls:
+                self.stop_reason = "tool_use"
+            else:
+                self.stop_reason = "end_turn"
+        self._tools.clear()
+        output = self._reported_output
+        if output is None:
+            output = math.ceil(self._output_chars / 4)
+        self.usage.output_tokens = output
+        if not self._reported_input and self._context_percentage is not None:
+            # The percentage covers the prompt, Kiro's own hidden system
+            # prompt, and this answer: the best figure we can get.
+            estimate = round(self._context_percentage * self.window / 100) - output
+            if estimate > 0:
+                self.usage.input_tokens = estimate
+        return events
+
+
+# Rendering: the renderer contract #########################################
+#
+# A renderer turns one answer's neutral events into its client API's bytes
+# (streamed) or JSON (``collect``, for a non-streamed answer); the relay in
+# kiro2api.py drives any of them the same way. Each consumer of events has one
+# method per kind of neutral event, named in ``EVENT_METHODS``: a new kind of
+# event is one entry there, and a consumer without its method fails when it
+# is made, not when the event first arrives.
+
+
+class Answer(NamedTuple):
+    """What a renderer is told of the answer it renders (the caller makes ids and times)."""
+
+    id: str
+    model: str
+    created: int  # Unix seconds
+    input_tokens: int
+
+
+class Renderer(Protocol):
+    """One answer in one client API's format."""
+
+    keepalive: bytes  # sent when the stream has been quiet; clients skip it
+
+    def start(self) -> bytes:
+        """The stream's opening bytes, before any event."""
+
+    def render(self, events: Iterable[Event]) -> bytes:
+        """The bytes of some events (one upstream read's, on the streaming path)."""
+
+    def finish(self, stop_reason: str, usage: Usage, stop_sequence: str | None = None) -> bytes:
+        """The normal ending of a stream whose events have all been rendered."""
+
+    def error(self, failure: Failure) -> bytes:
+        """An in-band error that ends the stream instead of ``finish``."""
+
+    def collect(self, events: Iterable[Event], stop_reason: str, usage: Usage,
+                stop_sequence: str | None = None) -> Json:
+        """The whole answer as one JSON body (the non-streamed answer)."""
+
+
+EVENT_METHODS = {Text: "on_text", Thinking: "on_thinking", ThinkingSignature: "on_signature",
+                 RedactedThinking: "on_redacted", ToolCall: "on_tool_call"}
+
+
+class EventConsumer:
+    """Base of renderers and collectors: ``_on`` maps each event type to its method."""
+
+    def __init__(self) -> None:
+        self._on: dict[type, Callable[[Any], Any]] = {
+            kind: getattr(self, name) for kind, name in EVENT_METHODS.items()}
+
+    def render(self, events: Iterable[Event]) -> bytes:
+        on = self._on
+        out = []  # a loop, not a comprehension: that would be one more call per read
+        for event in events:
+            out.append(on[type(event)](event))
+        return b"".join(out)
+
+    def consume(self, events: Iterable[Event]) -> None:
+        """Hand each event to its method (a collector's way in)."""
+        on = self._on
+        for event in events:
+            on[type(event)](event)
+
+
+def sse(event_name: str | None, data: Any) -> bytes:
+    """One server-sent event; ``event_name`` None gives a data-only event (OpenAI)."""
+    body = data if isinstance(data, str) else json.dumps(
+        data, ensure_ascii=False, separators=(",", ":"))
+    # A lone surrogate (from an upstream message, say) cannot be UTF-8: it
+    # goes out as its JSON escape instead, which is what it was on the wire.
+    if event_name is None:
+        return f"data: {body}\n\n".encode("utf-8", "backslashreplace")
+    return f"event: {event_name}\ndata: {body}\n\n".encode("utf-8", "backslashreplace")
+
+
+# Anthropic rendering ######################################################
+
+
+ANTHROPIC_ERROR_TYPES = {  # Failure.kind -> Anthropic's error type
+    "invalid_request": "invalid_request_error", "authentication": "authentication_error",
+    "billing": "billing_error", "permission": "permission_error",
+    "not_found": "not_found_error", "too_large": "request_too_large",
+    "rate_limit": "rate_limit_error", "internal": "api_error", "upstream": "api_error",
+    "unavailable": "overloaded_error", "timeout": "timeout_error",
+}
+
+
+def anthropic_error(failure: Failure) -> Json:
+    """The Anthropic error envelope of ``failure``."""
+    error_type = ANTHROPIC_ERROR_TYPES.get(failure.kind, "api_error")
+    return {"type": "error", "error": {"type": error_type, "message": failure.message}}
+
+
+def _usage_json(usage: Usage) -> Json:
+    data: Json = {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens}
+    if usage.cache_read_input_tokens is not None:
+        data["cache_read_input_tokens"] = usage.cache_read_input_tokens
+    if usage.cache_creation_input_tokens is not None:
+        data["cache_creation_input_tokens"] = usage.cache_creation_input_tokens
+    return data
+
+
+MESSAGE_STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+_DELTA_END = b"}}\n\n"
+
+
+class _AnthropicContent(EventConsumer):
+    """Folds neutral events into the ``content`` list of one Anthropic Message."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.content: list[Json] = []
+
+    def _last(self, block_type: str) -> Json | None:
+        last = self.content[-1] if self.content else None
+        return last if last is not None and last["type"] == block_type else None
+
+    def on_text(self, event: Text) -> None:
+        last = self._last("text")
+        if last is not None:
+            last["text"] += event.text
+        else:
+            self.content.append({"type": "text", "text": event.text})
+
+    def on_thinking(self, event: Thinking) -> None:
+        last = self._last("thinking")
+        if last is not None:
+            last["thinking"] += event.text
+        else:
+            self.content.append({"type": "thinking", "thinking": event.text, "signature": ""})
+
+    def on_signature(self, event: ThinkingSignature) -> None:
+        last = self._last("thinking")
+        if last is not None:
+            last["signature"] += event.signature
+
+    def on_redacted(self, event: RedactedThinking) -> None:
+        self.content.append({"type": "redacted_thinking", "data": event.data})
+
+    def on_tool_call(self, event: ToolCall) -> None:
+        self.content.append({"type": "tool_use", "id": event.id, "name": event.name,
+                             "input": json.loads(event.input_json)})
+
+
+def collect_anthropic(events: Iterable[Event], *, message_id: str, model: str,
+                      stop_reason: str, usage: Usage, stop_sequence: str | None = None) -> Json:
+    """Fold neutral events into one non-streaming Anthropic Message."""
+    fold = _AnthropicContent()
+    fold.consume(events)
+    return {
+        "id": message_id, "type": "message", "role": "assistant", "model": model,
+        "content": fold.content, "stop_reason": stop_reason, "stop_sequence": stop_sequence,
+        "usage": _usage_json(usage),
+    }
+
+
+class AnthropicStream(EventConsumer):
+    """Renders neutral events as Anthropic Messages SSE.
+
+    Content blocks open lazily (no empty blocks), indexes only grow, and every
+    block that opens is closed before ``message_delta``.
+    """
+
+    keepalive = b'event: ping\ndata: {"type":"ping"}\n\n'
+
+    def __init__(self, *, message_id: str, model: str, input_tokens: int) -> None:
+        super().__init__()
+        self.message_id = message_id
+        self.model = model
+        self.input_tokens = input_tokens
+        self._index = -1
+        self._open: str | None = None  # "text" | "thinking" | None
+        self._delta_head = b""  # the open block's content_block_delta, up to "delta":
+        self._text_head = b""  # the same, then a text_delta up to its text
+
+    def start(self) -> bytes:
+        message = {
+            "id": self.message_id, "type": "message", "role": "assistant", "content": [],
+            "model": self.model, "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": self.input_tokens, "output_tokens": 0},
+        }
+        return sse("message_start", {"type": "message_start", "message": message}) + self.keepalive
+
+    def _begin(self, kind: str, block: str) -> bytes:
+        out = self._close()
+        self._index += 1
+        self._open = kind
+        self._delta_head = (b'event: content_block_delta\ndata: {"type":"content_block_delta",'
+                            b'"index":%d,"delta":' % self._index)
+        self._text_head = self._delta_head + b'{"type":"text_delta","text":'
+        return out + (
+            b'event: content_block_start\ndata: {"type":"content_block_start","index":%d,'
+            b'"content_block":%s}\n\n' % (self._index, block.encode("utf-8", "backslashreplace"))
+        )
+
+    def _close(self) -> bytes:
+        if self._open is None:
+            return b""
+        self._open = None
+        return (b'event: content_block_stop\ndata: {"type":"content_block_stop","index":%d}\n\n'
+                % self._index)
+
+    def _delta(self, head: bytes, value: str) -> bytes:
+        """A delta of the open block: ``head`` (its type and key), then ``value`` as JSON."""
+        # backslashreplace writes a lone surrogate as the JSON escape it came from.
+        return (self._delta_head + head + _json_string(value).encode("utf-8", "backslashreplace")
+                + _DELTA_END)
+
+    def on_text(self, event: Text) -> bytes:
+        if self._open != "text":
+            return (self._begin("text", '{"type":"text","text":""}')
+                    + self._delta(b'{"type":"text_delta","text":', event.text))
+        # The hot path (a frame of text into an open block): no call beyond the escape.
+        return (self._text_head + _json_string(event.text).encode("utf-8", "backslashreplace")
+                + _DELTA_END)
+
+    def on_thinking(self, event: Thinking) -> bytes:
+        begin = b"" if self._open == "thinking" else self._begin(
+            "thinking", '{"type":"thinking","thinking":"","signature":""}')
+        return begin + self._delta(b'{"type":"thinking_delta","thinking":', event.text)
+
+    def on_signature(self, event: ThinkingSignature) -> bytes:
+        if self._open != "thinking":
+            return b""
+        return self._delta(b'{"type":"signature_delta","signature":', event.signature)
+
+    def on_redacted(self, event: RedactedThinking) -> bytes:
+        return self._begin("redacted_thinking", '{"type":"redacted_thinking","data":'
+                           + _json_string(event.data) + "}") + self._close()
+
+    def on_tool_call(self, event: ToolCall) -> bytes:
+        return (self._begin("tool_use", '{"type":"tool_use","id":%s,"name":%s,"input":{}}'
+                            % (_json_string(event.id), _json_string(event.name)))
+                + self._delta(b'{"type":"input_json_delta","partial_json":', event.input_json)
+                + self._close())
+
+    def finish(self, stop_reason: str, usage: Usage, stop_sequence: str | None = None) -> bytes:
+        delta = {"type": "message_delta",
+                 "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
+                 "usage": _usage_json(usage)}
+        return self._close() + sse("message_delta", delta) + MESSAGE_STOP
+
+    def error(self, failure: Failure) -> bytes:
+        """An in-band error that ends the stream (no ``message_stop`` follows)."""
+        return sse("error", anthropic_error(failure))
+
+    def collect(self, events: Iterable[Event], stop_reason: str, usage: Usage,
+                stop_sequence: str | None = None) -> Json:
+        return collect_anthropic(events, message_id=self.message_id, model=self.model,
+                                 stop_reason=stop_reason, usage=usage,
+                                 stop_sequence=stop_sequence)
 
 
 # OpenAI rendering #########################################################
@@ -1721,7 +1902,76 @@ def openai_usage(usage: Usage) -> Json:
 DONE = b"data: [DONE]\n\n"
 
 
-class OpenAIStream:
+# Any 4xx without a kind of its own is an invalid_request_error to OpenAI,
+# unknown URLs and models too.
+OPENAI_ERROR_TYPES = {  # Failure.kind -> OpenAI's error type
+    "invalid_request": "invalid_request_error", "authentication": "authentication_error",
+    "billing": "insufficient_quota", "permission": "permission_error",
+    "not_found": "invalid_request_error", "too_large": "invalid_request_error",
+    "rate_limit": "rate_limit_exceeded", "internal": "server_error", "upstream": "server_error",
+    "unavailable": "server_error", "timeout": "server_error",
+}
+
+
+def openai_error(failure: Failure) -> Json:
+    """The OpenAI error envelope of ``failure``."""
+    return {"error": {"message": failure.message,
+                      "type": OPENAI_ERROR_TYPES.get(failure.kind, "server_error"),
+                      "param": failure.param, "code": failure.code}}
+
+
+class _OpenAIMessage(EventConsumer):
+    """Folds neutral events into the parts of one ``chat.completion`` message."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.texts: list[str] = []
+        self.thinking: list[str] = []
+        self.tool_calls: list[Json] = []
+
+    def on_text(self, event: Text) -> None:
+        self.texts.append(event.text)
+
+    def on_thinking(self, event: Thinking) -> None:
+        self.thinking.append(event.text)
+
+    def on_signature(self, event: ThinkingSignature) -> None:
+        pass  # no place for it in this format
+
+    def on_redacted(self, event: RedactedThinking) -> None:
+        pass
+
+    def on_tool_call(self, event: ToolCall) -> None:
+        self.tool_calls.append({"id": event.id, "type": "function",
+                                "function": {"name": event.name,
+                                             "arguments": event.input_json}})
+
+
+def collect_openai(events: Iterable[Event], *, completion_id: str, model: str, created: int,
+                   stop_reason: str, usage: Usage) -> Json:
+    """Fold neutral events into one non-streaming ``chat.completion``."""
+    fold = _OpenAIMessage()
+    fold.consume(events)
+    tool_calls = fold.tool_calls
+    text = "".join(fold.texts)
+    message: Json = {"role": "assistant", "content": text or (None if tool_calls else ""),
+                     "refusal": None}
+    if fold.thinking:
+        message["reasoning_content"] = "".join(fold.thinking)
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return {
+        "id": completion_id, "object": "chat.completion", "created": created, "model": model,
+        "choices": [{"index": 0, "message": message, "logprobs": None,
+                     "finish_reason": finish_reason(stop_reason)}],
+        "usage": openai_usage(usage),
+    }
+
+
+_CUT = "\0"  # where a pre-spelled chunk takes its value (no JSON text holds a NUL)
+
+
+class OpenAIStream(EventConsumer):
     """Renders neutral events as OpenAI Chat Completions chunks (``data:`` lines only).
 
     Tool calls are numbered among themselves (``index`` 0, 1, ...). A call's
@@ -1735,12 +1985,20 @@ class OpenAIStream:
 
     def __init__(self, *, completion_id: str, model: str, created: int,
                  include_usage: bool = False) -> None:
+        super().__init__()
+        self.completion_id = completion_id
+        self.model = model
+        self.created = created
         head = json.dumps({"id": completion_id, "object": "chat.completion.chunk",
                            "created": created, "model": model},
                           ensure_ascii=False, separators=(",", ":"))
         self._head = b"data: " + head[:-1].encode("utf-8", "backslashreplace")  # no "}"
         self.include_usage = include_usage
         self._tool_index = -1
+        # The text and reasoning chunks, spelled once by _chunk and cut where the
+        # value goes: the per-frame path only joins bytes.
+        self._content = self._chunk('{"content":%s}' % _CUT).split(_CUT.encode())
+        self._reasoning = self._chunk('{"reasoning_content":%s}' % _CUT).split(_CUT.encode())
 
     def _chunk(self, delta: str | None, finish: str | None = None, usage: Usage | None = None,
                ) -> bytes:
@@ -1760,23 +2018,28 @@ class OpenAIStream:
     def start(self) -> bytes:
         return self._chunk('{"role":"assistant","content":""}')
 
-    def render(self, events: Iterable[Event]) -> bytes:
-        out = []
-        for event in events:
-            kind = type(event)
-            if kind is Text:
-                out.append(self._chunk('{"content":%s}' % _json_string(event.text)))
-            elif kind is Thinking:
-                out.append(self._chunk('{"reasoning_content":%s}' % _json_string(event.text)))
-            elif kind is ToolCall:
-                self._tool_index += 1
-                out.append(self._chunk(
-                    '{"tool_calls":[{"index":%d,"id":%s,"type":"function","function":'
-                    '{"name":%s,"arguments":""}}]}'
-                    % (self._tool_index, _json_string(event.id), _json_string(event.name))))
-                out.append(self._chunk('{"tool_calls":[{"index":%d,"function":{"arguments":%s}}]}'
-                                       % (self._tool_index, _json_string(event.input_json))))
-        return b"".join(out)
+    def on_text(self, event: Text) -> bytes:
+        head, tail = self._content
+        return head + _json_string(event.text).encode("utf-8", "backslashreplace") + tail
+
+    def on_thinking(self, event: Thinking) -> bytes:
+        head, tail = self._reasoning
+        return head + _json_string(event.text).encode("utf-8", "backslashreplace") + tail
+
+    def on_signature(self, event: ThinkingSignature) -> bytes:
+        return b""  # no place for it in this format
+
+    def on_redacted(self, event: RedactedThinking) -> bytes:
+        return b""
+
+    def on_tool_call(self, event: ToolCall) -> bytes:
+        self._tool_index += 1
+        return self._chunk(
+            '{"tool_calls":[{"index":%d,"id":%s,"type":"function","function":'
+            '{"name":%s,"arguments":""}}]}'
+            % (self._tool_index, _json_string(event.id), _json_string(event.name))
+        ) + self._chunk('{"tool_calls":[{"index":%d,"function":{"arguments":%s}}]}'
+                        % (self._tool_index, _json_string(event.input_json)))
 
     def finish(self, stop_reason: str, usage: Usage, stop_sequence: str | None = None) -> bytes:
         out = self._chunk("{}", finish_reason(stop_reason))  # which sequence: no field for it
@@ -1786,38 +2049,52 @@ class OpenAIStream:
 
     def error(self, failure: Failure) -> bytes:
         """An in-band error that ends the stream (no ``[DONE]`` follows)."""
-        return sse(None, openai_error(failure.status, failure.message,
-                                      error_type=failure.openai_type, code=failure.openai_code))
+        return sse(None, openai_error(failure))
+
+    def collect(self, events: Iterable[Event], stop_reason: str, usage: Usage,
+                stop_sequence: str | None = None) -> Json:
+        return collect_openai(events, completion_id=self.completion_id, model=self.model,
+                              created=self.created, stop_reason=stop_reason, usage=usage)
 
 
-def collect_openai(events: Iterable[Event], *, completion_id: str, model: str, created: int,
-                   stop_reason: str, usage: Usage) -> Json:
-    """Fold neutral events into one non-streaming ``chat.completion``."""
-    texts: list[str] = []
-    thinking: list[str] = []
-    tool_calls: list[Json] = []
-    for event in events:
-        kind = type(event)
-        if kind is Text:
-            texts.append(event.text)
-        elif kind is Thinking:
-            thinking.append(event.text)
-        elif kind is ToolCall:
-            tool_calls.append({"id": event.id, "type": "function",
-                               "function": {"name": event.name, "arguments": event.input_json}})
-    text = "".join(texts)
-    message: Json = {"role": "assistant", "content": text or (None if tool_calls else ""),
-                     "refusal": None}
-    if thinking:
-        message["reasoning_content"] = "".join(thinking)
-    if tool_calls:
-        message["tool_calls"] = tool_calls
-    return {
-        "id": completion_id, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": message, "logprobs": None,
-                     "finish_reason": finish_reason(stop_reason)}],
-        "usage": openai_usage(usage),
-    }
+# Client APIs ##############################################################
+#
+# One object per client API, bundling what the relay needs: how its request
+# body becomes an Anthropic Messages body (the one shape the payload builder
+# takes), its renderer (which also collects a non-streamed answer), and its
+# error envelope. Serving another API is one more object here, and its route.
+
+
+@dataclass(frozen=True)
+class ClientApi:
+    """Everything kiro2api's relay needs to serve one client API."""
+
+    name: str
+    id_prefix: str  # of the answer's id: msg_..., chatcmpl-...
+    normalise: Callable[[Any], Json]  # its request body -> an Anthropic Messages body
+    renderer: Callable[[Json, Answer], Renderer]  # (its request body, the answer's facts)
+    error_body: Callable[[Failure], Json]  # its error envelope
+
+
+def _anthropic_body(body: Any) -> Json:
+    return body  # already the shape; anthropic_to_codewhisperer checks it
+
+
+def _anthropic_renderer(body: Json, answer: Answer) -> Renderer:
+    return AnthropicStream(message_id=answer.id, model=answer.model,
+                           input_tokens=answer.input_tokens)
+
+
+def _openai_renderer(body: Json, answer: Answer) -> Renderer:
+    include_usage = (body.get("stream_options") or {}).get("include_usage") is True
+    return OpenAIStream(completion_id=answer.id, model=answer.model, created=answer.created,
+                        include_usage=include_usage)
+
+
+ANTHROPIC_MESSAGES = ClientApi("anthropic-messages", "msg_", _anthropic_body,
+                               _anthropic_renderer, anthropic_error)
+OPENAI_CHAT = ClientApi("openai-chat-completions", "chatcmpl-", openai_to_anthropic,
+                        _openai_renderer, openai_error)
 
 
 # Kiro request dialects ####################################################

@@ -13,7 +13,10 @@ The prelude CRC covers bytes 0..7; the message CRC covers everything before
 it (so it continues from the prelude CRC). Both are CRC-32 as in zlib.
 
 Each header is ``[name length u8][name][type u8][value]``; the ten value
-types are listed in ``HEADER_TYPES`` below.
+types are: 0 and 1 bool true and false (no value bytes), 2 to 5 signed
+integers of 1, 2, 4 and 8 bytes, 6 a byte array and 7 a UTF-8 string (each a
+u16 length and the bytes), 8 a timestamp (int64 milliseconds since the
+epoch), 9 a UUID (16 bytes).
 
 Use::
 
@@ -159,19 +162,51 @@ HeaderValue = Union[bool, int, bytes, str, uuid.UUID]
 
 _SIZED_INTS = {cls.type_code: cls for cls in (Int8, Int16, Int32, Int64, Timestamp)}
 
-# type code -> what it carries (documentation and the encoder's reference)
-HEADER_TYPES = {
-    0: "bool true (no value bytes)",
-    1: "bool false (no value bytes)",
-    2: "int8",
-    3: "int16",
-    4: "int32",
-    5: "int64",
-    6: "byte array: u16 length + bytes",
-    7: "string: u16 length + UTF-8",
-    8: "timestamp: int64 milliseconds since the epoch",
-    9: "uuid: 16 bytes",
-}
+def _header_name(block: bytes, pos: int, end: int) -> str:
+    """The name of the header at ``pos`` (its length byte); the type byte must follow."""
+    name_length = block[pos]
+    if name_length == 0:
+        raise HeaderError(f"empty header name at header offset {pos}")
+    if pos + 1 + name_length + 1 > end:
+        raise HeaderError(f"header name at offset {pos} runs past the header block")
+    try:
+        return block[pos + 1 : pos + 1 + name_length].decode("utf-8")
+    except UnicodeDecodeError:
+        raise HeaderError(f"header name at offset {pos} is not UTF-8") from None
+
+
+def _header_value(block: bytes, pos: int, end: int, name: str,
+                  type_code: int) -> tuple[HeaderValue, int]:
+    """The value of type ``type_code`` at ``pos``, and where the next header starts."""
+    if type_code == 7 or type_code == 6:  # string, byte array: u16 length, then the bytes
+        if pos + 2 > end:
+            raise HeaderError(f"header {name!r}: value length runs past the header block")
+        (length,) = _U16.unpack_from(block, pos)
+        pos += 2
+        if pos + length > end:
+            raise HeaderError(f"header {name!r}: {length}-byte value runs past the header block")
+        raw = block[pos : pos + length]
+        if type_code == 6:
+            return bytes(raw), pos + length
+        try:
+            return raw.decode("utf-8"), pos + length
+        except UnicodeDecodeError:
+            raise HeaderError(f"header {name!r}: string value is not UTF-8") from None
+    if type_code == 0 or type_code == 1:
+        return type_code == 0, pos
+    if type_code == 9:
+        size, cls = 16, None
+    elif type_code in _SIZED_INTS:
+        cls = _SIZED_INTS[type_code]
+        size = cls.struct.size
+    else:
+        raise HeaderError(f"header {name!r}: unknown value type {type_code}")
+    if pos + size > end:
+        what = "uuid" if cls is None else f"{size}-byte"
+        raise HeaderError(f"header {name!r}: {what} value runs past the header block")
+    if cls is None:
+        return uuid.UUID(bytes=bytes(block[pos : pos + 16])), pos + 16
+    return cls(cls.struct.unpack_from(block, pos)[0]), pos + size
 
 
 def decode_headers(block: bytes) -> dict[str, HeaderValue]:
@@ -180,54 +215,9 @@ def decode_headers(block: bytes) -> dict[str, HeaderValue]:
     end = len(block)
     pos = 0
     while pos < end:
-        name_length = block[pos]
-        pos += 1
-        if name_length == 0:
-            raise HeaderError(f"empty header name at header offset {pos - 1}")
-        if pos + name_length + 1 > end:
-            raise HeaderError(f"header name at offset {pos - 1} runs past the header block")
-        try:
-            name = block[pos : pos + name_length].decode("utf-8")
-        except UnicodeDecodeError:
-            raise HeaderError(f"header name at offset {pos - 1} is not UTF-8") from None
-        pos += name_length
-        type_code = block[pos]
-        pos += 1
-        value: HeaderValue
-        if type_code == 7 or type_code == 6:  # string, byte array
-            if pos + 2 > end:
-                raise HeaderError(f"header {name!r}: value length runs past the header block")
-            (length,) = _U16.unpack_from(block, pos)
-            pos += 2
-            if pos + length > end:
-                raise HeaderError(
-                    f"header {name!r}: {length}-byte value runs past the header block"
-                )
-            raw = block[pos : pos + length]
-            pos += length
-            if type_code == 7:
-                try:
-                    value = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    raise HeaderError(f"header {name!r}: string value is not UTF-8") from None
-            else:
-                value = bytes(raw)
-        elif type_code in _SIZED_INTS:
-            cls = _SIZED_INTS[type_code]
-            size = cls.struct.size
-            if pos + size > end:
-                raise HeaderError(f"header {name!r}: {size}-byte value runs past the header block")
-            value = cls(cls.struct.unpack_from(block, pos)[0])
-            pos += size
-        elif type_code == 0 or type_code == 1:
-            value = type_code == 0
-        elif type_code == 9:
-            if pos + 16 > end:
-                raise HeaderError(f"header {name!r}: uuid value runs past the header block")
-            value = uuid.UUID(bytes=bytes(block[pos : pos + 16]))
-            pos += 16
-        else:
-            raise HeaderError(f"header {name!r}: unknown value type {type_code}")
+        name = _header_name(block, pos, end)
+        pos += 1 + block[pos]
+        value, pos = _header_value(block, pos + 1, end, name, block[pos])
         if name in headers:
             raise HeaderError(f"duplicate header {name!r}")
         headers[name] = value
@@ -288,6 +278,20 @@ def encode(headers: Mapping[str, HeaderValue], payload: bytes = b"") -> bytes:
     prelude += _CRC.pack(zlib.crc32(prelude))
     body = prelude + block + payload
     return body + _CRC.pack(zlib.crc32(body))
+
+
+def _length_error(total: int, headers_length: int, offset: int) -> FrameLengthError:
+    """Word what is wrong with the lengths of a prelude the decoder refused."""
+    payload_length = total - MIN_FRAME_BYTES - headers_length
+    if total < MIN_FRAME_BYTES:
+        why = f"claims {total} bytes; the minimum is {MIN_FRAME_BYTES}"
+    elif headers_length > MAX_HEADERS_BYTES:
+        why = f"claims {headers_length} header bytes; the limit is {MAX_HEADERS_BYTES}"
+    elif payload_length < 0:
+        why = f"claims {headers_length} header bytes in a {total}-byte frame"
+    else:
+        why = f"claims a {payload_length}-byte payload; the limit is {MAX_PAYLOAD_BYTES}"
+    return FrameLengthError(f"frame at stream offset {offset} {why}")
 
 
 class Decoder:
@@ -390,15 +394,19 @@ class Decoder:
                     if prelude is None:
                         if available < PRELUDE_BYTES:
                             break
-                        # Every check of a prelude in one test, inline (this runs
-                        # per frame); _reject_prelude says which one failed.
+                        # The one check of a prelude, inline because it runs per
+                        # frame: its CRC first, then the lengths it vouches for.
                         prelude = _PRELUDE.unpack_from(buffer, start)
                         total, headers_length, prelude_crc = prelude
-                        if (zlib.crc32(view[start : start + 8]) != prelude_crc
-                                or headers_length > MAX_HEADERS_BYTES
+                        actual = zlib.crc32(view[start : start + 8])
+                        if actual != prelude_crc:
+                            self._fail(ChecksumError("prelude", expected=prelude_crc,
+                                                     actual=actual, offset=self._offset + start))
+                        if (headers_length > MAX_HEADERS_BYTES
                                 or not 0 <= total - MIN_FRAME_BYTES - headers_length
                                 <= MAX_PAYLOAD_BYTES):
-                            self._reject_prelude(buffer, start)
+                            self._fail(_length_error(total, headers_length,
+                                                     self._offset + start))
                     total, headers_length, prelude_crc = prelude
                     if available < total:
                         self._prelude = prelude
@@ -435,46 +443,6 @@ class Decoder:
                 and len(block) <= _HEADER_CACHE_BLOCK_BYTES):
             self._header_cache[block] = headers
         return headers
-
-    def _reject_prelude(self, buffer: bytearray, start: int) -> NoReturn:
-        """Fail with what is wrong with the prelude at ``start``, in the order a
-        reader must check it: its CRC first, then the lengths it vouches for."""
-        total, headers_length, expected = _PRELUDE.unpack_from(buffer, start)
-        actual = zlib.crc32(buffer[start : start + 8])
-        offset = self._offset + start
-        if actual != expected:
-            self._fail(ChecksumError("prelude", expected=expected, actual=actual, offset=offset))
-        # Lengths are trusted only now that the prelude CRC has vouched for them.
-        if total < MIN_FRAME_BYTES:
-            self._fail(
-                FrameLengthError(
-                    f"frame at stream offset {offset} claims {total} bytes; "
-                    f"the minimum is {MIN_FRAME_BYTES}"
-                )
-            )
-        if headers_length > MAX_HEADERS_BYTES:
-            self._fail(
-                FrameLengthError(
-                    f"frame at stream offset {offset} claims {headers_length} header "
-                    f"bytes; the limit is {MAX_HEADERS_BYTES}"
-                )
-            )
-        payload_length = total - MIN_FRAME_BYTES - headers_length
-        if payload_length < 0:
-            self._fail(
-                FrameLengthError(
-                    f"frame at stream offset {offset} claims {headers_length} header "
-                    f"bytes in a {total}-byte frame"
-                )
-            )
-        if payload_length > MAX_PAYLOAD_BYTES:
-            self._fail(
-                FrameLengthError(
-                    f"frame at stream offset {offset} claims a {payload_length}-byte "
-                    f"payload; the limit is {MAX_PAYLOAD_BYTES}"
-                )
-            )
-        raise AssertionError("_reject_prelude called on a sound prelude")
 
     def _compact(self) -> None:
         # Drop consumed bytes once per pass, not per frame; deleting a prefix

@@ -15,7 +15,8 @@ Under systemd, see ``kiro2api.service``; ``make dist`` builds a one-file
 ``kiro2api.pyz``.
 
 Layout of this file: clock, configuration, errors, token files, refresh
-protocols, token store, account pool, upstream client, HTTP handlers,
+protocols, token store, account pool, application state keys, upstream
+client, metrics, HTTP handlers, relay (one for every client API),
 middlewares, application factory, command line.
 """
 
@@ -110,6 +111,21 @@ class Clock:
 
 
 SYSTEM_CLOCK = Clock()
+
+
+def human_duration(seconds: float) -> str:
+    """A duration as a person reads it: 42 s, 5 min, 3 h 10 min, 2 d 4 h."""
+    seconds = int(abs(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes = seconds // 60
+    if minutes < 60:
+        return f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours} h {minutes} min"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h"
 
 
 # Configuration ############################################################
@@ -216,6 +232,55 @@ def describe(exc: BaseException) -> str:
     """An aiohttp client error as words for a client or a log, credentials removed."""
     text = str(exc) or type(exc).__name__
     return _USERINFO.sub(r"\1***@", text)
+
+
+# Every error a client is answered with is a ``convert.Failure``: a kind, a
+# status hint, a message (and retry-after, param, code). ``failure_of`` is the
+# one place an exception becomes one, for the error middleware (before the
+# response starts) and the relay (after, as the stream's in-band error) alike;
+# each client API renders it in its own envelope (``convert.ClientApi``).
+
+
+class UpstreamError(Exception):
+    """Kiro refused the request or could not be reached, before the answer started."""
+
+    def __init__(self, failure: convert.Failure) -> None:
+        super().__init__(failure.message)
+        self.failure = failure
+
+
+# kiro2api's own bug, and a stream cut short by shutdown.
+INTERNAL_FAILURE = convert.failure(500, "internal error in kiro2api; see its log")
+SHUTDOWN_FAILURE = convert.failure(503, "kiro2api is shutting down; the answer was cut short")
+
+
+def failure_of(exc: BaseException) -> convert.Failure:
+    """How to answer a client for ``exc``; ``INTERNAL_FAILURE`` for one that says
+    nothing (a bug, to be logged with its traceback by the caller)."""
+    if isinstance(exc, UpstreamError):
+        return exc.failure
+    if isinstance(exc, convert.ConversionError):
+        return convert.conversion_failure(exc)
+    if isinstance(exc, RefreshError) and exc.permanent:  # only logging in again helps
+        return convert.failure(401, str(exc))
+    if isinstance(exc, TokenError):
+        # A token file missing or unreadable, a stuck lock, an auth service that
+        # failed: the proxy cannot serve now, and the message says what to do.
+        return convert.failure(503, str(exc))
+    if isinstance(exc, convert.StreamError):
+        return convert.failure(429 if exc.error_type == "ThrottlingException" else 502,
+                               f"Kiro ended the answer with an error: {exc}")
+    if isinstance(exc, eventstream.EventStreamError):
+        return convert.failure(502, f"the upstream stream was corrupt: {exc}")
+    if isinstance(exc, asyncio.TimeoutError):  # aiohttp's read timeouts included
+        return convert.failure(504, "the upstream stopped sending before the answer was "
+                               "complete")
+    if isinstance(exc, aiohttp.ClientError):
+        return convert.failure(502, f"the upstream connection failed mid-answer: "
+                               f"{describe(exc)}")
+    if isinstance(exc, web.HTTPException):
+        return convert.failure(exc.status, exc.reason)
+    return INTERNAL_FAILURE
 
 
 # Token files ##############################################################
@@ -1404,15 +1469,6 @@ KIRO_IDE_VERSION = "0.11.63"
 SDK_VERSION = "1.0.34"
 
 
-class UpstreamError(Exception):
-    """CodeWhisperer refused the request before streaming (a non-200 answer)."""
-
-    def __init__(self, failure: convert.Failure, *, retry_after: str | None = None) -> None:
-        super().__init__(failure.message)
-        self.failure = failure
-        self.retry_after = retry_after
-
-
 def api_region(credentials: Credentials) -> str:
     """The API region: the profile ARN's if there is one, else the token file's."""
     if credentials.profile_arn and credentials.profile_arn.count(":") >= 5:
@@ -1483,7 +1539,7 @@ def timeout_failure(exc: BaseException, config: Config, url: str) -> convert.Fai
     else:
         message = (f"Kiro did not start answering within {config.first_byte_timeout:g} s "
                    f"(--first-byte-timeout)")
-    return convert.Failure(504, message, "timeout_error", "server_error", "timeout")
+    return convert.failure(504, message, code="timeout")
 
 
 # An account the upstream throttles, finds out of quota or refuses is set
@@ -1530,7 +1586,7 @@ async def open_upstream(request: web.Request, prepared: convert.Prepared) -> aio
             if not others or status not in COOLDOWN_SECONDS:
                 raise
             seconds = COOLDOWN_SECONDS[status]
-            asked = parse_retry_after(exc.retry_after)
+            asked = parse_retry_after(exc.failure.retry_after)
             if status == 429 and asked is not None:
                 seconds = asked
             set_aside(store, seconds, exc.failure.message)
@@ -1550,12 +1606,8 @@ async def call_account(request: web.Request, prepared: convert.Prepared, store: 
     app = request.app
     config, session = app[CONFIG], app[HTTP]
     credentials = await store.credentials()
-    payload = prepared.payload
-    payload.pop("profileArn", None)
-    if credentials.profile_arn:
-        payload["profileArn"] = credentials.profile_arn
     try:
-        body = json.dumps(payload, ensure_ascii=False).encode()
+        body = json.dumps(prepared.body(credentials.profile_arn), ensure_ascii=False).encode()
     except RecursionError:  # the client's JSON parsed, but nests deeper than we can write
         raise convert.ConversionError("request body nests JSON too deeply") from None
     if len(body) > config.max_input_bytes:
@@ -1581,9 +1633,8 @@ async def call_account(request: web.Request, prepared: convert.Prepared, store: 
         except asyncio.TimeoutError as exc:  # ours, or the session's connect or read timeout
             error = UpstreamError(timeout_failure(exc, config, url))
         except aiohttp.ClientError as exc:
-            error = UpstreamError(convert.Failure(
-                502, f"could not reach Kiro at {url}: {describe(exc)}",
-                "api_error", "server_error", None))
+            error = UpstreamError(convert.failure(
+                502, f"could not reach Kiro at {url}: {describe(exc)}"))
         else:
             request[REQUEST_LOG].upstream_first_byte = loop.time() - started
             app[METRICS].upstream_first_byte.observe(loop.time() - started)
@@ -1598,10 +1649,9 @@ async def call_account(request: web.Request, prepared: convert.Prepared, store: 
                 refreshed = True
                 continue
             retry_after = response.headers.get("Retry-After")
-            error = UpstreamError(
-                convert.upstream_failure(response.status, text,
-                                         response.headers.get("x-amzn-errortype", "")),
-                retry_after=retry_after)
+            error = UpstreamError(convert.upstream_failure(
+                response.status, text, response.headers.get("x-amzn-errortype", ""),
+                retry_after=retry_after))
             if response.status not in RETRYABLE_STATUSES or (
                     failover and response.status == 429):
                 raise error
@@ -1818,7 +1868,8 @@ async def fetch_models(app: web.Application) -> list[Json] | None:
             return await list_models(app, store, credentials)
         except TokenError:
             continue
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        except (UpstreamError, aiohttp.ClientError, asyncio.TimeoutError,
+                ValueError) as exc:  # ValueError: an answer that is not JSON
             log.warning("could not list the models of account %s (%s)", store.path.name,
                         describe(exc))
     log.warning("no account could list its models; using the built-in list")
@@ -1840,17 +1891,19 @@ async def list_models(app: web.Application, store: TokenStore,
                                  proxy=config.proxy_for(url),
                                  timeout=aiohttp.ClientTimeout(total=15)) as response:
             if response.status != 200:
-                raise ValueError(f"HTTP {response.status}")
+                detail = (await response.text(errors="replace")).strip()[:200]
+                raise UpstreamError(convert.failure(
+                    502, f"Kiro answered HTTP {response.status}: {detail}"))
             data = await response.json(content_type=None)
         page = data.get("models") if isinstance(data, dict) else None
         if not isinstance(page, list):
-            raise ValueError("an answer without a list of models")
+            raise UpstreamError(convert.failure(502, "Kiro answered without a list of models"))
         models += page
         if not isinstance(data.get("nextToken"), str) or not data["nextToken"]:
             break
         params["nextToken"] = data["nextToken"]
     if not models:  # no account serves nothing: the built-in list is the better guess
-        raise ValueError("an empty list of models")
+        raise UpstreamError(convert.failure(502, "Kiro listed no models"))
     return models
 
 
@@ -1891,93 +1944,59 @@ async def handle_count_tokens(request: web.Request) -> web.Response:
     return web.json_response({"input_tokens": convert.estimate_input_tokens(body)})
 
 
-async def handle_messages(request: web.Request) -> web.StreamResponse:
-    """``POST /v1/messages``: Anthropic Messages, streaming or not."""
-    body = await read_json(request)
-    prepared = convert.anthropic_to_codewhisperer(body, conversation_id=random_uuid())
-    request[REQUEST_LOG].model = body["model"]
-    input_tokens = convert.estimate_input_tokens(body)
-    assembler = convert.Assembler.for_request(prepared, input_tokens=input_tokens,
-                                              client_model=body["model"])
-    message_id = new_id("msg_")
-    upstream = await open_upstream(request, prepared)
-    async with upstream:
-        if body.get("stream") is True:
-            renderer = convert.AnthropicStream(
-                message_id=message_id, model=body["model"], input_tokens=input_tokens)
-            return await stream_sse(request, upstream, assembler, renderer)
-        events = await collect_events(upstream, assembler)
-    return web.json_response(convert.collect_anthropic(
-        events, message_id=message_id, model=body["model"], stop_reason=assembler.stop_reason,
-        usage=assembler.usage, stop_sequence=assembler.stop_sequence))
-
-
-async def handle_chat_completions(request: web.Request) -> web.StreamResponse:
-    """``POST /v1/chat/completions``: OpenAI Chat Completions, streaming or not."""
-    body = await read_json(request)
-    normalised = convert.openai_to_anthropic(body)
-    prepared = convert.anthropic_to_codewhisperer(normalised, conversation_id=random_uuid())
-    model = request[REQUEST_LOG].model = normalised["model"]
-    assembler = convert.Assembler.for_request(
-        prepared, input_tokens=convert.estimate_input_tokens(normalised), client_model=model)
-    completion_id, created = new_id("chatcmpl-"), int(time.time())
-    upstream = await open_upstream(request, prepared)
-    async with upstream:
-        if body.get("stream") is True:
-            include_usage = (body.get("stream_options") or {}).get("include_usage") is True
-            renderer = convert.OpenAIStream(completion_id=completion_id, model=model,
-                                            created=created, include_usage=include_usage)
-            return await stream_sse(request, upstream, assembler, renderer)
-        events = await collect_events(upstream, assembler)
-    return web.json_response(convert.collect_openai(
-        events, completion_id=completion_id, model=model, created=created,
-        stop_reason=assembler.stop_reason, usage=assembler.usage))
+# Relay ####################################################################
+#
+# Every client API is served by ``relay``: its ``convert.ClientApi`` says how
+# its body becomes an Anthropic one and how its answer is spelled; what is
+# the same for all of them (the upstream call, streaming, keep-alives, the
+# idle timeout, disconnects, shutdown, the in-band failure ending) is here once.
 
 
 async def collect_events(upstream: aiohttp.ClientResponse,
                          assembler: convert.Assembler) -> list[convert.Event]:
-    """Every neutral event of a whole answer (for the non-streaming routes)."""
+    """Every neutral event of a whole answer (the non-streamed answer); a failure
+    propagates to the error middleware, which answers it with ``failure_of``."""
     events: list[convert.Event] = []
-    try:
-        async for frames in upstream_frames(upstream):
-            for headers, payload in frames:
-                assembler.feed_into(events, headers, payload)
-            if assembler.stop_reason is not None:
-                break
-    except STREAM_FAILURES as exc:
-        raise web_failure(exc) from exc
+    async for frames in upstream_frames(upstream):
+        for headers, payload in frames:
+            assembler.feed_into(events, headers, payload)
+        if assembler.stop_reason is not None:
+            break
     return events + assembler.finish()
 
 
 # What can go wrong once the upstream has answered 200.
 STREAM_FAILURES = (eventstream.EventStreamError, convert.StreamError, aiohttp.ClientError,
                    asyncio.TimeoutError)
-# The error a stream ends with when kiro2api itself failed.
-STREAM_BUG = convert.Failure(500, "internal error in kiro2api; see its log", "api_error",
-                             "server_error", None)
 
 
-def web_failure(exc: BaseException) -> UpstreamError:
-    """Describe a failure during the upstream stream as an error for the client."""
-    if isinstance(exc, convert.StreamError):
-        status, message = 502, f"Kiro ended the answer with an error: {exc}"
-        if exc.error_type == "ThrottlingException":
-            status = 429
-    elif isinstance(exc, eventstream.EventStreamError):
-        status, message = 502, f"the upstream stream was corrupt: {exc}"
-    elif isinstance(exc, asyncio.TimeoutError):
-        status, message = 504, "the upstream stopped sending before the answer was complete"
-    else:
-        status = 502
-        message = f"the upstream connection failed mid-answer: {describe(exc)}"
-    anthropic_type = convert.ANTHROPIC_ERROR_TYPES.get(status, "api_error")
-    return UpstreamError(convert.Failure(status, message, anthropic_type,
-                                         "server_error" if status >= 500 else "rate_limit_exceeded",
-                                         None))
+def end_with_error(request: web.Request, renderer: convert.Renderer,
+                   events: list[convert.Event], failure: convert.Failure) -> bytes:
+    """What a failed stream still sends: the events the read gave before it, then the error."""
+    request[REQUEST_LOG].failure = failure.message
+    try:
+        return renderer.render(events) + renderer.error(failure)
+    except Exception:  # nothing may escape once the headers are out
+        log.exception("could not render the error that ends the stream")
+        return renderer.error(INTERNAL_FAILURE)
+
+
+async def send_keepalives(response: web.StreamResponse, renderer: convert.Renderer,
+                          interval: float, written: Callable[[], int]) -> None:
+    """Write the renderer's keep-alive whenever the stream has been quiet for ``interval``
+    (``written()``, the bytes the stream has sent, has not moved)."""
+    with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+        last = written()
+        while True:
+            await asyncio.sleep(interval)
+            if written() == last:
+                await response.write(renderer.keepalive)
+            last = written()
 
 
 async def stream_sse(request: web.Request, upstream: aiohttp.ClientResponse,
-                     assembler: convert.Assembler, renderer: Any) -> web.StreamResponse:
+                     assembler: convert.Assembler,
+                     renderer: convert.Renderer) -> web.StreamResponse:
     """Relay an upstream answer as server-sent events, one write per upstream read.
 
     A failure after the headers are out ends the stream with the renderer's
@@ -2018,7 +2037,7 @@ async def stream_sse(request: web.Request, upstream: aiohttp.ClientResponse,
         tail += renderer.finish(assembler.stop_reason, assembler.usage, assembler.stop_sequence)
     except STREAM_FAILURES as exc:
         # What the read rendered before the failure still goes out, then the error.
-        failure = web_failure(exc).failure
+        failure = failure_of(exc)
         log.warning("stream failed after the response started: %s", failure.message)
         tail = end_with_error(request, renderer, events, failure)
     except ConnectionError:
@@ -2031,14 +2050,12 @@ async def stream_sse(request: web.Request, upstream: aiohttp.ClientResponse,
             # the ``async with`` of the caller closes the upstream at once.
             request[REQUEST_LOG].failure = "client disconnected"
             raise
-        failure = convert.Failure(503, "kiro2api is shutting down; the answer was cut short",
-                                  "overloaded_error", "server_error", None)
-        tail = end_with_error(request, renderer, events, failure)
+        tail = end_with_error(request, renderer, events, SHUTDOWN_FAILURE)
     except Exception:
         # A bug of ours: the headers are out, so the error middleware can no
         # longer answer; the client must still see a failure, not a clean end.
         log.exception("unhandled error while streaming %s", request.path)
-        tail = end_with_error(request, renderer, [], STREAM_BUG)
+        tail = end_with_error(request, renderer, [], INTERNAL_FAILURE)
     finally:
         keepalive.cancel()
         streams.discard(task)
@@ -2049,57 +2066,81 @@ async def stream_sse(request: web.Request, upstream: aiohttp.ClientResponse,
     return response
 
 
-def end_with_error(request: web.Request, renderer: Any, events: list[convert.Event],
-                   failure: convert.Failure) -> bytes:
-    """What a failed stream still sends: the events the read gave before it, then the error."""
-    request[REQUEST_LOG].failure = failure.message
-    try:
-        return renderer.render(events) + renderer.error(failure)
-    except Exception:  # nothing may escape once the headers are out
-        log.exception("could not render the error that ends the stream")
-        return renderer.error(STREAM_BUG)
+async def relay(request: web.Request, api: convert.ClientApi) -> web.StreamResponse:
+    """Serve one request of ``api``: convert it, call Kiro, answer streamed or whole."""
+    body = await read_json(request)
+    normalised = api.normalise(body)
+    prepared = convert.anthropic_to_codewhisperer(normalised, conversation_id=random_uuid())
+    model = request[REQUEST_LOG].model = normalised["model"]
+    input_tokens = convert.estimate_input_tokens(normalised)
+    assembler = convert.Assembler.for_request(prepared, input_tokens=input_tokens,
+                                              client_model=model)
+    renderer = api.renderer(body, convert.Answer(
+        id=new_id(api.id_prefix), model=model, created=int(time.time()),
+        input_tokens=input_tokens))
+    upstream = await open_upstream(request, prepared)
+    async with upstream:
+        if body.get("stream") is True:
+            return await stream_sse(request, upstream, assembler, renderer)
+        events = await collect_events(upstream, assembler)
+    return web.json_response(renderer.collect(events, assembler.stop_reason, assembler.usage,
+                                              assembler.stop_sequence))
 
 
-async def send_keepalives(response: web.StreamResponse, renderer: Any, interval: float,
-                          written: Callable[[], int]) -> None:
-    """Write the renderer's keep-alive whenever the stream has been quiet for ``interval``
-    (``written()``, the bytes the stream has sent, has not moved)."""
-    with contextlib.suppress(ConnectionError, asyncio.CancelledError):
-        last = written()
-        while True:
-            await asyncio.sleep(interval)
-            if written() == last:
-                await response.write(renderer.keepalive)
-            last = written()
+def relay_handler(api: convert.ClientApi) -> Callable[[web.Request],
+                                                      Awaitable[web.StreamResponse]]:
+    """The route handler that serves ``api``."""
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return await relay(request, api)
+
+    handle.__name__ = handle.__qualname__ = f"relay_{api.name.replace('-', '_')}"
+    return handle
+
+
+# The client APIs served: (route, the path prefix whose errors take its
+# envelope, the API). Serving another is one ``convert.ClientApi`` and one row.
+API_ROUTES = (
+    ("/v1/messages", "/v1/messages", convert.ANTHROPIC_MESSAGES),
+    ("/v1/chat/completions", "/v1/chat/", convert.OPENAI_CHAT),
+)
 
 
 # Middlewares ##############################################################
 
 
-def is_openai_route(request: web.Request) -> bool:
-    """Whether errors take OpenAI's envelope: on its own routes, and on the shared
-    model routes when the client does not look like Anthropic's (whose SDKs send
-    ``anthropic-version``, and the key as ``x-api-key`` unless told otherwise)."""
+def envelope_api(request: web.Request) -> convert.ClientApi:
+    """The client API whose envelope errors take: that of the route's family, and on
+    the shared model routes OpenAI's when the client does not look like Anthropic's
+    (whose SDKs send ``anthropic-version``, and the key as ``x-api-key`` unless told
+    otherwise); Anthropic's elsewhere."""
     path = request.path
-    if path.startswith("/v1/chat/"):
-        return True
+    for _, family, api in API_ROUTES:
+        if path.startswith(family):
+            return api
     headers = request.headers
-    return path.startswith("/v1/models") and not (
-        "anthropic-version" in headers or "x-api-key" in headers)
+    if path.startswith("/v1/models") and not (
+            "anthropic-version" in headers or "x-api-key" in headers):
+        return convert.OPENAI_CHAT
+    return convert.ANTHROPIC_MESSAGES
 
 
-def error_response(request: web.Request, status: int, message: str, *,
-                   anthropic_type: str | None = None, openai_type: str | None = None,
-                   openai_code: str | None = None, param: str | None = None,
+def error_response(request: web.Request, failure: convert.Failure, *,
                    headers: dict[str, str] | None = None) -> web.Response:
-    """An error in the envelope of the API the route belongs to."""
-    if is_openai_route(request):
-        body = convert.openai_error(status, message, error_type=openai_type, code=openai_code,
-                                    param=param)
-    else:
-        body = convert.anthropic_error(status, message, anthropic_type)
-    request[REQUEST_LOG].failure = message
-    return web.json_response(body, status=status, headers=headers)
+    """``failure`` in the envelope of the API the route belongs to."""
+    if failure.retry_after:
+        headers = {**(headers or {}), "Retry-After": failure.retry_after}
+    request[REQUEST_LOG].failure = failure.message
+    return web.json_response(envelope_api(request).error_body(failure), status=failure.status,
+                             headers=headers)
+
+
+def http_failure(request: web.Request, exc: web.HTTPException) -> convert.Failure:
+    """An HTTP error of aiohttp's (no route, wrong method, too large) in our words."""
+    message = {413: f"request body is larger than {request.app[CONFIG].max_body_bytes} bytes",
+               404: f"no route {request.path}",
+               405: f"method {request.method} is not allowed on {request.path}"}.get(exc.status)
+    failure = failure_of(exc)
+    return failure._replace(message=message) if message else failure
 
 
 @web.middleware
@@ -2111,36 +2152,17 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
     try:
         response = await handler(request)
         return response
-    except convert.ConversionError as exc:
-        response = error_response(request, exc.status, str(exc), openai_code=exc.code,
-                                  param=exc.param)
-    except UpstreamError as exc:
-        f = exc.failure
-        headers = {"Retry-After": exc.retry_after} if exc.retry_after else None
-        response = error_response(request, f.status, f.message, anthropic_type=f.anthropic_type,
-                                  openai_type=f.openai_type, openai_code=f.openai_code,
-                                  headers=headers)
-    except TokenError as exc:
-        response = error_response(request, 401 if getattr(exc, "permanent", True) else 503,
-                                  str(exc), openai_type="authentication_error"
-                                  if getattr(exc, "permanent", True) else "server_error")
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        message = {413: f"request body is larger than {request.app[CONFIG].max_body_bytes} bytes",
-                   404: f"no route {request.path}",
-                   405: f"method {request.method} is not allowed on {request.path}"}.get(
-                       exc.status, exc.reason)
         # 405 must say which methods the route takes (RFC 9110 15.5.6).
         allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        response = error_response(request, exc.status, message, headers=allow)
-    except STREAM_FAILURES as exc:
-        f = web_failure(exc).failure
-        response = error_response(request, f.status, f.message, anthropic_type=f.anthropic_type,
-                                  openai_type=f.openai_type)
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        response = error_response(request, 500, "internal error in kiro2api; see its log")
+        response = error_response(request, http_failure(request, exc), headers=allow)
+    except Exception as exc:
+        failure = failure_of(exc)
+        if failure is INTERNAL_FAILURE:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+        response = error_response(request, failure)
     finally:
         log_request(request, response, started)
     return response
@@ -2263,7 +2285,7 @@ async def finish_streams(app: web.Application) -> None:
     """On SIGTERM (listening has stopped): let streams finish, then cut them short.
 
     Streams still running after ``shutdown_timeout`` are cancelled, and
-    ``stream_sse`` ends each with an in-band error event.
+    the relay (``stream_sse``) ends each with an in-band error event.
     """
     app[SHUTTING_DOWN].set()
     streams = set(app[STREAMS])
@@ -2298,9 +2320,9 @@ def make_app(config: Config) -> web.Application:
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/v1/models", handle_models)
     app.router.add_get("/v1/models/{model_id}", handle_model)
-    app.router.add_post("/v1/messages", handle_messages)
     app.router.add_post("/v1/messages/count_tokens", handle_count_tokens)
-    app.router.add_post("/v1/chat/completions", handle_chat_completions)
+    for route, _, api in API_ROUTES:
+        app.router.add_post(route, relay_handler(api))
     return app
 
 
@@ -2618,20 +2640,6 @@ def run_stores(config: Config, each: Callable[[TokenStore], Awaitable[None]], *,
 
     asyncio.run(main())
     fail(errors)
-
-
-def human_duration(seconds: float) -> str:
-    seconds = int(abs(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    minutes = seconds // 60
-    if minutes < 60:
-        return f"{minutes} min"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 48:
-        return f"{hours} h {minutes} min"
-    days, hours = divmod(hours, 24)
-    return f"{days} d {hours} h"
 
 
 def describe_expiry(credentials: Credentials) -> str:

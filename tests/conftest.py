@@ -1,8 +1,10 @@
-"""Shared fixtures: an isolated environment for every test."""
+"""Shared fixtures: an isolated environment for every test (helpers are in helpers.py)."""
 
 from __future__ import annotations
 
 import pytest
+
+from helpers import API_KEY, Proxy, write_token_file
 
 _ENV_PREFIXES = ("KIRO2API_", "ANTHROPIC_", "OPENAI_")
 _PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY")
@@ -32,92 +34,6 @@ async def fake_upstream(aiohttp_server):
     server = await aiohttp_server(fake.app())
     fake.url = str(server.make_url("")).rstrip("/")
     return fake
-
-
-API_KEY = "test-client-key"
-
-
-def write_token_file(path, **overrides):
-    """A social-login token file, valid for an hour unless overridden."""
-    import datetime
-    import json
-
-    expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1)
-    data = {
-        "accessToken": "aoa-initial-access",
-        "refreshToken": "aor-initial-refresh",
-        "expiresAt": expires.strftime("%Y-%m-%dT%H:%M:%S.000Z"),
-        "authMethod": "social",
-        "provider": "Github",
-        "profileArn": "arn:aws:codewhisperer:us-east-1:111122223333:profile/FAKE",
-    }
-    data.update(overrides)
-    path.write_text(json.dumps(data, indent=2))
-    path.chmod(0o600)
-    return path
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-async def start_server_process(command, port, **popen):
-    """Start ``command`` (a kiro2api server on ``port``) and wait until /health answers.
-
-    ``popen`` goes to ``asyncio.create_subprocess_exec``; by default the output
-    goes to a pipe on ``stdout``. If the server exits or stays silent for about
-    ten seconds, the test fails with what it printed.
-    """
-    import asyncio
-
-    import aiohttp
-
-    popen.setdefault("stdout", asyncio.subprocess.PIPE)
-    popen.setdefault("stderr", asyncio.subprocess.STDOUT)
-    process = await asyncio.create_subprocess_exec(*command, **popen)
-    output = process.stderr if popen["stderr"] == asyncio.subprocess.PIPE else process.stdout
-    async with aiohttp.ClientSession() as session:
-        for _ in range(200):
-            if process.returncode is not None:
-                break
-            try:
-                async with session.get(f"http://127.0.0.1:{port}/health") as response:
-                    await response.read()
-                    return process
-            except aiohttp.ClientConnectionError:
-                await asyncio.sleep(0.05)
-    if process.returncode is None:
-        process.kill()
-    await process.wait()
-    printed = (await output.read()).decode(errors="replace") if output else ""
-    pytest.fail(f"the server did not answer /health (exit status {process.returncode}):\n"
-                f"{printed[-2000:]}")
-
-
-class Proxy:
-    """The real kiro2api app on a real port, in front of ``fake``."""
-
-    def __init__(self, url, fake, config):
-        self.url = url
-        self.fake = fake
-        self.config = config
-
-    def anthropic(self, **kwargs):
-        import anthropic
-
-        return anthropic.AsyncAnthropic(base_url=self.url, api_key=API_KEY, max_retries=0,
-                                        **kwargs)
-
-    def openai(self, **kwargs):
-        import openai
-
-        return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=API_KEY, max_retries=0,
-                                  **kwargs)
 
 
 @pytest.fixture

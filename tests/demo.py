@@ -24,7 +24,8 @@ sys.path[:0] = [str(MAIN), str(HERE)]
 import aiohttp  # noqa: E402
 from aiohttp import web  # noqa: E402
 
-from fakes import FakeUpstream, Stream, tail, text, write_token  # noqa: E402
+from fakes import FakeUpstream, Stream, tail, text  # noqa: E402
+from helpers import write_token  # noqa: E402
 
 API_KEY = "demo"
 MODEL = "claude-sonnet-4-6"

@@ -27,12 +27,15 @@ import re
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 import eventstream
+from helpers import (  # noqa: F401 -- the token-file writer lives in helpers, re-exported
+    CLIENT_ID, CLIENT_ID_HASH, CLIENT_SECRET, IDC_ACCESS, IDC_REFRESH, PROFILE_ARN, SOCIAL_ACCESS,
+    SOCIAL_REFRESH, ide_time, write_token,
+)
 
 EVENT_HEADERS = {":content-type": "application/json", ":message-type": "event"}
 
@@ -266,50 +269,6 @@ class FakeUpstream:
         else:
             body["tokenType"] = "Bearer"
         return web.json_response(body)
-
-
-# Token files ##############################################################
-
-SOCIAL_ACCESS = "aoaAAAAAsocialAccessToken0123456789abcdefghijklmnopqrstuvwxyzSOCIAL"
-SOCIAL_REFRESH = "aorAAAAAsocialRefreshToken0123456789abcdefghijklmnopqrstuvwxyzSOCIAL"
-IDC_ACCESS = "aoaAAAAAidcAccessToken0123456789abcdefghijklmnopqrstuvwxyzIDC"
-IDC_REFRESH = "aorAAAAAidcRefreshToken0123456789abcdefghijklmnopqrstuvwxyzIDC"
-CLIENT_ID_HASH = "0123456789abcdef0123456789abcdef01234567"
-CLIENT_ID = "fakeClientId-0123456789"
-CLIENT_SECRET = "eyJraWQiOiJmYWtlLWNsaWVudC1zZWNyZXQifQ.secret"
-PROFILE_ARN = "arn:aws:codewhisperer:us-east-1:699475941385:profile/EHGA3GRVQMUK"
-
-
-def ide_time(seconds_from_now: float) -> str:
-    """An ``expiresAt`` as the Kiro IDE writes it, this many seconds from now."""
-    moment = datetime.now(timezone.utc) + timedelta(seconds=seconds_from_now)
-    return f"{moment:%Y-%m-%dT%H:%M:%S}.{moment.microsecond // 1000:03d}Z"
-
-
-def write_token(path: Path, *, method: str = "social", expires_in: float = 3600,
-                mode: int = 0o644, **overrides: Any) -> dict[str, Any]:
-    """Write a token file as the Kiro IDE does (``method`` social or idc; for idc
-    also the client registration beside it); keys set to None are left out."""
-    if method == "social":
-        data: dict[str, Any] = {
-            "accessToken": SOCIAL_ACCESS, "refreshToken": SOCIAL_REFRESH,
-            "expiresAt": ide_time(expires_in), "authMethod": "social", "provider": "Google",
-            "profileArn": PROFILE_ARN,
-        }
-    else:
-        data = {
-            "accessToken": IDC_ACCESS, "refreshToken": IDC_REFRESH,
-            "expiresAt": ide_time(expires_in), "clientIdHash": CLIENT_ID_HASH,
-            "authMethod": "IdC", "provider": "BuilderId", "region": "us-east-1",
-        }
-        registration = path.parent / f"{CLIENT_ID_HASH}.json"
-        registration.write_text(json.dumps({"clientId": CLIENT_ID, "clientSecret": CLIENT_SECRET,
-                                            "expiresAt": ide_time(90 * 86400)}))
-    data.update(overrides)
-    data = {k: v for k, v in data.items() if v is not None}
-    path.write_text(json.dumps(data, indent=2))
-    path.chmod(mode)
-    return data
 
 
 # What the tests expect kiro2api to send ##################################

@@ -13,8 +13,8 @@ from anthropic.types import ErrorResponse, Message, RawMessageStreamEvent
 
 import fakes
 import kiro2api
-from conftest import API_KEY, write_token_file
 from fakes import Status, Stream
+from helpers import API_KEY, parse_sse, write_token_file
 
 STREAM_EVENT = pydantic.TypeAdapter(RawMessageStreamEvent)
 BASIC = {"model": "claude-sonnet-4-5", "max_tokens": 1024,
@@ -29,23 +29,17 @@ async def raw_sse(proxy, body, headers=None):
                                 headers={"x-api-key": API_KEY, **(headers or {})}) as response:
             assert response.status == 200, await response.text()
             assert response.headers["Content-Type"].startswith("text/event-stream")
-            raw = (await response.read()).decode()
-    events = []
-    for block in raw.split("\n\n"):
-        if not block:
-            continue
-        name_line, data_line = block.split("\n")
-        name = name_line.removeprefix("event: ")
-        data = json.loads(data_line.removeprefix("data: "))
-        assert data["type"] == name, block
+            raw = await response.read()
+    events = parse_sse(raw)
+    for name, data in events:
+        assert data["type"] == name, (name, data)
         if name == "ping":  # not in the SDK's event union; it skips pings itself
             assert data == {"type": "ping"}
         elif name == "error":
             ErrorResponse.model_validate(data)
         else:
             STREAM_EVENT.validate_python(data)
-        events.append((name, data))
-    assert raw.endswith("\n\n")
+    assert raw.endswith(b"\n\n")
     return events
 
 
@@ -438,6 +432,7 @@ async def test_wrong_or_missing_key_is_refused(proxy, headers):
     assert proxy.fake.calls("/generateAssistantResponse") == []
 
 
+@pytest.mark.slow  # over a second
 async def test_without_configured_key_the_kiro_access_token_is_accepted(
         aiohttp_server, fake_upstream, tmp_path):
     import kiro2api
@@ -665,8 +660,7 @@ async def test_an_idle_stream_gets_ping_events(aiohttp_server, fake_upstream, pr
             raw += await response.content.readany()
         gate.set()
         raw += await response.read()
-    names = [block.split("\n")[0].removeprefix("event: ")
-             for block in raw.decode().split("\n\n") if block]
+    names = [name for name, _ in parse_sse(raw)]
     first_delta = names.index("content_block_delta")
     assert names[:first_delta] == ["message_start", "ping", "content_block_start"]
     assert names[first_delta + 1:first_delta + 3] == ["ping", "ping"]
@@ -740,6 +734,7 @@ async def test_numbers_that_are_not_finite_do_not_break_usage(proxy):
     assert usage["output_tokens"] == 1 and 0 < usage["input_tokens"] < 100
 
 
+@pytest.mark.slow  # over a second
 async def test_models_are_fetched_again_once_the_cache_expires(proxy, monkeypatch):
     monkeypatch.setattr(kiro2api, "MODELS_RETRY_SECONDS", 1.0)
     monkeypatch.setattr(kiro2api, "MODELS_TTL_SECONDS", 1.0)
@@ -789,6 +784,7 @@ async def test_text_no_upstream_request_can_carry_is_a_400(proxy, data, needle):
     assert proxy.fake.calls("/generateAssistantResponse") == []
 
 
+@pytest.mark.slow  # over a second
 async def test_a_stream_that_never_goes_quiet_gets_no_keepalives(
         aiohttp_server, fake_upstream, proxy_config):
     import dataclasses

@@ -23,6 +23,7 @@ import convert
 import eventstream
 import fakes
 from fakes import A, Status, Stream, U, state, user
+from helpers import parse_sse
 
 # A copy of shared/codewhisperer-schema.json (the AWS service model as data).
 SCHEMA_FILE = Path(__file__).parent / "data" / "codewhisperer-schema.json"
@@ -563,10 +564,8 @@ def render_reads(reads, **options):
 def sse_events(raw):
     """Parse, validate with the SDK's types, and join same-kind deltas of a block."""
     events = []
-    for block in raw.decode().split("\n\n")[:-1]:
-        name, data = block.split("\n")
-        event = json.loads(data.removeprefix("data: "))
-        assert name == f"event: {event['type']}"
+    for name, event in parse_sse(raw):
+        assert name == event["type"]
         if event["type"] != "ping":  # the SDK skips pings; they are not in its union
             STREAM_EVENT.validate_python(event)
         last = events[-1] if events else None

@@ -17,8 +17,9 @@ import pytest
 from click.testing import CliRunner
 
 import kiro2api
-from fakes import (
-    CLIENT_SECRET, IDC_ACCESS, PROFILE_ARN, SOCIAL_ACCESS, SOCIAL_REFRESH, Status, write_token,
+from fakes import Status
+from helpers import (
+    CLIENT_SECRET, IDC_ACCESS, PROFILE_ARN, SOCIAL_ACCESS, SOCIAL_REFRESH, write_token,
 )
 
 
@@ -332,6 +333,7 @@ def read_only(tmp_path):
 
 
 @pytest.mark.parametrize("command", ["refresh", "export", "authToken"])
+@pytest.mark.slow  # mount(8), when root
 async def test_a_file_that_cannot_be_written_is_not_refreshed(
         tmp_path, fake_upstream, read_only, command):
     # The auth service may retire the old refresh token: refreshing what cannot
@@ -522,6 +524,7 @@ NASTY_KEY = "it's \"quoted\" $(touch PWNED) `touch PWNED` ; | & \\ * ~ ! # {a,b}
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX shells")
 @pytest.mark.parametrize("sh", ["bash", "sh"])
+@pytest.mark.slow  # a real shell
 def test_eval_export_in_a_real_shell(tmp_path, sh):
     script = ('eval "$("$PYTHON" "$KIRO2API" export)"; '
               'printf "%s\\n%s" "$ANTHROPIC_BASE_URL" "$ANTHROPIC_AUTH_TOKEN"')

@@ -10,6 +10,7 @@ import convert
 import eventstream
 import fakes
 from fakes import A, U, state, user
+from helpers import parse_sse
 
 MODEL = fakes.MODEL_ID
 
@@ -129,8 +130,9 @@ def test_anthropic_request_becomes_exact_codewhisperer_payload(body, expected):
 def test_profile_arn_is_sent_when_known():
     prepared = convert.anthropic_to_codewhisperer(
         {"model": "m", "messages": [{"role": "user", "content": "x"}]},
-        conversation_id="c", profile_arn="arn:aws:codewhisperer:us-east-1:1:profile/P")
-    assert prepared.payload["profileArn"] == "arn:aws:codewhisperer:us-east-1:1:profile/P"
+        conversation_id="c")
+    body = prepared.body("arn:aws:codewhisperer:us-east-1:1:profile/P")
+    assert body["profileArn"] == "arn:aws:codewhisperer:us-east-1:1:profile/P"
 
 
 def test_long_tool_names_are_shortened_and_mapped_back():
@@ -147,7 +149,9 @@ def test_long_tool_names_are_shortened_and_mapped_back():
 
     assembler = convert.Assembler(input_tokens=1, tool_names=prepared.tool_names)
     frames = fakes.tool("t1", sent, "{}")
-    events = [e for f in frames for e in assembler.feed(*headers_payload(f))]
+    events = []
+    for f in frames:
+        assembler.feed_into(events, *headers_payload(f))
     assert events == [convert.ToolCall("t1", name, "{}")]
 
 
@@ -217,7 +221,7 @@ def run(frames, **kwargs):
     assembler = convert.Assembler(input_tokens=kwargs.pop("input_tokens", 10), **kwargs)
     events = []
     for frame in frames:
-        events += assembler.feed(*headers_payload(frame))
+        assembler.feed_into(events, *headers_payload(frame))
     events += assembler.finish()
     return events, assembler.stop_reason, assembler
 
@@ -284,8 +288,7 @@ def test_anthropic_renderer_exact_bytes():
 def test_renderer_output_is_valid_utf8_json_even_for_lone_surrogates():
     stream = convert.AnthropicStream(message_id="m", model="m", input_tokens=1)
     out = stream.render([convert.Text(json.loads('"a\\ud800b"'))])
-    data = out.decode("utf-8").split("\n")[4].removeprefix("data: ")
-    assert json.loads(data)["delta"]["text"] == "a\ud800b"
+    assert parse_sse(out)[1][1]["delta"]["text"] == "a\ud800b"
 
 
 @pytest.mark.parametrize(("status", "body", "expected_status", "code"), [
@@ -300,7 +303,7 @@ def test_renderer_output_is_valid_utf8_json_even_for_lone_surrogates():
 ])
 def test_upstream_failure_mapping(status, body, expected_status, code):
     failure = convert.upstream_failure(status, body)
-    assert (failure.status, failure.openai_code) == (expected_status, code)
+    assert (failure.status, failure.code) == (expected_status, code)
     assert failure.message
 
 
@@ -353,8 +356,7 @@ def test_thinking_tags_parse_however_the_text_is_split(text, expected):
 def test_thinking_is_rendered_as_thinking_blocks():
     events, _, _ = run(fakes.text("<thinking>hm</thinking>\n\nHi"), thinking=True)
     stream = convert.AnthropicStream(message_id="m", model="m", input_tokens=1)
-    lines = [json.loads(line[6:]) for line in stream.render(events).decode().split("\n")
-             if line.startswith("data: ")]
+    lines = [data for _, data in parse_sse(stream.render(events))]
     assert [(d["type"], d.get("content_block", d.get("delta", {})).get("type")) for d in lines] \
         == [("content_block_start", "thinking"), ("content_block_delta", "thinking_delta"),
             ("content_block_stop", None), ("content_block_start", "text"),
@@ -456,18 +458,17 @@ def test_renderers_escape_lone_surrogates_in_tool_ids_and_names():
     call = convert.ToolCall(json.loads('"t\\udc80"'), json.loads('"n\\ud800"'), "{}")
     anthropic_out = convert.AnthropicStream(message_id="m", model="m",
                                             input_tokens=1).render([call])
-    start = json.loads(anthropic_out.decode().split("\n")[1].removeprefix("data: "))
+    start = parse_sse(anthropic_out)[0][1]
     assert start["content_block"]["id"] == call.id and start["content_block"]["name"] == call.name
     openai_out = convert.OpenAIStream(completion_id="c", model="m", created=1).render([call])
-    first = json.loads(openai_out.decode().split("\n")[0].removeprefix("data: "))
+    first = parse_sse(openai_out)[0][1]
     assert first["choices"][0]["delta"]["tool_calls"][0]["id"] == call.id
 
 
 def test_redacted_thinking_has_no_place_in_openai_answers():
     events = [convert.Thinking("t"), convert.RedactedThinking("ZW5j"), convert.Text("x")]
     stream = convert.OpenAIStream(completion_id="c", model="m", created=1)
-    chunks = [json.loads(line[6:]) for line in stream.render(events).decode().split("\n\n")
-              if line]
+    chunks = [data for _, data in parse_sse(stream.render(events))]
     assert [c["choices"][0]["delta"] for c in chunks] == [{"reasoning_content": "t"},
                                                           {"content": "x"}]
     message = convert.collect_openai(events, completion_id="c", model="m", created=1,

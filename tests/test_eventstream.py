@@ -946,6 +946,7 @@ quick = settings(
 )
 
 
+@pytest.mark.slow  # hypothesis: over a second
 @quick
 @given(st.lists(messages_st, max_size=6), st.data())
 def test_take_gives_what_iteration_gives_however_the_stream_is_split(messages, data):
@@ -962,6 +963,7 @@ def test_take_gives_what_iteration_gives_however_the_stream_is_split(messages, d
     assert shapes(got) == [(typed(headers), payload) for headers, payload in messages]
 
 
+@pytest.mark.slow  # hypothesis: about a second
 @quick
 @given(st.lists(messages_st, max_size=6), st.data())
 def test_any_messages_survive_encode_split_decode(messages, data):
@@ -1009,6 +1011,7 @@ def test_random_lengths_behind_a_valid_prelude_crc_raise_only_event_stream_error
     decode_until_error(*split(blob, cuts))
 
 
+@pytest.mark.slow  # hypothesis: about a second
 @quick
 @given(st.lists(messages_st, min_size=1, max_size=4), st.binary(min_size=1, max_size=500))
 def test_random_bytes_after_valid_frames_leave_those_frames_intact(messages, garbage):
@@ -1018,6 +1021,7 @@ def test_random_bytes_after_valid_frames_leave_those_frames_intact(messages, gar
     assert shapes(got[: len(expected)]) == expected
 
 
+@pytest.mark.slow  # hypothesis: about a second
 @quick
 @given(
     st.lists(messages_st, min_size=1, max_size=5),

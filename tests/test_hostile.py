@@ -26,8 +26,8 @@ from hypothesis import strategies as st
 
 import fakes
 import kiro2api
-from conftest import API_KEY, write_token_file
 from fakes import FakeUpstream, Stream
+from helpers import API_KEY, parse_sse, write_token_file
 
 ANTHROPIC, OPENAI = "/v1/messages", "/v1/chat/completions"
 ROUTES = (ANTHROPIC, OPENAI, "/v1/messages/count_tokens")
@@ -123,24 +123,10 @@ def check_envelope(route: str, status: int, body: bytes) -> dict[str, Any]:
         error = data["error"]
         assert set(error) == {"type", "message"}, data
         assert error["type"] == kiro2api.convert.ANTHROPIC_ERROR_TYPES.get(
-            status, error["type"]) or status in (400, 401, 404, 405, 413)
+            kiro2api.convert.KIND_OF_STATUS.get(status), error["type"]) or status in (
+                400, 401, 404, 405, 413)
     assert isinstance(error["message"], str) and error["message"]
     return error
-
-
-def sse_payloads(body: bytes) -> list[tuple[str | None, str]]:
-    events = []
-    for block in body.decode().split("\n\n"):
-        if not block or block.startswith(":"):
-            continue
-        name, data = None, ""
-        for line in block.split("\n"):
-            if line.startswith("event: "):
-                name = line.removeprefix("event: ")
-            elif line.startswith("data: "):
-                data = line.removeprefix("data: ")
-        events.append((name, data))
-    return events
 
 
 def check_answer(live: Live, route: str, status: int, headers: dict[str, str],
@@ -155,7 +141,7 @@ def check_answer(live: Live, route: str, status: int, headers: dict[str, str],
     if not headers.get("Content-Type", "").startswith("text/event-stream"):
         json.loads(body)
         return
-    events = sse_payloads(body)
+    events = parse_sse(body, comments=True)
     if route == OPENAI:
         assert events[-1] == (None, "[DONE]"), events[-3:]
     else:
@@ -296,6 +282,7 @@ GARBAGE = st.one_of(
 )
 
 
+@pytest.mark.slow  # hypothesis: up to a second per route
 @pytest.mark.parametrize("route", ROUTES)
 @HYPOTHESIS
 @given(data=st.data())
@@ -414,16 +401,16 @@ def test_a_corrupted_upstream_answer_always_ends_in_an_error(live, route, case, 
         check_envelope(route, status, body)
         return
     assert status == 200
-    events = sse_payloads(body)
+    events = parse_sse(body, comments=True)
     if route == OPENAI:
         assert (None, "[DONE]") not in events
-        last = json.loads(events[-1][1])
+        last = events[-1][1]
         assert set(last) == {"error"} and last["error"]["message"], events[-3:]
     else:
         names = [name for name, _ in events]
         assert "message_stop" not in names and "message_delta" not in names
         assert names[-1] == "error", names
-        assert json.loads(events[-1][1])["error"]["message"]
+        assert events[-1][1]["error"]["message"]
 
 
 @pytest.mark.parametrize("key", ["\xff\xfe", "test-client-key\x80", "é" * 4000])

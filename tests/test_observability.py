@@ -6,11 +6,12 @@ import json
 import logging
 
 import aiohttp
+import pytest
 
 import fakes
 import kiro2api
-from conftest import API_KEY
 from fakes import Status, Stream
+from helpers import API_KEY
 
 BODY = {"model": "claude-sonnet-4-5", "max_tokens": 10,
         "messages": [{"role": "user", "content": "Hi"}]}
@@ -119,6 +120,7 @@ async def scrape(url):
         return parse_metrics(await response.text())
 
 
+@pytest.mark.slow  # over a second
 async def test_metrics_show_open_streams_and_time_histograms(proxy):
     proxy.fake.script.append(Stream(fakes.text("a", "b", "c") + fakes.tail(), split=(60,),
                                     delay=0.3))
@@ -152,7 +154,7 @@ async def test_metrics_show_open_streams_and_time_histograms(proxy):
 
 async def test_metrics_count_refreshes_and_token_failures(aiohttp_server, fake_upstream,
                                                           proxy_config):
-    from conftest import write_token_file
+    from helpers import write_token_file
 
     token_file = proxy_config.token_files[0]
     write_token_file(token_file, expiresAt="2020-01-01T00:00:00.000Z")

@@ -19,8 +19,8 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 import convert
 import fakes
 from fakes import A, U, state, user
-from conftest import API_KEY
 from fakes import Status, Stream
+from helpers import API_KEY, parse_sse
 
 MODEL = fakes.MODEL_ID
 BASIC = {"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "Hi"}]}
@@ -285,14 +285,10 @@ def test_bad_openai_request_raises_with_param(body, param, needle):
 
 def chunks_of(raw: bytes) -> list:
     """Split rendered bytes into parsed ``data:`` payloads ("[DONE]" kept as text)."""
-    text = raw.decode("utf-8")
-    assert text.endswith("\n\n")
-    out = []
-    for block in text.split("\n\n")[:-1]:
-        assert block.startswith("data: ") and "\n" not in block, block
-        data = block.removeprefix("data: ")
-        out.append(data if data == "[DONE]" else json.loads(data))
-    return out
+    assert raw.endswith(b"\n\n")
+    events = parse_sse(raw)
+    assert all(name is None for name, _ in events), events
+    return [data for _, data in events]
 
 
 def test_openai_renderer_exact_bytes():
@@ -367,8 +363,8 @@ def test_finish_reason_mapping(stop_reason, expected):
 
 def test_openai_renderer_error_is_an_error_chunk_without_done():
     stream = convert.OpenAIStream(completion_id="c", model="m", created=1, include_usage=True)
-    failure = convert.Failure(429, "Kiro ended the answer: slow down", "rate_limit_error",
-                              "rate_limit_exceeded", "rate_limit_exceeded")
+    failure = convert.Failure("rate_limit", 429, "Kiro ended the answer: slow down",
+                              code="rate_limit_exceeded")
     assert chunks_of(stream.error(failure)) == [{"error": {
         "message": "Kiro ended the answer: slow down", "type": "rate_limit_exceeded",
         "param": None, "code": "rate_limit_exceeded"}}]
@@ -426,10 +422,8 @@ async def raw_stream(proxy_url, body):
     status, headers, raw = await post_raw(proxy_url, {**body, "stream": True})
     assert status == 200, raw
     assert headers["Content-Type"].startswith("text/event-stream")
-    text = raw.decode("utf-8")
-    assert "event:" not in text
-    blocks = [b for b in text.split("\n\n")[:-1] if not b.startswith(":")]
-    chunks = chunks_of("".join(b + "\n\n" for b in blocks).encode())
+    assert b"event:" not in raw
+    chunks = [data for _, data in parse_sse(raw, comments=True)]
     for chunk in chunks:
         if isinstance(chunk, dict) and "error" not in chunk:
             ChatCompletionChunk.model_validate(chunk)
@@ -688,6 +682,7 @@ async def test_wrong_key_gets_openai_authentication_error(proxy):
     assert proxy.fake.calls("/generateAssistantResponse") == []
 
 
+@pytest.mark.slow  # over a second
 async def test_keepalive_comments_are_ignored_by_the_sdk(aiohttp_server, fake_upstream,
                                                          proxy_config):
     import kiro2api

@@ -23,7 +23,7 @@ from aiohttp import web
 from click.testing import CliRunner
 
 import kiro2api
-from conftest import API_KEY, free_port, start_server_process, write_token_file
+from helpers import API_KEY, free_port, start_server_process, write_token_file
 
 MAIN = Path(kiro2api.__file__).resolve().parent
 UNIT = MAIN / "kiro2api.service"
@@ -52,6 +52,7 @@ def child_env() -> dict[str, str]:
 # The one-file build #######################################################
 
 
+@pytest.mark.slow  # make
 def test_pyz_holds_the_three_modules_and_builds_reproducibly(tmp_path):
     # The time zone changes what the current time looks like inside a zip
     # file, so two builds differ unless no timestamp comes from the clock.
@@ -66,6 +67,7 @@ def test_pyz_holds_the_three_modules_and_builds_reproducibly(tmp_path):
             assert pyz.read(module) == (MAIN / module).read_bytes()
 
 
+@pytest.mark.slow  # make and the pyz
 def test_pyz_version(tmp_path):
     pyz = build_pyz(tmp_path)
     done = subprocess.run([sys.executable, str(pyz), "--version"], cwd=tmp_path,
@@ -74,6 +76,7 @@ def test_pyz_version(tmp_path):
     assert done.stdout.strip() == f"kiro2api, version {kiro2api.__version__}"
 
 
+@pytest.mark.slow  # make
 def test_make_install_puts_the_pyz_and_the_unit_under_destdir(tmp_path):
     root = tmp_path / "root"
     make("install", f"DESTDIR={root}", f"DIST={tmp_path / 'dist'}",
@@ -106,6 +109,7 @@ def mdwe_supported() -> bool:
 
 
 @pytest.mark.parametrize("hardened", [False, True], ids=["plain", "memory-deny-write-execute"])
+@pytest.mark.slow  # make and a server process
 async def test_pyz_serves_and_stops_cleanly_on_sigterm(tmp_path, fake_upstream, hardened):
     if hardened and not mdwe_supported():
         pytest.skip("this kernel has no PR_SET_MDWE (Linux 6.3 or newer)")
@@ -197,6 +201,7 @@ def test_unit_has_the_settings_the_deployment_relies_on():
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+@pytest.mark.slow  # systemd-analyze
 def test_systemd_analyze_verify():
     # verify exits 0 on unknown keys and bad values, but names the file.
     done = subprocess.run(["systemd-analyze", "verify", str(UNIT)], capture_output=True,
@@ -209,6 +214,7 @@ def test_systemd_analyze_verify():
 # The demo #################################################################
 
 
+@pytest.mark.slow  # the demo process
 def test_demo_streams_an_answer_without_a_kiro_account(tmp_path):
     env = {**child_env(), "HOME": str(tmp_path)}
     done = subprocess.run([sys.executable, str(MAIN / "tests/demo.py")], cwd=tmp_path, env=env,
@@ -359,6 +365,7 @@ async def test_credentials_in_the_proxy_url_become_proxy_authorization(
     assert all("Proxy-Authorization" not in r.headers for r in fake_upstream.requests)
 
 
+@pytest.mark.slow  # a kiro2api process
 async def test_refresh_command_goes_through_the_proxy(tmp_path, fake_upstream, forward_proxy):
     token_file = write_token_file(tmp_path / "kiro-auth-token.json",
                                   expiresAt="2020-01-01T00:00:00.000Z")
@@ -477,6 +484,7 @@ async def tls_upstream(aiohttp_server):
 
 
 @pytest.mark.parametrize("bypass", [False, True], ids=["https-proxy", "no-proxy"])
+@pytest.mark.slow  # a server process
 async def test_https_proxy_variable_tunnels_the_refresh_and_the_call(
         tmp_path, tls_upstream, connect_proxy, bypass):
     """A real server process, as systemd would start it: HTTPS_PROXY (with

@@ -8,10 +8,10 @@ import aiohttp
 import anthropic
 import pytest
 
-import fakes
+import helpers
 import kiro2api
-from conftest import API_KEY
 from fakes import Status
+from helpers import API_KEY
 
 BODY = {"model": "claude-sonnet-4-5", "max_tokens": 10,
         "messages": [{"role": "user", "content": "Hi"}]}
@@ -23,8 +23,8 @@ async def pool(aiohttp_server, fake_upstream, proxy_config, tmp_path):
     social, idc = tmp_path / "social" / "token.json", tmp_path / "idc" / "token.json"
     social.parent.mkdir()
     idc.parent.mkdir()
-    fakes.write_token(social, method="social")
-    fakes.write_token(idc, method="idc")
+    helpers.write_token(social, method="social")
+    helpers.write_token(idc, method="idc")
     config = dataclasses.replace(proxy_config, token_files=(social, idc))
     server = await aiohttp_server(kiro2api.make_app(config))
     url = str(server.make_url("")).rstrip("/")
@@ -47,7 +47,7 @@ async def test_requests_stick_to_the_first_healthy_account(pool, fake_upstream):
     client, _ = pool
     for _ in range(3):
         await client.messages.create(**BODY)
-    assert tokens(fake_upstream) == [fakes.SOCIAL_ACCESS] * 3
+    assert tokens(fake_upstream) == [helpers.SOCIAL_ACCESS] * 3
 
 
 @pytest.mark.parametrize(("refusal", "reason"), [
@@ -60,9 +60,9 @@ async def test_refused_account_fails_over_and_cools_down(pool, fake_upstream, re
     fake_upstream.script.append(refusal)
     message = await client.messages.create(**BODY)
     assert message.content[0].text == "Hello"
-    assert tokens(fake_upstream) == [fakes.SOCIAL_ACCESS, fakes.IDC_ACCESS]
+    assert tokens(fake_upstream) == [helpers.SOCIAL_ACCESS, helpers.IDC_ACCESS]
     await client.messages.create(**BODY)  # the refused account rests
-    assert tokens(fake_upstream)[-1] == fakes.IDC_ACCESS
+    assert tokens(fake_upstream)[-1] == helpers.IDC_ACCESS
     first = (await health(url))["accounts"][0]
     assert first["cooldown_seconds"] > 0 and reason in first["cooldown_reason"]
 
@@ -71,8 +71,8 @@ async def test_unrefreshable_account_fails_over(aiohttp_server, fake_upstream, p
                                                tmp_path):
     social, idc = tmp_path / "social.json", tmp_path / "idc" / "token.json"
     idc.parent.mkdir()
-    fakes.write_token(social, method="social", expires_in=-60)
-    fakes.write_token(idc, method="idc")
+    helpers.write_token(social, method="social", expires_in=-60)
+    helpers.write_token(idc, method="idc")
     fake_upstream.auth_script.append(Status(400, {"error": "invalid_grant"}))
     config = dataclasses.replace(proxy_config, token_files=(social, idc))
     server = await aiohttp_server(kiro2api.make_app(config))
@@ -80,7 +80,7 @@ async def test_unrefreshable_account_fails_over(aiohttp_server, fake_upstream, p
     client = anthropic.AsyncAnthropic(base_url=url, api_key=API_KEY, max_retries=0)
     message = await client.messages.create(**BODY)
     assert message.content[0].text == "Hello"
-    assert tokens(fake_upstream) == [fakes.IDC_ACCESS]
+    assert tokens(fake_upstream) == [helpers.IDC_ACCESS]
     first = (await health(url))["accounts"][0]
     assert first["state"] == "error" and "log in to Kiro again" in first["error"]
 
@@ -118,7 +118,7 @@ async def test_failover_is_logged_and_metrics_show_each_account(pool, fake_upstr
     assert samples[("kiro2api_account_up", first)] == 0  # cooling down
     assert samples[("kiro2api_account_up", second)] == 1
     assert all(secret not in r.getMessage() for r in caplog.records
-               for secret in (fakes.SOCIAL_ACCESS, fakes.IDC_ACCESS, fakes.SOCIAL_REFRESH))
+               for secret in (helpers.SOCIAL_ACCESS, helpers.IDC_ACCESS, helpers.SOCIAL_REFRESH))
 
 
 async def test_models_come_from_the_next_account_when_the_first_cannot_list_them(
@@ -130,4 +130,4 @@ async def test_models_come_from_the_next_account_when_the_first_cannot_list_them
     assert "claude-haiku-4-5" not in ids  # ... not the built-in one
     calls = fake_upstream.calls("/ListAvailableModels")
     assert [c.headers["Authorization"] for c in calls] == [
-        f"Bearer {fakes.SOCIAL_ACCESS}", f"Bearer {fakes.IDC_ACCESS}"]
+        f"Bearer {helpers.SOCIAL_ACCESS}", f"Bearer {helpers.IDC_ACCESS}"]

@@ -18,8 +18,8 @@ import pytest
 
 import fakes
 import kiro2api
-from conftest import API_KEY
 from fakes import Status, Stream
+from helpers import API_KEY, parse_sse
 
 BODY = {"model": "claude-sonnet-4-5", "max_tokens": 10,
         "messages": [{"role": "user", "content": "Hi"}]}
@@ -169,7 +169,7 @@ async def test_a_failure_after_the_first_byte_is_never_retried(aiohttp_server, f
                                 headers={"x-api-key": API_KEY}) as response:
             assert response.status == 200
             text = (await response.read()).decode()
-    assert text.rstrip().split("\n\n")[-1].startswith("event: error\n")
+    assert parse_sse(text, comments=True)[-1][0] == "error"
     assert "message_stop" not in text
     assert len(fake_upstream.calls("/generateAssistantResponse")) == 1
 
@@ -235,7 +235,7 @@ async def test_silence_mid_stream_ends_the_openai_stream_with_an_error_chunk(
                                 json={**OPENAI_BODY, "stream": True},
                                 headers={"x-api-key": API_KEY}) as response:
             text = (await asyncio.wait_for(response.read(), 10)).decode()
-    last = json.loads(text.strip().split("\n\n")[-1].removeprefix("data: "))
+    last = parse_sse(text, comments=True)[-1][1]
     assert "stopped sending" in last["error"]["message"]
     assert "[DONE]" not in text
 
@@ -305,6 +305,7 @@ CONCURRENCY = 50
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts through /proc (Linux)")
+@pytest.mark.slow  # over a second
 async def test_a_thousand_clients_hanging_up_at_random_leave_nothing_behind(
         aiohttp_server, fake_upstream, proxy_config):
     app = kiro2api.make_app(proxy_config)

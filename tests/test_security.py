@@ -17,9 +17,10 @@ import pytest
 from click.testing import CliRunner
 
 import fakes
+import helpers
 import kiro2api
-from conftest import API_KEY, free_port, start_server_process
 from fakes import Status, Stream
+from helpers import API_KEY, free_port, start_server_process
 
 ROOT = Path(__file__).resolve().parents[1]
 BODY = {"model": "claude-sonnet-4-5", "max_tokens": 10,
@@ -67,7 +68,7 @@ def test_keys_are_compared_whatever_their_length_or_bytes():
 async def dead_account(aiohttp_server, fake_upstream, proxy_config):
     """kiro2api in front of an account whose token expired and whose refresh token
     the auth service refuses for good."""
-    fakes.write_token(proxy_config.token_files[0], expires_in=-60)
+    helpers.write_token(proxy_config.token_files[0], expires_in=-60)
     fake_upstream.auth_script.append(Status(400, {"error": "invalid_grant",
                                                   "error_description": "Invalid refresh token"}))
     server = await aiohttp_server(kiro2api.make_app(proxy_config))
@@ -168,12 +169,13 @@ def secrets(fake) -> list[str]:
 
 
 @pytest.mark.parametrize("level", ["DEBUG", "INFO"])
+@pytest.mark.slow  # a server process
 async def test_no_secret_in_the_log_or_any_answer_and_every_file_0600(fake_upstream, tmp_path,
                                                                       level):
     (tmp_path / "cache").mkdir()
     token_file = tmp_path / "cache" / "kiro-auth-token.json"
-    fakes.write_token(token_file, expires_in=60, accessToken=ACCESS, refreshToken=REFRESH,
-                      mode=0o644)  # due for a refresh; readable by all, as some tools leave it
+    helpers.write_token(token_file, expires_in=60, accessToken=ACCESS, refreshToken=REFRESH,
+                        mode=0o644)  # due for a refresh; readable by all, as some tools leave it
     process, url = await run_server(fake_upstream, token_file, level, umask=0)
     try:
         bodies = await full_cycles(url, fake_upstream)
@@ -221,13 +223,14 @@ asyncio.run(main())
 KILLS = 12
 
 
+@pytest.mark.slow  # processes, killed
 async def test_sigkill_at_any_moment_of_a_refresh_leaves_the_old_or_the_new_tokens(
         fake_upstream, tmp_path):
     (tmp_path / "cache").mkdir()
     token_file = tmp_path / "cache" / "kiro-auth-token.json"
-    fakes.write_token(token_file, mode=0o600)
+    helpers.write_token(token_file, mode=0o600)
     rng = random.Random(11)
-    pairs = {(fakes.SOCIAL_ACCESS, fakes.SOCIAL_REFRESH)}
+    pairs = {(helpers.SOCIAL_ACCESS, helpers.SOCIAL_REFRESH)}
     for _ in range(KILLS):
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-c", REFRESH_LOOP, str(ROOT), str(token_file), fake_upstream.url,

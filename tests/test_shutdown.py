@@ -11,8 +11,10 @@ import aiohttp
 import pytest
 
 import fakes
-from conftest import API_KEY, free_port, start_server_process, write_token_file
 from fakes import Stream
+from helpers import API_KEY, free_port, parse_sse, start_server_process, write_token_file
+
+pytestmark = pytest.mark.slow  # every test here starts a server process
 
 ROOT = Path(__file__).resolve().parents[1]
 BODY = {"model": "claude-sonnet-4-5", "max_tokens": 10, "stream": True,
@@ -58,8 +60,8 @@ async def test_sigterm_ends_a_long_stream_with_an_error_event(fake_upstream, tmp
     process.send_signal(signal.SIGTERM)
     body = await asyncio.wait_for(reader, 10)
     assert "message_stop" not in body
-    last = body.strip().split("\n\n")[-1]
-    assert last.startswith("event: error\n") and "shutting down" in last
+    name, last = parse_sse(body)[-1]
+    assert name == "error" and "shutting down" in last["error"]["message"]
     assert await asyncio.wait_for(process.wait(), 10) == 0
     async with aiohttp.ClientSession() as session:  # no longer listening
         try:

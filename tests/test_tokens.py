@@ -18,9 +18,10 @@ import aiohttp
 import pytest
 
 import kiro2api
-from fakes import (
+from fakes import FakeClock, Status, until
+from helpers import (
     CLIENT_ID, CLIENT_ID_HASH, CLIENT_SECRET, IDC_ACCESS, IDC_REFRESH, PROFILE_ARN, SOCIAL_ACCESS,
-    SOCIAL_REFRESH, FakeClock, Status, until, write_token,
+    SOCIAL_REFRESH, write_token,
 )
 
 UTC = timezone.utc
@@ -569,6 +570,7 @@ async def wait_until_waiting_for(lock_path, processes):
         await asyncio.sleep(0.01)
 
 
+@pytest.mark.slow  # two kiro2api processes
 async def test_two_processes_refreshing_at_once_refresh_once(token_path, fake_upstream):
     write_token(token_path, expires_in=-60, ideOnly="kept")
     before = json.loads(token_path.read_text())

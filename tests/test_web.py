@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import kiro2api
-from conftest import write_token_file
+from helpers import write_token_file
 
 
 @pytest.fixture
