@@ -101,12 +101,12 @@ class Failure(NamedTuple):
 STATUS_OF_KIND = {
     "invalid_request": 400, "authentication": 401, "billing": 402, "permission": 403,
     "not_found": 404, "too_large": 413, "rate_limit": 429, "internal": 500, "upstream": 502,
-    "unavailable": 503, "timeout": 504,
+    "unavailable": 503, "timeout": 504, "overloaded": 529,
 }
 # The kind of a bare status (an HTTP error of the web layer, a ConversionError's).
 KIND_OF_STATUS = {
     **{status: kind for kind, status in STATUS_OF_KIND.items()},
-    405: "invalid_request", 408: "timeout", 529: "unavailable",
+    405: "invalid_request", 408: "timeout",
 }
 
 
@@ -1260,6 +1260,12 @@ def is_bearer_invalid(status: int, body: str) -> bool:
     return status in (401, 403) and (status == 401 or BEARER_INVALID in body.lower())
 
 
+# Kiro's reasons for a model out of capacity, and the Retry-After answered
+# when Kiro gives none.
+CAPACITY_REASONS = ("INSUFFICIENT_MODEL_CAPACITY", "MODEL_TEMPORARILY_UNAVAILABLE")
+OVERLOADED_RETRY_AFTER = "10"
+
+
 def upstream_failure(status: int, body: str, error_type: str = "", *,
                      retry_after: str | None = None) -> Failure:
     """Map a non-200 CodeWhisperer answer to the failure the client is answered with.
@@ -1293,6 +1299,11 @@ def upstream_failure(status: int, body: str, error_type: str = "", *,
     if status == 400:
         return Failure("invalid_request", 400, f"Kiro rejected the request: {detail}",
                        retry_after)
+    if any(capacity in reason or capacity in message for capacity in CAPACITY_REASONS):
+        # Switching model helps, quick retries do not (PROTOCOL-2026.md 10.9).
+        return Failure("overloaded", 529, f"Kiro has no capacity for this model now; try "
+                       f"again shortly or use another model ({detail})",
+                       retry_after or OVERLOADED_RETRY_AFTER)
     if is_bearer_invalid(status, body):
         return Failure("authentication", 401, f"Kiro did not accept the access token, even "
                        f"after a refresh; log in to Kiro again ({detail})", retry_after,
@@ -1705,6 +1716,7 @@ ANTHROPIC_ERROR_TYPES = {  # Failure.kind -> Anthropic's error type
     "not_found": "not_found_error", "too_large": "request_too_large",
     "rate_limit": "rate_limit_error", "internal": "api_error", "upstream": "api_error",
     "unavailable": "overloaded_error", "timeout": "timeout_error",
+    "overloaded": "overloaded_error",
 }
 
 
@@ -1909,7 +1921,7 @@ OPENAI_ERROR_TYPES = {  # Failure.kind -> OpenAI's error type
     "billing": "insufficient_quota", "permission": "permission_error",
     "not_found": "invalid_request_error", "too_large": "invalid_request_error",
     "rate_limit": "rate_limit_exceeded", "internal": "server_error", "upstream": "server_error",
-    "unavailable": "server_error", "timeout": "server_error",
+    "unavailable": "server_error", "timeout": "server_error", "overloaded": "server_error",
 }
 
 
@@ -2074,6 +2086,12 @@ class ClientApi:
     normalise: Callable[[Any], Json]  # its request body -> an Anthropic Messages body
     renderer: Callable[[Json, Answer], Renderer]  # (its request body, the answer's facts)
     error_body: Callable[[Failure], Json]  # its error envelope
+    # Statuses this API answers instead of a failure's own, by kind: OpenAI
+    # has no 529, and says "overloaded" with a 503.
+    statuses: Mapping[str, int] = field(default_factory=dict)
+
+    def status(self, failure: Failure) -> int:
+        return self.statuses.get(failure.kind, failure.status)
 
 
 def _anthropic_body(body: Any) -> Json:
@@ -2094,7 +2112,7 @@ def _openai_renderer(body: Json, answer: Answer) -> Renderer:
 ANTHROPIC_MESSAGES = ClientApi("anthropic-messages", "msg_", _anthropic_body,
                                _anthropic_renderer, anthropic_error)
 OPENAI_CHAT = ClientApi("openai-chat-completions", "chatcmpl-", openai_to_anthropic,
-                        _openai_renderer, openai_error)
+                        _openai_renderer, openai_error, {"overloaded": 503})
 
 
 # Kiro request dialects ####################################################
@@ -2307,7 +2325,6 @@ FINAL = "final"  # anything else: answer the client (after retries where those a
 
 _NEXT_WAY_TEXTS = ("profilearn is required", "user is not authorized to make this call",
                    "does not support this application", "not supported for this operation")
-_CAPACITY_REASONS = ("INSUFFICIENT_MODEL_CAPACITY", "MODEL_TEMPORARILY_UNAVAILABLE")
 
 
 def rejection(status: int, body: str) -> str:
@@ -2318,7 +2335,7 @@ def rejection(status: int, body: str) -> str:
         return SUSPENDED
     if status == 402 or "monthly_request_count" in lowered:
         return EXHAUSTED
-    if any(reason in body for reason in _CAPACITY_REASONS):
+    if any(reason in body for reason in CAPACITY_REASONS):
         return CAPACITY
     if status == 400 and "invalid profilearn" in lowered:
         return FIND_PROFILE
@@ -2330,3 +2347,59 @@ def rejection(status: int, body: str) -> str:
     if status == 400 and "profilearn is required" in lowered:
         return NEXT_WAY
     return FINAL
+
+
+# Usage limits #############################################################
+
+
+@dataclass(frozen=True)
+class UsageLimits:
+    """What ``GetUsageLimits`` says of an account's credits (PROTOCOL-2026.md 10.4.2)."""
+
+    plan: str | None
+    used: float | None
+    limit: float | None
+    overage: bool  # overage billing on: the account goes on past its limit
+    reset_at: float | None  # epoch seconds
+    days_until_reset: int | None
+    trial: Json | None = None
+
+    @property
+    def exhausted(self) -> bool:
+        return (self.used is not None and self.limit is not None and self.used >= self.limit
+                and not self.overage)
+
+    def as_json(self) -> Json:
+        return {"plan": self.plan, "used": self.used, "limit": self.limit,
+                "overage": self.overage, "reset_at": self.reset_at,
+                "days_until_reset": self.days_until_reset, "exhausted": self.exhausted,
+                "free_trial": self.trial}
+
+
+def usage_limits(answer: Any) -> UsageLimits | None:
+    """A ``GetUsageLimits`` answer read; None when it is not one."""
+    if not isinstance(answer, dict) or not isinstance(answer.get("usageBreakdownList"), list):
+        return None
+    rows = [r for r in answer["usageBreakdownList"] if isinstance(r, dict)]
+    # By resource type, not by position: credits where the plan has them.
+    row = next((r for kind in ("CREDIT", "AGENTIC_REQUEST") for r in rows
+                if r.get("resourceType") == kind), rows[0] if rows else {})
+
+    def number(*keys: str) -> float | None:
+        for key in keys:
+            value = _number_or_none(row.get(key))
+            if value is not None:
+                return value
+        return None
+
+    overage = answer.get("overageConfiguration")
+    subscription = answer.get("subscriptionInfo")
+    trial = row.get("freeTrialInfo")
+    return UsageLimits(
+        plan=subscription.get("subscriptionTitle") if isinstance(subscription, dict) else None,
+        used=number("currentUsageWithPrecision", "currentUsage"),
+        limit=number("usageLimitWithPrecision", "usageLimit"),
+        overage=isinstance(overage, dict) and overage.get("overageStatus") == "ENABLED",
+        reset_at=_number_or_none(answer.get("nextDateReset")),
+        days_until_reset=_int_or_none(answer.get("daysUntilReset")),
+        trial=trial if isinstance(trial, dict) else None)

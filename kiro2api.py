@@ -2130,7 +2130,8 @@ def error_response(request: web.Request, failure: convert.Failure, *,
     if failure.retry_after:
         headers = {**(headers or {}), "Retry-After": failure.retry_after}
     request[REQUEST_LOG].failure = failure.message
-    return web.json_response(envelope_api(request).error_body(failure), status=failure.status,
+    api = envelope_api(request)
+    return web.json_response(api.error_body(failure), status=api.status(failure),
                              headers=headers)
 
 

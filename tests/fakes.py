@@ -22,6 +22,7 @@ Every request is recorded in ``requests`` (path, headers, parsed JSON body).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 from collections import deque
@@ -379,9 +380,10 @@ USAGE_LIMITS = {
 def add_service_routes(fake: FakeUpstream, app: web.Application) -> None:
     for family in ("runtime", "q"):
         app.router.add_post(f"/{family}/generateAssistantResponse",
-                            lambda r, f=family: service_generate(fake, r, f, "ide"))
-        app.router.add_post(f"/{family}/", lambda r, f=family: service_generate(fake, r, f, None))
-    app.router.add_post("/management/", lambda r: service_management(fake, r))
+                            functools.partial(service_generate, fake, family=family, dialect="ide"))
+        app.router.add_post(f"/{family}/", functools.partial(service_generate, fake, family=family,
+                                                            dialect=None))
+    app.router.add_post("/management/", functools.partial(service_management, fake))
 
 
 def kind_of(fake: FakeUpstream, token: str) -> str:
@@ -434,7 +436,7 @@ def service_refusal(fake: FakeUpstream, request: web.Request, family: str, diale
     return None
 
 
-async def service_generate(fake: FakeUpstream, request: web.Request, family: str,
+async def service_generate(fake: FakeUpstream, request: web.Request, *, family: str,
                            dialect: str | None) -> web.StreamResponse:
     body = await fake._record(request)
     if dialect is None:

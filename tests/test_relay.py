@@ -109,7 +109,7 @@ def test_every_kind_has_an_error_type_in_every_api():
 
 @pytest.mark.parametrize(("status", "kind"), [
     (400, "invalid_request"), (405, "invalid_request"), (413, "too_large"), (418,
-     "invalid_request"), (500, "internal"), (529, "unavailable"), (599, "internal")])
+     "invalid_request"), (500, "internal"), (529, "overloaded"), (599, "internal")])
 def test_a_bare_status_has_a_kind(status, kind):
     assert convert.failure(status, "m").kind == kind
 
