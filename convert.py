@@ -262,12 +262,6 @@ class Prepared:
     thinking: bool = False  # thinking tags were injected; parse them back out
     stop_sequences: tuple[str, ...] = ()
 
-    def body(self, profile_arn: str | None) -> Json:
-        """The payload to send for an account with this profile ARN (if it has one);
-        ``payload`` itself is shared by every attempt and never changed."""
-        if not profile_arn:
-            return self.payload
-        return {**self.payload, "profileArn": profile_arn}
 
 
 @dataclass
@@ -2320,7 +2314,9 @@ FIND_PROFILE = "profile"  # look the account's profile ARN up, then try again
 REFRESH = "refresh"  # the access token may be stale: refresh once
 SUSPENDED = "suspended"  # the service locked the account: set it aside for long
 EXHAUSTED = "exhausted"  # out of credits until the monthly reset
-CAPACITY = "capacity"  # the model is out of capacity: retry, then overloaded
+CAPACITY = "capacity"  # the model is out of capacity: overloaded at once (no retry helps)
+EXHAUSTED_MAYBE = "exhausted?"  # a plain 429: throttled, or out of credits (ask the usage)
+EMPTY = "empty"  # a 200 that ended before its first frame: ask again
 FINAL = "final"  # anything else: answer the client (after retries where those apply)
 
 _NEXT_WAY_TEXTS = ("profilearn is required", "user is not authorized to make this call",
@@ -2346,6 +2342,8 @@ def rejection(status: int, body: str) -> str:
         return NEXT_WAY
     if status == 400 and "profilearn is required" in lowered:
         return NEXT_WAY
+    if status == 429:
+        return EXHAUSTED_MAYBE
     return FINAL
 
 

@@ -1273,6 +1273,92 @@ class TokenHolder:
             return kept
 
 
+# Ways to call Kiro ########################################################
+#
+# Kiro answers each kind of account on some hosts and in some request
+# dialects only, and which ones changes (PROTOCOL-2026.md 10.1-10.5). An
+# account's ways are every --upstream host with the dialects its kind may use
+# there (``ways_for``); its ``KiroView`` remembers the way that worked
+# (sticky, the preferred ones tried afresh after STICKY_SECONDS), skips one
+# that was refused for a while, and keeps what the service said of the
+# account: its profile ARN where it was looked up, its usage limits.
+
+STICKY_SECONDS = 3600.0
+WAY_REFUSED_SECONDS = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Way:
+    """One way to call Kiro: a host, a dialect, and which profile ARN to carry."""
+
+    url: str  # the host's URL template, without its #family suffix
+    family: str  # "runtime" or "legacy"
+    dialect: convert.Dialect
+    arn: str  # convert.OWN_ARN, SERVICE_ARN or NO_ARN
+
+    def __str__(self) -> str:
+        return f"{self.url} ({self.dialect.name})"
+
+
+def ways_for(kind: str, upstreams: tuple[str, ...]) -> tuple[Way, ...]:
+    """Every way to try for an account of ``kind``, in order (PROTOCOL-2026.md 10.5)."""
+    ways = []
+    for upstream in upstreams:
+        family = convert.host_family(upstream)
+        url = upstream.partition("#")[0].rstrip("/")
+        ways += [Way(url, family, dialect, arn)
+                 for dialect, arn in convert.ATTEMPTS.get((family, kind), ())]
+    return tuple(ways)
+
+
+class KiroView:
+    """What Kiro has shown of one account: the way that works, the ways it refused,
+    the profile ARN it listed, and the usage limits it gave (with when)."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.ways: tuple[Way, ...] = ()
+        self.profile_arn: str | None = None  # looked up with ListAvailableProfiles
+        self.rejected_arn: str | None = None  # the file's, when Kiro called it invalid
+        self.usage: convert.UsageLimits | None = None
+        self.usage_read_at = -math.inf  # clock.monotonic()
+        self._sticky: Way | None = None
+        self._sticky_until = 0.0
+        self._refused: dict[Way, tuple[float, str]] = {}  # way -> (until, why)
+
+    def order(self, ways: tuple[Way, ...]) -> list[Way]:
+        """``ways`` to try now: the one that worked, the others, then those refused."""
+        if ways != self.ways:  # the account's kind became known, or changed with a login
+            self.ways, self._sticky, self._refused = ways, None, {}
+        now = self.clock.monotonic()
+        sticky = self._sticky if now < self._sticky_until else None
+        resting = [w for w in ways if w != sticky and self._refused.get(w, (0.0,))[0] > now]
+        usable = [w for w in ways if w not in resting]
+        usable.sort(key=lambda w: w != sticky)  # stable: the others keep their order
+        return usable + resting
+
+    def worked(self, way: Way) -> None:
+        self._refused.pop(way, None)
+        if self._sticky != way:
+            log.info("Kiro answers this account at %s", way)
+        self._sticky, self._sticky_until = way, self.clock.monotonic() + STICKY_SECONDS
+
+    def refused(self, way: Way, why: str) -> None:
+        self._refused[way] = (self.clock.monotonic() + WAY_REFUSED_SECONDS, why)
+        if self._sticky == way:
+            self._sticky = None
+
+    def remember_usage(self, usage: convert.UsageLimits) -> convert.UsageLimits:
+        self.usage, self.usage_read_at = usage, self.clock.monotonic()
+        return usage
+
+    def health(self) -> Json:
+        way, now = self._sticky, self.clock.monotonic()
+        return {"host": way.url if way else None, "shape": way.dialect.name if way else None,
+                "refused": {str(w): why for w, (until, why) in self._refused.items()
+                            if until > now}}
+
+
 # Account pool #############################################################
 
 # With no client key, an unknown token sends an account to its file, in case
@@ -1310,6 +1396,8 @@ class TokenStore:
         # clock.monotonic() before which others are tried first.
         self.cooldown_until = 0.0
         self.cooldown_reason: str | None = None
+        self.cooldown_state: str | None = None  # "suspended", "exhausted": Kiro's word
+        self.kiro = KiroView(self.clock)
         self._reread_at = 0.0  # clock.monotonic() before which reread() does not read again
 
     def __repr__(self) -> str:
@@ -1389,8 +1477,11 @@ class TokenStore:
         else:
             state = "ok"
         resting = self.cooldown_until - self.clock.monotonic()
+        if resting > 0 and self.cooldown_state:
+            state = self.cooldown_state
         return {
             "path": str(self.path),
+            "kind": current.kind if current else None,
             "auth_method": current.auth_method if current else None,
             "provider": current.provider if current else None,
             "region": current.region if current else None,
@@ -1402,6 +1493,7 @@ class TokenStore:
             "refreshes": self.refreshes,
             "cooldown_seconds": max(0, round(resting)),
             "cooldown_reason": self.cooldown_reason if resting > 0 else None,
+            **self.kiro.health(),
         }
 
 
@@ -1461,35 +1553,158 @@ ACCOUNTS = web.AppKey("accounts", list)  # list[TokenStore], in the order given
 
 
 # Upstream client ##########################################################
+#
+# ``open_upstream`` walks the accounts, ``call_account`` one account's ways,
+# ``call_way`` one way with its refresh and retries, ``post_generate`` one
+# POST; what each refusal means is ``convert.rejection``'s (PROTOCOL-2026.md
+# 10.5, 10.9). The control plane (profiles, usage limits) comes first.
 
-# The Kiro IDE's own client headers. Upstream does not require them, but
-# every current peer sends them, and one peer saw a newer version string
-# break requests, so this stays at the version seen working in 2026.
-KIRO_IDE_VERSION = "0.11.63"
-SDK_VERSION = "1.0.34"
+# An account Kiro suspended is set aside this long; one whose credits ran out
+# until their reset (when GetUsageLimits tells it), else this long.
+SUSPENDED_SECONDS = 12 * 3600.0
+EXHAUSTED_SECONDS = 3600.0
+# A 200 that ends before any frame is asked again this often before the
+# client gets a 502 (PROTOCOL-2026.md 10.9).
+EMPTY_STREAM_RETRIES = 2
+CONTROL_TIMEOUT_SECONDS = 15.0
+USAGE_FRESH_SECONDS = 60.0
+# Both names of the control-plane service are seen (PROTOCOL-2026.md 10.4.1).
+PROFILE_TARGETS = ("AmazonCodeWhispererService.ListAvailableProfiles",
+                   "KiroControlPlaneBearerService.ListAvailableProfiles")
+USAGE_TARGET = "AmazonCodeWhispererService.GetUsageLimits"
+OS_NAME = {"darwin": "macos", "win32": "windows"}.get(sys.platform, "linux")
 
 
-def api_region(credentials: Credentials) -> str:
-    """The API region: the profile ARN's if there is one, else the token file's."""
-    if credentials.profile_arn and credentials.profile_arn.count(":") >= 5:
-        return credentials.profile_arn.split(":")[3] or credentials.region
-    return credentials.region
+def kiro_region(credentials: Credentials, arn: str | None, config: Config) -> str:
+    """The region of Kiro's hosts for an account: its profile ARN's, else --region, else
+    its file's if Kiro has hosts there, else us-east-1 (PROTOCOL-2026.md 10.1.1)."""
+    if arn and arn != convert.SERVICE_PROFILE_ARN:
+        region = convert.api_region(arn, "")
+        if region in KIRO_REGIONS:
+            return region
+    if config.region:
+        return config.region
+    return credentials.region if credentials.region in KIRO_REGIONS else DEFAULT_REGION
 
 
-def upstream_headers(credentials: Credentials, machine_id: str) -> dict[str, str]:
-    agent = f"KiroIDE-{KIRO_IDE_VERSION}-{machine_id}"
-    return {
-        "Authorization": f"Bearer {credentials.access_token}",
-        "Content-Type": "application/json",
-        "Accept": "application/json",
-        "x-amzn-codewhisperer-optout": "true",
-        "x-amzn-kiro-agent-mode": "vibe",
-        "x-amz-user-agent": f"aws-sdk-js/{SDK_VERSION} {agent}",
-        "User-Agent": (f"aws-sdk-js/{SDK_VERSION} ua/2.1 os/{sys.platform} lang/js "
-                       f"md/nodejs#20.16.0 api/codewhispererstreaming#{SDK_VERSION} m/E {agent}"),
-        "amz-sdk-invocation-id": random_uuid(),
-        "amz-sdk-request": "attempt=1; max=3",
-    }
+def kiro_headers(config: Config, store: TokenStore, credentials: Credentials,
+                 dialect: convert.Dialect, arn: str | None = None) -> dict[str, str]:
+    """The headers of one call to Kiro in ``dialect`` for this account."""
+    return convert.kiro_headers(
+        dialect, access_token=credentials.access_token, kind=credentials.kind,
+        machine_id=store.machine_id, versions=config.kiro_version, os_name=OS_NAME,
+        invocation_id=random_uuid(), profile_arn=None if dialect is convert.IDE else arn)
+
+
+def legacy_upstream(config: Config) -> str:
+    """The first --upstream of the legacy family (REST calls), else the first of all."""
+    urls = [u for u in config.upstream if convert.host_family(u) == "legacy"]
+    return (urls or list(config.upstream))[0].partition("#")[0].rstrip("/")
+
+
+async def control_call(app: web.Application, store: TokenStore, credentials: Credentials,
+                       target: str, body: Json, *, region: str,
+                       query: dict[str, str] | None = None) -> tuple[int, Any]:
+    """One control-plane RPC on --management-url: the status and the answer's JSON
+    (None when it is not JSON). Raises aiohttp.ClientError, asyncio.TimeoutError."""
+    config = app[CONFIG]
+    url = region_url(config.management_url, region) + "/"
+    headers = kiro_headers(config, store, credentials, convert.CLI)
+    headers["x-amz-target"] = target
+    async with app[HTTP].post(url, params=query, data=json.dumps(body), headers=headers,
+                              proxy=config.proxy_for(url),
+                              timeout=aiohttp.ClientTimeout(total=CONTROL_TIMEOUT_SECONDS)
+                              ) as response:
+        raw = await response.read()
+    try:
+        return response.status, json.loads(raw)
+    except (ValueError, RecursionError):
+        return response.status, None
+
+
+async def look_up_profile(app: web.Application, store: TokenStore,
+                          credentials: Credentials) -> str | None:
+    """The account's own profile ARN from ListAvailableProfiles, cached on the account:
+    the one in its region first; None when the service lists none."""
+    if store.kiro.profile_arn:
+        return store.kiro.profile_arn
+    home = kiro_region(credentials, None, app[CONFIG])
+    for region in dict.fromkeys((home, "us-east-1", "eu-central-1")):
+        for target in PROFILE_TARGETS:
+            try:
+                status, answer = await control_call(app, store, credentials, target, {},
+                                                    region=region)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                log.info("ListAvailableProfiles failed for %s: %s", store.path.name,
+                         describe(exc) or "timed out")
+                return None
+            profiles = answer.get("profiles") if isinstance(answer, dict) else None
+            if status != 200 or not isinstance(profiles, list):
+                continue  # the other target's name
+            arns = [p.get("arn") or p.get("profileArn") for p in profiles if isinstance(p, dict)]
+            arns = [a for a in arns if isinstance(a, str) and a.startswith("arn:")]
+            if arns:
+                arns.sort(key=lambda a: convert.api_region(a, "") != home)
+                store.kiro.profile_arn = arns[0]
+                log.info("account %s: profile %s", store.path.name, arns[0])
+                return arns[0]
+            break  # an empty list in this region: try the other one
+    return None
+
+
+async def profile_for(app: web.Application, store: TokenStore, credentials: Credentials,
+                      way: Way) -> str | None:
+    """The profile ARN a call ``way`` carries for this account."""
+    if way.arn == convert.NO_ARN:
+        return None
+    if way.arn == convert.SERVICE_ARN:
+        return convert.SERVICE_PROFILE_ARN
+    if credentials.profile_arn and credentials.profile_arn != store.kiro.rejected_arn:
+        return credentials.profile_arn
+    return await look_up_profile(app, store, credentials)
+
+
+async def read_usage_limits(app: web.Application, store: TokenStore,
+                            credentials: Credentials) -> convert.UsageLimits:
+    """The account's GetUsageLimits: the RPC with its profile ARN, then without one
+    (Builder ID has none), then the REST form on a legacy host. Raises UpstreamError."""
+    config = app[CONFIG]
+    arn = credentials.profile_arn or store.kiro.profile_arn
+    region = kiro_region(credentials, arn, config)
+    tried: list[str] = []
+    for with_arn in dict.fromkeys((bool(arn), False)):
+        body: Json = {"origin": "AI_EDITOR", "isEmailRequired": False}
+        if with_arn:
+            body["profileArn"] = arn
+        query = {k: str(v).lower() if isinstance(v, bool) else v for k, v in body.items()}
+        try:
+            status, answer = await control_call(app, store, credentials, USAGE_TARGET, body,
+                                                region=region, query=query)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            tried.append(describe(exc) or "timed out")
+            continue
+        limits = convert.usage_limits(answer) if status == 200 else None
+        if limits is not None:
+            return store.kiro.remember_usage(limits)
+        tried.append(f"HTTP {status}")
+    url = region_url(legacy_upstream(config), region) + "/getUsageLimits"
+    params = {"origin": "AI_EDITOR", "resourceType": "AGENTIC_REQUEST", **(
+        {"profileArn": arn} if arn else {})}
+    try:
+        async with app[HTTP].get(url, params=params, proxy=config.proxy_for(url),
+                                 headers=kiro_headers(config, store, credentials, convert.IDE),
+                                 timeout=aiohttp.ClientTimeout(total=CONTROL_TIMEOUT_SECONDS)
+                                 ) as response:
+            answer = await response.json(content_type=None) if response.status == 200 else None
+            tried.append(f"HTTP {response.status}")
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        answer = None
+        tried.append(describe(exc) or "timed out")
+    limits = convert.usage_limits(answer)
+    if limits is not None:
+        return store.kiro.remember_usage(limits)
+    raise UpstreamError(convert.failure(
+        502, f"Kiro did not give the usage limits ({', '.join(tried)})"))
 
 
 # Backoff between retries: 0.5 s, 1 s, 2 s ... with +/-25% jitter so that
@@ -1555,20 +1770,78 @@ def account_order(stores: list[TokenStore]) -> list[TokenStore]:
     return ready + resting
 
 
-def set_aside(store: TokenStore, seconds: float, reason: str) -> None:
-    """Try ``store`` after the others for ``seconds`` (on its clock), saying why."""
+def set_aside(store: TokenStore, seconds: float, reason: str, *,
+              state: str | None = None) -> None:
+    """Try ``store`` after the others for ``seconds`` (on its clock), saying why;
+    ``state`` ("suspended", "exhausted") is what ``/health`` shows meanwhile."""
     store.cooldown_until = store.clock.monotonic() + seconds
     store.cooldown_reason = reason
-    log.warning("account %s set aside for %.0f s: %s", store.path, seconds, reason)
+    store.cooldown_state = state
+    log.warning("account %s set aside for %s: %s", store.path, human_duration(seconds), reason)
 
 
-async def open_upstream(request: web.Request, prepared: convert.Prepared) -> aiohttp.ClientResponse:
-    """POST the payload for the first account that can take it; return the 200 response.
+class UpstreamAnswer:
+    """A 200 from Kiro with the first bytes of its body, read before anything goes
+    to the client (so that an empty answer is asked again, never relayed)."""
 
-    An account whose token cannot be refreshed, or that the upstream
-    throttles (429), finds out of quota (402) or refuses (403) is set aside
-    and the next one is tried: one account's trouble never fails a request
-    another account could serve.
+    def __init__(self, response: aiohttp.ClientResponse, head: bytes) -> None:
+        self.response = response
+        self.head = head
+
+    async def __aenter__(self) -> UpstreamAnswer:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.response.release()
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        yield self.head
+        async for chunk in self.response.content.iter_any():
+            yield chunk
+
+
+class WayRefused(UpstreamError):
+    """Kiro answered that this host or dialect will not do for the account."""
+
+
+class AccountRefused(UpstreamError):
+    """Kiro suspended the account, or its credits are gone: ``state`` says which."""
+
+    def __init__(self, failure: convert.Failure, state: str) -> None:
+        super().__init__(failure)
+        self.state = state
+
+
+class KiroRefusal(Exception):
+    """A call that gave no answer: what it means (``convert.rejection``), the error the
+    client would get, and the access token it was made with."""
+
+    def __init__(self, meaning: str, error: UpstreamError, *, retryable: bool,
+                 access_token: str = "") -> None:
+        super().__init__(error.failure.message)
+        self.meaning = meaning
+        self.error = error
+        self.retryable = retryable
+        self.access_token = access_token
+
+
+@dataclass
+class CallBudget:
+    """One request's retries, shared by the ways of one account."""
+
+    deadline: float  # loop.time()
+    attempt: int = 0
+    refreshed: bool = False
+    empty: int = 0
+
+
+async def open_upstream(request: web.Request, prepared: convert.Prepared) -> UpstreamAnswer:
+    """POST the payload for the first account that can take it; return its answer.
+
+    An account whose token cannot be refreshed, that Kiro throttles (429),
+    suspended or finds out of credits, or that refuses (401, 403), is set
+    aside and the next one is tried: one account's trouble never fails a
+    request another account could serve.
     """
     app = request.app
     stores = account_order(app[ACCOUNTS])
@@ -1581,6 +1854,11 @@ async def open_upstream(request: web.Request, prepared: convert.Prepared) -> aio
             if not others:
                 raise
             set_aside(store, TOKEN_COOLDOWN_SECONDS, str(exc))
+        except AccountRefused as exc:
+            set_aside(store, refused_seconds(store, exc.state), exc.failure.message,
+                      state=exc.state)
+            if not others:
+                raise
         except UpstreamError as exc:
             status = exc.failure.status
             if not others or status not in COOLDOWN_SECONDS:
@@ -1595,19 +1873,188 @@ async def open_upstream(request: web.Request, prepared: convert.Prepared) -> aio
     raise AssertionError("no accounts configured")  # make_app always has one
 
 
+def refused_seconds(store: TokenStore, state: str) -> float:
+    """How long an account is set aside for: a suspended one for long, one out of
+    credits until they reset (when its usage limits tell the date)."""
+    if state != convert.EXHAUSTED:
+        return SUSPENDED_SECONDS
+    reset = store.kiro.usage.reset_at if store.kiro.usage else None
+    if reset is None:
+        return EXHAUSTED_SECONDS
+    return max(60.0, reset - store.clock.now().timestamp())
+
+
 async def call_account(request: web.Request, prepared: convert.Prepared, store: TokenStore, *,
-                       failover: bool) -> aiohttp.ClientResponse:
-    """One account's attempt: refresh once on a rejected token, retry transient failures.
+                       failover: bool) -> UpstreamAnswer:
+    """One account's attempt: its ways in turn, moving on when Kiro says "not this way".
+    When every way is refused, the client hears the first (the account's usual) refusal."""
+    config = request.app[CONFIG]
+    credentials = await store.credentials()
+    budget = CallBudget(asyncio.get_running_loop().time() + config.retry_seconds)
+    ways = store.kiro.order(ways_for(credentials.kind, config.upstream))
+    if not ways:
+        raise UpstreamError(convert.failure(
+            502, f"no --upstream host serves a {credentials.kind} account; add one of the "
+                 f"families {', '.join(convert.HOST_FAMILIES)}"))
+    refusals: list[WayRefused] = []
+    for way in ways:
+        try:
+            answer = await call_way(request, prepared, store, way, budget, failover=failover)
+        except WayRefused as exc:
+            store.kiro.refused(way, exc.failure.message)
+            log.info("account %s: %s refused the call (%s)", store.path.name, way,
+                     exc.failure.message)
+            refusals.append(exc)
+            continue
+        store.kiro.worked(way)
+        return answer
+    raise refusals[0]
+
+
+async def call_way(request: web.Request, prepared: convert.Prepared, store: TokenStore,
+                   way: Way, budget: CallBudget, *, failover: bool) -> UpstreamAnswer:
+    """Call Kiro one way: refresh once on a rejected token, look the profile up again
+    when Kiro calls it invalid, and retry transient failures.
 
     Connection errors, timeouts before the answer starts, 429 and 5xx are
     retried with backoff within ``config.retries`` and ``config.retry_seconds``
-    (a 429 is not, when ``failover`` says another account can take it).
+    (a 429 is not, when ``failover`` says another account can take it); an
+    empty answer is asked again up to EMPTY_STREAM_RETRIES times.
     """
+    app = request.app
+    config = app[CONFIG]
+    loop = asyncio.get_running_loop()
+    looked_up = False
+    while True:
+        try:
+            return await post_generate(request, prepared, store, way)
+        except KiroRefusal as refusal:
+            meaning, error = refusal.meaning, refusal.error
+            stale_token = refusal.access_token
+            retryable = refusal.retryable
+        if meaning == convert.REFRESH and not budget.refreshed:
+            log.info("upstream rejected the access token of %s; refreshing", store.path)
+            budget.refreshed = True
+            await store.refresh(stale_access_token=stale_token)
+            continue
+        if meaning in (convert.REFRESH, convert.NEXT_WAY):
+            raise WayRefused(error.failure)
+        if meaning == convert.FIND_PROFILE and not looked_up and way.arn == convert.OWN_ARN:
+            looked_up = True
+            store.kiro.rejected_arn = (await store.credentials()).profile_arn
+            store.kiro.profile_arn = None  # stale, or never known: list it again
+            continue
+        if meaning in (convert.SUSPENDED, convert.EXHAUSTED):
+            raise AccountRefused(error.failure, meaning)
+        if meaning == convert.EXHAUSTED_MAYBE:
+            used_up = await credits_used_up(app, store)
+            if used_up is not None:
+                raise AccountRefused(used_up, convert.EXHAUSTED)
+            retryable = not failover
+        if meaning == convert.EMPTY:
+            budget.empty += 1
+            if budget.empty > EMPTY_STREAM_RETRIES:
+                raise error
+            log.info("Kiro answered an empty stream; asking again")
+            request[REQUEST_LOG].retries += 1
+            app[METRICS].retries += 1
+            continue
+        budget.attempt += 1
+        delay = retry_delay(budget.attempt, error.failure.retry_after)
+        if (not retryable or budget.attempt > config.retries
+                or loop.time() + delay > budget.deadline):
+            raise error
+        request[REQUEST_LOG].retries += 1
+        app[METRICS].retries += 1
+        log.info("upstream attempt %d failed (%s); retrying in %.1f s",
+                 budget.attempt, error.failure.message, delay)
+        await asyncio.sleep(delay)
+
+
+async def credits_used_up(app: web.Application, store: TokenStore) -> convert.Failure | None:
+    """A 402 when the account's usage limits say its credits are gone (a plain 429
+    can mean that on Free and Pro plans, PROTOCOL-2026.md 10.9); None otherwise."""
+    usage = store.kiro.usage
+    if usage is None or store.clock.monotonic() - store.kiro.usage_read_at > USAGE_FRESH_SECONDS:
+        try:
+            usage = await read_usage_limits(app, store, await store.credentials())
+        except (UpstreamError, TokenError) as exc:
+            log.info("could not read the usage limits of %s: %s", store.path.name, exc)
+            return None
+    if not usage.exhausted:
+        return None
+    reset = ""
+    if usage.reset_at is not None:
+        moment = datetime.fromtimestamp(usage.reset_at, timezone.utc)
+        reset = f"; they come back on {moment:%Y-%m-%d %H:%M} UTC"
+    return convert.failure(402, f"the Kiro credits of this account are used up "
+                                f"({usage.used:g} of {usage.limit:g}){reset}")
+
+
+async def post_generate(request: web.Request, prepared: convert.Prepared, store: TokenStore,
+                        way: Way) -> UpstreamAnswer:
+    """One POST of GenerateAssistantResponse; its answer once the first bytes are in.
+    Raises ``KiroRefusal`` for anything else."""
     app = request.app
     config, session = app[CONFIG], app[HTTP]
     credentials = await store.credentials()
+    arn = await profile_for(app, store, credentials, way)
+    body = encode_payload(prepared, way.dialect, arn, config)
+    url = region_url(way.url, kiro_region(credentials, arn, config)) + way.dialect.path
+    headers = kiro_headers(config, store, credentials, way.dialect, arn)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
     try:
-        body = json.dumps(prepared.body(credentials.profile_arn), ensure_ascii=False).encode()
+        response = await asyncio.wait_for(
+            session.post(url, data=body, headers=headers, proxy=config.proxy_for(url)),
+            config.first_byte_timeout)
+    except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+        raise transport_refusal(exc, config, url) from None
+    request[REQUEST_LOG].upstream_first_byte = loop.time() - started
+    app[METRICS].upstream_first_byte.observe(loop.time() - started)
+    if response.status == 200:
+        try:
+            head = await asyncio.wait_for(
+                response.content.readany(),
+                max(0.0, started + config.first_byte_timeout - loop.time()))
+        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+            response.close()
+            raise transport_refusal(exc, config, url) from None
+        if head:
+            return UpstreamAnswer(response, head)
+        response.release()
+        raise KiroRefusal(convert.EMPTY, UpstreamError(convert.failure(
+            502, "Kiro answered with an empty stream (no event at all), each time it was "
+                 "asked")), retryable=True)
+    async with response:
+        text = await response.text(errors="replace")
+    log.debug("upstream %s answered %d: %s", url, response.status, text[:2000])
+    meaning = convert.rejection(response.status, text)
+    failure = convert.upstream_failure(response.status, text,
+                                       response.headers.get("x-amzn-errortype", ""),
+                                       retry_after=response.headers.get("Retry-After"))
+    retryable = response.status in RETRYABLE_STATUSES and meaning != convert.CAPACITY
+    raise KiroRefusal(meaning, UpstreamError(failure), retryable=retryable,
+                      access_token=credentials.access_token)
+
+
+def transport_refusal(exc: BaseException, config: Config, url: str) -> KiroRefusal:
+    """A call that failed before Kiro answered: a 504 for a timeout (ours, or the
+    session's connect or read timeout), else a 502; both worth another try."""
+    if isinstance(exc, asyncio.TimeoutError):
+        failure = timeout_failure(exc, config, url)
+    else:
+        failure = convert.failure(502, f"could not reach Kiro at {url}: {describe(exc)}")
+    return KiroRefusal(convert.FINAL, UpstreamError(failure), retryable=True)
+
+
+def encode_payload(prepared: convert.Prepared, dialect: convert.Dialect, arn: str | None,
+                   config: Config) -> bytes:
+    """The request body for Kiro, within --max-input-bytes."""
+    try:
+        body = json.dumps(convert.kiro_body(prepared.payload, dialect, profile_arn=arn,
+                                            continuation_id=random_uuid()),
+                          ensure_ascii=False).encode()
     except RecursionError:  # the client's JSON parsed, but nests deeper than we can write
         raise convert.ConversionError("request body nests JSON too deeply") from None
     if len(body) > config.max_input_bytes:
@@ -1615,61 +2062,13 @@ async def call_account(request: web.Request, prepared: convert.Prepared, store: 
             f"{convert.PROMPT_TOO_LONG}: the request is {len(body)} bytes for Kiro, over its "
             f"{config.max_input_bytes}-byte limit; compact or shorten the conversation",
             code="context_length_exceeded")
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + config.retry_seconds
-    refreshed = False
-    attempt = 0
-    while True:
-        attempt += 1
-        url = region_url(config.upstream[0].partition("#")[0], api_region(credentials)) + "/generateAssistantResponse"
-        retry_after = None
-        started = loop.time()
-        try:
-            response = await asyncio.wait_for(
-                session.post(url, data=body,
-                             headers=upstream_headers(credentials, store.machine_id),
-                             proxy=config.proxy_for(url)),
-                config.first_byte_timeout)
-        except asyncio.TimeoutError as exc:  # ours, or the session's connect or read timeout
-            error = UpstreamError(timeout_failure(exc, config, url))
-        except aiohttp.ClientError as exc:
-            error = UpstreamError(convert.failure(
-                502, f"could not reach Kiro at {url}: {describe(exc)}"))
-        else:
-            request[REQUEST_LOG].upstream_first_byte = loop.time() - started
-            app[METRICS].upstream_first_byte.observe(loop.time() - started)
-            if response.status == 200:
-                return response
-            async with response:
-                text = await response.text(errors="replace")
-            log.debug("upstream answered %d: %s", response.status, text[:2000])
-            if not refreshed and convert.is_bearer_invalid(response.status, text):
-                log.info("upstream rejected the access token of %s; refreshing", store.path)
-                credentials = await store.refresh(stale_access_token=credentials.access_token)
-                refreshed = True
-                continue
-            retry_after = response.headers.get("Retry-After")
-            error = UpstreamError(convert.upstream_failure(
-                response.status, text, response.headers.get("x-amzn-errortype", ""),
-                retry_after=retry_after))
-            if response.status not in RETRYABLE_STATUSES or (
-                    failover and response.status == 429):
-                raise error
-        delay = retry_delay(attempt, retry_after)
-        if attempt > config.retries or loop.time() + delay > deadline:
-            raise error
-        request[REQUEST_LOG].retries += 1
-        app[METRICS].retries += 1
-        log.info("upstream attempt %d failed (%s); retrying in %.1f s",
-                 attempt, error.failure.message, delay)
-        await asyncio.sleep(delay)
+    return body
 
 
-async def upstream_frames(
-        response: aiohttp.ClientResponse) -> AsyncIterator[list[eventstream.Message]]:
+async def upstream_frames(upstream: UpstreamAnswer) -> AsyncIterator[list[eventstream.Message]]:
     """The frames of each upstream read, as they arrive; raises on framing errors."""
     decoder = eventstream.Decoder()
-    async for chunk in response.content.iter_any():
+    async for chunk in upstream.chunks():
         decoder.feed(chunk)
         frames = decoder.take()
         if frames:
@@ -1880,11 +2279,13 @@ async def list_models(app: web.Application, store: TokenStore,
                       credentials: Credentials) -> list[Json]:
     """One account's ``ListAvailableModels``, every page of it."""
     config = app[CONFIG]
-    url = region_url(config.upstream[0].partition("#")[0], api_region(credentials)) + "/ListAvailableModels"
+    arn = credentials.profile_arn or store.kiro.profile_arn
+    url = (region_url(legacy_upstream(config), kiro_region(credentials, arn, config))
+           + "/ListAvailableModels")
     params = {"origin": "AI_EDITOR", "maxResults": "50"}
-    if credentials.profile_arn:
-        params["profileArn"] = credentials.profile_arn
-    headers = upstream_headers(credentials, store.machine_id)
+    if arn:
+        params["profileArn"] = arn
+    headers = kiro_headers(config, store, credentials, convert.IDE)
     models: list[Json] = []
     for _ in range(MODELS_PAGES_MAX):
         async with app[HTTP].get(url, params=params, headers=headers,
@@ -1952,7 +2353,7 @@ async def handle_count_tokens(request: web.Request) -> web.Response:
 # idle timeout, disconnects, shutdown, the in-band failure ending) is here once.
 
 
-async def collect_events(upstream: aiohttp.ClientResponse,
+async def collect_events(upstream: UpstreamAnswer,
                          assembler: convert.Assembler) -> list[convert.Event]:
     """Every neutral event of a whole answer (the non-streamed answer); a failure
     propagates to the error middleware, which answers it with ``failure_of``."""
@@ -1994,7 +2395,7 @@ async def send_keepalives(response: web.StreamResponse, renderer: convert.Render
             last = written()
 
 
-async def stream_sse(request: web.Request, upstream: aiohttp.ClientResponse,
+async def stream_sse(request: web.Request, upstream: UpstreamAnswer,
                      assembler: convert.Assembler,
                      renderer: convert.Renderer) -> web.StreamResponse:
     """Relay an upstream answer as server-sent events, one write per upstream read.

@@ -309,13 +309,14 @@ def A(content: str, tool_uses: list[Any] | None = None) -> dict[str, Any]:
 
 
 # Answers that break after they started: each must reach the client as an
-# in-band error, never as a clean ending.
+# in-band error, never as a clean ending. (A hang-up before the first bytes
+# are read is a failed call, asked again: the hang-up waits for them here.)
 BROKEN_STREAMS = {
     "bad-crc": lambda: Stream(text("Hello", "world") + tail(), corrupt_at=130),
     "exception-frame": lambda: Stream(text("Hello")
                                       + [exception("ThrottlingException", "slow down")]),
     "hang-up-mid-frame": lambda: Stream(text("Hello", "world") + tail(), hang_up=True,
-                                        split=(150,)),
+                                        split=(150,), delay=0.05),
     "truncated-body": lambda: Stream([text("Hello")[0], text("world")[0][:40]]),
 }
 

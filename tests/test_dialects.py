@@ -144,7 +144,7 @@ def test_every_kind_has_attempts_on_every_host_family():
     (400, '{"message":"Improperly formed request.","reason":"REQUEST_BODY_INVALID"}',
      convert.FINAL),
     (403, '{"message":"Forbidden"}', convert.FINAL),
-    (429, '{"message":"Too many requests"}', convert.FINAL),
+    (429, '{"message":"Too many requests"}', convert.EXHAUSTED_MAYBE),
 ])
 def test_what_refusals_mean(status, body, meaning):
     assert convert.rejection(status, body) == meaning

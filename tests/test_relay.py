@@ -163,15 +163,6 @@ def test_the_openai_text_chunk_is_the_one_chunk_spelling():
             '{"reasoning_content":%s}' % convert._json_string(text))
 
 
-def test_the_profile_arn_goes_into_a_copy_of_the_payload():
-    prepared = convert.anthropic_to_codewhisperer(ANTHROPIC_BODY, conversation_id="c")
-    before = dict(prepared.payload)
-    body = prepared.body("arn:aws:codewhisperer:us-east-1:1:profile/P")
-    assert body["profileArn"] == "arn:aws:codewhisperer:us-east-1:1:profile/P"
-    assert prepared.payload == before and "profileArn" not in prepared.payload
-    assert prepared.body(None) == before
-
-
 async def test_the_profile_arn_reaches_the_upstream(proxy):
     import fakes
 
