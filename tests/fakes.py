@@ -143,6 +143,7 @@ class FakeUpstream:
         self.suspended: set[str] = set()
         self.dialects: list[tuple[str, str]] = []
         self.usage_reply: Status | None = None
+        self.down: dict[str, tuple[int, dict[str, Any]]] = {}  # host family -> its refusal
 
     def calls(self, path: str) -> list[Recorded]:
         return [r for r in self.requests if r.path == path]
@@ -355,7 +356,8 @@ async def until(condition: Any, timeout: float = 5.0) -> None:
 # with an x-amz-target), with the rules the service applies in 2026; only a
 # call that passes them takes the next reply from ``script``. The account's
 # kind is known by its access token (``kinds``; ``ksk_`` keys are API keys).
-# ``/management/`` answers ListAvailableProfiles and GetUsageLimits.
+# ``/management/`` answers ListAvailableProfiles and GetUsageLimits; ``down``
+# makes a whole host family answer one refusal.
 
 RPC_TARGETS = {"AmazonCodeWhispererStreamingService.GenerateAssistantResponse": "cli",
                "KiroRuntimeService.GenerateAssistantResponse": "kas"}
@@ -407,6 +409,8 @@ def service_refusal(fake: FakeUpstream, request: web.Request, family: str, diale
     version = _ide_version(headers)
     token_type = headers.get("TokenType", "")
     arn = body.get("profileArn") if isinstance(body, dict) else None
+    if family in fake.down:
+        return fake.down[family]
     if token in fake.suspended:
         return 403, SUSPENDED
     if version is not None and version < (0, 12):

@@ -91,7 +91,8 @@ def live(tmp_path_factory):
         url = f"http://127.0.0.1:{await serve(fake.app())}"
         return await serve(kiro2api.make_app(kiro2api.Config(
             api_key=API_KEY, token_files=(token_file,), upstream=url, social_auth_url=url,
-            oidc_url=url, retries=0, environment_proxies={})))
+            oidc_url=url, management_url=url + "/management", retries=0,
+            environment_proxies={})))
 
     errors = Errors()
     logging.getLogger().addHandler(errors)
