@@ -5,6 +5,7 @@ One ``FakeUpstream`` answers every URL kiro2api calls, so a test points
 
 - ``POST /generateAssistantResponse``: replies from ``script`` (a queue of
   ``Stream`` or ``Status`` objects); an empty queue answers a short greeting.
+- ``POST /{tenant}/oauth2/v2.0/token``: an external IdP's token endpoint.
 - ``POST /refreshToken`` (social) and ``POST /token`` (IdC), also under a
   ``/{region}/`` prefix for URL templates: replies from ``auth_script`` if
   anything is queued, else a fresh token pair numbered by how many refreshes
@@ -163,6 +164,7 @@ class FakeUpstream:
         app.router.add_post("/token", self._idc_refresh)
         app.router.add_post("/{region}/refreshToken", self._social_refresh)
         app.router.add_post("/{region}/token", self._idc_refresh)
+        app.router.add_post("/{tenant}/oauth2/v2.0/token", self._idp_refresh)
         add_service_routes(self, app)
         return app
 
@@ -251,6 +253,20 @@ class FakeUpstream:
     async def _idc_refresh(self, request: web.Request) -> web.Response:
         await self._record(request)
         return await self._refresh("idc", profile_arn=False)
+
+    async def _idp_refresh(self, request: web.Request) -> web.Response:
+        """An organisation's OAuth 2 token endpoint (Entra ID): a form in, snake_case
+        out; the new access token is an external IdP's to the service routes."""
+        form = dict(await request.post())
+        self.requests.append(Recorded(request.path, dict(request.headers), form))
+        if form.get("grant_type") != "refresh_token" or not form.get("client_id"):
+            return web.json_response({"error": "invalid_request"}, status=400)
+        self.refreshes += 1
+        access = f"eyJ-idp-access-{self.refreshes}"
+        self.kinds[access] = "external_idp"
+        return web.json_response({"access_token": access, "token_type": "Bearer",
+                                  "refresh_token": f"idp-refresh-{self.refreshes}",
+                                  "expires_in": 3599, "scope": form.get("scope", "")})
 
     async def _refresh(self, kind: str, *, profile_arn: bool) -> web.Response:
         if self.auth_delay:

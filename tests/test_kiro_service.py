@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import sqlite3
+import sys
 
 import aiohttp
 import anthropic
@@ -23,7 +24,7 @@ import fakes
 import helpers
 import kiro2api
 from fakes import IDC_PROFILE_ARN, SERVICE_ARN, Status, Stream
-from helpers import API_KEY
+from helpers import API_KEY, TLS, child_env, free_port, start_server_process
 
 BODY = {"model": "claude-sonnet-4-5", "max_tokens": 64,
         "messages": [{"role": "user", "content": "Hi"}]}
@@ -428,3 +429,65 @@ async def test_empty_streams_again_and_again_are_a_502(
             body = await response.json()
     assert body["type"] == "error" and "empty stream" in body["error"]["message"]
     assert len(generate_calls(fake_upstream)) == 3
+
+
+# External identity providers: the refresh goes to the organisation ########
+
+def external_idp_file(tmp_path, endpoint, **overrides):
+    return account(tmp_path, "e", "social", accessToken=IDP_ACCESS, refreshToken="idp-refresh-0",
+                   authMethod="external_idp", provider="ExternalIdp", profileArn=None,
+                   clientId="entra-client-id", tokenEndpoint=endpoint,
+                   scopes=["api://kiro/.default", "offline_access"],
+                   expiresAt="2020-01-01T00:00:00.000Z", kiroPrivate="kept", **overrides)
+
+
+async def test_an_unlisted_identity_provider_never_gets_the_refresh_token(
+        aiohttp_server, fake_upstream, service, tmp_path):
+    path = external_idp_file(tmp_path, "https://login.example.com/tenant/oauth2/v2.0/token")
+    config = dataclasses.replace(service, token_files=(path,))
+    _, client = await start(aiohttp_server, config)
+    with pytest.raises(anthropic.AuthenticationError) as caught:
+        await client.messages.create(**BODY)
+    assert "--allow-idp-host login.example.com" in caught.value.message
+    assert fake_upstream.requests == []
+
+
+@pytest.mark.slow  # a server process, as it must trust the test CA from its start
+async def test_external_idp_refreshes_at_its_https_token_endpoint(tmp_path):
+    import ssl
+
+    fake = fakes.FakeUpstream()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(TLS / "localhost.pem", TLS / "localhost.key")
+    runner = aiohttp.web.AppRunner(fake.app())
+    await runner.setup()
+    site = aiohttp.web.TCPSite(runner, "localhost", 0, ssl_context=context)
+    await site.start()
+    url = f"https://localhost:{runner.addresses[0][1]}"
+    path = external_idp_file(tmp_path, f"{url}/tenant/oauth2/v2.0/token")
+    port = free_port()
+    process = await start_server_process(
+        [sys.executable, kiro2api.__file__, "server", "--port", str(port),
+         "--api-key", API_KEY, "--token-file", str(path), "--upstream", f"{url}/runtime#runtime",
+         "--management-url", f"{url}/management", "--allow-idp-host", "localhost"], port,
+        env={**child_env(), "SSL_CERT_FILE": str(TLS / "ca.pem")})
+    try:
+        client = anthropic.AsyncAnthropic(base_url=f"http://127.0.0.1:{port}", api_key=API_KEY,
+                                          max_retries=0)
+        await ask(client)
+    finally:
+        process.terminate()
+        await process.wait()
+        await runner.cleanup()
+    (refresh,) = fake.calls("/tenant/oauth2/v2.0/token")
+    assert refresh.headers["Content-Type"] == "application/x-www-form-urlencoded"
+    assert refresh.body == {"client_id": "entra-client-id", "grant_type": "refresh_token",
+                            "refresh_token": "idp-refresh-0",
+                            "scope": "api://kiro/.default offline_access"}
+    (call,) = generate_calls(fake)
+    assert call.headers["Authorization"] == "Bearer eyJ-idp-access-1"
+    assert call.headers["TokenType"] == "EXTERNAL_IDP"
+    written = json.loads(path.read_text())
+    assert (written["accessToken"], written["refreshToken"]) == (
+        "eyJ-idp-access-1", "idp-refresh-1")
+    assert written["kiroPrivate"] == "kept" and written["tokenEndpoint"].startswith(url)
