@@ -1814,15 +1814,16 @@ class AccountRefused(UpstreamError):
 
 class KiroRefusal(Exception):
     """A call that gave no answer: what it means (``convert.rejection``), the error the
-    client would get, and the access token it was made with."""
+    client would get, the access token it was made with, and Kiro's Retry-After."""
 
     def __init__(self, meaning: str, error: UpstreamError, *, retryable: bool,
-                 access_token: str = "") -> None:
+                 access_token: str = "", retry_after: str | None = None) -> None:
         super().__init__(error.failure.message)
         self.meaning = meaning
         self.error = error
         self.retryable = retryable
         self.access_token = access_token
+        self.retry_after = retry_after
 
 
 @dataclass
@@ -1930,7 +1931,7 @@ async def call_way(request: web.Request, prepared: convert.Prepared, store: Toke
             return await post_generate(request, prepared, store, way)
         except KiroRefusal as refusal:
             meaning, error = refusal.meaning, refusal.error
-            stale_token = refusal.access_token
+            stale_token, asked = refusal.access_token, refusal.retry_after
             retryable = refusal.retryable
         if meaning == convert.REFRESH and not budget.refreshed:
             log.info("upstream rejected the access token of %s; refreshing", store.path)
@@ -1960,7 +1961,7 @@ async def call_way(request: web.Request, prepared: convert.Prepared, store: Toke
             app[METRICS].retries += 1
             continue
         budget.attempt += 1
-        delay = retry_delay(budget.attempt, error.failure.retry_after)
+        delay = retry_delay(budget.attempt, asked)
         if (not retryable or budget.attempt > config.retries
                 or loop.time() + delay > budget.deadline):
             raise error
@@ -2033,9 +2034,10 @@ async def post_generate(request: web.Request, prepared: convert.Prepared, store:
     failure = convert.upstream_failure(response.status, text,
                                        response.headers.get("x-amzn-errortype", ""),
                                        retry_after=response.headers.get("Retry-After"))
-    retryable = response.status in RETRYABLE_STATUSES and meaning != convert.CAPACITY
+    retryable = response.status in RETRYABLE_STATUSES or meaning == convert.CAPACITY
     raise KiroRefusal(meaning, UpstreamError(failure), retryable=retryable,
-                      access_token=credentials.access_token)
+                      access_token=credentials.access_token,
+                      retry_after=response.headers.get("Retry-After"))
 
 
 def transport_refusal(exc: BaseException, config: Config, url: str) -> KiroRefusal:
@@ -2275,34 +2277,65 @@ async def fetch_models(app: web.Application) -> list[Json] | None:
     return None
 
 
+MODELS_TARGET = "AmazonCodeWhispererService.ListAvailableModels"
+
+
 async def list_models(app: web.Application, store: TokenStore,
                       credentials: Credentials) -> list[Json]:
-    """One account's ``ListAvailableModels``, every page of it."""
+    """One account's ``ListAvailableModels``, every page of it: the RPC on
+    --management-url where the account has a profile ARN (PROTOCOL-2026.md
+    10.4.3), else, or when that fails, the REST form on a legacy host."""
     config = app[CONFIG]
     arn = credentials.profile_arn or store.kiro.profile_arn
-    url = (region_url(legacy_upstream(config), kiro_region(credentials, arn, config))
-           + "/ListAvailableModels")
-    params = {"origin": "AI_EDITOR", "maxResults": "50"}
-    if arn:
-        params["profileArn"] = arn
-    headers = kiro_headers(config, store, credentials, convert.IDE)
-    models: list[Json] = []
-    for _ in range(MODELS_PAGES_MAX):
-        async with app[HTTP].get(url, params=params, headers=headers,
+    region = kiro_region(credentials, arn, config)
+
+    async def rpc(params: dict[str, str]) -> Any:
+        status, data = await control_call(app, store, credentials, MODELS_TARGET,
+                                          {**params, "origin": "KIRO_CLI"}, region=region,
+                                          query={"origin": "KIRO_CLI", "profileArn": arn or ""})
+        if status != 200:
+            raise UpstreamError(convert.failure(502, f"Kiro answered HTTP {status}: "
+                                                     f"{json.dumps(data)[:200]}"))
+        return data
+
+    async def rest(params: dict[str, str]) -> Any:
+        url = region_url(legacy_upstream(config), region) + "/ListAvailableModels"
+        async with app[HTTP].get(url, params={"origin": "AI_EDITOR", "maxResults": "50",
+                                              **params},
+                                 headers=kiro_headers(config, store, credentials, convert.IDE),
                                  proxy=config.proxy_for(url),
-                                 timeout=aiohttp.ClientTimeout(total=15)) as response:
+                                 timeout=aiohttp.ClientTimeout(total=CONTROL_TIMEOUT_SECONDS)
+                                 ) as response:
             if response.status != 200:
                 detail = (await response.text(errors="replace")).strip()[:200]
                 raise UpstreamError(convert.failure(
                     502, f"Kiro answered HTTP {response.status}: {detail}"))
-            data = await response.json(content_type=None)
+            return await response.json(content_type=None)
+
+    first = {"profileArn": arn} if arn else {}
+    if arn:
+        try:
+            return await model_pages(rpc, first)
+        except (UpstreamError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            log.info("ListAvailableModels on %s failed (%s); asking a legacy host",
+                     config.management_url, describe(exc) or "timed out")
+    return await model_pages(rest, first)
+
+
+async def model_pages(fetch: Callable[[dict[str, str]], Awaitable[Any]],
+                      params: dict[str, str]) -> list[Json]:
+    """Every page ``fetch`` gives (``nextToken`` in, ``nextToken`` out), at most
+    MODELS_PAGES_MAX; raises UpstreamError for an answer without models."""
+    models: list[Json] = []
+    for _ in range(MODELS_PAGES_MAX):
+        data = await fetch(params)
         page = data.get("models") if isinstance(data, dict) else None
         if not isinstance(page, list):
             raise UpstreamError(convert.failure(502, "Kiro answered without a list of models"))
         models += page
         if not isinstance(data.get("nextToken"), str) or not data["nextToken"]:
             break
-        params["nextToken"] = data["nextToken"]
+        params = {**params, "nextToken": data["nextToken"]}
     if not models:  # no account serves nothing: the built-in list is the better guess
         raise UpstreamError(convert.failure(502, "Kiro listed no models"))
     return models

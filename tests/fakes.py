@@ -145,6 +145,7 @@ class FakeUpstream:
         self.dialects: list[tuple[str, str]] = []
         self.usage_reply: Status | None = None
         self.down: dict[str, tuple[int, dict[str, Any]]] = {}  # host family -> its refusal
+        self.models_rpc = False  # /management/ answers ListAvailableModels too
 
     def calls(self, path: str) -> list[Recorded]:
         return [r for r in self.requests if r.path == path]
@@ -179,8 +180,9 @@ class FakeUpstream:
          "tokenLimits": {"maxInputTokens": 256000}},
     ]}
 
-    async def _list_models(self, request: web.Request) -> web.Response:
-        await self._record(request)
+    async def _list_models(self, request: web.Request, *, record: bool = True) -> web.Response:
+        if record:
+            await self._record(request)
         if self.models_script:
             return await self._status(self.models_script.popleft())
         if self.models_reply is not None:
@@ -402,6 +404,7 @@ def add_service_routes(fake: FakeUpstream, app: web.Application) -> None:
                             functools.partial(service_generate, fake, family=family, dialect="ide"))
         app.router.add_post(f"/{family}/", functools.partial(service_generate, fake, family=family,
                                                             dialect=None))
+        app.router.add_get(f"/{family}/ListAvailableModels", fake._list_models)
     app.router.add_post("/management/", functools.partial(service_management, fake))
 
 
@@ -472,7 +475,7 @@ async def service_generate(fake: FakeUpstream, request: web.Request, *, family: 
 
 
 async def service_management(fake: FakeUpstream, request: web.Request) -> web.Response:
-    await fake._record(request)
+    body = await fake._record(request)
     target = request.headers.get("x-amz-target", "").rpartition(".")[2]
     token = request.headers.get("Authorization", "").removeprefix("Bearer ")
     kind = kind_of(fake, token)
@@ -487,6 +490,10 @@ async def service_management(fake: FakeUpstream, request: web.Request) -> web.Re
             "arn": arn, "profileName": "KiroProfile",
             "identityDetails": {"ssoIdentityDetails": {"ssoRegion": arn.split(":")[3]}}}],
             "nextToken": None})
+    if target == "ListAvailableModels" and fake.models_rpc:
+        if not (isinstance(body, dict) and body.get("profileArn")):
+            return web.json_response({"message": "profileArn is required"}, status=400)
+        return await fake._list_models(request, record=False)
     if target == "GetUsageLimits":
         if fake.usage_reply is not None:
             return await fake._status(fake.usage_reply)

@@ -232,6 +232,33 @@ async def test_kiro_cli_store_gets_the_refreshed_token_written_back_in_place(
     assert rows["other:row"] == {"x": 1}
 
 
+async def test_models_come_from_the_management_rpc_with_the_profile_arn(
+        aiohttp_server, fake_upstream, service, tmp_path):
+    fake_upstream.models_rpc = True
+    config = dataclasses.replace(service, token_files=(account(tmp_path, "s", "social"),))
+    url, _ = await start(aiohttp_server, config)
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0)
+    ids = [model.id async for model in client.models.list()]
+    assert "claude-opus-4.7" in ids and "qwen3-coder-next" in ids
+    (call,) = fake_upstream.calls("/management/")
+    assert call.headers["x-amz-target"] == "AmazonCodeWhispererService.ListAvailableModels"
+    assert call.body == {"origin": "KIRO_CLI", "profileArn": helpers.PROFILE_ARN}
+    assert not fake_upstream.calls("/ListAvailableModels")
+
+
+async def test_models_of_an_account_without_an_arn_come_from_the_legacy_host(
+        aiohttp_server, fake_upstream, service, tmp_path):
+    fake_upstream.models_rpc = True
+    fake_upstream.kinds[helpers.IDC_ACCESS] = "builder_id"
+    config = dataclasses.replace(service, token_files=(account(tmp_path, "b", "idc"),))
+    url, _ = await start(aiohttp_server, config)
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0)
+    assert "claude-opus-4.7" in [model.id async for model in client.models.list()]
+    assert not fake_upstream.calls("/management/")
+    (call,) = fake_upstream.calls("/q/ListAvailableModels")
+    assert call.headers["Authorization"] == f"Bearer {helpers.IDC_ACCESS}"
+
+
 # Ways: fallback, stickiness ###############################################
 
 async def test_a_refusing_host_falls_back_to_the_next_and_the_way_sticks(
@@ -375,18 +402,18 @@ CAPACITY = Status(429, {"message": "I am experiencing high traffic, please try a
                         "reason": "INSUFFICIENT_MODEL_CAPACITY"})
 
 
-async def test_a_model_out_of_capacity_is_overloaded_at_once(
+async def test_a_model_out_of_capacity_is_retried_then_overloaded(
         aiohttp_server, fake_upstream, service, tmp_path):
-    fake_upstream.script.append(CAPACITY)
+    fake_upstream.script.extend([CAPACITY] * 2)
     config = dataclasses.replace(service, token_files=(account(tmp_path, "s", "social"),),
-                                 retries=3)
+                                 retries=1, retry_seconds=30.0)
     url, client = await start(aiohttp_server, config)
     with pytest.raises(anthropic.APIStatusError) as caught:
         await client.messages.create(**BODY)
     assert caught.value.status_code == 529
     assert caught.value.body["error"]["type"] == "overloaded_error"
     assert caught.value.response.headers["Retry-After"] == "10"
-    assert len(generate_calls(fake_upstream)) == 1  # quick retries do not help
+    assert len(generate_calls(fake_upstream)) == 2  # within the retry budget
     (entry,) = await health(url)
     assert entry["cooldown_seconds"] == 0  # the model is busy, not the account
 
