@@ -1320,6 +1320,7 @@ class KiroView:
         self.ways: tuple[Way, ...] = ()
         self.profile_arn: str | None = None  # looked up with ListAvailableProfiles
         self.rejected_arn: str | None = None  # the file's, when Kiro called it invalid
+        self.profile_problem = ""  # what the last ListAvailableProfiles that failed said
         self.usage: convert.UsageLimits | None = None
         self.usage_read_at = -math.inf  # clock.monotonic()
         self._sticky: Way | None = None
@@ -1635,11 +1636,13 @@ async def look_up_profile(app: web.Application, store: TokenStore,
                 status, answer = await control_call(app, store, credentials, target, {},
                                                     region=region)
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                store.kiro.profile_problem = describe(exc) or "timed out"
                 log.info("ListAvailableProfiles failed for %s: %s", store.path.name,
-                         describe(exc) or "timed out")
+                         store.kiro.profile_problem)
                 return None
             profiles = answer.get("profiles") if isinstance(answer, dict) else None
             if status != 200 or not isinstance(profiles, list):
+                store.kiro.profile_problem = f"HTTP {status} {json.dumps(answer)[:300]}"
                 continue  # the other target's name
             arns = [p.get("arn") or p.get("profileArn") for p in profiles if isinstance(p, dict)]
             arns = [a for a in arns if isinstance(a, str) and a.startswith("arn:")]
@@ -1648,6 +1651,7 @@ async def look_up_profile(app: web.Application, store: TokenStore,
                 store.kiro.profile_arn = arns[0]
                 log.info("account %s: profile %s", store.path.name, arns[0])
                 return arns[0]
+            store.kiro.profile_problem = f"no profile in {region}"
             break  # an empty list in this region: try the other one
     return None
 
@@ -1817,10 +1821,12 @@ class KiroRefusal(Exception):
     client would get, the access token it was made with, and Kiro's Retry-After."""
 
     def __init__(self, meaning: str, error: UpstreamError, *, retryable: bool,
-                 access_token: str = "", retry_after: str | None = None) -> None:
+                 access_token: str = "", retry_after: str | None = None,
+                 answer: str | None = None) -> None:
         super().__init__(error.failure.message)
         self.meaning = meaning
         self.error = error
+        self.answer = answer or error.failure.message  # Kiro's words, for doctor
         self.retryable = retryable
         self.access_token = access_token
         self.retry_after = retry_after
@@ -1850,7 +1856,8 @@ async def open_upstream(request: web.Request, prepared: convert.Prepared) -> Ups
         others = i + 1 < len(stores)
         request[REQUEST_LOG].account = store.path.name
         try:
-            return await call_account(request, prepared, store, failover=others)
+            return await call_account(app, request[REQUEST_LOG], prepared, store,
+                                      failover=others)
         except TokenError as exc:
             if not others:
                 raise
@@ -1885,11 +1892,11 @@ def refused_seconds(store: TokenStore, state: str) -> float:
     return max(60.0, reset - store.clock.now().timestamp())
 
 
-async def call_account(request: web.Request, prepared: convert.Prepared, store: TokenStore, *,
-                       failover: bool) -> UpstreamAnswer:
+async def call_account(app: web.Application, entry: RequestLog, prepared: convert.Prepared,
+                       store: TokenStore, *, failover: bool) -> UpstreamAnswer:
     """One account's attempt: its ways in turn, moving on when Kiro says "not this way".
     When every way is refused, the client hears the first (the account's usual) refusal."""
-    config = request.app[CONFIG]
+    config = app[CONFIG]
     credentials = await store.credentials()
     budget = CallBudget(asyncio.get_running_loop().time() + config.retry_seconds)
     ways = store.kiro.order(ways_for(credentials.kind, config.upstream))
@@ -1900,7 +1907,8 @@ async def call_account(request: web.Request, prepared: convert.Prepared, store: 
     refusals: list[WayRefused] = []
     for way in ways:
         try:
-            answer = await call_way(request, prepared, store, way, budget, failover=failover)
+            answer = await call_way(app, entry, prepared, store, way, budget,
+                                    failover=failover)
         except WayRefused as exc:
             store.kiro.refused(way, exc.failure.message)
             log.info("account %s: %s refused the call (%s)", store.path.name, way,
@@ -1912,8 +1920,9 @@ async def call_account(request: web.Request, prepared: convert.Prepared, store: 
     raise refusals[0]
 
 
-async def call_way(request: web.Request, prepared: convert.Prepared, store: TokenStore,
-                   way: Way, budget: CallBudget, *, failover: bool) -> UpstreamAnswer:
+async def call_way(app: web.Application, entry: RequestLog, prepared: convert.Prepared,
+                   store: TokenStore, way: Way, budget: CallBudget, *,
+                   failover: bool) -> UpstreamAnswer:
     """Call Kiro one way: refresh once on a rejected token, look the profile up again
     when Kiro calls it invalid, and retry transient failures.
 
@@ -1922,13 +1931,12 @@ async def call_way(request: web.Request, prepared: convert.Prepared, store: Toke
     (a 429 is not, when ``failover`` says another account can take it); an
     empty answer is asked again up to EMPTY_STREAM_RETRIES times.
     """
-    app = request.app
     config = app[CONFIG]
     loop = asyncio.get_running_loop()
     looked_up = False
     while True:
         try:
-            return await post_generate(request, prepared, store, way)
+            return await post_generate(app, entry, prepared, store, way)
         except KiroRefusal as refusal:
             meaning, error = refusal.meaning, refusal.error
             stale_token, asked = refusal.access_token, refusal.retry_after
@@ -1957,7 +1965,7 @@ async def call_way(request: web.Request, prepared: convert.Prepared, store: Toke
             if budget.empty > EMPTY_STREAM_RETRIES:
                 raise error
             log.info("Kiro answered an empty stream; asking again")
-            request[REQUEST_LOG].retries += 1
+            entry.retries += 1
             app[METRICS].retries += 1
             continue
         budget.attempt += 1
@@ -1965,7 +1973,7 @@ async def call_way(request: web.Request, prepared: convert.Prepared, store: Toke
         if (not retryable or budget.attempt > config.retries
                 or loop.time() + delay > budget.deadline):
             raise error
-        request[REQUEST_LOG].retries += 1
+        entry.retries += 1
         app[METRICS].retries += 1
         log.info("upstream attempt %d failed (%s); retrying in %.1f s",
                  budget.attempt, error.failure.message, delay)
@@ -1992,11 +2000,10 @@ async def credits_used_up(app: web.Application, store: TokenStore) -> convert.Fa
                                 f"({usage.used:g} of {usage.limit:g}){reset}")
 
 
-async def post_generate(request: web.Request, prepared: convert.Prepared, store: TokenStore,
-                        way: Way) -> UpstreamAnswer:
+async def post_generate(app: web.Application, entry: RequestLog, prepared: convert.Prepared,
+                        store: TokenStore, way: Way) -> UpstreamAnswer:
     """One POST of GenerateAssistantResponse; its answer once the first bytes are in.
     Raises ``KiroRefusal`` for anything else."""
-    app = request.app
     config, session = app[CONFIG], app[HTTP]
     credentials = await store.credentials()
     arn = await profile_for(app, store, credentials, way)
@@ -2011,7 +2018,7 @@ async def post_generate(request: web.Request, prepared: convert.Prepared, store:
             config.first_byte_timeout)
     except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
         raise transport_refusal(exc, config, url) from None
-    request[REQUEST_LOG].upstream_first_byte = loop.time() - started
+    entry.upstream_first_byte = loop.time() - started
     app[METRICS].upstream_first_byte.observe(loop.time() - started)
     if response.status == 200:
         try:
@@ -2037,7 +2044,8 @@ async def post_generate(request: web.Request, prepared: convert.Prepared, store:
     retryable = response.status in RETRYABLE_STATUSES or meaning == convert.CAPACITY
     raise KiroRefusal(meaning, UpstreamError(failure), retryable=retryable,
                       access_token=credentials.access_token,
-                      retry_after=response.headers.get("Retry-After"))
+                      retry_after=response.headers.get("Retry-After"),
+                      answer=f"HTTP {response.status} {text.strip()[:500]}")
 
 
 def transport_refusal(exc: BaseException, config: Config, url: str) -> KiroRefusal:
@@ -2792,6 +2800,182 @@ def serve(config: Config) -> None:
         raise click.ClickException(f"cannot listen on {host}:{config.port}: {reason}") from None
 
 
+# Doctor ###################################################################
+#
+# ``kiro2api doctor`` walks every account through what the server does with
+# it, one step a line: the token source, the kind of account, expiry and
+# refresh, the profile ARN, the models, the usage limits, and a tiny
+# generation on each way (host and shape) the account may be served on. Each
+# step says what the service answered, word for word when it refused.
+
+DOCTOR_PROMPT = "Say OK."
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class Diagnosis:
+    """One account's steps, and the way the server would serve it on (None: none)."""
+
+    account: str
+    steps: list[Step] = field(default_factory=list)
+    uses: Way | None = None
+
+    def step(self, name: str, ok: bool, detail: str) -> bool:
+        self.steps.append(Step(name, ok, detail))
+        return ok
+
+    def as_json(self) -> Json:
+        return {"account": self.account,
+                "steps": [{"step": s.name, "ok": s.ok, "detail": s.detail} for s in self.steps],
+                "uses": {"host": self.uses.url, "shape": self.uses.dialect.name}
+                if self.uses else None}
+
+
+async def diagnose(config: Config, model: str) -> list[Diagnosis]:
+    """Every configured account diagnosed, in the server's order."""
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout,
+                                    sock_read=config.idle_timeout)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        app = web.Application()
+        app[CONFIG], app[HTTP], app[METRICS] = config, session, Metrics()
+        app[ACCOUNTS] = accounts(config, session, must_save=True)
+        prepared = convert.anthropic_to_codewhisperer(
+            {"model": model, "max_tokens": 1,
+             "messages": [{"role": "user", "content": DOCTOR_PROMPT}]},
+            conversation_id=random_uuid())
+        return [await diagnose_account(app, store, prepared) for store in app[ACCOUNTS]]
+
+
+async def diagnose_account(app: web.Application, store: TokenStore,
+                           prepared: convert.Prepared) -> Diagnosis:
+    found = Diagnosis(str(store.path))
+    credentials = await check_credentials(found, store)
+    if credentials is None:
+        return found
+    ways = ways_for(credentials.kind, app[CONFIG].upstream)
+    await check_profile(found, app, store, credentials, ways)
+    try:
+        models = await list_models(app, store, credentials)
+        names = [str(m.get("modelId")) for m in models if isinstance(m, dict)]
+        found.step("models", True, f"{len(names)}: {', '.join(names[:8])}"
+                   + (", ..." if len(names) > 8 else ""))
+    except (UpstreamError, aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        found.step("models", False, describe(exc) or "timed out")
+    try:
+        found.step("usage", True, describe_usage(await read_usage_limits(app, store,
+                                                                          credentials)))
+    except UpstreamError as exc:
+        found.step("usage", False, str(exc))
+    for way in ways:
+        ok, detail = await try_generate(app, store, prepared, way)
+        found.step("generate", ok, f"{way}: {detail}")
+        found.uses = found.uses or (way if ok else None)
+    if not ways:
+        found.step("generate", False, f"no --upstream host serves a {credentials.kind} account")
+    return found
+
+
+async def check_credentials(found: Diagnosis, store: TokenStore) -> Credentials | None:
+    """The token source, kind, expiry and refresh steps; the credentials to go on with."""
+    try:
+        credentials = await store.load()
+    except TokenError as exc:
+        found.step("token", False, str(exc))
+        return None
+    found.step("token", True, f"{type(store.file).__name__}, access token "
+                              f"{mask(credentials.access_token)}")
+    via = f" ({credentials.provider})" if credentials.provider else ""
+    found.step("kind", True, f"{credentials.kind}{via}, region {credentials.region}")
+    if credentials.kind == "api_key":
+        found.step("refresh", True, "never: a Kiro API key does not expire")
+        return credentials
+    expired = credentials.expired(store.clock.now())
+    found.step("expiry", not expired, describe_expiry(credentials))
+    if not credentials.expiring(store.clock.now()):
+        found.step("refresh", True, f"not due; the server refreshes "
+                                    f"{human_duration(REFRESH_MARGIN.total_seconds())} before "
+                                    f"expiry")
+        return credentials
+    try:
+        credentials = await store.refresh()
+    except TokenError as exc:
+        found.step("refresh", False, str(exc))
+        return None
+    found.step("refresh", True, f"refreshed and saved; expires {describe_expiry(credentials)}")
+    return credentials
+
+
+async def check_profile(found: Diagnosis, app: web.Application, store: TokenStore,
+                        credentials: Credentials, ways: tuple[Way, ...]) -> None:
+    arns = {way.arn for way in ways}
+    if convert.OWN_ARN in arns and credentials.profile_arn:
+        found.step("profile", True, f"{credentials.profile_arn} (from the token file)")
+    elif convert.OWN_ARN in arns:
+        arn = await look_up_profile(app, store, credentials)
+        found.step("profile", arn is not None, f"{arn} (ListAvailableProfiles)" if arn else
+                   f"ListAvailableProfiles gave none: {store.kiro.profile_problem}")
+    elif convert.SERVICE_ARN in arns:
+        found.step("profile", True, "the service's own (a Builder ID account has none)")
+    else:
+        found.step("profile", True, f"none: a {credentials.kind} account goes without one")
+
+
+def describe_usage(usage: convert.UsageLimits) -> str:
+    """``KIRO PRO: 120.5 of 1000 credits used, resets 2027-01-01 (in 12 days)``."""
+    used = "?" if usage.used is None else f"{usage.used:g}"
+    limit = "?" if usage.limit is None else f"{usage.limit:g}"
+    text = f"{usage.plan or 'plan unknown'}: {used} of {limit} credits used"
+    if usage.reset_at is not None:
+        text += f", resets {datetime.fromtimestamp(usage.reset_at, timezone.utc):%Y-%m-%d}"
+    if usage.days_until_reset is not None:
+        text += f" (in {usage.days_until_reset} days)"
+    if usage.overage:
+        text += ", overage billing on"
+    return text + (" -- EXHAUSTED" if usage.exhausted else "")
+
+
+async def try_generate(app: web.Application, store: TokenStore, prepared: convert.Prepared,
+                       way: Way) -> tuple[bool, str]:
+    """One tiny call on ``way``: whether it answered, and what (or what Kiro said)."""
+    try:
+        answer = await post_generate(app, RequestLog(), prepared, store, way)
+    except KiroRefusal as refusal:
+        return False, refusal.answer
+    text: list[str] = []
+    try:
+        async with answer:
+            async for frames in upstream_frames(answer):
+                for headers, payload in frames:
+                    if headers.get(":message-type") == "exception":
+                        return False, f"{headers.get(':exception-type')}: {payload[:300]!r}"
+                    if headers.get(":event-type") == "assistantResponseEvent":
+                        text.append(str(json.loads(payload).get("content", "")))
+    except (eventstream.EventStreamError, aiohttp.ClientError, asyncio.TimeoutError,
+            ValueError) as exc:
+        return False, f"the answer broke off: {describe(exc) or 'timed out'}"
+    return True, f"answered {''.join(text)[:60]!r}"
+
+
+def print_diagnoses(found: list[Diagnosis]) -> None:
+    for diagnosis in found:
+        click.echo(f"account {diagnosis.account}")
+        for step in diagnosis.steps:
+            click.echo(f"  {'✓' if step.ok else '✗'} {step.name:<9} {step.detail}")
+        if diagnosis.uses:
+            click.echo(f"  → the server will use {diagnosis.uses}")
+        else:
+            click.echo("  → the server cannot use this account")
+    serving = sum(d.uses is not None for d in found)
+    click.echo(f"{serving} of {len(found)} account{'s' if len(found) != 1 else ''} can "
+               f"generate.")
+
+
 # Command line #############################################################
 
 
@@ -2867,7 +3051,10 @@ def token_paths(token_files: tuple[Path, ...]) -> tuple[Path, ...]:
 
 
 def command_config(token_files: tuple[Path, ...], **options: Any) -> Config:
-    """The ``Config`` of a command: its options, and its token files or the default one."""
+    """The ``Config`` of a command: its options, and its token files, or the default one
+    unless Kiro API keys are the accounts."""
+    if not token_files and options.get("kiro_api_keys"):
+        return Config(token_files=(), **options)
     return Config(token_files=token_paths(token_files), **options)
 
 
@@ -3162,6 +3349,44 @@ def refresh(config: Config) -> None:
         click.echo(f"{done} {store.path}; expires {describe_expiry(credentials)}.")
 
     run_stores(config, each)
+
+
+@cli.command()
+@token_file_option
+@service_options
+@social_auth_url_option
+@oidc_url_option
+@proxy_option
+@click.option("--model", default="claude-haiku-4-5", show_default=True,
+              help="Model of the one-token test generations.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of lines.")
+def doctor(token_files, service, social_auth_url, oidc_url, proxy, model, as_json) -> None:
+    """Check every account step by step, as the server would use it.
+
+    One line per step (token, kind, expiry, refresh, profile, models, usage,
+    and a one-token generation on each host and request shape), with Kiro's
+    own answer where it refused; exit 0 when an account can generate. Each
+    generation costs a little of the account's credits.
+
+    \b
+    Examples:
+      kiro2api doctor
+      kiro2api doctor --token-file ~/.local/share/kiro-cli/data.sqlite3
+      kiro2api doctor --json | jq '.accounts[].uses'
+    """
+    if not log.handlers:
+        log.addHandler(logging.NullHandler())  # the steps report failures themselves
+    config = command_config(token_files, **service, social_auth_url=social_auth_url,
+                            oidc_url=oidc_url, proxy=proxy)
+    found = asyncio.run(diagnose(config, model))
+    serving = any(d.uses is not None for d in found)
+    if as_json:
+        click.echo(json.dumps({"ok": serving, "accounts": [d.as_json() for d in found]},
+                              indent=2, ensure_ascii=False))
+    else:
+        print_diagnoses(found)
+    if not serving:
+        sys.exit(1)
 
 
 SHELLS = ("posix", "fish", "cmd", "powershell")
