@@ -31,6 +31,7 @@ import functools
 import glob
 import hashlib
 import hmac
+import itertools
 import ipaddress
 import json
 import logging
@@ -1603,13 +1604,19 @@ def legacy_upstream(config: Config) -> str:
     return (urls or list(config.upstream))[0].partition("#")[0].rstrip("/")
 
 
+def control_bases(config: Config) -> tuple[str, ...]:
+    """Where control-plane RPCs go: --management-url, then a legacy host's RPC form."""
+    return tuple(dict.fromkeys((config.management_url, legacy_upstream(config))))
+
+
 async def control_call(app: web.Application, store: TokenStore, credentials: Credentials,
-                       target: str, body: Json, *, region: str,
+                       target: str, body: Json, *, region: str, base: str | None = None,
                        query: dict[str, str] | None = None) -> tuple[int, Any]:
-    """One control-plane RPC on --management-url: the status and the answer's JSON
-    (None when it is not JSON). Raises aiohttp.ClientError, asyncio.TimeoutError."""
+    """One control-plane RPC on ``base`` (--management-url by default): the status and
+    the answer's JSON (None when it is not JSON). Raises aiohttp.ClientError,
+    asyncio.TimeoutError."""
     config = app[CONFIG]
-    url = region_url(config.management_url, region) + "/"
+    url = region_url(base or config.management_url, region) + "/"
     headers = kiro_headers(config, store, credentials, convert.CLI)
     headers["x-amz-target"] = target
     async with app[HTTP].post(url, params=query, data=json.dumps(body), headers=headers,
@@ -1626,34 +1633,43 @@ async def control_call(app: web.Application, store: TokenStore, credentials: Cre
 async def look_up_profile(app: web.Application, store: TokenStore,
                           credentials: Credentials) -> str | None:
     """The account's own profile ARN from ListAvailableProfiles, cached on the account:
-    the one in its region first; None when the service lists none."""
+    asked on each control-plane base, in the account's region first, then in the
+    others Kiro has profiles in, under both names of the service; None when none
+    lists one (``store.kiro.profile_problem`` says what the last one answered)."""
     if store.kiro.profile_arn:
         return store.kiro.profile_arn
-    home = kiro_region(credentials, None, app[CONFIG])
-    for region in dict.fromkeys((home, "us-east-1", "eu-central-1")):
-        for target in PROFILE_TARGETS:
-            try:
-                status, answer = await control_call(app, store, credentials, target, {},
-                                                    region=region)
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                store.kiro.profile_problem = describe(exc) or "timed out"
-                log.info("ListAvailableProfiles failed for %s: %s", store.path.name,
-                         store.kiro.profile_problem)
-                return None
-            profiles = answer.get("profiles") if isinstance(answer, dict) else None
-            if status != 200 or not isinstance(profiles, list):
-                store.kiro.profile_problem = f"HTTP {status} {json.dumps(answer)[:300]}"
-                continue  # the other target's name
-            arns = [p.get("arn") or p.get("profileArn") for p in profiles if isinstance(p, dict)]
-            arns = [a for a in arns if isinstance(a, str) and a.startswith("arn:")]
-            if arns:
-                arns.sort(key=lambda a: convert.api_region(a, "") != home)
-                store.kiro.profile_arn = arns[0]
-                log.info("account %s: profile %s", store.path.name, arns[0])
-                return arns[0]
-            store.kiro.profile_problem = f"no profile in {region}"
-            break  # an empty list in this region: try the other one
+    config = app[CONFIG]
+    home = kiro_region(credentials, None, config)
+    regions = dict.fromkeys((home, "us-east-1", "eu-central-1"))
+    for base, region, target in itertools.product(control_bases(config), regions,
+                                                  PROFILE_TARGETS):
+        arns = await list_profiles(app, store, credentials, base, region, target)
+        if arns:
+            arns.sort(key=lambda a: convert.api_region(a, "") != home)
+            store.kiro.profile_arn = arns[0]
+            log.info("account %s: profile %s", store.path.name, arns[0])
+            return arns[0]
     return None
+
+
+async def list_profiles(app: web.Application, store: TokenStore, credentials: Credentials,
+                        base: str, region: str, target: str) -> list[str]:
+    """The profile ARNs one ListAvailableProfiles call lists; [] if it failed."""
+    try:
+        status, answer = await control_call(app, store, credentials, target, {},
+                                            region=region, base=base)
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        store.kiro.profile_problem = describe(exc) or "timed out"
+        return []
+    profiles = answer.get("profiles") if isinstance(answer, dict) else None
+    if status != 200 or not isinstance(profiles, list):
+        store.kiro.profile_problem = f"HTTP {status} {json.dumps(answer)[:300]}"
+        return []
+    arns = [p.get("arn") or p.get("profileArn") for p in profiles if isinstance(p, dict)]
+    arns = [a for a in arns if isinstance(a, str) and a.startswith("arn:")]
+    if not arns:
+        store.kiro.profile_problem = f"no profile in {region}"
+    return arns
 
 
 async def profile_for(app: web.Application, store: TokenStore, credentials: Credentials,

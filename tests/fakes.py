@@ -462,6 +462,9 @@ def service_refusal(fake: FakeUpstream, request: web.Request, family: str, diale
 
 async def service_generate(fake: FakeUpstream, request: web.Request, *, family: str,
                            dialect: str | None) -> web.StreamResponse:
+    if dialect is None and request.headers.get("x-amz-target", "").startswith(
+            "AmazonCodeWhispererService."):
+        return await service_management(fake, request)  # the legacy hosts' RPC form
     body = await fake._record(request)
     if dialect is None:
         dialect = RPC_TARGETS.get(request.headers.get("x-amz-target", ""))

@@ -130,6 +130,20 @@ async def test_identity_center_looks_its_profile_up_once(
     assert [c.body["profileArn"] for c in generate_calls(fake_upstream)] == [IDC_PROFILE_ARN] * 2
 
 
+async def test_profiles_are_looked_up_on_a_legacy_host_when_management_is_down(
+        aiohttp_server, fake_upstream, service, tmp_path):
+    path = account(tmp_path, "i", "idc", provider="Enterprise",
+                   startUrl="https://d-9067c98495.awsapps.com/start")
+    fake_upstream.kinds[helpers.IDC_ACCESS] = "idc"
+    config = dataclasses.replace(service, token_files=(path,),
+                                 management_url=f"http://127.0.0.1:{free_port()}")
+    _, client = await start(aiohttp_server, config)
+    await ask(client)
+    (lookup,) = fake_upstream.calls("/q/")
+    assert lookup.headers["x-amz-target"] == "AmazonCodeWhispererService.ListAvailableProfiles"
+    assert generate_calls(fake_upstream)[-1].body["profileArn"] == IDC_PROFILE_ARN
+
+
 async def test_an_invalid_arn_in_the_file_is_looked_up_and_the_call_made_again(
         aiohttp_server, fake_upstream, service, tmp_path):
     stale = "arn:aws:codewhisperer:eu-central-1:610548660232:profile/OLDOLDOLD"
