@@ -20,6 +20,7 @@ import pytest
 from anthropic.types import Message
 from openai.types.chat import ChatCompletion
 
+import convert
 import fakes
 import helpers
 import kiro2api
@@ -37,6 +38,12 @@ def service(fake_upstream, proxy_config):
     """A config for today's hosts on the fake: runtime first, the legacy host second."""
     url = fake_upstream.url
     return dataclasses.replace(proxy_config, upstream=(f"{url}/runtime#runtime", f"{url}/q"))
+
+
+def with_social(service, tmp_path, **changes):
+    """``service`` with one social account (the IDE's token file) and ``changes``."""
+    return dataclasses.replace(service, token_files=(account(tmp_path, "s", "social"),),
+                               **changes)
 
 
 async def start(aiohttp_server, config):
@@ -72,7 +79,7 @@ async def ask(client):
 
 async def test_social_account_uses_the_cli_dialect_on_runtime_with_its_arn(
         aiohttp_server, fake_upstream, service, tmp_path):
-    config = dataclasses.replace(service, token_files=(account(tmp_path, "s", "social"),))
+    config = with_social(service, tmp_path)
     _, client = await start(aiohttp_server, config)
     await ask(client)
     assert fake_upstream.dialects == [("runtime", "cli")]
@@ -249,7 +256,7 @@ async def test_kiro_cli_store_gets_the_refreshed_token_written_back_in_place(
 async def test_models_come_from_the_management_rpc_with_the_profile_arn(
         aiohttp_server, fake_upstream, service, tmp_path):
     fake_upstream.models_rpc = True
-    config = dataclasses.replace(service, token_files=(account(tmp_path, "s", "social"),))
+    config = with_social(service, tmp_path)
     url, _ = await start(aiohttp_server, config)
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0)
     ids = [model.id async for model in client.models.list()]
@@ -278,7 +285,7 @@ async def test_models_of_an_account_without_an_arn_come_from_the_legacy_host(
 async def test_a_refusing_host_falls_back_to_the_next_and_the_way_sticks(
         aiohttp_server, fake_upstream, service, tmp_path):
     fake_upstream.down["runtime"] = (403, fakes.NOT_AUTHORIZED)
-    config = dataclasses.replace(service, token_files=(account(tmp_path, "s", "social"),))
+    config = with_social(service, tmp_path)
     url, client = await start(aiohttp_server, config)
     await ask(client)
     assert fake_upstream.dialects == [("runtime", "cli"), ("runtime", "ide"), ("q", "ide")]
@@ -295,7 +302,7 @@ async def test_a_body_problem_never_moves_to_another_host(
         aiohttp_server, fake_upstream, service, tmp_path):
     fake_upstream.script.append(Status(400, {"message": "Improperly formed request.",
                                              "reason": "REQUEST_BODY_INVALID"}))
-    config = dataclasses.replace(service, token_files=(account(tmp_path, "s", "social"),))
+    config = with_social(service, tmp_path)
     _, client = await start(aiohttp_server, config)
     with pytest.raises(anthropic.BadRequestError):
         await client.messages.create(**BODY)
@@ -306,7 +313,7 @@ async def test_every_way_refused_answers_the_first_refusal(
         aiohttp_server, fake_upstream, service, tmp_path):
     fake_upstream.down["runtime"] = (403, fakes.NOT_AUTHORIZED)
     fake_upstream.down["q"] = (404, {"message": "no such thing"})
-    config = dataclasses.replace(service, token_files=(account(tmp_path, "s", "social"),))
+    config = with_social(service, tmp_path)
     _, client = await start(aiohttp_server, config)
     with pytest.raises(anthropic.PermissionDeniedError) as caught:
         await client.messages.create(**BODY)
@@ -316,19 +323,11 @@ async def test_every_way_refused_answers_the_first_refusal(
 
 async def test_an_old_ide_version_is_refused_and_the_cli_dialect_serves(
         aiohttp_server, fake_upstream, service, tmp_path):
-    config = dataclasses.replace(
-        service, token_files=(account(tmp_path, "s", "social"),),
-        upstream=(fake_upstream.url + "/q",),
-        kiro_version=convert_versions("0.11.63"))
+    config = with_social(service, tmp_path, upstream=(fake_upstream.url + "/q",),
+                         kiro_version=convert.ClientVersions.parse("0.11.63"))
     _, client = await start(aiohttp_server, config)
     await ask(client)
     assert fake_upstream.dialects == [("q", "ide"), ("q", "cli")]
-
-
-def convert_versions(text):
-    import convert
-
-    return convert.ClientVersions.parse(text)
 
 
 # When Kiro says no ########################################################
@@ -353,7 +352,7 @@ async def test_a_suspended_account_is_set_aside_and_the_next_one_serves(
 async def test_a_suspended_only_account_is_a_permission_error(
         aiohttp_server, fake_upstream, service, tmp_path):
     fake_upstream.suspended.add(helpers.SOCIAL_ACCESS)
-    config = dataclasses.replace(service, token_files=(account(tmp_path, "s", "social"),))
+    config = with_social(service, tmp_path)
     _, client = await start(aiohttp_server, config)
     with pytest.raises(anthropic.PermissionDeniedError) as caught:
         await client.messages.create(**BODY)
@@ -371,8 +370,7 @@ async def test_a_429_with_the_credits_used_up_is_a_billing_error_until_the_reset
     fake_upstream.script.append(Status(429, {"message": "Too many requests, please wait "
                                                         "before trying again."}))
     fake_upstream.usage_reply = Status(200, EXHAUSTED_USAGE)
-    config = dataclasses.replace(service, token_files=(account(tmp_path, "s", "social"),),
-                                 retries=2)
+    config = with_social(service, tmp_path, retries=2)
     url, client = await start(aiohttp_server, config)
     with pytest.raises(anthropic.APIStatusError) as caught:
         await client.messages.create(**BODY)
@@ -393,7 +391,7 @@ async def test_a_429_with_credits_left_is_a_rate_limit(
         aiohttp_server, fake_upstream, service, tmp_path):
     fake_upstream.script.append(Status(429, {"message": "Too many requests"},
                                        headers={"Retry-After": "7"}))
-    config = dataclasses.replace(service, token_files=(account(tmp_path, "s", "social"),))
+    config = with_social(service, tmp_path)
     _, client = await start(aiohttp_server, config)
     with pytest.raises(anthropic.RateLimitError) as caught:
         await client.messages.create(**BODY)
@@ -403,7 +401,7 @@ async def test_a_429_with_credits_left_is_a_rate_limit(
 async def test_monthly_limit_reached_is_a_billing_error(
         aiohttp_server, fake_upstream, service, tmp_path):
     fake_upstream.script.append(Status(402, fakes.EXHAUSTED))
-    config = dataclasses.replace(service, token_files=(account(tmp_path, "s", "social"),))
+    config = with_social(service, tmp_path)
     url, client = await start(aiohttp_server, config)
     with pytest.raises(anthropic.APIStatusError) as caught:
         await client.messages.create(**BODY)
@@ -419,8 +417,7 @@ CAPACITY = Status(429, {"message": "I am experiencing high traffic, please try a
 async def test_a_model_out_of_capacity_is_retried_then_overloaded(
         aiohttp_server, fake_upstream, service, tmp_path):
     fake_upstream.script.extend([CAPACITY] * 2)
-    config = dataclasses.replace(service, token_files=(account(tmp_path, "s", "social"),),
-                                 retries=1, retry_seconds=30.0)
+    config = with_social(service, tmp_path, retries=1, retry_seconds=30.0)
     url, client = await start(aiohttp_server, config)
     with pytest.raises(anthropic.APIStatusError) as caught:
         await client.messages.create(**BODY)
@@ -436,7 +433,7 @@ async def test_a_model_out_of_capacity_is_a_503_for_openai_clients(
         aiohttp_server, fake_upstream, service, tmp_path):
     fake_upstream.script.append(Status(500, {"message": "Encountered unexpectedly high load",
                                              "reason": "MODEL_TEMPORARILY_UNAVAILABLE"}))
-    config = dataclasses.replace(service, token_files=(account(tmp_path, "s", "social"),))
+    config = with_social(service, tmp_path)
     url, _ = await start(aiohttp_server, config)
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0)
     with pytest.raises(openai.InternalServerError) as caught:
@@ -449,7 +446,7 @@ async def test_a_model_out_of_capacity_is_a_503_for_openai_clients(
 
 async def test_an_empty_stream_is_asked_again(aiohttp_server, fake_upstream, service, tmp_path):
     fake_upstream.script.extend([Stream([]), Stream([])])
-    config = dataclasses.replace(service, token_files=(account(tmp_path, "s", "social"),))
+    config = with_social(service, tmp_path)
     url, _ = await start(aiohttp_server, config)
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0)
     answer = await client.chat.completions.create(
@@ -461,7 +458,7 @@ async def test_an_empty_stream_is_asked_again(aiohttp_server, fake_upstream, ser
 async def test_empty_streams_again_and_again_are_a_502(
         aiohttp_server, fake_upstream, service, tmp_path):
     fake_upstream.script.extend([Stream([])] * 3)
-    config = dataclasses.replace(service, token_files=(account(tmp_path, "s", "social"),))
+    config = with_social(service, tmp_path)
     url, _ = await start(aiohttp_server, config)
     async with aiohttp.ClientSession() as session:
         async with session.post(url + "/v1/messages", json={**BODY, "stream": True},
