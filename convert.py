@@ -101,12 +101,12 @@ class Failure(NamedTuple):
 STATUS_OF_KIND = {
     "invalid_request": 400, "authentication": 401, "billing": 402, "permission": 403,
     "not_found": 404, "too_large": 413, "rate_limit": 429, "internal": 500, "upstream": 502,
-    "unavailable": 503, "timeout": 504,
+    "unavailable": 503, "timeout": 504, "overloaded": 529,
 }
 # The kind of a bare status (an HTTP error of the web layer, a ConversionError's).
 KIND_OF_STATUS = {
     **{status: kind for kind, status in STATUS_OF_KIND.items()},
-    405: "invalid_request", 408: "timeout", 529: "unavailable",
+    405: "invalid_request", 408: "timeout",
 }
 
 
@@ -262,12 +262,6 @@ class Prepared:
     thinking: bool = False  # thinking tags were injected; parse them back out
     stop_sequences: tuple[str, ...] = ()
 
-    def body(self, profile_arn: str | None) -> Json:
-        """The payload to send for an account with this profile ARN (if it has one);
-        ``payload`` itself is shared by every attempt and never changed."""
-        if not profile_arn:
-            return self.payload
-        return {**self.payload, "profileArn": profile_arn}
 
 
 @dataclass
@@ -1260,6 +1254,12 @@ def is_bearer_invalid(status: int, body: str) -> bool:
     return status in (401, 403) and (status == 401 or BEARER_INVALID in body.lower())
 
 
+# Kiro's reasons for a model out of capacity, and the Retry-After answered
+# when Kiro gives none.
+CAPACITY_REASONS = ("INSUFFICIENT_MODEL_CAPACITY", "MODEL_TEMPORARILY_UNAVAILABLE")
+OVERLOADED_RETRY_AFTER = "10"
+
+
 def upstream_failure(status: int, body: str, error_type: str = "", *,
                      retry_after: str | None = None) -> Failure:
     """Map a non-200 CodeWhisperer answer to the failure the client is answered with.
@@ -1293,6 +1293,11 @@ def upstream_failure(status: int, body: str, error_type: str = "", *,
     if status == 400:
         return Failure("invalid_request", 400, f"Kiro rejected the request: {detail}",
                        retry_after)
+    if any(capacity in reason or capacity in message for capacity in CAPACITY_REASONS):
+        # Switching model helps, quick retries do not (PROTOCOL-2026.md 10.9).
+        return Failure("overloaded", 529, f"Kiro has no capacity for this model now; try "
+                       f"again shortly or use another model ({detail})",
+                       retry_after or OVERLOADED_RETRY_AFTER)
     if is_bearer_invalid(status, body):
         return Failure("authentication", 401, f"Kiro did not accept the access token, even "
                        f"after a refresh; log in to Kiro again ({detail})", retry_after,
@@ -1705,6 +1710,7 @@ ANTHROPIC_ERROR_TYPES = {  # Failure.kind -> Anthropic's error type
     "not_found": "not_found_error", "too_large": "request_too_large",
     "rate_limit": "rate_limit_error", "internal": "api_error", "upstream": "api_error",
     "unavailable": "overloaded_error", "timeout": "timeout_error",
+    "overloaded": "overloaded_error",
 }
 
 
@@ -1909,7 +1915,7 @@ OPENAI_ERROR_TYPES = {  # Failure.kind -> OpenAI's error type
     "billing": "insufficient_quota", "permission": "permission_error",
     "not_found": "invalid_request_error", "too_large": "invalid_request_error",
     "rate_limit": "rate_limit_exceeded", "internal": "server_error", "upstream": "server_error",
-    "unavailable": "server_error", "timeout": "server_error",
+    "unavailable": "server_error", "timeout": "server_error", "overloaded": "server_error",
 }
 
 
@@ -2074,6 +2080,12 @@ class ClientApi:
     normalise: Callable[[Any], Json]  # its request body -> an Anthropic Messages body
     renderer: Callable[[Json, Answer], Renderer]  # (its request body, the answer's facts)
     error_body: Callable[[Failure], Json]  # its error envelope
+    # Statuses this API answers instead of a failure's own, by kind: OpenAI
+    # has no 529, and says "overloaded" with a 503.
+    statuses: Mapping[str, int] = field(default_factory=dict)
+
+    def status(self, failure: Failure) -> int:
+        return self.statuses.get(failure.kind, failure.status)
 
 
 def _anthropic_body(body: Any) -> Json:
@@ -2094,4 +2106,298 @@ def _openai_renderer(body: Json, answer: Answer) -> Renderer:
 ANTHROPIC_MESSAGES = ClientApi("anthropic-messages", "msg_", _anthropic_body,
                                _anthropic_renderer, anthropic_error)
 OPENAI_CHAT = ClientApi("openai-chat-completions", "chatcmpl-", openai_to_anthropic,
-                        _openai_renderer, openai_error)
+                        _openai_renderer, openai_error, {"overloaded": 503})
+
+
+# Kiro request dialects ####################################################
+#
+# One conversationState travels in three envelopes (PROTOCOL-2026.md 10.1.2):
+# the IDE's REST call, kiro-cli's RPC call (v2) and the newer "KAS" RPC call
+# (kiro-cli --v3, IDE 1.x). Hosts accept different ones per account kind, so
+# each dialect is data; ``kiro_request`` builds the headers and the body of
+# one call from it. The web layer picks the dialects to try, in order.
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """How one kind of Kiro client shapes a ``GenerateAssistantResponse`` call."""
+
+    name: str
+    path: str  # appended to the host's URL
+    content_type: str
+    target: str | None  # x-amz-target of the RPC envelopes
+    origin: str  # every user message's origin
+    agent_mode: str  # where "vibe" goes: "header", "state" (agentTaskType only) or "top"
+    continuation: bool  # an agentContinuationId per call
+
+
+IDE = Dialect("ide", "/generateAssistantResponse", "application/json", None, ORIGIN,
+              "header", False)
+CLI = Dialect("cli", "/", "application/x-amz-json-1.0",
+              "AmazonCodeWhispererStreamingService.GenerateAssistantResponse", "KIRO_CLI",
+              "state", True)
+KAS = Dialect("kas", "/", "application/x-amz-json-1.0",
+              "KiroRuntimeService.GenerateAssistantResponse", ORIGIN, "top", True)
+DIALECTS = {d.name: d for d in (IDE, CLI, KAS)}
+
+
+@dataclass(frozen=True)
+class ClientVersions:
+    """The client versions presented to Kiro (``--kiro-version``).
+
+    The service refuses IDE versions below about 0.12 with 403 "User is not
+    authorized to make this call." (PROTOCOL-2026.md 10.2); these defaults
+    are the releases seen in September 2026.
+    """
+
+    ide: str = "1.1.14"
+    cli: str = "2.23.1"
+    kas: str = "0.66.8"
+    sdk: str = "1.0.34"  # aws-sdk-js of the IDE
+
+    @classmethod
+    def parse(cls, text: str) -> ClientVersions:
+        """``1.1.14`` (the IDE's) or ``ide=1.1.14,cli=2.23.1,kas=0.66.8,sdk=1.0.34``."""
+        values: dict[str, str] = {}
+        for item in (part.strip() for part in text.split(",")):
+            name, sep, version = item.rpartition("=")
+            name = name.strip().lower() if sep else "ide"
+            version = version.strip()
+            if name not in cls.__dataclass_fields__ or not _VERSION.fullmatch(version):
+                raise ValueError(f"not a client version: {item!r} (say e.g. 1.1.14 or "
+                                 f"ide=1.1.14,cli=2.23.1)")
+            values[name] = version
+        return cls(**values)
+
+
+_VERSION = re.compile(r"\d+(?:\.\d+){1,3}")
+# Kiro's name for each credential's kind, sent as TokenType (10.3, 10.6, 10.7).
+TOKEN_TYPES = {"external_idp": "EXTERNAL_IDP", "api_key": "API_KEY"}
+
+
+def user_agents(dialect: Dialect, versions: ClientVersions, machine_id: str,
+                os_name: str) -> tuple[str, str]:
+    """``User-Agent`` and ``x-amz-user-agent`` as the dialect's client sends them."""
+    if dialect is CLI:  # kiro-cli's Rust SDK (10.1.3)
+        head = (f"aws-sdk-rust/1.3.15 ua/2.1 api/codewhispererstreaming/0.1.17975 "
+                f"os/{os_name} lang/rust/1.92.0")
+        tail = f"md/appVersion-{versions.cli} app/AmazonQ-For-CLI"
+        return f"{head} {tail}", f"{head} m/F {tail}"
+    if dialect is KAS:
+        tail = (f"KiroCLI/{versions.cli} KAS/{versions.kas} os/{os_name} "
+                f"md/appVersion-{versions.cli} app/AmazonQ-For-CLI")
+        return (f"aws-sdk-js/1.0.0 ua/2.1 os/{os_name} lang/js md/nodejs#22.22.2 "
+                f"api/kiroruntime#1.0.0 m/N {tail}", f"aws-sdk-js/1.0.0 {tail}")
+    agent = f"KiroIDE-{versions.ide}-{machine_id}"
+    return (f"aws-sdk-js/{versions.sdk} ua/2.1 os/{os_name} lang/js md/nodejs#20.16.0 "
+            f"api/codewhispererstreaming#{versions.sdk} m/E {agent}",
+            f"aws-sdk-js/{versions.sdk} {agent}")
+
+
+def kiro_headers(dialect: Dialect, *, access_token: str, kind: str, machine_id: str,
+                 versions: ClientVersions, os_name: str, invocation_id: str,
+                 profile_arn: str | None = None) -> dict[str, str]:
+    """The headers of one call in ``dialect`` for a credential of ``kind``."""
+    user_agent, amz_user_agent = user_agents(dialect, versions, machine_id, os_name)
+    headers = {
+        "Authorization": f"Bearer {access_token}",
+        "Content-Type": dialect.content_type,
+        "Accept": "application/json" if dialect is IDE else "*/*",
+        "x-amzn-codewhisperer-optout": "true",
+        "x-amz-user-agent": amz_user_agent,
+        "User-Agent": user_agent,
+        "amz-sdk-invocation-id": invocation_id,
+        "amz-sdk-request": "attempt=1; max=3",
+    }
+    if dialect.target:
+        headers["x-amz-target"] = dialect.target
+    if dialect.agent_mode == "header":
+        headers["x-amzn-kiro-agent-mode"] = "vibe"
+    if dialect is KAS:
+        headers["x-amzn-kiro-client-attribution"] = "unrecognized"
+    if kind in TOKEN_TYPES:
+        headers["TokenType"] = TOKEN_TYPES[kind]
+    if profile_arn:
+        headers["x-amzn-kiro-profile-arn"] = profile_arn
+    return headers
+
+
+def kiro_body(payload: Json, dialect: Dialect, *, profile_arn: str | None,
+              continuation_id: str) -> Json:
+    """``payload`` (from ``anthropic_to_codewhisperer``) as ``dialect`` sends it.
+
+    A new top level and conversationState: the prepared payload is left as it
+    is, so every attempt on another host or dialect starts from the same one.
+    """
+    state = dict(payload["conversationState"])
+    if dialect.origin != ORIGIN:
+        state["currentMessage"] = _with_origin(state["currentMessage"], dialect.origin)
+        if "history" in state:
+            state["history"] = [_with_origin(item, dialect.origin) for item in state["history"]]
+    if dialect.continuation:
+        state["agentContinuationId"] = continuation_id
+    body: Json = {"conversationState": state}
+    if dialect.agent_mode == "top":
+        body["agentMode"] = "vibe"
+    if profile_arn:
+        body["profileArn"] = profile_arn
+    return body
+
+
+def _with_origin(item: Json, origin: str) -> Json:
+    message = item.get("userInputMessage")
+    if message is None:
+        return item
+    return {**item, "userInputMessage": {**message, "origin": origin}}
+
+
+# Hosts, account kinds and what Kiro's refusals mean #######################
+#
+# Which dialect works, and whether the call carries a profile ARN, depends on
+# the kind of account and on the host (PROTOCOL-2026.md 10.3, 10.5): the
+# ``runtime.{region}.kiro.dev`` service wants the RPC envelopes and an ARN;
+# the legacy ``q.{region}.amazonaws.com`` takes the IDE's call, and Builder
+# ID there only without an ARN. Each (kind, host family) lists its attempts
+# in order; a refusal that means "not this way" moves to the next one.
+
+KINDS = ("social", "builder_id", "idc", "external_idp", "api_key")
+# The profile ARN a call carries: the account's own (from its file or looked
+# up with ListAvailableProfiles), the service's (Builder ID on runtime), or none.
+OWN_ARN, SERVICE_ARN, NO_ARN = "own", "service", "none"
+SERVICE_PROFILE_ARN = "arn:aws:codewhisperer:us-east-1:638616132270:profile/AAAACCCCXXXX"
+ATTEMPTS: dict[tuple[str, str], tuple[tuple[Dialect, str], ...]] = {
+    ("runtime", "social"): ((CLI, OWN_ARN), (IDE, OWN_ARN)),
+    ("runtime", "builder_id"): ((CLI, SERVICE_ARN),),
+    ("runtime", "idc"): ((CLI, OWN_ARN), (KAS, OWN_ARN)),
+    ("runtime", "external_idp"): ((CLI, OWN_ARN), (KAS, OWN_ARN)),
+    ("runtime", "api_key"): ((CLI, NO_ARN),),
+    ("legacy", "social"): ((IDE, OWN_ARN), (CLI, OWN_ARN)),
+    ("legacy", "builder_id"): ((IDE, NO_ARN),),
+    ("legacy", "idc"): ((IDE, OWN_ARN), (CLI, OWN_ARN)),
+    ("legacy", "external_idp"): ((IDE, OWN_ARN), (CLI, OWN_ARN)),
+    ("legacy", "api_key"): ((CLI, NO_ARN),),
+}
+HOST_FAMILIES = ("runtime", "legacy")
+
+
+def credential_kind(auth_method: str, provider: str | None = None,
+                    profile_arn: str | None = None, start_url: str | None = None) -> str:
+    """Which of KINDS a login is: IdC logins are Builder ID unless they name an
+    organisation (a start URL, an ARN of their own, or a provider other than BuilderId)."""
+    if auth_method != "idc":
+        return auth_method
+    if start_url or profile_arn or (provider or "").lower() not in ("", "builderid"):
+        return "idc"
+    return "builder_id"
+
+
+def host_family(url: str) -> str:
+    """``runtime`` or ``legacy``: a ``#runtime`` / ``#legacy`` suffix says so, else the
+    host's name (``runtime.…`` is the current service, anything else is treated as legacy)."""
+    base, _, fragment = url.partition("#")
+    if fragment:
+        return fragment
+    host = base.partition("://")[2].partition("/")[0]
+    return "runtime" if host.startswith("runtime.") else "legacy"
+
+
+def api_region(profile_arn: str | None, fallback: str) -> str:
+    """The region of Kiro's API: the profile ARN's (its 4th field), else ``fallback``."""
+    if profile_arn and profile_arn.count(":") >= 5:
+        return profile_arn.split(":")[3] or fallback
+    return fallback
+
+
+# What a refusal means for the next step (PROTOCOL-2026.md 10.5, 10.9).
+NEXT_WAY = "next"  # this host or dialect will not do: try the next attempt
+FIND_PROFILE = "profile"  # look the account's profile ARN up, then try again
+REFRESH = "refresh"  # the access token may be stale: refresh once
+SUSPENDED = "suspended"  # the service locked the account: set it aside for long
+EXHAUSTED = "exhausted"  # out of credits until the monthly reset
+CAPACITY = "capacity"  # the model is out of capacity: retried, then overloaded
+EXHAUSTED_MAYBE = "exhausted?"  # a plain 429: throttled, or out of credits (ask the usage)
+EMPTY = "empty"  # a 200 that ended before its first frame: ask again
+FINAL = "final"  # anything else: answer the client (after retries where those apply)
+
+_NEXT_WAY_TEXTS = ("profilearn is required", "user is not authorized to make this call",
+                   "does not support this application", "not supported for this operation")
+
+
+def rejection(status: int, body: str) -> str:
+    """What a non-200 answer to ``GenerateAssistantResponse`` means (one of the above)."""
+    lowered = body.lower()
+    if status == 403 and ("temporarily_suspended" in lowered or (
+            "suspended" in lowered and "locked" in lowered)):
+        return SUSPENDED
+    if status == 402 or "monthly_request_count" in lowered:
+        return EXHAUSTED
+    if any(reason in body for reason in CAPACITY_REASONS):
+        return CAPACITY
+    if status == 400 and "invalid profilearn" in lowered:
+        return FIND_PROFILE
+    if is_bearer_invalid(status, body):
+        return REFRESH
+    if status in (401, 403, 404) and (status != 403 or any(
+            text in lowered for text in _NEXT_WAY_TEXTS)):
+        return NEXT_WAY
+    if status == 400 and "profilearn is required" in lowered:
+        return NEXT_WAY
+    if status == 429:
+        return EXHAUSTED_MAYBE
+    return FINAL
+
+
+# Usage limits #############################################################
+
+
+@dataclass(frozen=True)
+class UsageLimits:
+    """What ``GetUsageLimits`` says of an account's credits (PROTOCOL-2026.md 10.4.2)."""
+
+    plan: str | None
+    used: float | None
+    limit: float | None
+    overage: bool  # overage billing on: the account goes on past its limit
+    reset_at: float | None  # epoch seconds
+    days_until_reset: int | None
+    trial: Json | None = None
+
+    @property
+    def exhausted(self) -> bool:
+        return (self.used is not None and self.limit is not None and self.used >= self.limit
+                and not self.overage)
+
+    def as_json(self) -> Json:
+        return {"plan": self.plan, "used": self.used, "limit": self.limit,
+                "overage": self.overage, "reset_at": self.reset_at,
+                "days_until_reset": self.days_until_reset, "exhausted": self.exhausted,
+                "free_trial": self.trial}
+
+
+def usage_limits(answer: Any) -> UsageLimits | None:
+    """A ``GetUsageLimits`` answer read; None when it is not one."""
+    if not isinstance(answer, dict) or not isinstance(answer.get("usageBreakdownList"), list):
+        return None
+    rows = [r for r in answer["usageBreakdownList"] if isinstance(r, dict)]
+    # By resource type, not by position: credits where the plan has them.
+    row = next((r for kind in ("CREDIT", "AGENTIC_REQUEST") for r in rows
+                if r.get("resourceType") == kind), rows[0] if rows else {})
+
+    def number(*keys: str) -> float | None:
+        for key in keys:
+            value = _number_or_none(row.get(key))
+            if value is not None:
+                return value
+        return None
+
+    overage = answer.get("overageConfiguration")
+    subscription = answer.get("subscriptionInfo")
+    trial = row.get("freeTrialInfo")
+    return UsageLimits(
+        plan=subscription.get("subscriptionTitle") if isinstance(subscription, dict) else None,
+        used=number("currentUsageWithPrecision", "currentUsage"),
+        limit=number("usageLimitWithPrecision", "usageLimit"),
+        overage=isinstance(overage, dict) and overage.get("overageStatus") == "ENABLED",
+        reset_at=_number_or_none(answer.get("nextDateReset")),
+        days_until_reset=_int_or_none(answer.get("daysUntilReset")),
+        trial=trial if isinstance(trial, dict) else None)

@@ -31,6 +31,7 @@ import functools
 import glob
 import hashlib
 import hmac
+import itertools
 import ipaddress
 import json
 import logging
@@ -39,6 +40,7 @@ import os
 import random
 import re
 import shlex
+import sqlite3
 import stat
 import sys
 import tempfile
@@ -76,7 +78,15 @@ Json = dict[str, Any]
 
 DEFAULT_PORT = 8080
 DEFAULT_TOKEN_FILE = "~/.aws/sso/cache/kiro-auth-token.json"
-DEFAULT_UPSTREAM = "https://q.{region}.amazonaws.com"
+# Today's service first, the legacy host after it (PROTOCOL-2026.md 10.1.1, 10.5).
+DEFAULT_UPSTREAMS = ("https://runtime.{region}.kiro.dev", "https://q.{region}.amazonaws.com")
+DEFAULT_MANAGEMENT_URL = "https://management.{region}.kiro.dev"
+# Regions Kiro's own hosts exist in; an IdC login region outside them (say
+# ap-southeast-1) has none, and its calls go to us-east-1 (10.1.1).
+KIRO_REGIONS = ("us-east-1", "eu-central-1", "us-gov-east-1", "us-gov-west-1")
+# Hosts an external identity provider's token endpoint may be on, since the
+# refresh token is sent there (10.6): Microsoft Entra ID's; --allow-idp-host adds.
+DEFAULT_IDP_HOSTS = ("microsoftonline.com", "microsoftonline.us", "microsoftonline.cn")
 DEFAULT_SOCIAL_AUTH_URL = "https://prod.{region}.auth.desktop.kiro.dev"
 DEFAULT_OIDC_URL = "https://oidc.{region}.amazonaws.com"
 DEFAULT_REGION = "us-east-1"
@@ -133,7 +143,14 @@ class Config:
     token_files: tuple[Path, ...] = field(
         default_factory=lambda: (Path(DEFAULT_TOKEN_FILE).expanduser(),)
     )
-    upstream: str = DEFAULT_UPSTREAM
+    # Candidate hosts in order (a single URL is one candidate); "#runtime" or
+    # "#legacy" after a URL names its family where the host name does not.
+    upstream: tuple[str, ...] | str = DEFAULT_UPSTREAMS
+    management_url: str = DEFAULT_MANAGEMENT_URL
+    region: str | None = None  # for accounts whose file names none
+    kiro_version: convert.ClientVersions = field(default_factory=convert.ClientVersions)
+    kiro_api_keys: tuple[str, ...] = field(default=(), repr=False)
+    allow_idp_hosts: tuple[str, ...] = ()
     social_auth_url: str = DEFAULT_SOCIAL_AUTH_URL
     oidc_url: str = DEFAULT_OIDC_URL
     proxy: str | None = None
@@ -162,6 +179,10 @@ class Config:
         default_factory=urllib.request.getproxies_environment, compare=False, repr=False)
     started: float = field(default_factory=time.time, compare=False)
     clock: Clock = field(default=SYSTEM_CLOCK, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.upstream, str):
+            object.__setattr__(self, "upstream", (self.upstream,))
 
     def proxy_for(self, url: str) -> str | None:
         """The outbound proxy for ``url``: ``--proxy``, else the environment's."""
@@ -276,7 +297,7 @@ TOKEN_FILE_MODE = 0o600
 # authMethod values (matched case-insensitively) → ours, each a row of
 # REFRESH_PROTOCOLS. PROTOCOL.md §1.1.
 AUTH_METHODS = {"social": "social", "idc": "idc", "builder-id": "idc", "builderid": "idc",
-                "iam": "idc"}
+                "iam": "idc", "external_idp": "external_idp", "externalidp": "external_idp"}
 
 RELOGIN = "log in to Kiro again to rewrite it"
 _REGION = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
@@ -333,12 +354,21 @@ class Credentials:
     access_token: str = field(repr=False)
     refresh_token: str = field(repr=False)
     expires_at: datetime | None
-    auth_method: str  # a key of REFRESH_PROTOCOLS: "social" or "idc"
+    auth_method: str  # "api_key" or a key of REFRESH_PROTOCOLS: "social", "idc", "external_idp"
     provider: str | None = None
     region: str = DEFAULT_REGION
     profile_arn: str | None = None
     client_id: str | None = None
     client_secret: str | None = field(default=None, repr=False)
+    start_url: str | None = None  # IdC: the organisation's start URL
+    token_endpoint: str | None = None  # external IdP: where its refresh token goes
+    scopes: str | None = None  # external IdP: the scopes asked for on refresh
+
+    @property
+    def kind(self) -> str:
+        """Which of ``convert.KINDS`` this login is (Builder ID and IdC share a method)."""
+        return convert.credential_kind(self.auth_method, self.provider, self.profile_arn,
+                                       self.start_url)
 
     def seconds_left(self, now: datetime | None = None) -> float | None:
         if self.expires_at is None:
@@ -412,7 +442,8 @@ def read_token_file(path: Path) -> tuple[Json, Credentials]:
         if not method:
             raise TokenFileError(
                 f"{path}: authMethod {method_name!r} is not supported; kiro2api handles social "
-                f"(Google, GitHub) and IdC (Builder ID, Enterprise) logins")
+                f"(Google, GitHub), IdC (Builder ID, Enterprise) and external_idp (Entra ID, "
+                f"Okta) logins")
     region = _text(data, "region") or DEFAULT_REGION
     if not _REGION.fullmatch(region):
         raise TokenFileError(f"{path}: region {region!r} is not an AWS region name; {RELOGIN}")
@@ -432,6 +463,9 @@ def read_token_file(path: Path) -> tuple[Json, Credentials]:
         for key, value in (("clientId", client_id), ("clientSecret", client_secret)):
             if value is None:
                 raise TokenFileError(f"{registration} has no {key}; {fix}")
+    if method == "external_idp":
+        for key in ("tokenEndpoint", "clientId"):
+            required(key)
     return data, Credentials(
         access_token=access_token,
         refresh_token=refresh_token,
@@ -440,9 +474,19 @@ def read_token_file(path: Path) -> tuple[Json, Credentials]:
         provider=_text(data, "provider"),
         region=region,
         profile_arn=_text(data, "profileArn"),
-        client_id=client_id if method == "idc" else None,
+        client_id=client_id if method in ("idc", "external_idp") else None,
         client_secret=client_secret if method == "idc" else None,
+        start_url=_text(data, "startUrl"),
+        token_endpoint=_text(data, "tokenEndpoint"),
+        scopes=_scopes(data.get("scopes")),
     )
+
+
+def _scopes(value: Any) -> str | None:
+    """``scopes`` as a list (the IDE) or a space-separated string, as one string."""
+    if isinstance(value, list):
+        value = " ".join(v for v in value if isinstance(v, str))
+    return value.strip() or None if isinstance(value, str) else None
 
 
 def write_json_atomic(path: Path, data: Json, *, mode: int) -> None:
@@ -528,6 +572,11 @@ class TokenFile:
 
     def __repr__(self) -> str:
         return f"<TokenFile {self.path}>"
+
+    @property
+    def identity(self) -> str:
+        """What names the account to Kiro (its machine id is made from it)."""
+        return str(self.path)
 
     @property
     def lock_path(self) -> Path:
@@ -623,6 +672,158 @@ class TokenFile:
             os.close(fd)  # closing the descriptor releases the lock
 
 
+# kiro-cli keeps its logins in SQLite (PROTOCOL-2026.md 10.8): table auth_kv,
+# a JSON value per key, snake_case. The first token row present is used.
+SQLITE_MAGIC = b"SQLite format 3\x00"
+KIRO_CLI_TOKEN_KEYS = (("kirocli:external-idp:token", "external_idp"),
+                       ("kirocli:social:token", "social"),
+                       ("kirocli:odic:token", "idc"), ("kirocli:oidc:token", "idc"),
+                       ("codewhisperer:odic:token", "idc"))
+KIRO_CLI_REGISTRATION_KEYS = ("kirocli:odic:device-registration",
+                              "kirocli:oidc:device-registration",
+                              "codewhisperer:odic:device-registration")
+KIRO_CLI_PROFILE_KEY = "api.codewhisperer.profile"
+# Our token file keys → kiro-cli's, for the write-back.
+KIRO_CLI_KEYS = {"accessToken": "access_token", "refreshToken": "refresh_token",
+                 "expiresAt": "expires_at"}
+SQLITE_BUSY_SECONDS = 5.0
+
+
+def is_sqlite(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(16) == SQLITE_MAGIC
+    except OSError:
+        return path.suffix in (".sqlite3", ".sqlite", ".db")
+
+
+def _sqlite_json(rows: dict[str, str], key: str) -> Json:
+    try:
+        value = json.loads(rows.get(key) or "{}")
+    except (ValueError, RecursionError):
+        value = None
+    return value if isinstance(value, dict) else {}
+
+
+def read_kiro_cli_store(path: Path) -> tuple[Json, Credentials]:
+    """kiro-cli's ``data.sqlite3``: ``{"key": its token row, "value": that row's JSON}``
+    and the credentials in it. Raises ``TokenFileError`` with a one-line reason."""
+    fix = "log in with kiro-cli again (kiro-cli login)"
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True,
+                                                timeout=SQLITE_BUSY_SECONDS)) as db:
+            rows = dict(db.execute("SELECT key, value FROM auth_kv"))
+            state = dict(db.execute("SELECT key, value FROM state WHERE key = ?",
+                                    (KIRO_CLI_PROFILE_KEY,))) if db.execute(
+                "SELECT 1 FROM sqlite_master WHERE name = 'state'").fetchone() else {}
+    except sqlite3.Error as exc:
+        raise TokenFileError(f"cannot read kiro-cli's store {path} ({exc}); {fix}") from None
+    for key, method in KIRO_CLI_TOKEN_KEYS:
+        if key in rows:
+            break
+    else:
+        raise TokenFileError(f"{path} holds no kiro-cli login; {fix}")
+    value = _sqlite_json(rows, key)
+    access, refresh = _text(value, "access_token"), _text(value, "refresh_token")
+    if not access or not refresh:
+        raise TokenFileError(f"{path}: the {key} row has no access_token or refresh_token; {fix}")
+    registration = next((_sqlite_json(rows, k) for k in KIRO_CLI_REGISTRATION_KEYS if k in rows),
+                        {})
+    if method == "idc" and not (_text(registration, "client_id")
+                                and _text(registration, "client_secret")):
+        raise TokenFileError(f"{path} has an IdC login but no client registration; {fix}")
+    arn = _text(_sqlite_json(state, KIRO_CLI_PROFILE_KEY), "arn")
+    if arn == convert.SERVICE_PROFILE_ARN:
+        arn = None  # after a Builder ID login: the service's, not the account's
+    region = _text(value, "region") or DEFAULT_REGION
+    return {"key": key, "value": value}, Credentials(
+        access_token=access, refresh_token=refresh,
+        expires_at=parse_expires_at(value.get("expires_at")), auth_method=method,
+        provider=_text(value, "provider"), region=region if _REGION.fullmatch(region)
+        else DEFAULT_REGION, profile_arn=arn,
+        client_id=_text(registration, "client_id") or _text(value, "client_id"),
+        client_secret=_text(registration, "client_secret") if method == "idc" else None,
+        start_url=_text(value, "start_url") or _text(registration, "start_url"),
+        token_endpoint=_text(value, "token_endpoint"), scopes=_scopes(value.get("scopes")))
+
+
+def write_kiro_cli_row(path: Path, key: str, value: Json) -> None:
+    """Replace one auth_kv row's JSON, in one transaction (kiro-cli may be reading)."""
+    with contextlib.closing(sqlite3.connect(path, timeout=SQLITE_BUSY_SECONDS)) as db:
+        with db:
+            db.execute("UPDATE auth_kv SET value = ? WHERE key = ?",
+                       (json.dumps(value, ensure_ascii=False), key))
+
+
+class KiroCliStore(TokenFile):
+    """kiro-cli's SQLite store as an account's token source: the same ``read``,
+    ``lock`` and ``write`` as a token file, written back in place (the row's
+    other keys kept) under the same ``.lock``, so kiro-cli keeps working with
+    the refreshed token instead of a refresh token we spent."""
+
+    def __repr__(self) -> str:
+        return f"<KiroCliStore {self.path}>"
+
+    async def read(self) -> tuple[Json, Credentials]:
+        return await asyncio.to_thread(read_kiro_cli_store, self.path)
+
+    async def ensure_writable(self) -> None:
+        await super().ensure_writable()
+        if not os.access(self.path, os.W_OK):
+            raise TokenFileError(f"cannot write {self.path}, so a refreshed token would be lost "
+                                 f"when this command ends: make it writable, then try again")
+
+    async def write(self, data: Json, on_disk: Credentials, fresh: Credentials,
+                    updates: Json) -> Credentials:
+        value = dict(data["value"])
+        value.update({KIRO_CLI_KEYS[k]: v for k, v in updates.items() if k in KIRO_CLI_KEYS})
+        try:
+            await asyncio.to_thread(write_kiro_cli_row, self.path, data["key"], value)
+        except sqlite3.Error as exc:
+            raise TokenFileError(
+                f"refreshed the token but cannot write {self.path} ({exc}); kiro2api keeps "
+                f"the new one in memory only: check the file and its directory") from None
+        return fresh
+
+
+class KiroApiKey(TokenFile):
+    """A Kiro API key (``ksk_…``, ``--kiro-api-key``) as an account: nothing to read
+    from disk, nothing to lock, never refreshed (PROTOCOL-2026.md 10.7)."""
+
+    def __init__(self, key: str, number: int, *, region: str) -> None:
+        super().__init__(Path(f"kiro-api-key-{number}"))
+        self._credentials = Credentials(access_token=key, refresh_token="", expires_at=None,
+                                        auth_method="api_key", region=region)
+
+    def __repr__(self) -> str:
+        return f"<KiroApiKey {self.path}>"
+
+    @property
+    def identity(self) -> str:
+        return self._credentials.access_token
+
+    async def read(self) -> tuple[Json, Credentials]:
+        return {}, self._credentials
+
+    async def ensure_writable(self) -> None:
+        return None
+
+    @contextlib.asynccontextmanager
+    async def lock(self) -> AsyncIterator[None]:
+        yield
+
+    async def write(self, data: Json, on_disk: Credentials, fresh: Credentials,
+                    updates: Json) -> Credentials:
+        return fresh
+
+
+def token_source(path: Path, *, clock: Clock = SYSTEM_CLOCK,
+                 lock_timeout: float = LOCK_TIMEOUT_SECONDS) -> TokenFile:
+    """The token source a ``--token-file`` names: kiro-cli's SQLite store, or a JSON file."""
+    kind = KiroCliStore if is_sqlite(Path(path)) else TokenFile
+    return kind(path, clock=clock, lock_timeout=lock_timeout)
+
+
 # Refresh protocols ########################################################
 #
 # Each auth method is a pair of pure functions, a request (where to POST
@@ -648,6 +849,7 @@ class AuthRequest:
     url: str
     body: Json = field(repr=False)
     option: str
+    form: bool = False  # form-encoded (OAuth 2) rather than JSON
 
 
 def social_refresh_request(base: Credentials, config: Config) -> AuthRequest:
@@ -692,6 +894,51 @@ def refreshed_credentials(base: Credentials, answer: Json,
     return fresh, updates
 
 
+def idp_endpoint_problem(url: str, allowed: tuple[str, ...]) -> str | None:
+    """Why the refresh token must not go to ``url``, or None: https only, a host name
+    (no address), on DEFAULT_IDP_HOSTS or ``allowed`` (a name or its subdomains)."""
+    parts = urllib.parse.urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if parts.scheme != "https":
+        return "not an https URL"
+    try:
+        ipaddress.ip_address(host)
+        return "an IP address, not a host name"
+    except ValueError:
+        pass
+    for entry in (*DEFAULT_IDP_HOSTS, *allowed):
+        entry = entry.lower().strip(".")
+        if host == entry or host.endswith("." + entry):
+            return None
+    return f"{host or 'no host'} is not an allowed identity provider (--allow-idp-host)"
+
+
+def external_idp_refresh_request(base: Credentials, config: Config) -> AuthRequest:
+    """The organisation's OAuth 2 token endpoint (Entra ID, Okta): a public client's
+    form-encoded refresh_token grant."""
+    url = base.token_endpoint or ""
+    problem = idp_endpoint_problem(url, config.allow_idp_hosts)
+    if problem:
+        raise RefreshError(f"will not send the refresh token to {url} ({problem}); if that is "
+                           f"your organisation's identity provider, start kiro2api with "
+                           f"--allow-idp-host {urllib.parse.urlsplit(url).hostname or 'HOST'}",
+                           permanent=True)
+    body = {"client_id": base.client_id or "", "grant_type": "refresh_token",
+            "refresh_token": base.refresh_token}
+    if base.scopes:
+        body["scope"] = base.scopes
+    return AuthRequest(url, body, "--allow-idp-host", form=True)
+
+
+def refreshed_idp_credentials(base: Credentials, answer: Json,
+                              now: datetime) -> tuple[Credentials, Json]:
+    """An OAuth 2 answer (snake_case) read as the Kiro services' camelCase one."""
+    camel = {"accessToken": answer.get("access_token"),
+             "refreshToken": answer.get("refresh_token"),
+             "expiresIn": answer.get("expires_in")}
+    return refreshed_credentials(base, camel, now)
+
+
 @dataclass(frozen=True, slots=True)
 class RefreshProtocol:
     """How one auth method exchanges a refresh token: its request and its answer."""
@@ -704,6 +951,7 @@ class RefreshProtocol:
 REFRESH_PROTOCOLS = {
     "social": RefreshProtocol(social_refresh_request, refreshed_credentials),
     "idc": RefreshProtocol(idc_refresh_request, refreshed_credentials),
+    "external_idp": RefreshProtocol(external_idp_refresh_request, refreshed_idp_credentials),
 }
 
 
@@ -748,7 +996,9 @@ async def post_auth(session: aiohttp.ClientSession, request: AuthRequest, *,
     """POST ``request``: the status and the body; RefreshError if there is no answer."""
     try:
         async with session.post(
-            request.url, json=request.body, proxy=proxy, headers={"Accept": "application/json"},
+            request.url, json=None if request.form else request.body,
+            data=request.body if request.form else None, proxy=proxy,
+            headers={"Accept": "application/json"},
             timeout=aiohttp.ClientTimeout(total=timeout),
         ) as response:
             return response.status, await response.read()
@@ -773,7 +1023,10 @@ async def _call_auth_service(session: aiohttp.ClientSession, config: Config, bas
                              now: Callable[[], datetime] = utcnow) -> tuple[Credentials, Json]:
     """Exchange ``base``'s refresh token: the new credentials and the token file keys to
     update. ``whose`` names the account in errors."""
-    protocol = REFRESH_PROTOCOLS[base.auth_method]
+    protocol = REFRESH_PROTOCOLS.get(base.auth_method)
+    if protocol is None:  # a Kiro API key
+        raise RefreshError(f"Kiro refused the API key {whose}; an API key cannot be refreshed: "
+                           f"make a new one at app.kiro.dev", permanent=True)
     request = protocol.request(base, config)
     status, raw = await post_auth(session, request, proxy=config.proxy_for(request.url),
                                   timeout=timeout)
@@ -1021,6 +1274,93 @@ class TokenHolder:
             return kept
 
 
+# Ways to call Kiro ########################################################
+#
+# Kiro answers each kind of account on some hosts and in some request
+# dialects only, and which ones changes (PROTOCOL-2026.md 10.1-10.5). An
+# account's ways are every --upstream host with the dialects its kind may use
+# there (``ways_for``); its ``KiroView`` remembers the way that worked
+# (sticky, the preferred ones tried afresh after STICKY_SECONDS), skips one
+# that was refused for a while, and keeps what the service said of the
+# account: its profile ARN where it was looked up, its usage limits.
+
+STICKY_SECONDS = 3600.0
+WAY_REFUSED_SECONDS = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Way:
+    """One way to call Kiro: a host, a dialect, and which profile ARN to carry."""
+
+    url: str  # the host's URL template, without its #family suffix
+    family: str  # "runtime" or "legacy"
+    dialect: convert.Dialect
+    arn: str  # convert.OWN_ARN, SERVICE_ARN or NO_ARN
+
+    def __str__(self) -> str:
+        return f"{self.url} ({self.dialect.name})"
+
+
+def ways_for(kind: str, upstreams: tuple[str, ...]) -> tuple[Way, ...]:
+    """Every way to try for an account of ``kind``, in order (PROTOCOL-2026.md 10.5)."""
+    ways = []
+    for upstream in upstreams:
+        family = convert.host_family(upstream)
+        url = upstream.partition("#")[0].rstrip("/")
+        ways += [Way(url, family, dialect, arn)
+                 for dialect, arn in convert.ATTEMPTS.get((family, kind), ())]
+    return tuple(ways)
+
+
+class KiroView:
+    """What Kiro has shown of one account: the way that works, the ways it refused,
+    the profile ARN it listed, and the usage limits it gave (with when)."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.ways: tuple[Way, ...] = ()
+        self.profile_arn: str | None = None  # looked up with ListAvailableProfiles
+        self.rejected_arn: str | None = None  # the file's, when Kiro called it invalid
+        self.profile_problem = ""  # what the last ListAvailableProfiles that failed said
+        self.usage: convert.UsageLimits | None = None
+        self.usage_read_at = -math.inf  # clock.monotonic()
+        self._sticky: Way | None = None
+        self._sticky_until = 0.0
+        self._refused: dict[Way, tuple[float, str]] = {}  # way -> (until, why)
+
+    def order(self, ways: tuple[Way, ...]) -> list[Way]:
+        """``ways`` to try now: the one that worked, the others, then those refused."""
+        if ways != self.ways:  # the account's kind became known, or changed with a login
+            self.ways, self._sticky, self._refused = ways, None, {}
+        now = self.clock.monotonic()
+        sticky = self._sticky if now < self._sticky_until else None
+        resting = [w for w in ways if w != sticky and self._refused.get(w, (0.0,))[0] > now]
+        usable = [w for w in ways if w not in resting]
+        usable.sort(key=lambda w: w != sticky)  # stable: the others keep their order
+        return usable + resting
+
+    def worked(self, way: Way) -> None:
+        self._refused.pop(way, None)
+        if self._sticky != way:
+            log.info("Kiro answers this account at %s", way)
+        self._sticky, self._sticky_until = way, self.clock.monotonic() + STICKY_SECONDS
+
+    def refused(self, way: Way, why: str) -> None:
+        self._refused[way] = (self.clock.monotonic() + WAY_REFUSED_SECONDS, why)
+        if self._sticky == way:
+            self._sticky = None
+
+    def remember_usage(self, usage: convert.UsageLimits) -> convert.UsageLimits:
+        self.usage, self.usage_read_at = usage, self.clock.monotonic()
+        return usage
+
+    def health(self) -> Json:
+        way, now = self._sticky, self.clock.monotonic()
+        return {"host": way.url if way else None, "shape": way.dialect.name if way else None,
+                "refused": {str(w): why for w, (until, why) in self._refused.items()
+                            if until > now}}
+
+
 # Account pool #############################################################
 
 # With no client key, an unknown token sends an account to its file, in case
@@ -1042,9 +1382,10 @@ class TokenStore:
                  timeout: float = REFRESH_TIMEOUT_SECONDS,
                  lock_timeout: float = LOCK_TIMEOUT_SECONDS,
                  retry_after: float = REFRESH_RETRY_SECONDS,
-                 must_save: bool = False, clock: Clock | None = None) -> None:
+                 must_save: bool = False, clock: Clock | None = None,
+                 source: TokenFile | None = None) -> None:
         self.clock = clock or config.clock
-        self.file = TokenFile(path, clock=self.clock, lock_timeout=lock_timeout)
+        self.file = source or token_source(path, clock=self.clock, lock_timeout=lock_timeout)
         self.path = self.file.path
         exchange = functools.partial(_call_auth_service, session, config, whose=self.path,
                                      timeout=timeout, now=self.clock.now)
@@ -1052,11 +1393,13 @@ class TokenStore:
                                   retry_after=retry_after, must_save=must_save)
         # Kiro's user agent names a machine; ours is the account's file, so one
         # account is one machine however it is called.
-        self.machine_id = hashlib.sha256(f"kiro2api:{self.path}".encode()).hexdigest()
+        self.machine_id = hashlib.sha256(f"kiro2api:{self.file.identity}".encode()).hexdigest()
         # Set by the pool when upstream throttles or refuses this account: a
         # clock.monotonic() before which others are tried first.
         self.cooldown_until = 0.0
         self.cooldown_reason: str | None = None
+        self.cooldown_state: str | None = None  # "suspended", "exhausted": Kiro's word
+        self.kiro = KiroView(self.clock)
         self._reread_at = 0.0  # clock.monotonic() before which reread() does not read again
 
     def __repr__(self) -> str:
@@ -1136,8 +1479,11 @@ class TokenStore:
         else:
             state = "ok"
         resting = self.cooldown_until - self.clock.monotonic()
+        if resting > 0 and self.cooldown_state:
+            state = self.cooldown_state
         return {
             "path": str(self.path),
+            "kind": current.kind if current else None,
             "auth_method": current.auth_method if current else None,
             "provider": current.provider if current else None,
             "region": current.region if current else None,
@@ -1149,7 +1495,19 @@ class TokenStore:
             "refreshes": self.refreshes,
             "cooldown_seconds": max(0, round(resting)),
             "cooldown_reason": self.cooldown_reason if resting > 0 else None,
+            **self.kiro.health(),
         }
+
+
+def accounts(config: Config, session: aiohttp.ClientSession, **options: Any) -> list[TokenStore]:
+    """One account per ``--token-file``, then one per ``--kiro-api-key``."""
+    stores = [TokenStore(path, config=config, session=session, **options)
+              for path in config.token_files]
+    region = config.region or DEFAULT_REGION
+    stores += [TokenStore(Path(f"kiro-api-key-{n}"), config=config, session=session,
+                          source=KiroApiKey(key, n, region=region), **options)
+               for n, key in enumerate(config.kiro_api_keys, 1)]
+    return stores
 
 
 async def load_accounts_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -1197,35 +1555,176 @@ ACCOUNTS = web.AppKey("accounts", list)  # list[TokenStore], in the order given
 
 
 # Upstream client ##########################################################
+#
+# ``open_upstream`` walks the accounts, ``call_account`` one account's ways,
+# ``call_way`` one way with its refresh and retries, ``post_generate`` one
+# POST; what each refusal means is ``convert.rejection``'s (PROTOCOL-2026.md
+# 10.5, 10.9). The control plane (profiles, usage limits) comes first.
 
-# The Kiro IDE's own client headers. Upstream does not require them, but
-# every current peer sends them, and one peer saw a newer version string
-# break requests, so this stays at the version seen working in 2026.
-KIRO_IDE_VERSION = "0.11.63"
-SDK_VERSION = "1.0.34"
+# An account Kiro suspended is set aside this long; one whose credits ran out
+# until their reset (when GetUsageLimits tells it), else this long.
+SUSPENDED_SECONDS = 12 * 3600.0
+EXHAUSTED_SECONDS = 3600.0
+# A 200 that ends before any frame is asked again this often before the
+# client gets a 502 (PROTOCOL-2026.md 10.9).
+EMPTY_STREAM_RETRIES = 2
+CONTROL_TIMEOUT_SECONDS = 15.0
+USAGE_FRESH_SECONDS = 60.0
+# Both names of the control-plane service are seen (PROTOCOL-2026.md 10.4.1).
+PROFILE_TARGETS = ("AmazonCodeWhispererService.ListAvailableProfiles",
+                   "KiroControlPlaneBearerService.ListAvailableProfiles")
+USAGE_TARGET = "AmazonCodeWhispererService.GetUsageLimits"
+OS_NAME = {"darwin": "macos", "win32": "windows"}.get(sys.platform, "linux")
 
 
-def api_region(credentials: Credentials) -> str:
-    """The API region: the profile ARN's if there is one, else the token file's."""
-    if credentials.profile_arn and credentials.profile_arn.count(":") >= 5:
-        return credentials.profile_arn.split(":")[3] or credentials.region
-    return credentials.region
+def kiro_region(credentials: Credentials, arn: str | None, config: Config) -> str:
+    """The region of Kiro's hosts for an account: its profile ARN's, else --region, else
+    its file's if Kiro has hosts there, else us-east-1 (PROTOCOL-2026.md 10.1.1)."""
+    if arn and arn != convert.SERVICE_PROFILE_ARN:
+        region = convert.api_region(arn, "")
+        if region in KIRO_REGIONS:
+            return region
+    if config.region:
+        return config.region
+    return credentials.region if credentials.region in KIRO_REGIONS else DEFAULT_REGION
 
 
-def upstream_headers(credentials: Credentials, machine_id: str) -> dict[str, str]:
-    agent = f"KiroIDE-{KIRO_IDE_VERSION}-{machine_id}"
-    return {
-        "Authorization": f"Bearer {credentials.access_token}",
-        "Content-Type": "application/json",
-        "Accept": "application/json",
-        "x-amzn-codewhisperer-optout": "true",
-        "x-amzn-kiro-agent-mode": "vibe",
-        "x-amz-user-agent": f"aws-sdk-js/{SDK_VERSION} {agent}",
-        "User-Agent": (f"aws-sdk-js/{SDK_VERSION} ua/2.1 os/{sys.platform} lang/js "
-                       f"md/nodejs#20.16.0 api/codewhispererstreaming#{SDK_VERSION} m/E {agent}"),
-        "amz-sdk-invocation-id": random_uuid(),
-        "amz-sdk-request": "attempt=1; max=3",
-    }
+def kiro_headers(config: Config, store: TokenStore, credentials: Credentials,
+                 dialect: convert.Dialect, arn: str | None = None) -> dict[str, str]:
+    """The headers of one call to Kiro in ``dialect`` for this account."""
+    return convert.kiro_headers(
+        dialect, access_token=credentials.access_token, kind=credentials.kind,
+        machine_id=store.machine_id, versions=config.kiro_version, os_name=OS_NAME,
+        invocation_id=random_uuid(), profile_arn=None if dialect is convert.IDE else arn)
+
+
+def legacy_upstream(config: Config) -> str:
+    """The first --upstream of the legacy family (REST calls), else the first of all."""
+    urls = [u for u in config.upstream if convert.host_family(u) == "legacy"]
+    return (urls or list(config.upstream))[0].partition("#")[0].rstrip("/")
+
+
+def control_bases(config: Config) -> tuple[str, ...]:
+    """Where control-plane RPCs go: --management-url, then a legacy host's RPC form."""
+    return tuple(dict.fromkeys((config.management_url, legacy_upstream(config))))
+
+
+async def control_call(app: web.Application, store: TokenStore, credentials: Credentials,
+                       target: str, body: Json, *, region: str, base: str | None = None,
+                       query: dict[str, str] | None = None) -> tuple[int, Any]:
+    """One control-plane RPC on ``base`` (--management-url by default): the status and
+    the answer's JSON (None when it is not JSON). Raises aiohttp.ClientError,
+    asyncio.TimeoutError."""
+    config = app[CONFIG]
+    url = region_url(base or config.management_url, region) + "/"
+    headers = kiro_headers(config, store, credentials, convert.CLI)
+    headers["x-amz-target"] = target
+    async with app[HTTP].post(url, params=query, data=json.dumps(body), headers=headers,
+                              proxy=config.proxy_for(url),
+                              timeout=aiohttp.ClientTimeout(total=CONTROL_TIMEOUT_SECONDS)
+                              ) as response:
+        raw = await response.read()
+    try:
+        return response.status, json.loads(raw)
+    except (ValueError, RecursionError):
+        return response.status, None
+
+
+async def look_up_profile(app: web.Application, store: TokenStore,
+                          credentials: Credentials) -> str | None:
+    """The account's own profile ARN from ListAvailableProfiles, cached on the account:
+    asked on each control-plane base, in the account's region first, then in the
+    others Kiro has profiles in, under both names of the service; None when none
+    lists one (``store.kiro.profile_problem`` says what the last one answered)."""
+    if store.kiro.profile_arn:
+        return store.kiro.profile_arn
+    config = app[CONFIG]
+    home = kiro_region(credentials, None, config)
+    regions = dict.fromkeys((home, "us-east-1", "eu-central-1"))
+    for base, region, target in itertools.product(control_bases(config), regions,
+                                                  PROFILE_TARGETS):
+        arns = await list_profiles(app, store, credentials, base, region, target)
+        if arns:
+            arns.sort(key=lambda a: convert.api_region(a, "") != home)
+            store.kiro.profile_arn = arns[0]
+            log.info("account %s: profile %s", store.path.name, arns[0])
+            return arns[0]
+    return None
+
+
+async def list_profiles(app: web.Application, store: TokenStore, credentials: Credentials,
+                        base: str, region: str, target: str) -> list[str]:
+    """The profile ARNs one ListAvailableProfiles call lists; [] if it failed."""
+    try:
+        status, answer = await control_call(app, store, credentials, target, {},
+                                            region=region, base=base)
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        store.kiro.profile_problem = describe(exc) or "timed out"
+        return []
+    profiles = answer.get("profiles") if isinstance(answer, dict) else None
+    if status != 200 or not isinstance(profiles, list):
+        store.kiro.profile_problem = f"HTTP {status} {json.dumps(answer)[:300]}"
+        return []
+    arns = [p.get("arn") or p.get("profileArn") for p in profiles if isinstance(p, dict)]
+    arns = [a for a in arns if isinstance(a, str) and a.startswith("arn:")]
+    if not arns:
+        store.kiro.profile_problem = f"no profile in {region}"
+    return arns
+
+
+async def profile_for(app: web.Application, store: TokenStore, credentials: Credentials,
+                      way: Way) -> str | None:
+    """The profile ARN a call ``way`` carries for this account."""
+    if way.arn == convert.NO_ARN:
+        return None
+    if way.arn == convert.SERVICE_ARN:
+        return convert.SERVICE_PROFILE_ARN
+    if credentials.profile_arn and credentials.profile_arn != store.kiro.rejected_arn:
+        return credentials.profile_arn
+    return await look_up_profile(app, store, credentials)
+
+
+async def read_usage_limits(app: web.Application, store: TokenStore,
+                            credentials: Credentials) -> convert.UsageLimits:
+    """The account's GetUsageLimits: the RPC with its profile ARN, then without one
+    (Builder ID has none), then the REST form on a legacy host. Raises UpstreamError."""
+    config = app[CONFIG]
+    arn = credentials.profile_arn or store.kiro.profile_arn
+    region = kiro_region(credentials, arn, config)
+    tried: list[str] = []
+    for with_arn in dict.fromkeys((bool(arn), False)):
+        body: Json = {"origin": "AI_EDITOR", "isEmailRequired": False}
+        if with_arn:
+            body["profileArn"] = arn
+        query = {k: str(v).lower() if isinstance(v, bool) else v for k, v in body.items()}
+        try:
+            status, answer = await control_call(app, store, credentials, USAGE_TARGET, body,
+                                                region=region, query=query)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            tried.append(describe(exc) or "timed out")
+            continue
+        limits = convert.usage_limits(answer) if status == 200 else None
+        if limits is not None:
+            return store.kiro.remember_usage(limits)
+        tried.append(f"HTTP {status}")
+    url = region_url(legacy_upstream(config), region) + "/getUsageLimits"
+    params = {"origin": "AI_EDITOR", "resourceType": "AGENTIC_REQUEST", **(
+        {"profileArn": arn} if arn else {})}
+    try:
+        async with app[HTTP].get(url, params=params, proxy=config.proxy_for(url),
+                                 headers=kiro_headers(config, store, credentials, convert.IDE),
+                                 timeout=aiohttp.ClientTimeout(total=CONTROL_TIMEOUT_SECONDS)
+                                 ) as response:
+            answer = await response.json(content_type=None) if response.status == 200 else None
+            tried.append(f"HTTP {response.status}")
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        answer = None
+        tried.append(describe(exc) or "timed out")
+    limits = convert.usage_limits(answer)
+    if limits is not None:
+        return store.kiro.remember_usage(limits)
+    raise UpstreamError(convert.failure(
+        502, f"Kiro did not give the usage limits ({', '.join(tried)})"))
 
 
 # Backoff between retries: 0.5 s, 1 s, 2 s ... with +/-25% jitter so that
@@ -1291,20 +1790,81 @@ def account_order(stores: list[TokenStore]) -> list[TokenStore]:
     return ready + resting
 
 
-def set_aside(store: TokenStore, seconds: float, reason: str) -> None:
-    """Try ``store`` after the others for ``seconds`` (on its clock), saying why."""
+def set_aside(store: TokenStore, seconds: float, reason: str, *,
+              state: str | None = None) -> None:
+    """Try ``store`` after the others for ``seconds`` (on its clock), saying why;
+    ``state`` ("suspended", "exhausted") is what ``/health`` shows meanwhile."""
     store.cooldown_until = store.clock.monotonic() + seconds
     store.cooldown_reason = reason
-    log.warning("account %s set aside for %.0f s: %s", store.path, seconds, reason)
+    store.cooldown_state = state
+    log.warning("account %s set aside for %s: %s", store.path, human_duration(seconds), reason)
 
 
-async def open_upstream(request: web.Request, prepared: convert.Prepared) -> aiohttp.ClientResponse:
-    """POST the payload for the first account that can take it; return the 200 response.
+class UpstreamAnswer:
+    """A 200 from Kiro with the first bytes of its body, read before anything goes
+    to the client (so that an empty answer is asked again, never relayed)."""
 
-    An account whose token cannot be refreshed, or that the upstream
-    throttles (429), finds out of quota (402) or refuses (403) is set aside
-    and the next one is tried: one account's trouble never fails a request
-    another account could serve.
+    def __init__(self, response: aiohttp.ClientResponse, head: bytes) -> None:
+        self.response = response
+        self.head = head
+
+    async def __aenter__(self) -> UpstreamAnswer:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.response.release()
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        yield self.head
+        async for chunk in self.response.content.iter_any():
+            yield chunk
+
+
+class WayRefused(UpstreamError):
+    """Kiro answered that this host or dialect will not do for the account."""
+
+
+class AccountRefused(UpstreamError):
+    """Kiro suspended the account, or its credits are gone: ``state`` says which."""
+
+    def __init__(self, failure: convert.Failure, state: str) -> None:
+        super().__init__(failure)
+        self.state = state
+
+
+class KiroRefusal(Exception):
+    """A call that gave no answer: what it means (``convert.rejection``), the error the
+    client would get, the access token it was made with, and Kiro's Retry-After."""
+
+    def __init__(self, meaning: str, error: UpstreamError, *, retryable: bool,
+                 access_token: str = "", retry_after: str | None = None,
+                 answer: str | None = None) -> None:
+        super().__init__(error.failure.message)
+        self.meaning = meaning
+        self.error = error
+        self.answer = answer or error.failure.message  # Kiro's words, for doctor
+        self.retryable = retryable
+        self.access_token = access_token
+        self.retry_after = retry_after
+
+
+@dataclass
+class CallBudget:
+    """One request's retries, shared by the ways of one account."""
+
+    deadline: float  # loop.time()
+    attempt: int = 0
+    refreshed: bool = False
+    empty: int = 0
+
+
+async def open_upstream(request: web.Request, prepared: convert.Prepared) -> UpstreamAnswer:
+    """POST the payload for the first account that can take it; return its answer.
+
+    An account whose token cannot be refreshed, that Kiro throttles (429),
+    suspended or finds out of credits, or that refuses (401, 403), is set
+    aside and the next one is tried: one account's trouble never fails a
+    request another account could serve.
     """
     app = request.app
     stores = account_order(app[ACCOUNTS])
@@ -1312,11 +1872,17 @@ async def open_upstream(request: web.Request, prepared: convert.Prepared) -> aio
         others = i + 1 < len(stores)
         request[REQUEST_LOG].account = store.path.name
         try:
-            return await call_account(request, prepared, store, failover=others)
+            return await call_account(app, request[REQUEST_LOG], prepared, store,
+                                      failover=others)
         except TokenError as exc:
             if not others:
                 raise
             set_aside(store, TOKEN_COOLDOWN_SECONDS, str(exc))
+        except AccountRefused as exc:
+            set_aside(store, refused_seconds(store, exc.state), exc.failure.message,
+                      state=exc.state)
+            if not others:
+                raise
         except UpstreamError as exc:
             status = exc.failure.status
             if not others or status not in COOLDOWN_SECONDS:
@@ -1331,19 +1897,190 @@ async def open_upstream(request: web.Request, prepared: convert.Prepared) -> aio
     raise AssertionError("no accounts configured")  # make_app always has one
 
 
-async def call_account(request: web.Request, prepared: convert.Prepared, store: TokenStore, *,
-                       failover: bool) -> aiohttp.ClientResponse:
-    """One account's attempt: refresh once on a rejected token, retry transient failures.
+def refused_seconds(store: TokenStore, state: str) -> float:
+    """How long an account is set aside for: a suspended one for long, one out of
+    credits until they reset (when its usage limits tell the date)."""
+    if state != convert.EXHAUSTED:
+        return SUSPENDED_SECONDS
+    reset = store.kiro.usage.reset_at if store.kiro.usage else None
+    if reset is None:
+        return EXHAUSTED_SECONDS
+    return max(60.0, reset - store.clock.now().timestamp())
+
+
+async def call_account(app: web.Application, entry: RequestLog, prepared: convert.Prepared,
+                       store: TokenStore, *, failover: bool) -> UpstreamAnswer:
+    """One account's attempt: its ways in turn, moving on when Kiro says "not this way".
+    When every way is refused, the client hears the first (the account's usual) refusal."""
+    config = app[CONFIG]
+    credentials = await store.credentials()
+    budget = CallBudget(asyncio.get_running_loop().time() + config.retry_seconds)
+    ways = store.kiro.order(ways_for(credentials.kind, config.upstream))
+    if not ways:
+        raise UpstreamError(convert.failure(
+            502, f"no --upstream host serves a {credentials.kind} account; add one of the "
+                 f"families {', '.join(convert.HOST_FAMILIES)}"))
+    refusals: list[WayRefused] = []
+    for way in ways:
+        try:
+            answer = await call_way(app, entry, prepared, store, way, budget,
+                                    failover=failover)
+        except WayRefused as exc:
+            store.kiro.refused(way, exc.failure.message)
+            log.info("account %s: %s refused the call (%s)", store.path.name, way,
+                     exc.failure.message)
+            refusals.append(exc)
+            continue
+        store.kiro.worked(way)
+        return answer
+    raise refusals[0]
+
+
+async def call_way(app: web.Application, entry: RequestLog, prepared: convert.Prepared,
+                   store: TokenStore, way: Way, budget: CallBudget, *,
+                   failover: bool) -> UpstreamAnswer:
+    """Call Kiro one way: refresh once on a rejected token, look the profile up again
+    when Kiro calls it invalid, and retry transient failures.
 
     Connection errors, timeouts before the answer starts, 429 and 5xx are
     retried with backoff within ``config.retries`` and ``config.retry_seconds``
-    (a 429 is not, when ``failover`` says another account can take it).
+    (a 429 is not, when ``failover`` says another account can take it); an
+    empty answer is asked again up to EMPTY_STREAM_RETRIES times.
     """
-    app = request.app
+    config = app[CONFIG]
+    loop = asyncio.get_running_loop()
+    looked_up = False
+    while True:
+        try:
+            return await post_generate(app, entry, prepared, store, way)
+        except KiroRefusal as refusal:
+            meaning, error = refusal.meaning, refusal.error
+            stale_token, asked = refusal.access_token, refusal.retry_after
+            retryable = refusal.retryable
+        if meaning == convert.REFRESH and not budget.refreshed:
+            log.info("upstream rejected the access token of %s; refreshing", store.path)
+            budget.refreshed = True
+            await store.refresh(stale_access_token=stale_token)
+            continue
+        if meaning in (convert.REFRESH, convert.NEXT_WAY):
+            raise WayRefused(error.failure)
+        if meaning == convert.FIND_PROFILE and not looked_up and way.arn == convert.OWN_ARN:
+            looked_up = True
+            store.kiro.rejected_arn = (await store.credentials()).profile_arn
+            store.kiro.profile_arn = None  # stale, or never known: list it again
+            continue
+        if meaning in (convert.SUSPENDED, convert.EXHAUSTED):
+            raise AccountRefused(error.failure, meaning)
+        if meaning == convert.EXHAUSTED_MAYBE:
+            used_up = await credits_used_up(app, store)
+            if used_up is not None:
+                raise AccountRefused(used_up, convert.EXHAUSTED)
+            retryable = not failover
+        if meaning == convert.EMPTY:
+            budget.empty += 1
+            if budget.empty > EMPTY_STREAM_RETRIES:
+                raise error
+            log.info("Kiro answered an empty stream; asking again")
+            entry.retries += 1
+            app[METRICS].retries += 1
+            continue
+        budget.attempt += 1
+        delay = retry_delay(budget.attempt, asked)
+        if (not retryable or budget.attempt > config.retries
+                or loop.time() + delay > budget.deadline):
+            raise error
+        entry.retries += 1
+        app[METRICS].retries += 1
+        log.info("upstream attempt %d failed (%s); retrying in %.1f s",
+                 budget.attempt, error.failure.message, delay)
+        await asyncio.sleep(delay)
+
+
+async def credits_used_up(app: web.Application, store: TokenStore) -> convert.Failure | None:
+    """A 402 when the account's usage limits say its credits are gone (a plain 429
+    can mean that on Free and Pro plans, PROTOCOL-2026.md 10.9); None otherwise."""
+    usage = store.kiro.usage
+    if usage is None or store.clock.monotonic() - store.kiro.usage_read_at > USAGE_FRESH_SECONDS:
+        try:
+            usage = await read_usage_limits(app, store, await store.credentials())
+        except (UpstreamError, TokenError) as exc:
+            log.info("could not read the usage limits of %s: %s", store.path.name, exc)
+            return None
+    if not usage.exhausted:
+        return None
+    reset = ""
+    if usage.reset_at is not None:
+        moment = datetime.fromtimestamp(usage.reset_at, timezone.utc)
+        reset = f"; they come back on {moment:%Y-%m-%d %H:%M} UTC"
+    return convert.failure(402, f"the Kiro credits of this account are used up "
+                                f"({usage.used:g} of {usage.limit:g}){reset}")
+
+
+async def post_generate(app: web.Application, entry: RequestLog, prepared: convert.Prepared,
+                        store: TokenStore, way: Way) -> UpstreamAnswer:
+    """One POST of GenerateAssistantResponse; its answer once the first bytes are in.
+    Raises ``KiroRefusal`` for anything else."""
     config, session = app[CONFIG], app[HTTP]
     credentials = await store.credentials()
+    arn = await profile_for(app, store, credentials, way)
+    body = encode_payload(prepared, way.dialect, arn, config)
+    url = region_url(way.url, kiro_region(credentials, arn, config)) + way.dialect.path
+    headers = kiro_headers(config, store, credentials, way.dialect, arn)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
     try:
-        body = json.dumps(prepared.body(credentials.profile_arn), ensure_ascii=False).encode()
+        response = await asyncio.wait_for(
+            session.post(url, data=body, headers=headers, proxy=config.proxy_for(url)),
+            config.first_byte_timeout)
+    except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+        raise transport_refusal(exc, config, url) from None
+    entry.upstream_first_byte = loop.time() - started
+    app[METRICS].upstream_first_byte.observe(loop.time() - started)
+    if response.status == 200:
+        try:
+            head = await asyncio.wait_for(
+                response.content.readany(),
+                max(0.0, started + config.first_byte_timeout - loop.time()))
+        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+            response.close()
+            raise transport_refusal(exc, config, url) from None
+        if head:
+            return UpstreamAnswer(response, head)
+        response.release()
+        raise KiroRefusal(convert.EMPTY, UpstreamError(convert.failure(
+            502, "Kiro answered with an empty stream (no event at all), each time it was "
+                 "asked")), retryable=True)
+    async with response:
+        text = await response.text(errors="replace")
+    log.debug("upstream %s answered %d: %s", url, response.status, text[:2000])
+    meaning = convert.rejection(response.status, text)
+    failure = convert.upstream_failure(response.status, text,
+                                       response.headers.get("x-amzn-errortype", ""),
+                                       retry_after=response.headers.get("Retry-After"))
+    retryable = response.status in RETRYABLE_STATUSES or meaning == convert.CAPACITY
+    raise KiroRefusal(meaning, UpstreamError(failure), retryable=retryable,
+                      access_token=credentials.access_token,
+                      retry_after=response.headers.get("Retry-After"),
+                      answer=f"HTTP {response.status} {text.strip()[:500]}")
+
+
+def transport_refusal(exc: BaseException, config: Config, url: str) -> KiroRefusal:
+    """A call that failed before Kiro answered: a 504 for a timeout (ours, or the
+    session's connect or read timeout), else a 502; both worth another try."""
+    if isinstance(exc, asyncio.TimeoutError):
+        failure = timeout_failure(exc, config, url)
+    else:
+        failure = convert.failure(502, f"could not reach Kiro at {url}: {describe(exc)}")
+    return KiroRefusal(convert.FINAL, UpstreamError(failure), retryable=True)
+
+
+def encode_payload(prepared: convert.Prepared, dialect: convert.Dialect, arn: str | None,
+                   config: Config) -> bytes:
+    """The request body for Kiro, within --max-input-bytes."""
+    try:
+        body = json.dumps(convert.kiro_body(prepared.payload, dialect, profile_arn=arn,
+                                            continuation_id=random_uuid()),
+                          ensure_ascii=False).encode()
     except RecursionError:  # the client's JSON parsed, but nests deeper than we can write
         raise convert.ConversionError("request body nests JSON too deeply") from None
     if len(body) > config.max_input_bytes:
@@ -1351,61 +2088,13 @@ async def call_account(request: web.Request, prepared: convert.Prepared, store: 
             f"{convert.PROMPT_TOO_LONG}: the request is {len(body)} bytes for Kiro, over its "
             f"{config.max_input_bytes}-byte limit; compact or shorten the conversation",
             code="context_length_exceeded")
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + config.retry_seconds
-    refreshed = False
-    attempt = 0
-    while True:
-        attempt += 1
-        url = region_url(config.upstream, api_region(credentials)) + "/generateAssistantResponse"
-        retry_after = None
-        started = loop.time()
-        try:
-            response = await asyncio.wait_for(
-                session.post(url, data=body,
-                             headers=upstream_headers(credentials, store.machine_id),
-                             proxy=config.proxy_for(url)),
-                config.first_byte_timeout)
-        except asyncio.TimeoutError as exc:  # ours, or the session's connect or read timeout
-            error = UpstreamError(timeout_failure(exc, config, url))
-        except aiohttp.ClientError as exc:
-            error = UpstreamError(convert.failure(
-                502, f"could not reach Kiro at {url}: {describe(exc)}"))
-        else:
-            request[REQUEST_LOG].upstream_first_byte = loop.time() - started
-            app[METRICS].upstream_first_byte.observe(loop.time() - started)
-            if response.status == 200:
-                return response
-            async with response:
-                text = await response.text(errors="replace")
-            log.debug("upstream answered %d: %s", response.status, text[:2000])
-            if not refreshed and convert.is_bearer_invalid(response.status, text):
-                log.info("upstream rejected the access token of %s; refreshing", store.path)
-                credentials = await store.refresh(stale_access_token=credentials.access_token)
-                refreshed = True
-                continue
-            retry_after = response.headers.get("Retry-After")
-            error = UpstreamError(convert.upstream_failure(
-                response.status, text, response.headers.get("x-amzn-errortype", ""),
-                retry_after=retry_after))
-            if response.status not in RETRYABLE_STATUSES or (
-                    failover and response.status == 429):
-                raise error
-        delay = retry_delay(attempt, retry_after)
-        if attempt > config.retries or loop.time() + delay > deadline:
-            raise error
-        request[REQUEST_LOG].retries += 1
-        app[METRICS].retries += 1
-        log.info("upstream attempt %d failed (%s); retrying in %.1f s",
-                 attempt, error.failure.message, delay)
-        await asyncio.sleep(delay)
+    return body
 
 
-async def upstream_frames(
-        response: aiohttp.ClientResponse) -> AsyncIterator[list[eventstream.Message]]:
+async def upstream_frames(upstream: UpstreamAnswer) -> AsyncIterator[list[eventstream.Message]]:
     """The frames of each upstream read, as they arrive; raises on framing errors."""
     decoder = eventstream.Decoder()
-    async for chunk in response.content.iter_any():
+    async for chunk in upstream.chunks():
         decoder.feed(chunk)
         frames = decoder.take()
         if frames:
@@ -1612,32 +2301,65 @@ async def fetch_models(app: web.Application) -> list[Json] | None:
     return None
 
 
+MODELS_TARGET = "AmazonCodeWhispererService.ListAvailableModels"
+
+
 async def list_models(app: web.Application, store: TokenStore,
                       credentials: Credentials) -> list[Json]:
-    """One account's ``ListAvailableModels``, every page of it."""
+    """One account's ``ListAvailableModels``, every page of it: the RPC on
+    --management-url where the account has a profile ARN (PROTOCOL-2026.md
+    10.4.3), else, or when that fails, the REST form on a legacy host."""
     config = app[CONFIG]
-    url = region_url(config.upstream, api_region(credentials)) + "/ListAvailableModels"
-    params = {"origin": "AI_EDITOR", "maxResults": "50"}
-    if credentials.profile_arn:
-        params["profileArn"] = credentials.profile_arn
-    headers = upstream_headers(credentials, store.machine_id)
-    models: list[Json] = []
-    for _ in range(MODELS_PAGES_MAX):
-        async with app[HTTP].get(url, params=params, headers=headers,
+    arn = credentials.profile_arn or store.kiro.profile_arn
+    region = kiro_region(credentials, arn, config)
+
+    async def rpc(params: dict[str, str]) -> Any:
+        status, data = await control_call(app, store, credentials, MODELS_TARGET,
+                                          {**params, "origin": "KIRO_CLI"}, region=region,
+                                          query={"origin": "KIRO_CLI", "profileArn": arn or ""})
+        if status != 200:
+            raise UpstreamError(convert.failure(502, f"Kiro answered HTTP {status}: "
+                                                     f"{json.dumps(data)[:200]}"))
+        return data
+
+    async def rest(params: dict[str, str]) -> Any:
+        url = region_url(legacy_upstream(config), region) + "/ListAvailableModels"
+        async with app[HTTP].get(url, params={"origin": "AI_EDITOR", "maxResults": "50",
+                                              **params},
+                                 headers=kiro_headers(config, store, credentials, convert.IDE),
                                  proxy=config.proxy_for(url),
-                                 timeout=aiohttp.ClientTimeout(total=15)) as response:
+                                 timeout=aiohttp.ClientTimeout(total=CONTROL_TIMEOUT_SECONDS)
+                                 ) as response:
             if response.status != 200:
                 detail = (await response.text(errors="replace")).strip()[:200]
                 raise UpstreamError(convert.failure(
                     502, f"Kiro answered HTTP {response.status}: {detail}"))
-            data = await response.json(content_type=None)
+            return await response.json(content_type=None)
+
+    first = {"profileArn": arn} if arn else {}
+    if arn:
+        try:
+            return await model_pages(rpc, first)
+        except (UpstreamError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            log.info("ListAvailableModels on %s failed (%s); asking a legacy host",
+                     config.management_url, describe(exc) or "timed out")
+    return await model_pages(rest, first)
+
+
+async def model_pages(fetch: Callable[[dict[str, str]], Awaitable[Any]],
+                      params: dict[str, str]) -> list[Json]:
+    """Every page ``fetch`` gives (``nextToken`` in, ``nextToken`` out), at most
+    MODELS_PAGES_MAX; raises UpstreamError for an answer without models."""
+    models: list[Json] = []
+    for _ in range(MODELS_PAGES_MAX):
+        data = await fetch(params)
         page = data.get("models") if isinstance(data, dict) else None
         if not isinstance(page, list):
             raise UpstreamError(convert.failure(502, "Kiro answered without a list of models"))
         models += page
         if not isinstance(data.get("nextToken"), str) or not data["nextToken"]:
             break
-        params["nextToken"] = data["nextToken"]
+        params = {**params, "nextToken": data["nextToken"]}
     if not models:  # no account serves nothing: the built-in list is the better guess
         raise UpstreamError(convert.failure(502, "Kiro listed no models"))
     return models
@@ -1688,7 +2410,7 @@ async def handle_count_tokens(request: web.Request) -> web.Response:
 # idle timeout, disconnects, shutdown, the in-band failure ending) is here once.
 
 
-async def collect_events(upstream: aiohttp.ClientResponse,
+async def collect_events(upstream: UpstreamAnswer,
                          assembler: convert.Assembler) -> list[convert.Event]:
     """Every neutral event of a whole answer (the non-streamed answer); a failure
     propagates to the error middleware, which answers it with ``failure_of``."""
@@ -1730,7 +2452,7 @@ async def send_keepalives(response: web.StreamResponse, renderer: convert.Render
             last = written()
 
 
-async def stream_sse(request: web.Request, upstream: aiohttp.ClientResponse,
+async def stream_sse(request: web.Request, upstream: UpstreamAnswer,
                      assembler: convert.Assembler,
                      renderer: convert.Renderer) -> web.StreamResponse:
     """Relay an upstream answer as server-sent events, one write per upstream read.
@@ -1866,7 +2588,8 @@ def error_response(request: web.Request, failure: convert.Failure, *,
     if failure.retry_after:
         headers = {**(headers or {}), "Retry-After": failure.retry_after}
     request[REQUEST_LOG].failure = failure.message
-    return web.json_response(envelope_api(request).error_body(failure), status=failure.status,
+    api = envelope_api(request)
+    return web.json_response(api.error_body(failure), status=api.status(failure),
                              headers=headers)
 
 
@@ -2012,8 +2735,7 @@ async def http_session_ctx(app: web.Application) -> AsyncIterator[None]:
     # whole length, and aiohttp's default of 100 would queue the 101st.
     session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
     app[HTTP] = session
-    app[ACCOUNTS].extend(TokenStore(path, config=config, session=session)
-                         for path in config.token_files)
+    app[ACCOUNTS].extend(accounts(config, session))
     yield
     await session.close()
 
@@ -2094,6 +2816,182 @@ def serve(config: Config) -> None:
         raise click.ClickException(f"cannot listen on {host}:{config.port}: {reason}") from None
 
 
+# Doctor ###################################################################
+#
+# ``kiro2api doctor`` walks every account through what the server does with
+# it, one step a line: the token source, the kind of account, expiry and
+# refresh, the profile ARN, the models, the usage limits, and a tiny
+# generation on each way (host and shape) the account may be served on. Each
+# step says what the service answered, word for word when it refused.
+
+DOCTOR_PROMPT = "Say OK."
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class Diagnosis:
+    """One account's steps, and the way the server would serve it on (None: none)."""
+
+    account: str
+    steps: list[Step] = field(default_factory=list)
+    uses: Way | None = None
+
+    def step(self, name: str, ok: bool, detail: str) -> bool:
+        self.steps.append(Step(name, ok, detail))
+        return ok
+
+    def as_json(self) -> Json:
+        return {"account": self.account,
+                "steps": [{"step": s.name, "ok": s.ok, "detail": s.detail} for s in self.steps],
+                "uses": {"host": self.uses.url, "shape": self.uses.dialect.name}
+                if self.uses else None}
+
+
+async def diagnose(config: Config, model: str) -> list[Diagnosis]:
+    """Every configured account diagnosed, in the server's order."""
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout,
+                                    sock_read=config.idle_timeout)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        app = web.Application()
+        app[CONFIG], app[HTTP], app[METRICS] = config, session, Metrics()
+        app[ACCOUNTS] = accounts(config, session, must_save=True)
+        prepared = convert.anthropic_to_codewhisperer(
+            {"model": model, "max_tokens": 1,
+             "messages": [{"role": "user", "content": DOCTOR_PROMPT}]},
+            conversation_id=random_uuid())
+        return [await diagnose_account(app, store, prepared) for store in app[ACCOUNTS]]
+
+
+async def diagnose_account(app: web.Application, store: TokenStore,
+                           prepared: convert.Prepared) -> Diagnosis:
+    found = Diagnosis(str(store.path))
+    credentials = await check_credentials(found, store)
+    if credentials is None:
+        return found
+    ways = ways_for(credentials.kind, app[CONFIG].upstream)
+    await check_profile(found, app, store, credentials, ways)
+    try:
+        models = await list_models(app, store, credentials)
+        names = [str(m.get("modelId")) for m in models if isinstance(m, dict)]
+        found.step("models", True, f"{len(names)}: {', '.join(names[:8])}"
+                   + (", ..." if len(names) > 8 else ""))
+    except (UpstreamError, aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        found.step("models", False, describe(exc) or "timed out")
+    try:
+        found.step("usage", True, describe_usage(await read_usage_limits(app, store,
+                                                                          credentials)))
+    except UpstreamError as exc:
+        found.step("usage", False, str(exc))
+    for way in ways:
+        ok, detail = await try_generate(app, store, prepared, way)
+        found.step("generate", ok, f"{way}: {detail}")
+        found.uses = found.uses or (way if ok else None)
+    if not ways:
+        found.step("generate", False, f"no --upstream host serves a {credentials.kind} account")
+    return found
+
+
+async def check_credentials(found: Diagnosis, store: TokenStore) -> Credentials | None:
+    """The token source, kind, expiry and refresh steps; the credentials to go on with."""
+    try:
+        credentials = await store.load()
+    except TokenError as exc:
+        found.step("token", False, str(exc))
+        return None
+    found.step("token", True, f"{type(store.file).__name__}, access token "
+                              f"{mask(credentials.access_token)}")
+    via = f" ({credentials.provider})" if credentials.provider else ""
+    found.step("kind", True, f"{credentials.kind}{via}, region {credentials.region}")
+    if credentials.kind == "api_key":
+        found.step("refresh", True, "never: a Kiro API key does not expire")
+        return credentials
+    expired = credentials.expired(store.clock.now())
+    found.step("expiry", not expired, describe_expiry(credentials))
+    if not credentials.expiring(store.clock.now()):
+        found.step("refresh", True, f"not due; the server refreshes "
+                                    f"{human_duration(REFRESH_MARGIN.total_seconds())} before "
+                                    f"expiry")
+        return credentials
+    try:
+        credentials = await store.refresh()
+    except TokenError as exc:
+        found.step("refresh", False, str(exc))
+        return None
+    found.step("refresh", True, f"refreshed and saved; expires {describe_expiry(credentials)}")
+    return credentials
+
+
+async def check_profile(found: Diagnosis, app: web.Application, store: TokenStore,
+                        credentials: Credentials, ways: tuple[Way, ...]) -> None:
+    arns = {way.arn for way in ways}
+    if convert.OWN_ARN in arns and credentials.profile_arn:
+        found.step("profile", True, f"{credentials.profile_arn} (from the token file)")
+    elif convert.OWN_ARN in arns:
+        arn = await look_up_profile(app, store, credentials)
+        found.step("profile", arn is not None, f"{arn} (ListAvailableProfiles)" if arn else
+                   f"ListAvailableProfiles gave none: {store.kiro.profile_problem}")
+    elif convert.SERVICE_ARN in arns:
+        found.step("profile", True, "the service's own (a Builder ID account has none)")
+    else:
+        found.step("profile", True, f"none: a {credentials.kind} account goes without one")
+
+
+def describe_usage(usage: convert.UsageLimits) -> str:
+    """``KIRO PRO: 120.5 of 1000 credits used, resets 2027-01-01 (in 12 days)``."""
+    used = "?" if usage.used is None else f"{usage.used:g}"
+    limit = "?" if usage.limit is None else f"{usage.limit:g}"
+    text = f"{usage.plan or 'plan unknown'}: {used} of {limit} credits used"
+    if usage.reset_at is not None:
+        text += f", resets {datetime.fromtimestamp(usage.reset_at, timezone.utc):%Y-%m-%d}"
+    if usage.days_until_reset is not None:
+        text += f" (in {usage.days_until_reset} days)"
+    if usage.overage:
+        text += ", overage billing on"
+    return text + (" -- EXHAUSTED" if usage.exhausted else "")
+
+
+async def try_generate(app: web.Application, store: TokenStore, prepared: convert.Prepared,
+                       way: Way) -> tuple[bool, str]:
+    """One tiny call on ``way``: whether it answered, and what (or what Kiro said)."""
+    try:
+        answer = await post_generate(app, RequestLog(), prepared, store, way)
+    except KiroRefusal as refusal:
+        return False, refusal.answer
+    text: list[str] = []
+    try:
+        async with answer:
+            async for frames in upstream_frames(answer):
+                for headers, payload in frames:
+                    if headers.get(":message-type") == "exception":
+                        return False, f"{headers.get(':exception-type')}: {payload[:300]!r}"
+                    if headers.get(":event-type") == "assistantResponseEvent":
+                        text.append(str(json.loads(payload).get("content", "")))
+    except (eventstream.EventStreamError, aiohttp.ClientError, asyncio.TimeoutError,
+            ValueError) as exc:
+        return False, f"the answer broke off: {describe(exc) or 'timed out'}"
+    return True, f"answered {''.join(text)[:60]!r}"
+
+
+def print_diagnoses(found: list[Diagnosis]) -> None:
+    for diagnosis in found:
+        click.echo(f"account {diagnosis.account}")
+        for step in diagnosis.steps:
+            click.echo(f"  {'✓' if step.ok else '✗'} {step.name:<9} {step.detail}")
+        if diagnosis.uses:
+            click.echo(f"  → the server will use {diagnosis.uses}")
+        else:
+            click.echo("  → the server cannot use this account")
+    serving = sum(d.uses is not None for d in found)
+    click.echo(f"{serving} of {len(found)} account{'s' if len(found) != 1 else ''} can "
+               f"generate.")
+
+
 # Command line #############################################################
 
 
@@ -2169,8 +3067,73 @@ def token_paths(token_files: tuple[Path, ...]) -> tuple[Path, ...]:
 
 
 def command_config(token_files: tuple[Path, ...], **options: Any) -> Config:
-    """The ``Config`` of a command: its options, and its token files or the default one."""
+    """The ``Config`` of a command: its options, and its token files, or the default one
+    unless Kiro API keys are the accounts."""
+    if not token_files and options.get("kiro_api_keys"):
+        return Config(token_files=(), **options)
     return Config(token_files=token_paths(token_files), **options)
+
+
+def kiro_version(ctx: click.Context, param: click.Parameter,
+                 value: str | None) -> convert.ClientVersions:
+    try:
+        return convert.ClientVersions.parse(value) if value else convert.ClientVersions()
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def region_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and not _KIRO_REGION.fullmatch(value):
+        raise click.BadParameter(f"{value!r} is not an AWS region name such as us-east-1")
+    return value
+
+
+# Region names as host names may be built from (PROTOCOL-2026.md 10.1.1).
+_KIRO_REGION = re.compile(r"[a-z]{2}(-[a-z]+)+-\d")
+
+
+def service_options(command: Callable) -> Callable:
+    """The options that say how to reach Kiro and with which accounts besides the
+    token files, handed to the command as one ``service`` dict of Config fields."""
+    @functools.wraps(command)
+    def with_service(*args: Any, upstream: tuple[str, ...], management_url: str,
+                     region: str | None, kiro_version: convert.ClientVersions,
+                     kiro_api_keys: tuple[str, ...], allow_idp_hosts: tuple[str, ...],
+                     **kwargs: Any) -> Any:
+        for key in kiro_api_keys:
+            if not key.startswith("ksk_"):
+                raise click.BadParameter("a Kiro API key starts with ksk_ (the key itself "
+                                         "is not shown)", param_hint="'--kiro-api-key'")
+        service = {"upstream": upstream or DEFAULT_UPSTREAMS, "management_url": management_url,
+                   "region": region, "kiro_version": kiro_version,
+                   "kiro_api_keys": kiro_api_keys, "allow_idp_hosts": allow_idp_hosts}
+        return command(*args, service=service, **kwargs)
+
+    options = (
+        click.option("--upstream", envvar="KIRO2API_UPSTREAM", show_envvar=True, multiple=True,
+                     help="Kiro host to try, in order; repeatable [default: "
+                          + ", then ".join(DEFAULT_UPSTREAMS) + "]. A #runtime or #legacy "
+                          "suffix names the host's kind."),
+        click.option("--management-url", envvar="KIRO2API_MANAGEMENT_URL", show_envvar=True,
+                     default=DEFAULT_MANAGEMENT_URL, show_default=True,
+                     help="Kiro's control plane: profiles, models, usage limits."),
+        click.option("--region", envvar="KIRO2API_REGION", show_envvar=True,
+                     callback=region_name, help="Region of accounts whose file names none."),
+        click.option("--kiro-version", envvar="KIRO2API_KIRO_VERSION", show_envvar=True,
+                     callback=kiro_version,
+                     help="Client versions shown to Kiro: 1.1.14 (the IDE's) or "
+                          "ide=1.1.14,cli=2.23.1."),
+        click.option("--kiro-api-key", "kiro_api_keys", envvar="KIRO2API_KIRO_API_KEY",
+                     show_envvar=True, multiple=True,
+                     help="A Kiro API key (ksk_...) as an account; repeatable."),
+        click.option("--allow-idp-host", "allow_idp_hosts", envvar="KIRO2API_ALLOW_IDP_HOST",
+                     show_envvar=True, multiple=True,
+                     help="A host (and its subdomains) an external identity provider's "
+                          "token endpoint may be on; repeatable."),
+    )
+    for option in reversed(options):
+        with_service = option(with_service)
+    return with_service
 
 
 def refresh_options(command: Callable) -> Callable:
@@ -2236,8 +3199,7 @@ def is_loopback(host: str) -> bool:
 @api_key_option()
 @click.option("--no-auth", is_flag=True, help="Accept any client (loopback hosts only).")
 @token_file_option
-@click.option("--upstream", envvar="KIRO2API_UPSTREAM", show_envvar=True,
-              default=DEFAULT_UPSTREAM, show_default=True, help="CodeWhisperer base URL.")
+@service_options
 @social_auth_url_option
 @oidc_url_option
 @proxy_option
@@ -2247,7 +3209,7 @@ def is_loopback(host: str) -> bool:
 @click.option("--log-format", envvar="KIRO2API_LOG_FORMAT", show_envvar=True, default="text",
               show_default=True, type=click.Choice(["text", "json"]))
 @tuning_options
-def server(port_arg, key_arg, host, port, api_key, no_auth, token_files, upstream,
+def server(port_arg, key_arg, host, port, api_key, no_auth, token_files, service,
            social_auth_url, oidc_url, proxy, log_level, log_format, **tuning) -> None:
     """Run the proxy.
 
@@ -2276,7 +3238,7 @@ def server(port_arg, key_arg, host, port, api_key, no_auth, token_files, upstrea
         port=port if port is not None else (port_arg if port_arg is not None else DEFAULT_PORT),
         api_key=api_key if api_key is not None else key_arg,
         no_auth=no_auth,
-        upstream=upstream,
+        **service,
         social_auth_url=social_auth_url,
         oidc_url=oidc_url,
         proxy=proxy,
@@ -2403,6 +3365,44 @@ def refresh(config: Config) -> None:
         click.echo(f"{done} {store.path}; expires {describe_expiry(credentials)}.")
 
     run_stores(config, each)
+
+
+@cli.command()
+@token_file_option
+@service_options
+@social_auth_url_option
+@oidc_url_option
+@proxy_option
+@click.option("--model", default="claude-haiku-4-5", show_default=True,
+              help="Model of the one-token test generations.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of lines.")
+def doctor(token_files, service, social_auth_url, oidc_url, proxy, model, as_json) -> None:
+    """Check every account step by step, as the server would use it.
+
+    One line per step (token, kind, expiry, refresh, profile, models, usage,
+    and a one-token generation on each host and request shape), with Kiro's
+    own answer where it refused; exit 0 when an account can generate. Each
+    generation costs a little of the account's credits.
+
+    \b
+    Examples:
+      kiro2api doctor
+      kiro2api doctor --token-file ~/.local/share/kiro-cli/data.sqlite3
+      kiro2api doctor --json | jq '.accounts[].uses'
+    """
+    if not log.handlers:
+        log.addHandler(logging.NullHandler())  # the steps report failures themselves
+    config = command_config(token_files, **service, social_auth_url=social_auth_url,
+                            oidc_url=oidc_url, proxy=proxy)
+    found = asyncio.run(diagnose(config, model))
+    serving = any(d.uses is not None for d in found)
+    if as_json:
+        click.echo(json.dumps({"ok": serving, "accounts": [d.as_json() for d in found]},
+                              indent=2, ensure_ascii=False))
+    else:
+        print_diagnoses(found)
+    if not serving:
+        sys.exit(1)
 
 
 SHELLS = ("posix", "fish", "cmd", "powershell")

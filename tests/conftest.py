@@ -47,6 +47,7 @@ def proxy_config(fake_upstream, tmp_path):
         upstream=fake_upstream.url,
         social_auth_url=fake_upstream.url,
         oidc_url=fake_upstream.url,
+        management_url=fake_upstream.url + "/management",
         ping_interval=30.0,
         retries=0,  # the retry tests turn them on
     )

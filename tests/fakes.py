@@ -5,11 +5,17 @@ One ``FakeUpstream`` answers every URL kiro2api calls, so a test points
 
 - ``POST /generateAssistantResponse``: replies from ``script`` (a queue of
   ``Stream`` or ``Status`` objects); an empty queue answers a short greeting.
+- ``POST /{tenant}/oauth2/v2.0/token``: an external IdP's token endpoint.
 - ``POST /refreshToken`` (social) and ``POST /token`` (IdC), also under a
   ``/{region}/`` prefix for URL templates: replies from ``auth_script`` if
   anything is queued, else a fresh token pair numbered by how many refreshes
   there have been. ``auth_delay`` delays every auth reply; while
   ``auth_gate`` is set to an unset ``asyncio.Event``, auth replies wait for it.
+
+- Today's service under a host prefix (see "Today's service" below):
+  ``/runtime/`` and ``/q/`` answer ``GenerateAssistantResponse`` in every
+  dialect with the 2026 rules per account kind, ``/management/`` the
+  control-plane RPCs.
 
 Every request is recorded in ``requests`` (path, headers, parsed JSON body).
 """
@@ -17,7 +23,9 @@ Every request is recorded in ``requests`` (path, headers, parsed JSON body).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import re
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -130,6 +138,14 @@ class FakeUpstream:
         # that kiro2api cut short by closing the connection.
         self.streaming = 0
         self.interrupted = 0
+        # Today's service: account kinds by access token, suspended tokens,
+        # the (host family, dialect) of each generate call, GetUsageLimits.
+        self.kinds: dict[str, str] = {}
+        self.suspended: set[str] = set()
+        self.dialects: list[tuple[str, str]] = []
+        self.usage_reply: Status | None = None
+        self.down: dict[str, tuple[int, dict[str, Any]]] = {}  # host family -> its refusal
+        self.models_rpc = False  # /management/ answers ListAvailableModels too
 
     def calls(self, path: str) -> list[Recorded]:
         return [r for r in self.requests if r.path == path]
@@ -149,6 +165,8 @@ class FakeUpstream:
         app.router.add_post("/token", self._idc_refresh)
         app.router.add_post("/{region}/refreshToken", self._social_refresh)
         app.router.add_post("/{region}/token", self._idc_refresh)
+        app.router.add_post("/{tenant}/oauth2/v2.0/token", self._idp_refresh)
+        add_service_routes(self, app)
         return app
 
     # What ListAvailableModels answers: a Status to fail, else this body.
@@ -162,8 +180,9 @@ class FakeUpstream:
          "tokenLimits": {"maxInputTokens": 256000}},
     ]}
 
-    async def _list_models(self, request: web.Request) -> web.Response:
-        await self._record(request)
+    async def _list_models(self, request: web.Request, *, record: bool = True) -> web.Response:
+        if record:
+            await self._record(request)
         if self.models_script:
             return await self._status(self.models_script.popleft())
         if self.models_reply is not None:
@@ -179,8 +198,10 @@ class FakeUpstream:
         self.requests.append(Recorded(request.path, dict(request.headers), body))
         return body
 
-    async def _generate(self, request: web.Request) -> web.StreamResponse:
-        await self._record(request)
+    async def _generate(self, request: web.Request, *, record: bool = True
+                        ) -> web.StreamResponse:
+        if record:
+            await self._record(request)
         reply = self.script.popleft() if self.script else Stream(text("Hello") + tail())
         if isinstance(reply, Status):
             return await self._status(reply)
@@ -234,6 +255,20 @@ class FakeUpstream:
     async def _idc_refresh(self, request: web.Request) -> web.Response:
         await self._record(request)
         return await self._refresh("idc", profile_arn=False)
+
+    async def _idp_refresh(self, request: web.Request) -> web.Response:
+        """An organisation's OAuth 2 token endpoint (Entra ID): a form in, snake_case
+        out; the new access token is an external IdP's to the service routes."""
+        form = dict(await request.post())
+        self.requests.append(Recorded(request.path, dict(request.headers), form))
+        if form.get("grant_type") != "refresh_token" or not form.get("client_id"):
+            return web.json_response({"error": "invalid_request"}, status=400)
+        self.refreshes += 1
+        access = f"eyJ-idp-access-{self.refreshes}"
+        self.kinds[access] = "external_idp"
+        return web.json_response({"access_token": access, "token_type": "Bearer",
+                                  "refresh_token": f"idp-refresh-{self.refreshes}",
+                                  "expires_in": 3599, "scope": form.get("scope", "")})
 
     async def _refresh(self, kind: str, *, profile_arn: bool) -> web.Response:
         if self.auth_delay:
@@ -293,13 +328,14 @@ def A(content: str, tool_uses: list[Any] | None = None) -> dict[str, Any]:
 
 
 # Answers that break after they started: each must reach the client as an
-# in-band error, never as a clean ending.
+# in-band error, never as a clean ending. (A hang-up before the first bytes
+# are read is a failed call, asked again: the hang-up waits for them here.)
 BROKEN_STREAMS = {
     "bad-crc": lambda: Stream(text("Hello", "world") + tail(), corrupt_at=130),
     "exception-frame": lambda: Stream(text("Hello")
                                       + [exception("ThrottlingException", "slow down")]),
     "hang-up-mid-frame": lambda: Stream(text("Hello", "world") + tail(), hang_up=True,
-                                        split=(150,)),
+                                        split=(150,), delay=0.05),
     "truncated-body": lambda: Stream([text("Hello")[0], text("world")[0][:40]]),
 }
 
@@ -328,3 +364,141 @@ async def until(condition: Any, timeout: float = 5.0) -> None:
     while not condition():
         assert loop.time() < deadline, "the condition did not come true in time"
         await asyncio.sleep(0.005)
+
+
+# Today's service (PROTOCOL-2026.md 10.1-10.9) #############################
+#
+# Under ``/runtime`` (runtime.{region}.kiro.dev) and ``/q`` (the legacy
+# q.{region}.amazonaws.com), ``GenerateAssistantResponse`` is answered in the
+# IDE's REST form (``…/generateAssistantResponse``) and the RPC forms (``…/``
+# with an x-amz-target), with the rules the service applies in 2026; only a
+# call that passes them takes the next reply from ``script``. The account's
+# kind is known by its access token (``kinds``; ``ksk_`` keys are API keys).
+# ``/management/`` answers ListAvailableProfiles and GetUsageLimits; ``down``
+# makes a whole host family answer one refusal.
+
+RPC_TARGETS = {"AmazonCodeWhispererStreamingService.GenerateAssistantResponse": "cli",
+               "KiroRuntimeService.GenerateAssistantResponse": "kas"}
+SERVICE_ARN = "arn:aws:codewhisperer:us-east-1:638616132270:profile/AAAACCCCXXXX"
+IDC_PROFILE_ARN = "arn:aws:codewhisperer:eu-central-1:610548660232:profile/VNECVYCYYAWN"
+NOT_AUTHORIZED = {"message": "User is not authorized to make this call.", "reason": None}
+BEARER_INVALID = {"message": "The bearer token included in the request is invalid."}
+ARN_REQUIRED = {"message": "profileArn is required for this request."}
+SUSPENDED = {"message": "Your User ID (d-9067c98495.1234) temporarily is suspended. We've "
+                        "locked your account as a security precaution.",
+             "reason": "TEMPORARILY_SUSPENDED"}
+EXHAUSTED = {"message": "You have reached the limit.", "reason": "MONTHLY_REQUEST_COUNT"}
+USAGE_LIMITS = {
+    "daysUntilReset": 12, "nextDateReset": 1798761600,
+    "overageConfiguration": {"overageStatus": "DISABLED"},
+    "subscriptionInfo": {"subscriptionTitle": "KIRO PRO", "type": "Q_DEVELOPER_STANDALONE_PRO"},
+    "usageBreakdownList": [{"resourceType": "CREDIT", "unit": "INVOCATIONS", "currentUsage": 120,
+                            "currentUsageWithPrecision": 120.5, "usageLimitWithPrecision": 1000,
+                            "currentOveragesWithPrecision": 0, "freeTrialInfo": None}],
+}
+
+
+def add_service_routes(fake: FakeUpstream, app: web.Application) -> None:
+    for family in ("runtime", "q"):
+        app.router.add_post(f"/{family}/generateAssistantResponse",
+                            functools.partial(service_generate, fake, family=family, dialect="ide"))
+        app.router.add_post(f"/{family}/", functools.partial(service_generate, fake, family=family,
+                                                            dialect=None))
+        app.router.add_get(f"/{family}/ListAvailableModels", fake._list_models)
+    app.router.add_post("/management/", functools.partial(service_management, fake))
+
+
+def kind_of(fake: FakeUpstream, token: str) -> str:
+    if token.startswith("ksk_"):
+        return "api_key"
+    return fake.kinds.get(token, "social")
+
+
+def _ide_version(headers: Any) -> tuple[int, ...] | None:
+    found = re.search(r"KiroIDE-(\d+)\.(\d+)", headers.get("x-amz-user-agent", ""))
+    return tuple(int(n) for n in found.groups()) if found else None
+
+
+def service_refusal(fake: FakeUpstream, request: web.Request, family: str, dialect: str,
+                    body: Any) -> tuple[int, dict[str, Any]] | None:
+    """What the 2026 service says to this call before answering it, if anything."""
+    headers = request.headers
+    token = headers.get("Authorization", "").removeprefix("Bearer ")
+    kind = kind_of(fake, token)
+    version = _ide_version(headers)
+    token_type = headers.get("TokenType", "")
+    arn = body.get("profileArn") if isinstance(body, dict) else None
+    if family in fake.down:
+        return fake.down[family]
+    if token in fake.suspended:
+        return 403, SUSPENDED
+    if version is not None and version < (0, 12):
+        return 403, NOT_AUTHORIZED
+    if kind == "external_idp" and token_type != "EXTERNAL_IDP":
+        return 403, BEARER_INVALID
+    if kind == "api_key" and (token_type != "API_KEY" or dialect == "ide"):
+        return 403, BEARER_INVALID
+    if isinstance(body, dict) and "systemPrompt" in body:
+        return 400, {"message": "Improperly formed request.", "reason": "REQUEST_BODY_INVALID"}
+    if family == "runtime" and dialect == "ide" and kind in ("idc", "external_idp",
+                                                             "builder_id"):
+        return 403, BEARER_INVALID
+    if kind == "api_key":
+        return (403, NOT_AUTHORIZED) if arn else None
+    if kind == "builder_id":
+        if family == "q":
+            return (403, NOT_AUTHORIZED) if arn else None
+        return None if arn == SERVICE_ARN else (400, ARN_REQUIRED)
+    if kind in ("idc", "external_idp"):
+        if not arn:
+            return 400, ARN_REQUIRED if family == "runtime" else NOT_AUTHORIZED
+        if arn != IDC_PROFILE_ARN:
+            return 400, {"message": "Invalid profileArn."}
+        return None
+    if family == "runtime" and not arn:  # social
+        return 400, ARN_REQUIRED
+    return None
+
+
+async def service_generate(fake: FakeUpstream, request: web.Request, *, family: str,
+                           dialect: str | None) -> web.StreamResponse:
+    if dialect is None and request.headers.get("x-amz-target", "").startswith(
+            "AmazonCodeWhispererService."):
+        return await service_management(fake, request)  # the legacy hosts' RPC form
+    body = await fake._record(request)
+    if dialect is None:
+        dialect = RPC_TARGETS.get(request.headers.get("x-amz-target", ""))
+        if dialect is None or request.headers.get("Content-Type") != "application/x-amz-json-1.0":
+            return web.json_response({"message": "UnknownOperationException"}, status=404)
+    fake.dialects.append((family, dialect))
+    refusal = service_refusal(fake, request, family, dialect, body)
+    if refusal is not None:
+        return web.json_response(refusal[1], status=refusal[0])
+    return await fake._generate(request, record=False)
+
+
+async def service_management(fake: FakeUpstream, request: web.Request) -> web.Response:
+    body = await fake._record(request)
+    target = request.headers.get("x-amz-target", "").rpartition(".")[2]
+    token = request.headers.get("Authorization", "").removeprefix("Bearer ")
+    kind = kind_of(fake, token)
+    if kind == "external_idp" and request.headers.get("TokenType") != "EXTERNAL_IDP":
+        return web.json_response({"message": "Invalid token"}, status=403)
+    if target == "ListAvailableProfiles":
+        if kind == "builder_id":
+            return web.json_response(
+                {"message": "AWS Builder ID is not supported for this operation."}, status=403)
+        arn = PROFILE_ARN if kind == "social" else IDC_PROFILE_ARN
+        return web.json_response({"profiles": [{
+            "arn": arn, "profileName": "KiroProfile",
+            "identityDetails": {"ssoIdentityDetails": {"ssoRegion": arn.split(":")[3]}}}],
+            "nextToken": None})
+    if target == "ListAvailableModels" and fake.models_rpc:
+        if not (isinstance(body, dict) and body.get("profileArn")):
+            return web.json_response({"message": "profileArn is required"}, status=400)
+        return await fake._list_models(request, record=False)
+    if target == "GetUsageLimits":
+        if fake.usage_reply is not None:
+            return await fake._status(fake.usage_reply)
+        return web.json_response(USAGE_LIMITS)
+    return web.json_response({"message": f"unknown target {target!r}"}, status=400)

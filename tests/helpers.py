@@ -5,13 +5,15 @@
   the proxy fixtures use.
 - Reading answers: ``parse_sse`` turns a text/event-stream body into its events.
 - Servers: ``API_KEY``, ``free_port``, ``start_server_process`` for a real
-  server process, ``Proxy`` for the app the ``proxy`` fixture serves.
+  server process (``child_env`` its environment, ``TLS`` the test CA's files),
+  ``Proxy`` for the app the ``proxy`` fixture serves.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -20,6 +22,9 @@ from typing import Any
 import aiohttp
 
 API_KEY = "test-client-key"
+# tests/tls: a test CA and a certificate it signed for localhost and
+# 127.0.0.1, valid 2000-2100 (made with `openssl ca`; nothing else uses them).
+TLS = Path(__file__).resolve().parent / "tls"
 
 
 # Token files ##############################################################
@@ -119,6 +124,11 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def child_env() -> dict[str, str]:
+    """The test's environment without anything that could bring in the checkout."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
 
 async def start_server_process(command, port, **popen):

@@ -441,7 +441,7 @@ async def test_without_configured_key_the_kiro_access_token_is_accepted(
     clock = fakes.FakeClock()
     config = kiro2api.Config(token_files=(token_file,), upstream=fake_upstream.url,
                              social_auth_url=fake_upstream.url, oidc_url=fake_upstream.url,
-                             clock=clock)
+                             management_url=fake_upstream.url + "/management", clock=clock)
     server = await aiohttp_server(kiro2api.make_app(config))
     url = str(server.make_url("")).rstrip("/")
     client = anthropic.AsyncAnthropic(base_url=url, auth_token="aoa-initial-access",

@@ -127,14 +127,6 @@ def test_anthropic_request_becomes_exact_codewhisperer_payload(body, expected):
     assert prepared.model_id == MODEL
 
 
-def test_profile_arn_is_sent_when_known():
-    prepared = convert.anthropic_to_codewhisperer(
-        {"model": "m", "messages": [{"role": "user", "content": "x"}]},
-        conversation_id="c")
-    body = prepared.body("arn:aws:codewhisperer:us-east-1:1:profile/P")
-    assert body["profileArn"] == "arn:aws:codewhisperer:us-east-1:1:profile/P"
-
-
 def test_long_tool_names_are_shortened_and_mapped_back():
     name = "mcp__a_very_long_server_name__and_an_even_longer_tool_name_that_goes_on"
     body = {"model": "m", "tools": [{"name": name, "input_schema": {"type": "object"}}],

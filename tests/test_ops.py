@@ -23,7 +23,9 @@ from aiohttp import web
 from click.testing import CliRunner
 
 import kiro2api
-from helpers import API_KEY, free_port, start_server_process, write_token_file
+from helpers import (
+    API_KEY, TLS, child_env, free_port, start_server_process, write_token_file,
+)
 
 MAIN = Path(kiro2api.__file__).resolve().parent
 UNIT = MAIN / "kiro2api.service"
@@ -42,11 +44,6 @@ def build_pyz(tmp_path: Path, name: str = "dist", **env: str) -> Path:
     """``make dist`` into ``tmp_path / name``, leaving the checkout alone."""
     make("dist", f"DIST={tmp_path / name}", f"BUILD={tmp_path / (name + '-build')}", **env)
     return tmp_path / name / "kiro2api.pyz"
-
-
-def child_env() -> dict[str, str]:
-    """The test's environment without anything that could bring in the checkout."""
-    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
 
 # The one-file build #######################################################
@@ -401,10 +398,6 @@ def test_server_without_a_proxy_setting_leaves_it_to_the_environment(monkeypatch
 
 
 # HTTPS_PROXY: a CONNECT tunnel to an upstream that speaks TLS ##############
-
-# tests/tls: a test CA and a certificate it signed for localhost and
-# 127.0.0.1, valid 2000-2100 (made with `openssl ca`; nothing else uses them).
-TLS = MAIN / "tests" / "tls"
 
 
 class ConnectProxy:

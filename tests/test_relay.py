@@ -109,7 +109,7 @@ def test_every_kind_has_an_error_type_in_every_api():
 
 @pytest.mark.parametrize(("status", "kind"), [
     (400, "invalid_request"), (405, "invalid_request"), (413, "too_large"), (418,
-     "invalid_request"), (500, "internal"), (529, "unavailable"), (599, "internal")])
+     "invalid_request"), (500, "internal"), (529, "overloaded"), (599, "internal")])
 def test_a_bare_status_has_a_kind(status, kind):
     assert convert.failure(status, "m").kind == kind
 
@@ -161,15 +161,6 @@ def test_the_openai_text_chunk_is_the_one_chunk_spelling():
             '{"content":%s}' % convert._json_string(text))
         assert stream.render([convert.Thinking(text)]) == stream._chunk(
             '{"reasoning_content":%s}' % convert._json_string(text))
-
-
-def test_the_profile_arn_goes_into_a_copy_of_the_payload():
-    prepared = convert.anthropic_to_codewhisperer(ANTHROPIC_BODY, conversation_id="c")
-    before = dict(prepared.payload)
-    body = prepared.body("arn:aws:codewhisperer:us-east-1:1:profile/P")
-    assert body["profileArn"] == "arn:aws:codewhisperer:us-east-1:1:profile/P"
-    assert prepared.payload == before and "profileArn" not in prepared.payload
-    assert prepared.body(None) == before
 
 
 async def test_the_profile_arn_reaches_the_upstream(proxy):
