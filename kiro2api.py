@@ -1814,11 +1814,6 @@ class UpstreamAnswer:
     async def __aexit__(self, *exc: Any) -> None:
         self.response.release()
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        yield self.head
-        async for chunk in self.response.content.iter_any():
-            yield chunk
-
 
 class WayRefused(UpstreamError):
     """Kiro answered that this host or dialect will not do for the account."""
@@ -2092,9 +2087,14 @@ def encode_payload(prepared: convert.Prepared, dialect: convert.Dialect, arn: st
 
 
 async def upstream_frames(upstream: UpstreamAnswer) -> AsyncIterator[list[eventstream.Message]]:
-    """The frames of each upstream read, as they arrive; raises on framing errors."""
+    """The frames of each upstream read, as they arrive (the answer's first bytes, then
+    every read of the rest); raises on framing errors."""
     decoder = eventstream.Decoder()
-    async for chunk in upstream.chunks():
+    decoder.feed(upstream.head)
+    frames = decoder.take()
+    if frames:
+        yield frames
+    async for chunk in upstream.response.content.iter_any():  # no generator in between
         decoder.feed(chunk)
         frames = decoder.take()
         if frames:
