@@ -21,7 +21,8 @@ normaliser, renderer and envelope for the relay in kiro2api.py.
 Layout: errors and failures, models, requests (Anthropic, then OpenAI),
 token estimates, upstream events, upstream errors, neutral events, the
 assembler, the renderer contract, Anthropic rendering, OpenAI rendering,
-client APIs.
+client APIs, Kiro request dialects, hosts and account kinds (what Kiro's
+refusals mean), usage limits.
 
 Standard library only: no I/O, no logging, no clock or random ids of its own
 (callers pass them in), so every function here is testable without a loop.

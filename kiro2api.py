@@ -5,9 +5,11 @@ Run ``kiro2api server`` and point a client at it::
     eval "$(kiro2api export)"      # sets ANTHROPIC_BASE_URL and ANTHROPIC_AUTH_TOKEN
     claude                          # or any SDK, Cline, Qwen Code, ...
 
-The server reads (and refreshes) the token file the Kiro IDE writes, serves
-``POST /v1/messages`` and ``POST /v1/chat/completions``, forwards each request
-to Kiro's backend (AWS CodeWhisperer ``generateAssistantResponse``), decodes
+The server reads (and refreshes) the Kiro credentials of every kind (the
+IDE's token file, kiro-cli's store, Kiro API keys), serves ``POST
+/v1/messages`` and ``POST /v1/chat/completions``, forwards each request to
+Kiro's backend (AWS CodeWhisperer ``generateAssistantResponse``, on the host
+and in the request shape the account's kind takes), decodes
 the binary event stream frame by frame (``eventstream.py``) and streams the
 answer back in the client's own format (``convert.py``) as it arrives.
 
@@ -15,9 +17,9 @@ Under systemd, see ``kiro2api.service``; ``make dist`` builds a one-file
 ``kiro2api.pyz``.
 
 Layout of this file: clock, configuration, errors, token files, refresh
-protocols, token store, account pool, application state keys, upstream
-client, metrics, HTTP handlers, relay (one for every client API),
-middlewares, application factory, command line.
+protocols, token store, ways to call Kiro, account pool, application state
+keys, upstream client, metrics, HTTP handlers, relay (one for every client
+API), middlewares, application factory, doctor, command line.
 """
 
 from __future__ import annotations
@@ -2278,7 +2280,7 @@ MODELS_PAGES_MAX = 5
 @dataclass
 class ModelCache:
     entries: list[Json] | None = None
-    expires: float = 0.0  # time.monotonic()
+    expires: float = 0.0  # config.clock.monotonic()
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -2369,10 +2371,11 @@ async def cached_models(app: web.Application) -> list[Json]:
     """The ``/v1/models`` entries, from the cache or fetched anew when it is stale."""
     cache = app[MODEL_CACHE]
     async with cache.lock:  # one upstream call however many clients ask at once
-        if cache.entries is None or time.monotonic() >= cache.expires:
+        clock = app[CONFIG].clock
+        if cache.entries is None or clock.monotonic() >= cache.expires:
             upstream = await fetch_models(app)
             cache.entries = convert.model_list(upstream)
-            cache.expires = time.monotonic() + (
+            cache.expires = clock.monotonic() + (
                 MODELS_TTL_SECONDS if upstream is not None else MODELS_RETRY_SECONDS)
         return cache.entries
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 
 import aiohttp
@@ -14,7 +15,7 @@ from anthropic.types import ErrorResponse, Message, RawMessageStreamEvent
 import fakes
 import kiro2api
 from fakes import Status, Stream
-from helpers import API_KEY, parse_sse, write_token_file
+from helpers import API_KEY, Proxy, parse_sse, write_token_file
 
 STREAM_EVENT = pydantic.TypeAdapter(RawMessageStreamEvent)
 BASIC = {"model": "claude-sonnet-4-5", "max_tokens": 1024,
@@ -373,7 +374,6 @@ async def test_json_nested_near_the_interpreter_limit_is_never_a_500(proxy, path
 
 
 async def test_an_api_key_that_is_not_utf8_is_refused_not_a_crash(proxy):
-    import asyncio
 
     host, port = proxy.url.removeprefix("http://").split(":")
     body = json.dumps(BASIC).encode()
@@ -389,7 +389,6 @@ async def test_an_api_key_that_is_not_utf8_is_refused_not_a_crash(proxy):
 
 
 async def test_oversized_body_gets_413(aiohttp_server, fake_upstream, proxy_config):
-    import dataclasses
 
     import kiro2api
 
@@ -640,8 +639,6 @@ async def test_flat_and_wrapped_payloads_give_the_same_answer(proxy, wrapped):
 
 
 async def test_an_idle_stream_gets_ping_events(aiohttp_server, fake_upstream, proxy_config):
-    import asyncio
-    import dataclasses
 
     import kiro2api
 
@@ -734,10 +731,12 @@ async def test_numbers_that_are_not_finite_do_not_break_usage(proxy):
     assert usage["output_tokens"] == 1 and 0 < usage["input_tokens"] < 100
 
 
-@pytest.mark.slow  # over a second
-async def test_models_are_fetched_again_once_the_cache_expires(proxy, monkeypatch):
-    monkeypatch.setattr(kiro2api, "MODELS_RETRY_SECONDS", 1.0)
-    monkeypatch.setattr(kiro2api, "MODELS_TTL_SECONDS", 1.0)
+async def test_models_are_fetched_again_once_the_cache_expires(
+        aiohttp_server, fake_upstream, proxy_config):
+    clock = fakes.FakeClock()
+    server = await aiohttp_server(kiro2api.make_app(dataclasses.replace(proxy_config,
+                                                                        clock=clock)))
+    proxy = Proxy(str(server.make_url("")).rstrip("/"), fake_upstream, proxy_config)
     client = proxy.anthropic()
 
     async def ids():
@@ -748,10 +747,13 @@ async def test_models_are_fetched_again_once_the_cache_expires(proxy, monkeypatc
     proxy.fake.models_reply = None
     assert "claude-haiku-4-5" in await ids()  # ... until the failure's retry time
     assert len(proxy.fake.calls("/ListAvailableModels")) == 1
-    await asyncio.sleep(1.05)
+    clock.advance(kiro2api.MODELS_RETRY_SECONDS)
     assert "claude-haiku-4-5" not in await ids()  # the account's list now
     assert len(proxy.fake.calls("/ListAvailableModels")) == 2
-    await asyncio.sleep(1.05)
+    clock.advance(kiro2api.MODELS_TTL_SECONDS - 1)
+    await ids()
+    assert len(proxy.fake.calls("/ListAvailableModels")) == 2  # still fresh
+    clock.advance(1)
     await ids()
     assert len(proxy.fake.calls("/ListAvailableModels")) == 3
 
@@ -787,7 +789,6 @@ async def test_text_no_upstream_request_can_carry_is_a_400(proxy, data, needle):
 @pytest.mark.slow  # over a second
 async def test_a_stream_that_never_goes_quiet_gets_no_keepalives(
         aiohttp_server, fake_upstream, proxy_config):
-    import dataclasses
 
     import kiro2api
 
