@@ -1295,7 +1295,7 @@ def upstream_failure(status: int, body: str, error_type: str = "", *,
         return Failure("invalid_request", 400, f"Kiro rejected the request: {detail}",
                        retry_after)
     if any(capacity in reason or capacity in message for capacity in CAPACITY_REASONS):
-        # Switching model helps, quick retries do not (PROTOCOL-2026.md 10.9).
+        # Switching model helps more than waiting (PROTOCOL-2026.md 10.9): say both.
         return Failure("overloaded", 529, f"Kiro has no capacity for this model now; try "
                        f"again shortly or use another model ({detail})",
                        retry_after or OVERLOADED_RETRY_AFTER)
@@ -2367,12 +2367,6 @@ class UsageLimits:
     def exhausted(self) -> bool:
         return (self.used is not None and self.limit is not None and self.used >= self.limit
                 and not self.overage)
-
-    def as_json(self) -> Json:
-        return {"plan": self.plan, "used": self.used, "limit": self.limit,
-                "overage": self.overage, "reset_at": self.reset_at,
-                "days_until_reset": self.days_until_reset, "exhausted": self.exhausted,
-                "free_trial": self.trial}
 
 
 def usage_limits(answer: Any) -> UsageLimits | None:

@@ -1295,7 +1295,6 @@ class Way:
     """One way to call Kiro: a host, a dialect, and which profile ARN to carry."""
 
     url: str  # the host's URL template, without its #family suffix
-    family: str  # "runtime" or "legacy"
     dialect: convert.Dialect
     arn: str  # convert.OWN_ARN, SERVICE_ARN or NO_ARN
 
@@ -1309,7 +1308,7 @@ def ways_for(kind: str, upstreams: tuple[str, ...]) -> tuple[Way, ...]:
     for upstream in upstreams:
         family = convert.host_family(upstream)
         url = upstream.partition("#")[0].rstrip("/")
-        ways += [Way(url, family, dialect, arn)
+        ways += [Way(url, dialect, arn)
                  for dialect, arn in convert.ATTEMPTS.get((family, kind), ())]
     return tuple(ways)
 
@@ -1611,6 +1610,21 @@ def control_bases(config: Config) -> tuple[str, ...]:
     return tuple(dict.fromkeys((config.management_url, legacy_upstream(config))))
 
 
+async def json_call(app: web.Application, method: str, url: str, headers: dict[str, str],
+                    **options: Any) -> tuple[int, Any]:
+    """One short call to Kiro's control plane: the status and the answer's JSON (None
+    when it is not JSON)."""
+    async with app[HTTP].request(method, url, headers=headers,
+                                 proxy=app[CONFIG].proxy_for(url),
+                                 timeout=aiohttp.ClientTimeout(total=CONTROL_TIMEOUT_SECONDS),
+                                 **options) as response:
+        raw = await response.read()
+    try:
+        return response.status, json.loads(raw)
+    except (ValueError, RecursionError):
+        return response.status, None
+
+
 async def control_call(app: web.Application, store: TokenStore, credentials: Credentials,
                        target: str, body: Json, *, region: str, base: str | None = None,
                        query: dict[str, str] | None = None) -> tuple[int, Any]:
@@ -1618,18 +1632,19 @@ async def control_call(app: web.Application, store: TokenStore, credentials: Cre
     the answer's JSON (None when it is not JSON). Raises aiohttp.ClientError,
     asyncio.TimeoutError."""
     config = app[CONFIG]
-    url = region_url(base or config.management_url, region) + "/"
     headers = kiro_headers(config, store, credentials, convert.CLI)
     headers["x-amz-target"] = target
-    async with app[HTTP].post(url, params=query, data=json.dumps(body), headers=headers,
-                              proxy=config.proxy_for(url),
-                              timeout=aiohttp.ClientTimeout(total=CONTROL_TIMEOUT_SECONDS)
-                              ) as response:
-        raw = await response.read()
-    try:
-        return response.status, json.loads(raw)
-    except (ValueError, RecursionError):
-        return response.status, None
+    return await json_call(app, "POST", region_url(base or config.management_url, region) + "/",
+                           headers, params=query, data=json.dumps(body))
+
+
+async def legacy_get(app: web.Application, store: TokenStore, credentials: Credentials,
+                     path: str, params: dict[str, str], *, region: str) -> tuple[int, Any]:
+    """One REST call on a legacy host (the IDE's form): the status and the answer's
+    JSON (None when it is not JSON). Raises aiohttp.ClientError, asyncio.TimeoutError."""
+    config = app[CONFIG]
+    return await json_call(app, "GET", region_url(legacy_upstream(config), region) + path,
+                           kiro_headers(config, store, credentials, convert.IDE), params=params)
 
 
 async def look_up_profile(app: web.Application, store: TokenStore,
@@ -1709,20 +1724,16 @@ async def read_usage_limits(app: web.Application, store: TokenStore,
         if limits is not None:
             return store.kiro.remember_usage(limits)
         tried.append(f"HTTP {status}")
-    url = region_url(legacy_upstream(config), region) + "/getUsageLimits"
     params = {"origin": "AI_EDITOR", "resourceType": "AGENTIC_REQUEST", **(
         {"profileArn": arn} if arn else {})}
     try:
-        async with app[HTTP].get(url, params=params, proxy=config.proxy_for(url),
-                                 headers=kiro_headers(config, store, credentials, convert.IDE),
-                                 timeout=aiohttp.ClientTimeout(total=CONTROL_TIMEOUT_SECONDS)
-                                 ) as response:
-            answer = await response.json(content_type=None) if response.status == 200 else None
-            tried.append(f"HTTP {response.status}")
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-        answer = None
+        status, answer = await legacy_get(app, store, credentials, "/getUsageLimits", params,
+                                          region=region)
+        tried.append(f"HTTP {status}")
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        status, answer = 0, None
         tried.append(describe(exc) or "timed out")
-    limits = convert.usage_limits(answer)
+    limits = convert.usage_limits(answer) if status == 200 else None
     if limits is not None:
         return store.kiro.remember_usage(limits)
     raise UpstreamError(convert.failure(
@@ -2315,28 +2326,15 @@ async def list_models(app: web.Application, store: TokenStore,
     arn = credentials.profile_arn or store.kiro.profile_arn
     region = kiro_region(credentials, arn, config)
 
-    async def rpc(params: dict[str, str]) -> Any:
-        status, data = await control_call(app, store, credentials, MODELS_TARGET,
-                                          {**params, "origin": "KIRO_CLI"}, region=region,
-                                          query={"origin": "KIRO_CLI", "profileArn": arn or ""})
-        if status != 200:
-            raise UpstreamError(convert.failure(502, f"Kiro answered HTTP {status}: "
-                                                     f"{json.dumps(data)[:200]}"))
-        return data
+    async def rpc(params: dict[str, str]) -> tuple[int, Any]:
+        return await control_call(app, store, credentials, MODELS_TARGET,
+                                  {**params, "origin": "KIRO_CLI"}, region=region,
+                                  query={"origin": "KIRO_CLI", "profileArn": arn or ""})
 
-    async def rest(params: dict[str, str]) -> Any:
-        url = region_url(legacy_upstream(config), region) + "/ListAvailableModels"
-        async with app[HTTP].get(url, params={"origin": "AI_EDITOR", "maxResults": "50",
-                                              **params},
-                                 headers=kiro_headers(config, store, credentials, convert.IDE),
-                                 proxy=config.proxy_for(url),
-                                 timeout=aiohttp.ClientTimeout(total=CONTROL_TIMEOUT_SECONDS)
-                                 ) as response:
-            if response.status != 200:
-                detail = (await response.text(errors="replace")).strip()[:200]
-                raise UpstreamError(convert.failure(
-                    502, f"Kiro answered HTTP {response.status}: {detail}"))
-            return await response.json(content_type=None)
+    async def rest(params: dict[str, str]) -> tuple[int, Any]:
+        return await legacy_get(app, store, credentials, "/ListAvailableModels",
+                                {"origin": "AI_EDITOR", "maxResults": "50", **params},
+                                region=region)
 
     first = {"profileArn": arn} if arn else {}
     if arn:
@@ -2348,13 +2346,16 @@ async def list_models(app: web.Application, store: TokenStore,
     return await model_pages(rest, first)
 
 
-async def model_pages(fetch: Callable[[dict[str, str]], Awaitable[Any]],
+async def model_pages(fetch: Callable[[dict[str, str]], Awaitable[tuple[int, Any]]],
                       params: dict[str, str]) -> list[Json]:
     """Every page ``fetch`` gives (``nextToken`` in, ``nextToken`` out), at most
-    MODELS_PAGES_MAX; raises UpstreamError for an answer without models."""
+    MODELS_PAGES_MAX; raises UpstreamError for a refusal or an answer without models."""
     models: list[Json] = []
     for _ in range(MODELS_PAGES_MAX):
-        data = await fetch(params)
+        status, data = await fetch(params)
+        if status != 200:
+            said = json.dumps(data)[:200] if data is not None else "a body that is not JSON"
+            raise UpstreamError(convert.failure(502, f"Kiro answered HTTP {status}: {said}"))
         page = data.get("models") if isinstance(data, dict) else None
         if not isinstance(page, list):
             raise UpstreamError(convert.failure(502, "Kiro answered without a list of models"))
@@ -2845,9 +2846,8 @@ class Diagnosis:
     steps: list[Step] = field(default_factory=list)
     uses: Way | None = None
 
-    def step(self, name: str, ok: bool, detail: str) -> bool:
+    def step(self, name: str, ok: bool, detail: str) -> None:
         self.steps.append(Step(name, ok, detail))
-        return ok
 
     def as_json(self) -> Json:
         return {"account": self.account,
@@ -2966,19 +2966,15 @@ async def try_generate(app: web.Application, store: TokenStore, prepared: conver
         answer = await post_generate(app, RequestLog(), prepared, store, way)
     except KiroRefusal as refusal:
         return False, refusal.answer
-    text: list[str] = []
+    assembler = convert.Assembler.for_request(prepared, input_tokens=0,
+                                              client_model=prepared.model_id)
     try:
         async with answer:
-            async for frames in upstream_frames(answer):
-                for headers, payload in frames:
-                    if headers.get(":message-type") == "exception":
-                        return False, f"{headers.get(':exception-type')}: {payload[:300]!r}"
-                    if headers.get(":event-type") == "assistantResponseEvent":
-                        text.append(str(json.loads(payload).get("content", "")))
-    except (eventstream.EventStreamError, aiohttp.ClientError, asyncio.TimeoutError,
-            ValueError) as exc:
-        return False, f"the answer broke off: {describe(exc) or 'timed out'}"
-    return True, f"answered {''.join(text)[:60]!r}"
+            events = await collect_events(answer, assembler)  # as a non-streamed request
+    except STREAM_FAILURES as exc:
+        return False, f"the answer broke off: {failure_of(exc).message}"
+    text = "".join(e.text for e in events if isinstance(e, convert.Text))
+    return True, f"answered {text[:60]!r}"
 
 
 def print_diagnoses(found: list[Diagnosis]) -> None:
