@@ -156,6 +156,10 @@ class Config:
     social_auth_url: str = DEFAULT_SOCIAL_AUTH_URL
     oidc_url: str = DEFAULT_OIDC_URL
     proxy: str | None = None
+    # Replicas: the state store's URL (redis://, rediss://, unix://; it may hold a
+    # password), and how long a refresh lock outlives a replica that died holding it.
+    state: str | None = field(default=None, repr=False)
+    state_lock_seconds: float = 45.0
     log_level: str = "INFO"
     log_format: str = "text"
     # Seconds. Streams are long, so there is no total timeout; these bound
@@ -1145,6 +1149,9 @@ class TokenHolder:
         self.refreshes = 0  # refresh calls made (for /metrics)
         self.failures = 0  # loads and refreshes that failed (for /metrics)
         self.waiters = 0  # callers waiting for the update in flight
+        # With --state: the account's record in the state store, which refreshes
+        # go through (see "Shared state").
+        self.shared: SharedAccount | None = None
         self._exchange = exchange
         self._retry_after = retry_after
         self._task: asyncio.Task[Credentials] | None = None
@@ -1187,6 +1194,9 @@ class TokenHolder:
         now = self.clock.now()
         if not current.expiring(now):
             return False
+        if self.shared is not None and not self.shared.fleet.up:
+            # No early refresh without the fleet's lock: that is what logs accounts out.
+            return current.expired(now)
         # A proactive refresh failed a moment ago but the token still works:
         # use it rather than asking the auth service again at every request.
         return current.expired(now) or self.clock.monotonic() >= self._retry_at
@@ -1216,6 +1226,8 @@ class TokenHolder:
         try:
             if self.current is None:
                 self.adopt((await self.file.read())[1])
+                if self.shared is not None:
+                    await self.shared.sync()  # the fleet may hold a newer login
             current = self.current
             assert current is not None
             if (mode is Mode.LOAD or (mode is Mode.AUTO and not self.due(current))
@@ -1244,6 +1256,22 @@ class TokenHolder:
                 self._task = None
 
     async def _refresh_under_lock(self, current: Credentials) -> Credentials:
+        if self.shared is None:
+            return await self._refresh_file(current)
+        try:
+            return await self.shared.refresh(current, self._refresh_file)
+        except StateDown:
+            if not self.due(current):
+                return current  # still valid: it serves until the state store is back
+        log.warning("account %s: the state store is away and the token has expired; "
+                    "refreshing it without the fleet's lock", self.file.path)
+        fresh = await self._refresh_file(current)
+        self.shared.refreshed_alone(fresh)
+        return fresh
+
+    async def _refresh_file(self, current: Credentials,
+                            check: Callable[[], Awaitable[None]] | None = None) -> Credentials:
+        """Refresh under the token file's lock; ``check`` runs just before the exchange."""
         async with self.file.lock():
             data, on_disk = await self.file.read()
             base = refresh_base(current, on_disk, self.held, self.clock.now())
@@ -1255,6 +1283,8 @@ class TokenHolder:
                 raise self._dead[1]
             if self.must_save:
                 await self.file.ensure_writable()
+            if check is not None:
+                await check()
             try:
                 fresh, updates = await self._exchange(base)
             except RefreshError as exc:
@@ -1302,6 +1332,16 @@ class Way:
         return f"{self.url} ({self.dialect.name})"
 
 
+def way_names(way: Way) -> list[str]:
+    return [way.url, way.dialect.name, way.arn]
+
+
+def named_way(url: str, dialect: str, arn: str) -> Way | None:
+    """The ``Way`` that ``way_names`` gave these names, if this version knows the dialect."""
+    known = convert.DIALECTS.get(dialect)
+    return Way(url, known, arn) if known else None
+
+
 def ways_for(kind: str, upstreams: tuple[str, ...]) -> tuple[Way, ...]:
     """Every way to try for an account of ``kind``, in order (PROTOCOL-2026.md 10.5)."""
     ways = []
@@ -1328,11 +1368,15 @@ class KiroView:
         self._sticky: Way | None = None
         self._sticky_until = 0.0
         self._refused: dict[Way, tuple[float, str]] = {}  # way -> (until, why)
+        self.on_change: Callable[[], None] = lambda: None  # the fleet hears of it
 
     def order(self, ways: tuple[Way, ...]) -> list[Way]:
         """``ways`` to try now: the one that worked, the others, then those refused."""
         if ways != self.ways:  # the account's kind became known, or changed with a login
-            self.ways, self._sticky, self._refused = ways, None, {}
+            self.ways = ways
+            self._refused = {w: r for w, r in self._refused.items() if w in ways}
+            if self._sticky not in ways:
+                self._sticky = None
         now = self.clock.monotonic()
         sticky = self._sticky if now < self._sticky_until else None
         resting = [w for w in ways if w != sticky and self._refused.get(w, (0.0,))[0] > now]
@@ -1341,19 +1385,56 @@ class KiroView:
         return usable + resting
 
     def worked(self, way: Way) -> None:
-        self._refused.pop(way, None)
+        was_refused = self._refused.pop(way, None) is not None
+        news = self._sticky != way or was_refused
         if self._sticky != way:
             log.info("Kiro answers this account at %s", way)
         self._sticky, self._sticky_until = way, self.clock.monotonic() + STICKY_SECONDS
+        if news:
+            self.on_change()
 
     def refused(self, way: Way, why: str) -> None:
         self._refused[way] = (self.clock.monotonic() + WAY_REFUSED_SECONDS, why)
         if self._sticky == way:
             self._sticky = None
+        self.on_change()
 
     def remember_usage(self, usage: convert.UsageLimits) -> convert.UsageLimits:
         self.usage, self.usage_read_at = usage, self.clock.monotonic()
+        self.on_change()
         return usage
+
+    def shared(self, wall: Callable[[float], float]) -> Json:
+        """What the fleet shares of this view, its times turned by ``wall`` into epoch
+        seconds: the way that works, the ways refused, the usage limits."""
+        now = self.clock.monotonic()
+        sticky = self._sticky if self._sticky_until > now else None
+        return {
+            "sticky": sticky and [*way_names(sticky), wall(self._sticky_until)],
+            "refused": [[*way_names(w), wall(until), why]
+                        for w, (until, why) in self._refused.items() if until > now],
+            "usage": self.usage and [dataclasses.asdict(self.usage), wall(self.usage_read_at)],
+        }
+
+    def absorb(self, shared: Json, monotonic: Callable[[float], float]) -> None:
+        """Take what another replica shared (``shared``'s form), where it is newer;
+        ``monotonic`` turns its epoch seconds into this clock's."""
+        if shared.get("sticky"):
+            *names, until = shared["sticky"]
+            way, until = named_way(*names), monotonic(until)
+            if way is not None and until > self._sticky_until:
+                self._sticky, self._sticky_until = way, until
+        for *names, until, why in shared.get("refused") or ():
+            way, until = named_way(*names), monotonic(until)
+            if way is not None and until > self._refused.get(way, (0.0,))[0]:
+                self._refused[way] = (until, why)
+                if self._sticky == way:
+                    self._sticky = None
+        if shared.get("usage"):
+            fields, read_at = shared["usage"]
+            if monotonic(read_at) > self.usage_read_at:
+                self.usage = convert.UsageLimits(**fields)
+                self.usage_read_at = monotonic(read_at)
 
     def health(self) -> Json:
         way, now = self._sticky, self.clock.monotonic()
@@ -1401,6 +1482,7 @@ class TokenStore:
         self.cooldown_reason: str | None = None
         self.cooldown_state: str | None = None  # "suspended", "exhausted": Kiro's word
         self.kiro = KiroView(self.clock)
+        self.kiro.on_change = self.changed
         self._reread_at = 0.0  # clock.monotonic() before which reread() does not read again
 
     def __repr__(self) -> str:
@@ -1463,6 +1545,11 @@ class TokenStore:
     def knows(self, token: str) -> bool:
         """Whether ``token`` is an access token this account has held (constant time)."""
         return self.holder.held.knows(token)
+
+    def changed(self) -> None:
+        """Something Kiro showed of the account changed: with --state, the fleet hears it."""
+        if self.holder.shared is not None:
+            self.holder.shared.share_health()
 
     def health(self) -> Json:
         """The account's state for ``/health``; never a token."""
@@ -1528,6 +1615,421 @@ async def load_accounts_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
+# Shared state #############################################################
+#
+# With --state URL, the replicas of a fleet keep what they must agree on in
+# Redis (DESIGN.md "Beyond one machine"); without it, nothing here runs. An
+# account is known by an id: the digest of the first refresh token (or Kiro
+# API key) the fleet saw for it. Its keys:
+#
+#   kiro2api:alias:<digest>   the id that a refresh token, old or new, leads to
+#   kiro2api:login:<id>       hash: version, login (the token file keys, JSON)
+#   kiro2api:fence:<id>       the counter that refresh locks take fences from
+#   kiro2api:lock:<id>        the fleet's refresh lock: a fence, with a time-to-live
+#   kiro2api:health:<id>      hash: cooldown, kiro (what Kiro showed), JSON
+#   kiro2api:usage:<id>       held for a minute by the replica reading usage limits
+#   channel kiro2api:changes  "<id> login" or "<id> health" after each write
+#
+# The request path reads none of it: a replica holds the credentials in
+# memory, hears of changes on the channel, and looks again every
+# STATE_RESYNC_SECONDS. A refresh takes the lock, takes a login another
+# replica stored meanwhile instead of refreshing, else refreshes from the
+# stored refresh token and stores the result only while its fence still
+# holds the lock (STORE_LOGIN). While Redis is away, a replica serves with
+# what it holds, refreshes only a token that has expired, and hands that
+# login over when Redis is back (or takes the fleet's, if one is newer).
+
+STATE_CHANNEL = "kiro2api:changes"
+STATE_SCHEMES = ("redis", "rediss", "unix")
+STATE_PACKAGE_MISSING = ("--state needs the redis package: pip install 'kiro2api[redis]' "
+                         "(or: pip install redis)")
+STATE_TIMEOUT_SECONDS = 3.0  # one Redis call, before the state store counts as away
+STATE_POLL_SECONDS = 0.1  # how often a replica waiting for another's refresh looks
+STATE_RESYNC_SECONDS = 30.0  # how often each account's record is read anyway
+STATE_BACKOFF_SECONDS = (0.5, 10.0)  # reconnecting: the first wait, the longest
+ALIAS_SECONDS = 90 * 86400  # how long an old refresh token still leads to its account
+HEALTH_SECONDS = 30 * 86400
+
+# KEYS: login, lock, alias of the new refresh token. ARGV: fence ("" when no
+# lock is held: a login refreshed while Redis was away), the version it was
+# refreshed from, the login, the account id, the alias's lifetime, the channel.
+# Answers the new version, -1 if the fence lost the lock, -2 if another login
+# was stored meanwhile: newer credentials are never replaced by older ones.
+STORE_LOGIN = """
+if ARGV[1] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[1] then return -1 end
+local version = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
+if version ~= tonumber(ARGV[2]) then return -2 end
+redis.call('HSET', KEYS[1], 'version', version + 1, 'login', ARGV[3])
+redis.call('SET', KEYS[3], ARGV[4], 'EX', ARGV[5])
+redis.call('PUBLISH', ARGV[6], ARGV[4] .. ' login')
+return version + 1
+"""
+RELEASE_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class StateDown(Exception):
+    """The state store did not answer; the caller goes on as without ``--state``."""
+
+
+def state_location(url: str) -> str:
+    """The state store's URL without its user and password, for logs and ``/health``."""
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
+
+
+def state_digest(secret: str) -> str:
+    return hashlib.sha256(f"kiro2api:{secret}".encode()).hexdigest()[:32]
+
+
+def login_of(credentials: Credentials) -> Json:
+    """What the fleet stores of a login: the keys a refresh changes."""
+    return {"accessToken": credentials.access_token, "refreshToken": credentials.refresh_token,
+            "expiresAt": credentials.expires_at and format_expires_at(credentials.expires_at),
+            "profileArn": credentials.profile_arn}
+
+
+def with_login(base: Credentials, login: Json) -> Credentials:
+    return dataclasses.replace(
+        base, access_token=login["accessToken"], refresh_token=login["refreshToken"],
+        expires_at=parse_expires_at(login.get("expiresAt")),
+        profile_arn=login.get("profileArn") or base.profile_arn)
+
+
+class Fleet:
+    """This replica's link to the state store: the Redis client, whether it answers
+    (``up``, said once per change, failures counted), and the accounts it shares."""
+
+    def __init__(self, config: Config) -> None:
+        try:
+            import redis.asyncio
+            import redis.exceptions
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
+        except ImportError:
+            raise click.ClickException(STATE_PACKAGE_MISSING) from None
+        assert config.state
+        self.config = config
+        self.where = state_location(config.state)
+        # One quick retry (a pooled connection Redis closed), then StateDown.
+        self.client = redis.asyncio.from_url(
+            config.state, decode_responses=True, socket_timeout=STATE_TIMEOUT_SECONDS,
+            socket_connect_timeout=STATE_TIMEOUT_SECONDS, retry=Retry(NoBackoff(), 1))
+        self._failures = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
+        self.up = False
+        self.problem: str | None = "not connected yet"
+        self.errors = 0  # failed calls (for /metrics)
+        self.accounts: list[SharedAccount] = []
+        self._told = False  # whether being away was logged
+        # Set at shutdown: redis-py's timed reads may swallow a cancellation.
+        self.stopping = False
+        self._background: set[asyncio.Task[Any]] = set()
+
+    async def call(self, use: Callable[[Any], Awaitable[Any]]) -> Any:
+        """``use(client)``'s answer; ``StateDown`` when Redis is away or fails now."""
+        if not self.up:
+            raise StateDown(self.problem)
+        try:
+            return await use(self.client)
+        except self._failures as exc:
+            self.lost(exc)
+            raise StateDown(self.problem) from None
+
+    def lost(self, exc: BaseException) -> None:
+        self.errors += 1
+        self.problem = describe(exc)
+        if self.up or not self._told:
+            log.warning("state store %s is unreachable (%s): serving with the tokens held, "
+                        "reconnecting", self.where, self.problem)
+        self.up, self._told = False, True
+
+    async def connect(self) -> bool:
+        """Try Redis now; on success, bring every account up to date with the fleet."""
+        try:
+            await self.client.ping()
+        except self._failures as exc:
+            self.lost(exc)
+            return False
+        if not self.up:
+            log.info("state store %s: connected", self.where)
+        self.up, self.problem, self._told = True, None, False
+        for account in self.accounts:
+            await account.sync()
+        return self.up
+
+    async def watch(self) -> None:
+        """Hear the other replicas' changes; reconnect with backoff while Redis is away."""
+        delay = STATE_BACKOFF_SECONDS[0]
+        while not self.stopping:
+            try:
+                async with self.client.pubsub() as pubsub:
+                    await pubsub.subscribe(STATE_CHANNEL)
+                    if await self.connect():
+                        delay = STATE_BACKOFF_SECONDS[0]
+                        await self._listen(pubsub)
+            except self._failures as exc:
+                self.lost(exc)
+            await asyncio.sleep(delay * random.uniform(0.75, 1.25))
+            delay = min(delay * 2, STATE_BACKOFF_SECONDS[1])
+
+    async def _listen(self, pubsub: Any) -> None:
+        loop = asyncio.get_running_loop()
+        resync_at = loop.time() + STATE_RESYNC_SECONDS
+        while self.up and not self.stopping:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            if message is not None and message.get("type") == "message":
+                account_id, _, what = str(message["data"]).partition(" ")
+                for account in self.accounts:
+                    if account.id == account_id:
+                        self.spawn(account.pull_login() if what == "login"
+                                   else account.pull_health())
+            if loop.time() >= resync_at:  # a message lost in a reconnect, say
+                resync_at = loop.time() + STATE_RESYNC_SECONDS
+                await self.client.ping()
+                for account in self.accounts:
+                    await account.sync()
+
+    def spawn(self, work: Awaitable[Any]) -> None:
+        """Run ``work`` in the background (a write, a read a message asked for)."""
+        async def quietly() -> None:
+            with contextlib.suppress(StateDown):
+                await work
+        task = asyncio.create_task(quietly())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self.client.aclose()
+
+    def health(self) -> Json:
+        return {"location": self.where, "status": "ok" if self.up else "degraded",
+                "problem": self.problem, "errors": self.errors}
+
+
+class SharedAccount:
+    """One account's record in the state store, as this replica uses it: the login
+    it holds (``version``), the fleet's refresh lock, and the account's health."""
+
+    def __init__(self, fleet: Fleet, store: TokenStore) -> None:
+        self.fleet = fleet
+        self.store = store
+        self.id: str | None = None  # known once the account's file was read with Redis up
+        self.version = 0  # of the stored login held; 0: the file's own
+        self.alone: Credentials | None = None  # refreshed while Redis was away
+
+    def key(self, what: str) -> str:
+        return f"kiro2api:{what}:{self.id}"
+
+    async def sync(self) -> None:
+        """Catch up with the fleet: find the account's id, hand over a login refreshed
+        alone, take the newest stored login and health. Quiet when Redis is away."""
+        with contextlib.suppress(StateDown):
+            if await self.resolve():
+                await self.hand_over()
+                await self.pull_login()
+                await self.pull_health()
+
+    async def resolve(self) -> bool:
+        """Find the account's id from the refresh token held (False: none read yet)."""
+        current = self.store.holder.current
+        if self.id is not None or current is None:
+            return self.id is not None
+        digest = state_digest(current.refresh_token or current.access_token)
+        alias = f"kiro2api:alias:{digest}"
+
+        async def find(r: Any) -> str:
+            await r.set(alias, digest, nx=True, ex=ALIAS_SECONDS)
+            return await r.get(alias) or digest
+        self.id = await self.fleet.call(find)
+        return True
+
+    async def pull_login(self) -> None:
+        """Take the stored login if it is newer than the one held (and write it back
+        to the token file, so that this replica can start without Redis)."""
+        version, login = await self.fleet.call(
+            lambda r: r.hmget(self.key("login"), "version", "login"))
+        holder = self.store.holder
+        if int(version or 0) <= self.version or not login or holder.current is None:
+            return
+        fresh = with_login(holder.current, json.loads(login))
+        self.version = int(version)
+        if fresh.access_token != holder.current.access_token:
+            holder.adopt(fresh)
+            log.info("account %s: took the login the fleet stored (version %s)",
+                     self.store.path, version)
+            await write_back(self.store.file, fresh)
+
+    async def refresh(self, current: Credentials,
+                      refresh_file: Callable[..., Awaitable[Credentials]]) -> Credentials:
+        """Refresh under the fleet's lock, or take the login another replica stored
+        meanwhile. ``StateDown`` when Redis is away before the exchange."""
+        if not await self.resolve():
+            raise StateDown("account not read")
+        fence = await self.acquire(current)
+        holder = self.store.holder
+        try:
+            if fence is None:
+                assert holder.current is not None
+                return holder.current  # another replica refreshed while this one waited
+            await self.pull_login()
+            latest = holder.current or current
+            if latest.access_token != current.access_token and not holder.due(latest):
+                return latest
+
+            async def still_held() -> None:
+                if await self.fleet.call(lambda r: r.get(self.key("lock"))) != fence:
+                    raise TokenLockError(
+                        f"the fleet's refresh lock of {self.store.path} ran out before the "
+                        f"refresh (--state-lock-seconds); not refreshing")
+            fresh = await refresh_file(latest, still_held)
+            await self.store_login(fresh, fence)
+            return fresh
+        finally:
+            if fence is not None:
+                self.fleet.spawn(self.fleet.call(
+                    lambda r: r.eval(RELEASE_LOCK, 1, self.key("lock"), fence)))
+
+    async def acquire(self, current: Credentials) -> str | None:
+        """Take the account's refresh lock: its fence, or None when, while waiting,
+        another replica stored a login that serves."""
+        config, holder = self.fleet.config, self.store.holder
+        loop = asyncio.get_running_loop()  # a real wait, whatever the account's clock
+        fence = str(await self.fleet.call(lambda r: r.incr(self.key("fence"))))
+        deadline = loop.time() + 2 * config.state_lock_seconds
+        ttl = int(config.state_lock_seconds * 1000)
+        while not await self.fleet.call(
+                lambda r: r.set(self.key("lock"), fence, nx=True, px=ttl)):
+            await self.pull_login()
+            held = holder.current
+            if held is not None and held.access_token != current.access_token \
+                    and not holder.due(held):
+                return None
+            if loop.time() >= deadline:
+                raise TokenLockError(
+                    f"another replica held the refresh lock of {self.store.path} for "
+                    f"{2 * config.state_lock_seconds:g} s; check the other replicas' logs")
+            await asyncio.sleep(STATE_POLL_SECONDS)
+        return fence
+
+    async def store_login(self, fresh: Credentials, fence: str) -> None:
+        """Store a refreshed login over the version it came from; a login that cannot be
+        stored now (Redis away) is handed over when Redis is back."""
+        alias = f"kiro2api:alias:{state_digest(fresh.refresh_token)}"
+        try:
+            version = await self.fleet.call(lambda r: r.eval(
+                STORE_LOGIN, 3, self.key("login"), self.key("lock"), alias, fence,
+                self.version, json.dumps(login_of(fresh)), self.id, ALIAS_SECONDS,
+                STATE_CHANNEL))
+        except StateDown:
+            self.alone = fresh
+            return
+        if version > 0:
+            self.version, self.alone = version, None
+        else:
+            log.warning("account %s: the fleet stored another login during this refresh; "
+                        "taking the newest", self.store.path)
+            await self.pull_login()
+
+    def refreshed_alone(self, fresh: Credentials) -> None:
+        self.alone = fresh
+
+    async def hand_over(self) -> None:
+        """Store the login refreshed while Redis was away, unless the fleet has a newer
+        one (``pull_login`` then takes that)."""
+        if self.alone is not None:
+            log.info("account %s: handing the login refreshed alone to the fleet",
+                     self.store.path)
+            await self.store_login(self.alone, "")
+
+    def share_health(self) -> None:
+        """Tell the fleet what this replica learnt of the account (in the background)."""
+        if self.id is not None and self.fleet.up:
+            self.fleet.spawn(self._push_health())
+
+    async def _push_health(self) -> None:
+        store = self.store
+        offset = store.clock.now().timestamp() - store.clock.monotonic()
+
+        def wall(moment: float) -> float:
+            return round(moment + offset, 3)
+        record = {"cooldown": json.dumps([wall(store.cooldown_until), store.cooldown_reason,
+                                          store.cooldown_state]),
+                  "kiro": json.dumps(store.kiro.shared(wall))}
+
+        async def push(r: Any) -> None:
+            async with r.pipeline(transaction=True) as pipe:
+                pipe.hset(self.key("health"), mapping=record)
+                pipe.expire(self.key("health"), int(HEALTH_SECONDS))
+                pipe.publish(STATE_CHANNEL, f"{self.id} health")
+                await pipe.execute()
+        await self.fleet.call(push)
+
+    async def pull_health(self) -> None:
+        """Take what other replicas learnt of the account, where it is newer."""
+        record = await self.fleet.call(lambda r: r.hgetall(self.key("health")))
+        store = self.store
+        offset = store.clock.monotonic() - store.clock.now().timestamp()
+
+        def monotonic(moment: float) -> float:
+            return moment + offset
+        if record.get("cooldown"):
+            until, reason, state = json.loads(record["cooldown"])
+            if monotonic(until) > store.cooldown_until + 1.0:
+                store.cooldown_until = monotonic(until)
+                store.cooldown_reason, store.cooldown_state = reason, state
+                log.info("account %s set aside by another replica for %s: %s", store.path,
+                         human_duration(monotonic(until) - store.clock.monotonic()), reason)
+        if record.get("kiro"):
+            store.kiro.absorb(json.loads(record["kiro"]), monotonic)
+
+    async def claim_usage(self) -> bool:
+        """Whether this replica reads the usage limits now: one replica a minute does."""
+        if self.id is None:
+            return True
+        try:
+            return bool(await self.fleet.call(lambda r: r.set(
+                self.key("usage"), "1", nx=True, ex=int(USAGE_FRESH_SECONDS))))
+        except StateDown:
+            return True
+
+
+async def write_back(file: TokenFile, fresh: Credentials) -> None:
+    """Write a login the fleet stored to this replica's own token file, if it can."""
+    try:
+        async with file.lock():
+            data, on_disk = await file.read()
+            if on_disk.access_token != fresh.access_token:
+                await file.write(data, on_disk, fresh, login_of(fresh))
+    except TokenError as exc:
+        log.info("%s", exc)
+
+
+async def shared_state_ctx(app: web.Application) -> AsyncIterator[None]:
+    """With --state: share every account with the fleet, catch up with it, and hear
+    its changes until the server stops."""
+    config = app[CONFIG]
+    if not config.state:
+        yield
+        return
+    fleet = app[FLEET] = Fleet(config)
+    for store in app[ACCOUNTS]:
+        store.holder.shared = SharedAccount(fleet, store)
+        fleet.accounts.append(store.holder.shared)
+    await fleet.connect()
+    watcher = asyncio.create_task(fleet.watch())
+    yield
+    fleet.stopping = True
+    watcher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watcher
+    await fleet.close()
+
+
 # Application state keys ###################################################
 
 @dataclass
@@ -1553,6 +2055,7 @@ HTTP = web.AppKey("http", aiohttp.ClientSession)
 STREAMS = web.AppKey("streams", set)  # the tasks of streams in flight, for shutdown
 SHUTTING_DOWN = web.AppKey("shutting_down", asyncio.Event)
 ACCOUNTS = web.AppKey("accounts", list)  # list[TokenStore], in the order given
+FLEET = web.AppKey("fleet", Fleet)  # with --state only
 
 
 # Upstream client ##########################################################
@@ -1811,6 +2314,7 @@ def set_aside(store: TokenStore, seconds: float, reason: str, *,
     store.cooldown_reason = reason
     store.cooldown_state = state
     log.warning("account %s set aside for %s: %s", store.path, human_duration(seconds), reason)
+    store.changed()
 
 
 class UpstreamAnswer:
@@ -2007,8 +2511,12 @@ async def call_way(app: web.Application, entry: RequestLog, prepared: convert.Pr
 async def credits_used_up(app: web.Application, store: TokenStore) -> convert.Failure | None:
     """A 402 when the account's usage limits say its credits are gone (a plain 429
     can mean that on Free and Pro plans, PROTOCOL-2026.md 10.9); None otherwise."""
-    usage = store.kiro.usage
-    if usage is None or store.clock.monotonic() - store.kiro.usage_read_at > USAGE_FRESH_SECONDS:
+    usage, shared = store.kiro.usage, store.holder.shared
+    stale = usage is None or store.clock.monotonic() - store.kiro.usage_read_at \
+        > USAGE_FRESH_SECONDS
+    if stale and usage is not None and shared is not None and not await shared.claim_usage():
+        stale = False  # another replica reads them this minute; the fleet shares its answer
+    if stale:
         try:
             usage = await read_usage_limits(app, store, await store.credentials())
         except (UpstreamError, TokenError) as exc:
@@ -2202,6 +2710,14 @@ class Metrics:
             for store in stores:
                 label = str(store.path).replace("\\", "\\\\").replace('"', '\\"')
                 lines.append(f'{name}{{account="{label}"}} {value(store, store.health())}')
+        fleet = app.get(FLEET)
+        if fleet is not None:
+            lines += family("kiro2api_state_store_up", "gauge",
+                            "1 if the state store (--state) answers.")
+            lines.append(f"kiro2api_state_store_up {int(fleet.up)}")
+            lines += family("kiro2api_state_store_errors_total", "counter",
+                            "Calls to the state store that failed.")
+            lines.append(f"kiro2api_state_store_errors_total {fleet.errors}")
         return "\n".join(lines) + "\n"
 
 
@@ -2267,12 +2783,17 @@ async def handle_root(request: web.Request) -> web.Response:
 async def handle_health(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     accounts = [store.health() for store in request.app[ACCOUNTS]]
-    return web.json_response({
-        "status": "ok" if any(a["state"] in ("ok", "expiring") for a in accounts) else "degraded",
+    fleet = request.app.get(FLEET)
+    serving = any(a["state"] in ("ok", "expiring") for a in accounts)
+    answer = {
+        "status": "ok" if serving and (fleet is None or fleet.up) else "degraded",
         "version": __version__,
         "uptime_seconds": round(time.time() - config.started, 3),
         "accounts": accounts,
-    })
+    }
+    if fleet is not None:
+        answer["state_store"] = fleet.health()
+    return web.json_response(answer)
 
 
 async def handle_metrics(request: web.Request) -> web.Response:
@@ -2778,6 +3299,7 @@ def make_app(config: Config) -> web.Application:
     app.on_shutdown.append(finish_streams)
     app.cleanup_ctx.append(http_session_ctx)
     app.cleanup_ctx.append(load_accounts_ctx)
+    app.cleanup_ctx.append(shared_state_ctx)
     app.router.add_get("/", handle_root)  # also answers HEAD
     app.router.add_get("/health", handle_health)
     app.router.add_get("/metrics", handle_metrics)
@@ -3169,6 +3691,8 @@ TUNING = (
      "Seconds of quiet before a keep-alive is sent to the client."),
     ("--shutdown-timeout", "shutdown_timeout", click.FloatRange(0),
      "Seconds streams in flight may take to finish on SIGTERM."),
+    ("--state-lock-seconds", "state_lock_seconds", click.FloatRange(1),
+     "With --state: seconds a refresh lock outlives a replica that died holding it."),
 )
 
 
@@ -3179,6 +3703,22 @@ def tuning_options(command: Callable) -> Callable:
             default=Config.__dataclass_fields__[name].default, show_default=True,
             help=help_text)(command)
     return command
+
+
+def state_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--state``: a Redis URL, and the redis package to use it with."""
+    if not value:
+        return None
+    scheme = urllib.parse.urlsplit(value).scheme
+    if scheme not in STATE_SCHEMES:
+        raise click.BadParameter(
+            f"{state_location(value)!r} is not a Redis URL: give redis://HOST:PORT/DB, "
+            f"rediss://... (TLS) or unix:///PATH")
+    try:
+        import redis.asyncio  # noqa: F401 -- only to say now what is missing
+    except ImportError:
+        raise click.UsageError(STATE_PACKAGE_MISSING) from None
+    return value
 
 
 def is_loopback(host: str) -> bool:
@@ -3207,9 +3747,13 @@ def is_loopback(host: str) -> bool:
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 @click.option("--log-format", envvar="KIRO2API_LOG_FORMAT", show_envvar=True, default="text",
               show_default=True, type=click.Choice(["text", "json"]))
+@click.option("--state", metavar="URL", envvar="KIRO2API_STATE", show_envvar=True,
+              callback=state_url,
+              help="Redis that replicas share accounts through: redis://, rediss:// or "
+                   "unix:// (needs kiro2api[redis]).")
 @tuning_options
 def server(port_arg, key_arg, host, port, api_key, no_auth, token_files, service,
-           social_auth_url, oidc_url, proxy, log_level, log_format, **tuning) -> None:
+           social_auth_url, oidc_url, proxy, log_level, log_format, state, **tuning) -> None:
     """Run the proxy.
 
     \b
@@ -3243,6 +3787,7 @@ def server(port_arg, key_arg, host, port, api_key, no_auth, token_files, service
         proxy=proxy,
         log_level=log_level.upper(),
         log_format=log_format,
+        state=state,
         **tuning,
     )
     configure_logging(config.log_level, config.log_format)

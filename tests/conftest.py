@@ -60,3 +60,15 @@ async def proxy(aiohttp_server, fake_upstream, proxy_config):
 
     server = await aiohttp_server(kiro2api.make_app(proxy_config))
     return Proxy(str(server.make_url("")).rstrip("/"), fake_upstream, proxy_config)
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A real redis-server for this test (``.url``), stopped by PID afterwards."""
+    from helpers import RedisServer
+
+    workdir = tmp_path / "redis"
+    workdir.mkdir()
+    server = RedisServer(workdir).start()
+    yield server
+    server.stop()

@@ -11,6 +11,9 @@ One ``FakeUpstream`` answers every URL kiro2api calls, so a test points
   anything is queued, else a fresh token pair numbered by how many refreshes
   there have been. ``auth_delay`` delays every auth reply; while
   ``auth_gate`` is set to an unset ``asyncio.Event``, auth replies wait for it.
+  With ``rotate``, a refresh token works once, as Kiro's do: a used one gets
+  400 ``invalid_grant`` (and lands in ``reused``); ``expires_in`` is the new
+  tokens' lifetime.
 
 - Today's service under a host prefix (see "Today's service" below):
   ``/runtime/`` and ``/q/`` answer ``GenerateAssistantResponse`` in every
@@ -134,6 +137,10 @@ class FakeUpstream:
         self.auth_delay = 0.0
         self.auth_gate: asyncio.Event | None = None
         self.refreshes = 0
+        self.rotate = False
+        self.spent: list[str] = []  # refresh tokens exchanged, in order (with rotate)
+        self.reused: list[str] = []  # spent ones sent again
+        self.expires_in = 3600
         # Answers of generateAssistantResponse being written now, and those
         # that kiro2api cut short by closing the connection.
         self.streaming = 0
@@ -249,12 +256,12 @@ class FakeUpstream:
         return web.json_response(reply.body, status=reply.status, headers=reply.headers)
 
     async def _social_refresh(self, request: web.Request) -> web.Response:
-        await self._record(request)
-        return await self._refresh("social", profile_arn=True)
+        body = await self._record(request)
+        return await self._refresh("social", profile_arn=True, body=body)
 
     async def _idc_refresh(self, request: web.Request) -> web.Response:
-        await self._record(request)
-        return await self._refresh("idc", profile_arn=False)
+        body = await self._record(request)
+        return await self._refresh("idc", profile_arn=False, body=body)
 
     async def _idp_refresh(self, request: web.Request) -> web.Response:
         """An organisation's OAuth 2 token endpoint (Entra ID): a form in, snake_case
@@ -270,19 +277,27 @@ class FakeUpstream:
                                   "refresh_token": f"idp-refresh-{self.refreshes}",
                                   "expires_in": 3599, "scope": form.get("scope", "")})
 
-    async def _refresh(self, kind: str, *, profile_arn: bool) -> web.Response:
+    async def _refresh(self, kind: str, *, profile_arn: bool, body: Any = None) -> web.Response:
         if self.auth_delay:
             await asyncio.sleep(self.auth_delay)
         if self.auth_gate is not None:
             await self.auth_gate.wait()
         if self.auth_script:
             return await self._status(self.auth_script.popleft())
+        if self.rotate:
+            used = body.get("refreshToken") if isinstance(body, dict) else None
+            if used in self.spent:
+                self.reused.append(used)
+                return web.json_response({"error": "invalid_grant",
+                                          "error_description": "Invalid refresh token provided"},
+                                         status=400)
+            self.spent.append(used)
         self.refreshes += 1
         n = self.refreshes
-        body: dict[str, Any] = {
+        body = {
             "accessToken": f"aoa-{kind}-access-{n}",
             "refreshToken": f"aor-{kind}-refresh-{n}",
-            "expiresIn": 3600,
+            "expiresIn": self.expires_in,
         }
         if profile_arn:
             body["profileArn"] = "arn:aws:codewhisperer:us-east-1:111122223333:profile/FAKE"

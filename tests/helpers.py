@@ -6,7 +6,8 @@
 - Reading answers: ``parse_sse`` turns a text/event-stream body into its events.
 - Servers: ``API_KEY``, ``free_port``, ``start_server_process`` for a real
   server process (``child_env`` its environment, ``TLS`` the test CA's files),
-  ``Proxy`` for the app the ``proxy`` fixture serves.
+  ``Proxy`` for the app the ``proxy`` fixture serves, ``RedisServer`` for a
+  real ``redis-server`` (Debian's package) on a free loopback port.
 """
 
 from __future__ import annotations
@@ -14,7 +15,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
+import signal
 import socket
+import subprocess
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -181,3 +186,39 @@ class Proxy:
 
         return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=API_KEY, max_retries=0,
                                   **kwargs)
+
+
+class RedisServer:
+    """A real ``redis-server`` on a free loopback port, no persistence, in ``workdir``;
+    stopped by its PID (and started again on the same port by ``start``)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> RedisServer:
+        binary = shutil.which("redis-server")
+        assert binary, "these tests need Redis: apt-get install redis-server (.ci/run does)"
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir), "--daemonize", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, "redis-server exited at start"
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError(f"redis-server did not answer on port {self.port}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=10)
+        self.process = None
