@@ -1888,6 +1888,8 @@ class SharedAccount:
                         f"refresh (--state-lock-seconds); not refreshing")
             fresh = await refresh_file(latest, still_held)
             await self.store_login(fresh, fence)
+            if self.alone is None and isinstance(holder.error, TokenFileError):
+                holder.error = None  # a file it cannot write: the fleet keeps the login
             return fresh
         finally:
             if fence is not None:

@@ -192,10 +192,11 @@ class RedisServer:
     """A real ``redis-server`` on a free loopback port, no persistence, in ``workdir``;
     stopped by its PID (and started again on the same port by ``start``)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, unix_socket: Path | None = None) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.unix_socket = unix_socket  # served too, if given
         self.process: subprocess.Popen | None = None
 
     def start(self) -> RedisServer:
@@ -203,7 +204,8 @@ class RedisServer:
         assert binary, "these tests need Redis: apt-get install redis-server (.ci/run does)"
         self.process = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir), "--daemonize", "no"],
+             "--appendonly", "no", "--dir", str(self.workdir), "--daemonize", "no",
+             *(("--unixsocket", str(self.unix_socket)) if self.unix_socket else ())],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

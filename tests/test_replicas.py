@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import signal
+import subprocess
 import sys
 
 import aiohttp
@@ -74,8 +75,8 @@ async def replica(redis_server, aiohttp_server, proxy_config, tmp_path):
     async def start(name, **changes):
         if "token_files" not in changes:
             changes["token_files"] = (token_copy(tmp_path, name),)
-        config = dataclasses.replace(proxy_config, state=redis_server.url,
-                                     state_lock_seconds=3.0, **changes)
+        changes = {"state": redis_server.url, "state_lock_seconds": 3.0, **changes}
+        config = dataclasses.replace(proxy_config, **changes)
         server = await aiohttp_server(kiro2api.make_app(config))
         started.append(Replica(str(server.make_url("")).rstrip("/"), config))
         return started[-1]
@@ -466,3 +467,44 @@ async def test_redis_stopped_under_load_and_started_again(processes, rotating, r
     errors = [line for line in metrics.splitlines()
               if line.startswith("kiro2api_state_store_errors_total ")]
     assert errors and int(errors[0].split()[1]) >= 1
+
+
+async def test_nothing_secret_reaches_the_log_or_health(replica, rotating, redis_server,
+                                                       caplog):
+    with caplog.at_level(logging.INFO, "kiro2api"):
+        a, b = await replica("a"), await replica("b")
+        await a.ask()
+        await b.ask()
+        text = caplog.text + json.dumps(await b.health())
+    for secret in (FIRST_REFRESH, "aoa-initial-access", "aor-social-refresh-1",
+                   "aoa-social-access-1"):
+        assert secret not in text
+    assert "took the login the fleet stored" in text
+
+
+async def test_a_unix_socket_url_works(replica, rotating, tmp_path):
+    socket_path = tmp_path / "redis.sock"
+    server = helpers.RedisServer(tmp_path, unix_socket=socket_path).start()
+    try:
+        a = await replica("a", state=f"unix://{socket_path}?db=3")
+        b = await replica("b", state=f"unix://{socket_path}?db=3")
+        await a.ask()
+        await b.ask()
+        assert rotating.spent == [FIRST_REFRESH]
+        assert (await b.health())["state_store"] == {
+            "location": f"unix://{socket_path}", "status": "ok", "problem": None, "errors": 0}
+    finally:
+        server.stop()
+
+
+def test_state_without_the_redis_package_says_what_to_install(tmp_path):
+    # The package hidden from a real process: an import of it fails, as when missing.
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "redis.py").write_text("raise ImportError('no redis here')\n")
+    done = subprocess.run(
+        [sys.executable, kiro2api.__file__, "server", "--state", "redis://127.0.0.1:1/0"],
+        env={**child_env(), "PYTHONPATH": str(hide)}, capture_output=True, text=True,
+        timeout=60)
+    assert done.returncode == 2
+    assert "pip install 'kiro2api[redis]'" in done.stderr
