@@ -1266,7 +1266,7 @@ class TokenHolder:
         log.warning("account %s: the state store is away and the token has expired; "
                     "refreshing it without the fleet's lock", self.file.path)
         fresh = await self._refresh_file(current)
-        self.shared.refreshed_alone(fresh)
+        self.shared.refreshed_alone(current.refresh_token, fresh)
         return fresh
 
     async def _refresh_file(self, current: Credentials,
@@ -1650,19 +1650,27 @@ STATE_BACKOFF_SECONDS = (0.5, 10.0)  # reconnecting: the first wait, the longest
 ALIAS_SECONDS = 90 * 86400  # how long an old refresh token still leads to its account
 HEALTH_SECONDS = 30 * 86400
 
-# KEYS: login, lock, alias of the new refresh token. ARGV: fence ("" when no
-# lock is held: a login refreshed while Redis was away), the version it was
-# refreshed from, the login, the account id, the alias's lifetime, the channel.
-# Answers the new version, -1 if the fence lost the lock, -2 if another login
-# was stored meanwhile: newer credentials are never replaced by older ones.
+# KEYS: login, lock, alias of the new refresh token. ARGV: the fence, the
+# login, the account id, the alias's lifetime, the channel, the refresh token
+# the login was refreshed with, and an epoch for a record made anew. A fence
+# must still hold the lock; with no fence (a login refreshed while Redis was
+# away, or the first of the account), only the login whose refresh token it
+# was refreshed with is replaced. Answers {version, epoch}: versions count
+# within an epoch, which starts again when Redis lost the record. -1 if the
+# fence lost the lock, -2 if the fleet moved on meanwhile.
 STORE_LOGIN = """
-if ARGV[1] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[1] then return -1 end
-local version = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
-if version ~= tonumber(ARGV[2]) then return -2 end
-redis.call('HSET', KEYS[1], 'version', version + 1, 'login', ARGV[3])
-redis.call('SET', KEYS[3], ARGV[4], 'EX', ARGV[5])
-redis.call('PUBLISH', ARGV[6], ARGV[4] .. ' login')
-return version + 1
+if ARGV[1] ~= '' then
+  if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -1 end
+else
+  local stored = redis.call('HGET', KEYS[1], 'login')
+  if stored and cjson.decode(stored)['refreshToken'] ~= ARGV[6] then return -2 end
+end
+redis.call('HSETNX', KEYS[1], 'epoch', ARGV[7])
+local version = redis.call('HINCRBY', KEYS[1], 'version', 1)
+redis.call('HSET', KEYS[1], 'login', ARGV[2])
+redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[4])
+redis.call('PUBLISH', ARGV[5], ARGV[3] .. ' login')
+return {version, redis.call('HGET', KEYS[1], 'epoch')}
 """
 RELEASE_LOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -1819,8 +1827,12 @@ class SharedAccount:
         self.fleet = fleet
         self.store = store
         self.id: str | None = None  # known once the account's file was read with Redis up
-        self.version = 0  # of the stored login held; 0: the file's own
-        self.alone: Credentials | None = None  # refreshed while Redis was away
+        # The record's epoch and version of the login held; None: the file's own.
+        self.epoch: str | None = None
+        self.version = 0
+        # A login refreshed while Redis was away, and the refresh token it replaced.
+        self.alone: Credentials | None = None
+        self.alone_from: str | None = None
 
     def key(self, what: str) -> str:
         return f"kiro2api:{what}:{self.id}"
@@ -1831,7 +1843,10 @@ class SharedAccount:
         with contextlib.suppress(StateDown):
             if await self.resolve():
                 await self.hand_over()
-                await self.pull_login()
+                current = self.store.holder.current
+                if not await self.pull_login() and current is not None \
+                        and current.auth_method != "api_key":  # a key is not stored
+                    await self.store_login(current, "", current.refresh_token)  # the first
                 await self.pull_health()
 
     async def resolve(self) -> bool:
@@ -1839,7 +1854,8 @@ class SharedAccount:
         current = self.store.holder.current
         if self.id is not None or current is None:
             return self.id is not None
-        digest = state_digest(current.refresh_token or current.access_token)
+        digest = state_digest(self.alone_from or current.refresh_token
+                              or current.access_token)
         alias = f"kiro2api:alias:{digest}"
 
         async def find(r: Any) -> str:
@@ -1848,21 +1864,38 @@ class SharedAccount:
         self.id = await self.fleet.call(find)
         return True
 
-    async def pull_login(self) -> None:
+    async def pull_login(self) -> bool:
         """Take the stored login if it is newer than the one held (and write it back
-        to the token file, so that this replica can start without Redis)."""
-        version, login = await self.fleet.call(
-            lambda r: r.hmget(self.key("login"), "version", "login"))
-        holder = self.store.holder
-        if int(version or 0) <= self.version or not login or holder.current is None:
-            return
-        fresh = with_login(holder.current, json.loads(login))
-        self.version = int(version)
-        if fresh.access_token != holder.current.access_token:
-            holder.adopt(fresh)
-            log.info("account %s: took the login the fleet stored (version %s)",
+        to the token file, so that this replica can start without Redis). False when
+        the fleet has no login for the account.
+
+        Newer: any stored login for a replica that holds its file's own; a higher
+        version in the same epoch; a later expiry when Redis lost the record and a
+        replica made it anew (a new epoch)."""
+        version, login, epoch = await self.fleet.call(
+            lambda r: r.hmget(self.key("login"), "version", "login", "epoch"))
+        current = self.store.holder.current
+        if not login or current is None:
+            return bool(login)
+        stored, version = with_login(current, json.loads(login)), int(version or 0)
+        if stored.access_token == current.access_token or self.epoch is None:
+            newer = stored.access_token != current.access_token
+        elif epoch == self.epoch:
+            newer = version > self.version
+        else:
+            newer = bool(stored.expires_at and current.expires_at
+                         and stored.expires_at > current.expires_at)
+        if newer:
+            await write_back(self.store.file, stored)  # the file is never behind memory
+        if newer or stored.access_token == current.access_token:
+            # Together, with no await between: a pull running meanwhile must not
+            # see the version as taken before the login is.
+            self.epoch, self.version = epoch, version
+        if newer:
+            self.store.holder.adopt(stored)
+            log.info("account %s: took the login the fleet stored (version %d)",
                      self.store.path, version)
-            await write_back(self.store.file, fresh)
+        return True
 
     async def refresh(self, current: Credentials,
                       refresh_file: Callable[..., Awaitable[Credentials]]) -> Credentials:
@@ -1887,7 +1920,7 @@ class SharedAccount:
                         f"the fleet's refresh lock of {self.store.path} ran out before the "
                         f"refresh (--state-lock-seconds); not refreshing")
             fresh = await refresh_file(latest, still_held)
-            await self.store_login(fresh, fence)
+            await self.store_login(fresh, fence, latest.refresh_token)
             if self.alone is None and isinstance(holder.error, TokenFileError):
                 holder.error = None  # a file it cannot write: the fleet keeps the login
             return fresh
@@ -1918,35 +1951,37 @@ class SharedAccount:
             await asyncio.sleep(STATE_POLL_SECONDS)
         return fence
 
-    async def store_login(self, fresh: Credentials, fence: str) -> None:
-        """Store a refreshed login over the version it came from; a login that cannot be
-        stored now (Redis away) is handed over when Redis is back."""
+    async def store_login(self, fresh: Credentials, fence: str, spent: str) -> None:
+        """Store a login refreshed with the refresh token ``spent`` (STORE_LOGIN); one
+        that cannot be stored now (Redis away) is handed over when Redis is back."""
         alias = f"kiro2api:alias:{state_digest(fresh.refresh_token)}"
         try:
-            version = await self.fleet.call(lambda r: r.eval(
+            stored = await self.fleet.call(lambda r: r.eval(
                 STORE_LOGIN, 3, self.key("login"), self.key("lock"), alias, fence,
-                self.version, json.dumps(login_of(fresh)), self.id, ALIAS_SECONDS,
-                STATE_CHANNEL))
+                json.dumps(login_of(fresh)), self.id, ALIAS_SECONDS, STATE_CHANNEL, spent,
+                random_uuid()))
         except StateDown:
-            self.alone = fresh
+            self.refreshed_alone(spent, fresh)
             return
-        if version > 0:
-            self.version, self.alone = version, None
+        self.alone = self.alone_from = None
+        if isinstance(stored, list):
+            self.version, self.epoch = int(stored[0]), stored[1]
         else:
             log.warning("account %s: the fleet stored another login during this refresh; "
                         "taking the newest", self.store.path)
             await self.pull_login()
 
-    def refreshed_alone(self, fresh: Credentials) -> None:
+    def refreshed_alone(self, spent: str, fresh: Credentials) -> None:
         self.alone = fresh
+        self.alone_from = self.alone_from or spent  # the one the fleet may still hold
 
     async def hand_over(self) -> None:
-        """Store the login refreshed while Redis was away, unless the fleet has a newer
-        one (``pull_login`` then takes that)."""
-        if self.alone is not None:
+        """Store the login refreshed while Redis was away, unless the fleet moved on
+        from the refresh token it replaced (``pull_login`` then takes the fleet's)."""
+        if self.alone is not None and self.alone_from is not None:
             log.info("account %s: handing the login refreshed alone to the fleet",
                      self.store.path)
-            await self.store_login(self.alone, "")
+            await self.store_login(self.alone, "", self.alone_from)
 
     def share_health(self) -> None:
         """Tell the fleet what this replica learnt of the account (in the background)."""

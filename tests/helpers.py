@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from datetime import datetime, timedelta, timezone
@@ -192,18 +193,27 @@ class RedisServer:
     """A real ``redis-server`` on a free loopback port, no persistence, in ``workdir``;
     stopped by its PID (and started again on the same port by ``start``)."""
 
-    def __init__(self, workdir: Path, *, unix_socket: Path | None = None) -> None:
+    def __init__(self, workdir: Path, *, unix_socket: Path | None = None,
+                 tls: bool = False) -> None:
         self.workdir = workdir
         self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
         self.unix_socket = unix_socket  # served too, if given
+        # With tls, only TLS (the test CA's certificate for localhost) on the port.
+        self.tls = tls
+        self.url = (f"rediss://localhost:{self.port}/0?ssl_ca_certs={TLS / 'ca.pem'}" if tls
+                    else f"redis://127.0.0.1:{self.port}/0")
         self.process: subprocess.Popen | None = None
 
     def start(self) -> RedisServer:
         binary = shutil.which("redis-server")
         assert binary, "these tests need Redis: apt-get install redis-server (.ci/run does)"
+        ports = ("--port", "0", "--tls-port", str(self.port),
+                 "--tls-cert-file", str(TLS / "localhost.pem"),
+                 "--tls-key-file", str(TLS / "localhost.key"),
+                 "--tls-ca-cert-file", str(TLS / "ca.pem"), "--tls-auth-clients", "no",
+                 ) if self.tls else ("--port", str(self.port))
         self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            [binary, *ports, "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", str(self.workdir), "--daemonize", "no",
              *(("--unixsocket", str(self.unix_socket)) if self.unix_socket else ())],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -212,6 +222,9 @@ class RedisServer:
             assert self.process.poll() is None, "redis-server exited at start"
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                    if self.tls:
+                        context = ssl.create_default_context(cafile=str(TLS / "ca.pem"))
+                        s = context.wrap_socket(s, server_hostname="localhost")
                     s.sendall(b"PING\r\n")
                     if s.recv(16).startswith(b"+PONG"):
                         return self

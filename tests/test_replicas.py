@@ -118,7 +118,7 @@ async def test_one_replica_refreshes_and_the_other_takes_its_login(
         "aoa-social-access-1", "aor-social-refresh-1")
     record = await stored(redis_server.url)
     (login,) = [v for k, v in record.items() if k.startswith("kiro2api:login:")]
-    assert login["version"] == "1"
+    assert login["version"] == "2"  # the file's login, then the refreshed one
     assert json.loads(login["login"])["refreshToken"] == "aor-social-refresh-1"
 
 
@@ -161,7 +161,7 @@ async def test_the_next_generation_refreshes_from_the_stored_refresh_token(
     assert rotating.reused == []
     record = await stored(redis_server.url)
     (login,) = [v for k, v in record.items() if k.startswith("kiro2api:login:")]
-    assert login["version"] == "3"
+    assert login["version"] == "4"
     aliases = sorted(k for k in record if k.startswith("kiro2api:alias:"))
     assert len(aliases) == 4 and {record[k] for k in aliases} == {
         k.removeprefix("kiro2api:login:") for k in record if k.startswith("kiro2api:login:")}
@@ -508,3 +508,38 @@ def test_state_without_the_redis_package_says_what_to_install(tmp_path):
         timeout=60)
     assert done.returncode == 2
     assert "pip install 'kiro2api[redis]'" in done.stderr
+
+
+async def test_a_tls_url_works(replica, rotating, tmp_path):
+    server = helpers.RedisServer(tmp_path, tls=True).start()
+    try:
+        a, b = await replica("a", state=server.url), await replica("b", state=server.url)
+        await a.ask()
+        await b.ask()
+        assert rotating.spent == [FIRST_REFRESH]
+        health = await b.health()
+        assert health["state_store"]["status"] == "ok"
+        assert health["state_store"]["location"] == f"rediss://localhost:{server.port}/0"
+    finally:
+        server.stop()
+
+
+async def test_a_login_refreshed_alone_replaces_the_one_it_was_refreshed_from(
+        replica, rotating, redis_server):
+    rotating.expires_in = 360
+    clock = FakeClock()
+    both = {"clock": kiro2api.Clock(clock.monotonic, clock.now)}
+    a, b = await replica("a", **both), await replica("b", **both)
+    await a.ask()  # the fleet's login: version 1
+    await b.ask()
+    redis_server.stop()
+    clock.advance(400)  # expired for real, with Redis away: b refreshes alone
+    await b.ask()
+    assert rotating.spent == [FIRST_REFRESH, "aor-social-refresh-1"]
+    redis_server.start()
+    await wait_until(b, lambda h: h["state_store"]["status"] == "ok", timeout=15)
+    await wait_until(a, lambda h: h["state_store"]["status"] == "ok", timeout=15)
+    await a.ask()  # takes b's login rather than refreshing the spent one
+    assert rotating.spent == [FIRST_REFRESH, "aor-social-refresh-1"]
+    assert rotating.reused == []
+    assert authorizations(rotating)[-1] == "Bearer aoa-social-access-2"
