@@ -1623,7 +1623,7 @@ async def load_accounts_ctx(app: web.Application) -> AsyncIterator[None]:
 # API key) the fleet saw for it. Its keys:
 #
 #   kiro2api:alias:<digest>   the id that a refresh token, old or new, leads to
-#   kiro2api:login:<id>       hash: version, login (the token file keys, JSON)
+#   kiro2api:login:<id>       hash: epoch, version, login (the token file keys, JSON)
 #   kiro2api:fence:<id>       the counter that refresh locks take fences from
 #   kiro2api:lock:<id>        the fleet's refresh lock: a fence, with a time-to-live
 #   kiro2api:health:<id>      hash: cooldown, kiro (what Kiro showed), JSON
@@ -2551,8 +2551,12 @@ async def credits_used_up(app: web.Application, store: TokenStore) -> convert.Fa
     usage, shared = store.kiro.usage, store.holder.shared
     stale = usage is None or store.clock.monotonic() - store.kiro.usage_read_at \
         > USAGE_FRESH_SECONDS
-    if stale and usage is not None and shared is not None and not await shared.claim_usage():
-        stale = False  # another replica reads them this minute; the fleet shares its answer
+    if stale and shared is not None and not await shared.claim_usage():
+        # Another replica reads them this minute: its answer, if the fleet has it yet.
+        with contextlib.suppress(StateDown):
+            await shared.pull_health()
+        usage = store.kiro.usage
+        stale = usage is None
     if stale:
         try:
             usage = await read_usage_limits(app, store, await store.credentials())
@@ -2712,18 +2716,19 @@ class Metrics:
         def family(name: str, kind: str, help_text: str) -> list[str]:
             return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
 
+        def single(name: str, kind: str, help_text: str, value: float) -> list[str]:
+            return [*family(name, kind, help_text), f"{name} {value}"]
+
         lines = family("kiro2api_requests_total", "counter",
                        "Requests served, by route and status.")
         lines += [f'kiro2api_requests_total{{route="{route}",status="{status}"}} {count}'
                   for (route, status), count in sorted(self.requests.items())]
-        lines += family("kiro2api_streams_open", "gauge", "Streaming answers in flight.")
-        lines.append(f"kiro2api_streams_open {len(app[STREAMS])}")
-        lines += family("kiro2api_upstream_retries_total", "counter",
-                        "Upstream calls retried before the answer started.")
-        lines.append(f"kiro2api_upstream_retries_total {self.retries}")
-        lines += family("kiro2api_account_failovers_total", "counter",
-                        "Requests moved to another account.")
-        lines.append(f"kiro2api_account_failovers_total {self.failovers}")
+        lines += single("kiro2api_streams_open", "gauge", "Streaming answers in flight.",
+                        len(app[STREAMS]))
+        lines += single("kiro2api_upstream_retries_total", "counter",
+                        "Upstream calls retried before the answer started.", self.retries)
+        lines += single("kiro2api_account_failovers_total", "counter",
+                        "Requests moved to another account.", self.failovers)
         lines += family("kiro2api_upstream_first_byte_seconds", "histogram",
                         "Time from calling Kiro to its answer's headers.")
         lines += self.upstream_first_byte.lines("kiro2api_upstream_first_byte_seconds")
@@ -2749,12 +2754,10 @@ class Metrics:
                 lines.append(f'{name}{{account="{label}"}} {value(store, store.health())}')
         fleet = app.get(FLEET)
         if fleet is not None:
-            lines += family("kiro2api_state_store_up", "gauge",
-                            "1 if the state store (--state) answers.")
-            lines.append(f"kiro2api_state_store_up {int(fleet.up)}")
-            lines += family("kiro2api_state_store_errors_total", "counter",
-                            "Calls to the state store that failed.")
-            lines.append(f"kiro2api_state_store_errors_total {fleet.errors}")
+            lines += single("kiro2api_state_store_up", "gauge",
+                            "1 if the state store (--state) answers.", int(fleet.up))
+            lines += single("kiro2api_state_store_errors_total", "counter",
+                            "Calls to the state store that failed.", fleet.errors)
         return "\n".join(lines) + "\n"
 
 

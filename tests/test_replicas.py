@@ -26,7 +26,7 @@ from click.testing import CliRunner
 import convert
 import helpers
 import kiro2api
-from fakes import FakeClock
+from fakes import FakeClock, Status
 from helpers import API_KEY, child_env, free_port, start_server_process, write_token_file
 
 BODY = {"model": "claude-sonnet-4-5", "max_tokens": 64,
@@ -220,6 +220,27 @@ async def test_the_way_one_replica_found_refused_the_others_skip(
     await wait_until(b, lambda h: h["accounts"][0]["shape"] == "cli")
     await b.ask()
     assert fake_upstream.dialects == [("q", "ide"), ("q", "cli"), ("q", "cli")]
+
+
+async def test_one_replica_reads_the_usage_limits_for_the_fleet(
+        replica, fake_upstream, redis_server):
+    changes = {"upstream": (fake_upstream.url + "/runtime#runtime",)}
+    a, b = await replica("a", **changes), await replica("b", **changes)
+    busy = Status(429, {"message": "Too many requests, please wait before trying again."})
+    fake_upstream.script.extend([busy, busy])
+    with pytest.raises(anthropic.RateLimitError):
+        await a.ask()  # a 429 may mean no credits: a reads the usage limits
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while not any("usage" in json.loads(v.get("kiro", "{}")) and json.loads(v["kiro"])["usage"]
+                  for k, v in (await stored(redis_server.url)).items() if ":health:" in k):
+        assert loop.time() < deadline
+        await asyncio.sleep(0.02)
+    with pytest.raises(anthropic.RateLimitError):
+        await b.ask()  # b takes a's answer
+    reads = [c for c in fake_upstream.calls("/management/")
+             if c.headers["x-amz-target"].endswith("GetUsageLimits")]
+    assert len(reads) == 1
 
 
 async def wait_until(replica, condition, timeout=5.0):
