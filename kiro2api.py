@@ -17,9 +17,10 @@ Under systemd, see ``kiro2api.service``; ``make dist`` builds a one-file
 ``kiro2api.pyz``.
 
 Layout of this file: clock, configuration, errors, token files, refresh
-protocols, token store, ways to call Kiro, account pool, application state
-keys, upstream client, metrics, HTTP handlers, relay (one for every client
-API), middlewares, application factory, doctor, command line.
+protocols, token store, ways to call Kiro, account pool, shared state (the
+replicas' Redis, ``--state``), application state keys, upstream client,
+metrics, HTTP handlers, relay (one for every client API), middlewares,
+application factory, doctor, command line.
 """
 
 from __future__ import annotations

@@ -172,14 +172,17 @@ def write_token_file(path: Path) -> Path:
 
 
 def start_kiro2api(upstream: str, workdir: Path, profile: Path | None = None,
-                   script: Path = ROOT / "kiro2api.py") -> Proc:
+                   script: Path = ROOT / "kiro2api.py", extra: tuple[str, ...] = ()) -> Proc:
+    """kiro2api in front of ``upstream``, with a token file in ``workdir``;
+    ``extra``: more server options (e.g. ``--state URL``)."""
     port = free_port()
     log = workdir / "kiro2api.log"
     token_file = write_token_file(workdir / "kiro-auth-token.json")
     runner = ["-m", "cProfile", "-o", str(profile)] if profile else []
     argv = [sys.executable, *runner, str(script), "server", "--port", str(port),
             "--api-key", API_KEY, "--token-file", str(token_file), "--upstream", upstream,
-            "--social-auth-url", upstream, "--oidc-url", upstream, "--log-level", "WARNING"]
+            "--social-auth-url", upstream, "--oidc-url", upstream, "--log-level", "WARNING",
+            *extra]
     env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY")}
     popen = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log.open("w"), env=env)
     return Proc("kiro2api", popen, f"http://127.0.0.1:{port}", log)

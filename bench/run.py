@@ -21,6 +21,7 @@ BENCHMARKS = [
     "bench_eventstream",
     "bench_proxy",
     "bench_soak",
+    "bench_state",
 ]
 
 
