@@ -473,6 +473,13 @@ def print_profile(path: Path, top: int = 30) -> None:
 # Main ####################################################################
 
 
+def took(started: float) -> str:
+    """The closing line of a bench: how long it took since ``started`` (monotonic), and
+    the machine's load then."""
+    return (f"\n(bench took {time.monotonic() - started:.0f} s; load avg now "
+            f"{os.getloadavg()[0]:.2f})")
+
+
 def machine() -> str:
     model = next((line.split(":", 1)[1].strip() for line in
                   Path("/proc/cpuinfo").read_text().splitlines()
@@ -587,8 +594,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> None:
                           f"{len(samples) - 1} samples over {samples[-1][0]:.0f} s)")
 
             print_targets(results, lat, mem, soaks)
-            print(f"\n(bench took {time.monotonic() - started:.0f} s; load avg now "
-                  f"{os.getloadavg()[0]:.2f})")
+            print(took(started))
     finally:
         for proc in reversed(procs):
             proc.stop()

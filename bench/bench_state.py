@@ -208,8 +208,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> None:
             print(f"  {mark} {what:<68}{value:.3f}x")
         what = "Redis calls per request to the --state server (request path: none)"
         print(f"       {what:<68}{per_request:.4f}")
-        print(f"\n(bench took {time.monotonic() - started:.0f} s; load avg now "
-              f"{os.getloadavg()[0]:.2f})")
+        print(bench_proxy.took(started))
     finally:
         for proc in reversed(procs):
             proc.stop()
