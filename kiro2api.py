@@ -2968,6 +2968,21 @@ async def handle_count_tokens(request: web.Request) -> web.Response:
     return web.json_response({"input_tokens": convert.estimate_input_tokens(body)})
 
 
+async def handle_responses_input_tokens(request: web.Request) -> web.Response:
+    """The Responses API's count (``client.responses.input_tokens.count``), estimated."""
+    normalised = convert.responses_to_anthropic(await read_json(request))
+    convert.anthropic_to_codewhisperer(normalised, conversation_id="count")
+    return web.json_response({"object": "response.input_tokens",
+                              "input_tokens": convert.estimate_input_tokens(normalised)})
+
+
+async def handle_stored_response(request: web.Request) -> web.Response:
+    """GET, DELETE or cancel a stored response: there are none to find."""
+    raise convert.ConversionError(f"no response {request.match_info['response_id']}: "
+                                  f"{convert.RESPONSES_NOT_KEPT}", status=404,
+                                  param="response_id")
+
+
 # Relay ####################################################################
 #
 # Every client API is served by ``relay``: its ``convert.ClientApi`` says how
@@ -3275,11 +3290,15 @@ def presented_key(request: web.Request) -> str:
     return key
 
 
+# The paths behind the client key: the API, and Codex's short route.
+KEYED_PATHS = ("/v1/", "/responses")
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Require the client key (or, with no key configured, a Kiro access token) on /v1."""
+    """Require the client key (or, with no key configured, a Kiro access token) on the API."""
     config = request.app[CONFIG]
-    if not request.path.startswith("/v1/") or config.no_auth:
+    if not request.path.startswith(KEYED_PATHS) or config.no_auth:
         return await handler(request)
     key = presented_key(request)
     if config.api_key is not None:
@@ -3366,6 +3385,10 @@ def make_app(config: Config) -> web.Application:
     app.router.add_get("/v1/models", handle_models)
     app.router.add_get("/v1/models/{model_id}", handle_model)
     app.router.add_post("/v1/messages/count_tokens", handle_count_tokens)
+    app.router.add_post("/v1/responses/input_tokens", handle_responses_input_tokens)
+    app.router.add_get("/v1/responses/{response_id}", handle_stored_response)
+    app.router.add_delete("/v1/responses/{response_id}", handle_stored_response)
+    app.router.add_post("/v1/responses/{response_id}/cancel", handle_stored_response)
     for route, _, api in API_ROUTES:
         app.router.add_post(route, relay_handler(api))
     return app

@@ -548,3 +548,33 @@ async def test_keepalives_are_in_progress_events_the_sdk_accepts(aiohttp_server,
     async with client.responses.stream(model=MODEL, input="Hi") as stream:
         final = await stream.get_final_response()
     assert final.output_text == "slow answer"
+
+
+async def test_the_short_route_is_behind_the_key_too(proxy):
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        async with aiohttp.ClientSession() as session, session.post(
+                proxy.url + "/responses", json={"model": MODEL, "input": "Hi"},
+                headers=headers) as response:
+            assert response.status == 401
+            assert (await response.json())["error"]["code"] == "invalid_api_key"
+    assert proxy.fake.calls("/generateAssistantResponse") == []
+
+
+async def test_input_tokens_are_counted_and_stored_responses_are_not_found(proxy):
+    client = proxy.openai()
+    short = await client.responses.input_tokens.count(model=MODEL, input="Hi")
+    long = await client.responses.input_tokens.count(model=MODEL, input="Hi " * 400,
+                                                     tools=[EXEC])
+    assert short.object == "response.input_tokens" and 0 < short.input_tokens < 20
+    assert long.input_tokens > short.input_tokens + 200
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.responses.input_tokens.count(model=MODEL, input=[{"type": "nonsense"}])
+    assert caught.value.body["param"] == "input"
+    with pytest.raises(openai.NotFoundError) as caught:
+        await client.responses.retrieve("resp_123")
+    assert "keeps no responses" in caught.value.body["message"]
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.delete("resp_123")
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.cancel("resp_123")
+    assert proxy.fake.calls("/generateAssistantResponse") == []
