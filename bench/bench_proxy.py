@@ -74,7 +74,7 @@ class Scenario:
 SCENARIOS = (
     Scenario("stream /v1/messages", "anthropic", True, "text", (b"message_stop",)),
     Scenario("stream /v1/chat/completions", "openai", True, "text", (b"[DONE]",)),
-    Scenario("stream /v1/responses", "responses", True, "text", (b"response.completed",)),
+    Scenario("stream /v1/responses", "responses", True, "text", (b'"status":"completed","usage"',)),
     Scenario("non-stream /v1/messages", "anthropic", False, "text", (b'"end_turn"',)),
     Scenario("tool call, stream /v1/messages", "anthropic", True, "tool",
              (b'"tool_use"', b"message_stop")),

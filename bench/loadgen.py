@@ -184,6 +184,7 @@ async def stamped_stream(session: aiohttp.ClientSession, url: str, body: bytes,
     start = time.perf_counter()
     started = False
     buffer = b""
+    last = 0  # the stamps of one stream only grow; a repeat (a Responses done event) is no event
     try:
         async with session.post(url, data=body, headers=headers) as response:
             async for chunk in response.content.iter_any():
@@ -199,9 +200,12 @@ async def stamped_stream(session: aiohttp.ClientSession, url: str, body: bytes,
                 end = 0
                 for match in STAMP.finditer(buffer):
                     stamp = int(match.group(1))
+                    end = match.end()
+                    if stamp <= last:
+                        continue
+                    last = stamp
                     result.delays_ns.append(now - stamp)
                     result.stamps_ns.append(stamp)
-                    end = match.end()
                 buffer = buffer[max(end, len(buffer) - 64):]
             if response.status != 200:
                 result.errors.append(f"status {response.status}")
