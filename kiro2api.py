@@ -497,9 +497,16 @@ def _scopes(value: Any) -> str | None:
 
 
 def write_json_atomic(path: Path, data: Json, *, mode: int) -> None:
-    """Replace ``path`` (a symlink's target, if it is one) with ``data`` as JSON.
+    """Replace ``path`` (a symlink's target, if it is one) with ``data`` as JSON,
+    atomically (``write_bytes_atomic``)."""
+    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    write_bytes_atomic(path, text.encode("utf-8"), mode=mode)
 
-    The JSON goes to a temporary file in the same directory, created 0600,
+
+def write_bytes_atomic(path: Path, data: bytes, *, mode: int) -> None:
+    """Replace ``path`` (a symlink's target, if it is one) with ``data``.
+
+    The bytes go to a temporary file in the same directory, created 0600,
     which is fsynced, given ``mode`` and the old file's owner, and renamed
     over the old file: readers see the old file or the new one, never a mix.
     """
@@ -510,9 +517,8 @@ def write_json_atomic(path: Path, data: Json, *, mode: int) -> None:
         old = None
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
-        with open(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
-            f.write("\n")
+        with open(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
@@ -535,7 +541,7 @@ def write_json_atomic(path: Path, data: Json, *, mode: int) -> None:
 
 
 def why_unwritable(path: Path) -> str | None:
-    """Why ``write_json_atomic`` could not replace ``path``, or None if it can.
+    """Why ``write_bytes_atomic`` could not replace ``path``, or None if it can.
 
     It needs to create a file in the directory and rename it over the file;
     ``os.access`` answers for the real user, and a read-only mount refuses
@@ -552,7 +558,7 @@ def why_unwritable(path: Path) -> str | None:
 
 
 def remove_stale_temporaries(path: Path) -> None:
-    """Delete the temporary files of ``write_json_atomic`` that a writer killed before
+    """Delete the temporary files of ``write_bytes_atomic`` that a writer killed before
     its rename left beside ``path``: they hold tokens. Call it under the file's lock,
     which every writer of those files holds."""
     target = Path(os.path.realpath(path))
