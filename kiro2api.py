@@ -3997,6 +3997,8 @@ def doctor(token_files, service, social_auth_url, oidc_url, proxy, model, as_jso
 
 
 SHELLS = ("posix", "fish", "cmd", "powershell")
+# The variable that holds the client key for Codex (its provider's env_key).
+CODEX_KEY_VARIABLE = "KIRO2API_KEY"
 
 
 def default_shell(platform: str | None = None) -> str:
@@ -4050,11 +4052,12 @@ def client_base_url(host: str, port: int) -> str:
               help="Syntax of the lines [default: powershell on Windows, else posix].")
 def export(host: str, port: int | None, api_key: str | None, config: Config,
            shell: str | None) -> None:
-    """Print shell lines that point Claude Code at the server.
+    """Print shell lines that point Claude Code and Codex at the server.
 
-    ANTHROPIC_AUTH_TOKEN is the server's client key if one is set, else the
-    current Kiro access token (refreshed first if it is about to expire),
-    which a server started without --api-key accepts.
+    ANTHROPIC_AUTH_TOKEN (Claude Code's key) and KIRO2API_KEY (the key of
+    the provider kiro2api codex adds to Codex) are the server's client key
+    if one is set, else the current Kiro access token (refreshed first if it
+    is about to expire), which a server started without --api-key accepts.
 
     \b
     Examples:
@@ -4071,6 +4074,7 @@ def export(host: str, port: int | None, api_key: str | None, config: Config,
             values["ANTHROPIC_AUTH_TOKEN"] = (await store.credentials()).access_token
 
         run_stores(config, each, first_only=True)
+    values[CODEX_KEY_VARIABLE] = values["ANTHROPIC_AUTH_TOKEN"]
     try:
         lines = [shell_assignment(shell, name, value) for name, value in values.items()]
     except ValueError as exc:

@@ -436,14 +436,16 @@ def test_export_posix_lines_with_the_client_key(token_file):
     result = invoke("export", "--api-key", "client-key")
     assert result.exit_code == 0, result.output
     assert result.output == ("export ANTHROPIC_BASE_URL=http://localhost:8080\n"
-                             "export ANTHROPIC_AUTH_TOKEN=client-key\n")
+                             "export ANTHROPIC_AUTH_TOKEN=client-key\n"
+                             "export KIRO2API_KEY=client-key\n")
 
 
 def test_export_without_a_key_prints_the_access_token(token_file):
     write_token(token_file)
     result = invoke("export", "--shell", "posix")
     assert result.exit_code == 0, result.output
-    assert result.output.splitlines()[1] == f"export ANTHROPIC_AUTH_TOKEN={SOCIAL_ACCESS}"
+    assert result.output.splitlines()[1:] == [f"export ANTHROPIC_AUTH_TOKEN={SOCIAL_ACCESS}",
+                                              f"export KIRO2API_KEY={SOCIAL_ACCESS}"]
 
 
 async def test_export_refreshes_an_expired_token_first(token_file, fake_upstream, monkeypatch):
@@ -451,7 +453,8 @@ async def test_export_refreshes_an_expired_token_first(token_file, fake_upstream
     monkeypatch.setenv("KIRO2API_SOCIAL_AUTH_URL", fake_upstream.url)
     result = await invoke_async("export", "--shell", "posix")
     assert result.exit_code == 0, result.output
-    assert result.stdout.splitlines()[1] == "export ANTHROPIC_AUTH_TOKEN=aoa-social-access-1"
+    assert result.stdout.splitlines()[1:] == ["export ANTHROPIC_AUTH_TOKEN=aoa-social-access-1",
+                                              "export KIRO2API_KEY=aoa-social-access-1"]
     assert json.loads(token_file.read_text())["accessToken"] == "aoa-social-access-1"
 
 
@@ -478,22 +481,28 @@ def test_export_options_beat_environment(monkeypatch):
     result = invoke("export")
     assert result.exit_code == 0, result.output
     assert result.output == ("export ANTHROPIC_BASE_URL=http://10.0.0.2:7000\n"
-                             "export ANTHROPIC_AUTH_TOKEN=from-env\n")
+                             "export ANTHROPIC_AUTH_TOKEN=from-env\n"
+                             "export KIRO2API_KEY=from-env\n")
     result = invoke("export", "--port", "7001", "--api-key", "from-option")
     assert result.exit_code == 0, result.output
     assert result.output == ("export ANTHROPIC_BASE_URL=http://10.0.0.2:7001\n"
-                             "export ANTHROPIC_AUTH_TOKEN=from-option\n")
+                             "export ANTHROPIC_AUTH_TOKEN=from-option\n"
+                             "export KIRO2API_KEY=from-option\n")
 
 
 @pytest.mark.parametrize("shell, lines", [
     ("posix", ["export ANTHROPIC_BASE_URL=http://localhost:8080",
-               "export ANTHROPIC_AUTH_TOKEN='k'\"'\"'y \\ $x&^'"]),
+               "export ANTHROPIC_AUTH_TOKEN='k'\"'\"'y \\ $x&^'",
+               "export KIRO2API_KEY='k'\"'\"'y \\ $x&^'"]),
     ("fish", ["set -gx ANTHROPIC_BASE_URL 'http://localhost:8080'",
-              "set -gx ANTHROPIC_AUTH_TOKEN 'k\\'y \\\\ $x&^'"]),
+              "set -gx ANTHROPIC_AUTH_TOKEN 'k\\'y \\\\ $x&^'",
+              "set -gx KIRO2API_KEY 'k\\'y \\\\ $x&^'"]),
     ("powershell", ["$env:ANTHROPIC_BASE_URL = 'http://localhost:8080'",
-                    "$env:ANTHROPIC_AUTH_TOKEN = 'k''y \\ $x&^'"]),
+                    "$env:ANTHROPIC_AUTH_TOKEN = 'k''y \\ $x&^'",
+                    "$env:KIRO2API_KEY = 'k''y \\ $x&^'"]),
     ("cmd", ['set "ANTHROPIC_BASE_URL=http://localhost:8080"',
-             'set "ANTHROPIC_AUTH_TOKEN=k\'y \\ $x&^"']),
+             'set "ANTHROPIC_AUTH_TOKEN=k\'y \\ $x&^"',
+             'set "KIRO2API_KEY=k\'y \\ $x&^"']),
 ])
 def test_export_quotes_for_each_shell(shell, lines):
     result = invoke("export", "--shell", shell, "--api-key", "k'y \\ $x&^")
@@ -527,13 +536,13 @@ NASTY_KEY = "it's \"quoted\" $(touch PWNED) `touch PWNED` ; | & \\ * ~ ! # {a,b}
 @pytest.mark.slow  # a real shell
 def test_eval_export_in_a_real_shell(tmp_path, sh):
     script = ('eval "$("$PYTHON" "$KIRO2API" export)"; '
-              'printf "%s\\n%s" "$ANTHROPIC_BASE_URL" "$ANTHROPIC_AUTH_TOKEN"')
+              'printf "%s\\n%s\\n%s" "$ANTHROPIC_BASE_URL" "$ANTHROPIC_AUTH_TOKEN" "$KIRO2API_KEY"')
     env = {**os.environ, "PYTHON": sys.executable, "KIRO2API": str(MAIN / "kiro2api.py"),
            "KIRO2API_API_KEY": NASTY_KEY, "KIRO2API_PORT": "9123"}
     done = subprocess.run([sh, "-c", script], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert done.stdout == f"http://localhost:9123\n{NASTY_KEY}"
+    assert done.stdout == f"http://localhost:9123\n{NASTY_KEY}\n{NASTY_KEY}"
     assert not (tmp_path / "PWNED").exists()
 
 
