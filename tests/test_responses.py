@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+from pathlib import Path
 
 import aiohttp
 import openai
@@ -578,3 +579,42 @@ async def test_input_tokens_are_counted_and_stored_responses_are_not_found(proxy
     with pytest.raises(openai.NotFoundError):
         await client.responses.cancel("resp_123")
     assert proxy.fake.calls("/generateAssistantResponse") == []
+
+
+# Codex's own requests (tests/data, captured from codex-cli 0.171.0) ######
+
+DATA = Path(__file__).parent / "data"
+
+
+def codex_request(model, turn):
+    return json.loads((DATA / f"codex-0.171.0-{model}-turn{turn}.json").read_text())
+
+
+@pytest.mark.parametrize(("model", "offered", "result"), [
+    ("claude-sonnet-4.5", ["exec_command", "multi_agent_v1__spawn_agent"], "kiro2api-capture"),
+    ("gpt-5.6-sol", ["exec", "wait", "collaboration__spawn_agent"], "kiro2api-capture"),
+], ids=["plain-tools", "responses-lite"])
+def test_codex_requests_convert_whole(model, offered, result):
+    first = payload(codex_request(model, 1))["conversationState"]
+    tools = first["currentMessage"]["userInputMessage"]["userInputMessageContext"]["tools"]
+    names = [t["toolSpecification"]["name"] for t in tools]
+    assert set(offered) <= set(names) and "web_search" not in names
+    assert len(names) == len(set(names))
+    # The developer messages are the prompt, in front of the first user turn.
+    assert "Codex" in first["currentMessage"]["userInputMessage"]["content"][:2000]
+    second = payload(codex_request(model, 2))["conversationState"]
+    (use,) = second["history"][-1]["assistantResponseMessage"]["toolUses"]
+    assert use["name"] in names
+    context = second["currentMessage"]["userInputMessage"]["userInputMessageContext"]
+    (answer,) = context["toolResults"]
+    assert answer["toolUseId"] == use["toolUseId"]
+    assert result in json.dumps(answer["content"])
+
+
+async def test_codex_requests_are_answered_through_the_server(proxy):
+    proxy.fake.script.append(Stream(fakes.tool("tooluse_x", "multi_agent_v1__wait_agent",
+                                               '{"agent_id":"a"}') + fakes.tail()))
+    events = await raw_events(proxy.url, codex_request("claude-sonnet-4.5", 2))
+    (call,) = events[-1]["response"]["output"]
+    assert (call["name"], call["namespace"]) == ("wait_agent", "multi_agent_v1")
+    Response.model_validate(events[-1]["response"])
