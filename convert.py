@@ -211,6 +211,32 @@ def resolve_model(name: str) -> str:
     return base
 
 
+# Kiro ids of the Claude families clients name by their newest release.
+_FAMILY_ID = re.compile(r"^claude-(opus|sonnet|haiku|fable)-(\d+(?:\.\d+)*)$")
+
+
+def model_family(model_id: str) -> tuple[str, tuple[int, ...]] | None:
+    """``claude-opus-5.5`` -> ("opus", (5, 5)); None for an id of no such family."""
+    match = _FAMILY_ID.match(model_id)
+    if not match:
+        return None
+    return match[1], tuple(int(part) for part in match[2].split("."))
+
+
+def stand_in_model(model_id: str, listed: Iterable[str]) -> str | None:
+    """The model to serve ``model_id`` with when the account does not list it: the
+    newest listed model of its family (PROTOCOL-2026.md 10.17.1); None when the
+    account lists it, or has no model of its family (then Kiro has the last word)."""
+    listed = set(listed)
+    family = model_family(model_id)
+    if model_id in listed or family is None:
+        return None
+    same = [(version, other) for other in listed
+            if (found := model_family(other)) and found[0] == family[0]
+            for version in (found[1],)]
+    return max(same)[1] if same else None
+
+
 def context_window(model_id: str, client_model: str = "") -> int:
     if client_model.endswith("[1m]"):
         return 1_000_000

@@ -52,7 +52,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -161,6 +161,8 @@ class Config:
     # password), and how long a refresh lock outlives a replica that died holding it.
     state: str | None = field(default=None, repr=False)
     state_lock_seconds: float = 45.0
+    # Client model name -> the model to serve it with (--model-map FROM=TO).
+    model_map: Mapping[str, str] = field(default_factory=dict)
     log_level: str = "INFO"
     log_format: str = "text"
     # Seconds. Streams are long, so there is no total timeout; these bound
@@ -2860,6 +2862,8 @@ MODELS_PAGES_MAX = 5
 @dataclass
 class ModelCache:
     entries: list[Json] | None = None
+    listed: tuple[str, ...] = ()  # the Kiro ids the service listed (none: the built-in list)
+    stood_in: set[str] = field(default_factory=set)  # ids served by another, logged once
     expires: float = 0.0  # config.clock.monotonic()
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -2945,6 +2949,8 @@ async def cached_models(app: web.Application) -> list[Json]:
         if cache.entries is None or clock.monotonic() >= cache.expires:
             upstream = await fetch_models(app)
             cache.entries = convert.model_list(upstream)
+            cache.listed = tuple(m["modelId"] for m in upstream or ()
+                                 if isinstance(m, dict) and isinstance(m.get("modelId"), str))
             cache.expires = clock.monotonic() + (
                 MODELS_TTL_SECONDS if upstream is not None else MODELS_RETRY_SECONDS)
         return cache.entries
@@ -3127,6 +3133,8 @@ async def relay(request: web.Request, api: convert.ClientApi) -> web.StreamRespo
     """Serve one request of ``api``: convert it, call Kiro, answer streamed or whole."""
     body = await read_json(request)
     normalised = api.normalise(body)
+    if isinstance(normalised, dict) and isinstance(normalised.get("model"), str):
+        normalised["model"] = await served_model(request.app, normalised["model"])
     prepared = convert.anthropic_to_codewhisperer(normalised, conversation_id=random_uuid())
     model = request[REQUEST_LOG].model = normalised["model"]
     input_tokens = convert.estimate_input_tokens(normalised)
@@ -3148,6 +3156,29 @@ async def relay(request: web.Request, api: convert.ClientApi) -> web.StreamRespo
         events = await collect_events(upstream, assembler)
     return web.json_response(renderer.collect(events, assembler.stop_reason, assembler.usage,
                                               assembler.stop_sequence))
+
+
+async def served_model(app: web.Application, name: str) -> str:
+    """The model that serves a request for ``name``: ``--model-map``'s choice, else
+    ``name``, or for a Claude id the account does not list, the newest model of its
+    family the account lists (named in the answer; logged once per id)."""
+    config = app[CONFIG]
+    name = config.model_map.get(name, name)
+    kiro_id = convert.resolve_model(name)
+    if kiro_id in KNOWN_MODEL_IDS or convert.model_family(kiro_id) is None:
+        return name  # ids Kiro has served for long, and others' ids, go as they are
+    cache = app[MODEL_CACHE]
+    await cached_models(app)
+    stand_in = convert.stand_in_model(kiro_id, cache.listed) if cache.listed else None
+    if stand_in is None:
+        return name
+    if name not in cache.stood_in:
+        cache.stood_in.add(name)
+        log.warning("the account does not list model %s: serving it with %s", name, stand_in)
+    return stand_in
+
+
+KNOWN_MODEL_IDS = frozenset(kiro_id for _, kiro_id, _ in convert.MODELS)
 
 
 def relay_handler(api: convert.ClientApi) -> Callable[[web.Request],
@@ -3813,6 +3844,18 @@ def state_url(ctx: click.Context, param: click.Parameter, value: str | None) -> 
     return value
 
 
+def model_pairs(ctx: click.Context, param: click.Parameter,
+                value: tuple[str, ...]) -> dict[str, str]:
+    """``--model-map FROM=TO``, repeated (the variable: pairs separated by spaces)."""
+    pairs = {}
+    for item in value:
+        source, equals, target = item.partition("=")
+        if not equals or not source.strip() or not target.strip():
+            raise click.BadParameter(f"{item!r} is not FROM=TO (a model name on each side)")
+        pairs[source.strip()] = target.strip()
+    return pairs
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -3843,9 +3886,13 @@ def is_loopback(host: str) -> bool:
               callback=state_url,
               help="Redis that replicas share accounts through: redis://, rediss:// or "
                    "unix:// (needs kiro2api[redis]).")
+@click.option("--model-map", "model_map", metavar="FROM=TO", multiple=True,
+              envvar="KIRO2API_MODEL_MAP", show_envvar=True, callback=model_pairs,
+              help="Serve requests for model FROM with model TO (repeatable).")
 @tuning_options
 def server(port_arg, key_arg, host, port, api_key, no_auth, token_files, service,
-           social_auth_url, oidc_url, proxy, log_level, log_format, state, **tuning) -> None:
+           social_auth_url, oidc_url, proxy, log_level, log_format, state, model_map,
+           **tuning) -> None:
     """Run the proxy.
 
     \b
@@ -3880,6 +3927,7 @@ def server(port_arg, key_arg, host, port, api_key, no_auth, token_files, service
         log_level=log_level.upper(),
         log_format=log_format,
         state=state,
+        model_map=model_map,
         **tuning,
     )
     configure_logging(config.log_level, config.log_format)

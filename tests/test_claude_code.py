@@ -919,3 +919,58 @@ def test_the_last_per_turn_effort_outranks_the_top_level():
     assert "<thinking_effort>xhigh</thinking_effort>" in convert.thinking_prefix(body)
     body["messages"] = body["messages"][1:2]
     assert "<thinking_effort>medium</thinking_effort>" in convert.thinking_prefix(body)
+
+
+@pytest.mark.parametrize(("model_id", "listed", "expected"), [
+    ("claude-opus-5.5", ["claude-opus-4.6", "claude-opus-4.8", "claude-opus-5",
+                         "claude-sonnet-5.5"], "claude-opus-5"),
+    ("claude-opus-5.5", ["claude-opus-5.5", "claude-opus-5"], None),  # listed: as it is
+    ("claude-haiku-5.5", ["claude-opus-5", "claude-sonnet-4.5"], None),  # no haiku at all
+    ("claude-fable-5.2", ["claude-fable-5", "claude-fable-4.10", "claude-fable-4.9"],
+     "claude-fable-5"),
+    ("claude-sonnet-4.10", ["claude-sonnet-4.9", "claude-sonnet-4.10.1"], "claude-sonnet-4.10.1"),
+    ("gpt-5.6-sol", ["gpt-5.6"], None),  # not a Claude family
+])
+def test_an_unlisted_claude_model_is_served_by_the_newest_of_its_family(model_id, listed,
+                                                                         expected):
+    assert convert.stand_in_model(model_id, listed) == expected
+
+
+async def test_the_new_default_model_is_served_by_the_account_s_newest_opus(
+        aiohttp_server, fake_upstream, proxy_config, caplog):
+    import dataclasses
+
+    import kiro2api
+
+    fake_upstream.models_reply = Status(200, {"models": [
+        {"modelId": "claude-opus-4.8"}, {"modelId": "claude-opus-5"},
+        {"modelId": "claude-sonnet-4.5"}]})
+    config = dataclasses.replace(proxy_config, model_map={"big": "claude-sonnet-4-5"})
+    server = await aiohttp_server(kiro2api.make_app(config))
+    client = anthropic.AsyncAnthropic(base_url=str(server.make_url("")).rstrip("/"),
+                                      api_key=proxy_config.api_key, max_retries=0)
+    for _ in range(2):
+        fake_upstream.script.append(Stream(fakes.text("Hi") + fakes.tail()))
+        message = await client.messages.create(model="claude-opus-5-5", max_tokens=100,
+                                               messages=[{"role": "user", "content": "Hi"}])
+        assert message.model == "claude-opus-5"  # named honestly
+        sent = fake_upstream.calls("/generateAssistantResponse")[-1].body
+        assert sent["conversationState"]["currentMessage"]["userInputMessage"][
+            "modelId"] == "claude-opus-5"
+        after_first = model_lists(fake_upstream)
+    assert sum("serving it with claude-opus-5" in r.message for r in caplog.records) == 1
+    # A model the account lists, an id of no family, and --model-map go as they are.
+    for asked, sent_id in (("claude-sonnet-4-5", "claude-sonnet-4.5"),
+                           ("kimi-k3", "kimi-k3"), ("big", "claude-sonnet-4.5")):
+        fake_upstream.script.append(Stream(fakes.text("Hi") + fakes.tail()))
+        await client.messages.create(model=asked, max_tokens=100,
+                                     messages=[{"role": "user", "content": "Hi"}])
+        sent = fake_upstream.calls("/generateAssistantResponse")[-1].body
+        assert sent["conversationState"]["currentMessage"]["userInputMessage"][
+            "modelId"] == sent_id
+    assert model_lists(fake_upstream) == after_first  # the list is cached
+
+
+def model_lists(fake):
+    return len([c for c in fake.requests if "ListAvailableModels" in (
+        c.path + c.headers.get("x-amz-target", ""))])

@@ -921,3 +921,15 @@ def test_codex_write_without_tomllib_says_what_to_do(codex_toml, monkeypatch):
                                    "\x00", "ü €"])
 def test_toml_string_reads_back_as_the_value(value):
     assert parse_toml(f"v = {kiro2api.toml_string(value)}")["v"] == value
+
+
+def test_server_model_map_from_options_and_the_variable(served, monkeypatch):
+    result = CliRunner().invoke(kiro2api.cli, [
+        "server", "--model-map", "claude-opus-5-5=claude-opus-5", "--model-map", " big = glm-5 "])
+    assert result.exit_code == 0, result.output
+    assert served[-1].model_map == {"claude-opus-5-5": "claude-opus-5", "big": "glm-5"}
+    monkeypatch.setenv("KIRO2API_MODEL_MAP", "a=b c=d")
+    assert CliRunner().invoke(kiro2api.cli, ["server"]).exit_code == 0
+    assert served[-1].model_map == {"a": "b", "c": "d"}
+    result = CliRunner().invoke(kiro2api.cli, ["server", "--model-map", "nothing"])
+    assert result.exit_code == 2 and "is not FROM=TO" in result.output
