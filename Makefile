@@ -12,7 +12,7 @@ PYZ := $(DIST)/kiro2api.pyz
 PREFIX ?= /opt/kiro2api
 UNITDIR ?= /etc/systemd/system
 
-.PHONY: install test test-fast lint run demo bench dist clean
+.PHONY: install test test-fast lint run demo bench e2e dist clean
 
 $(BIN)/.installed: setup.cfg Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,13 @@ demo: $(BIN)/.installed
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/run.py
+
+# Opt-in: real agent CLIs from npm (cached in $(E2E_CACHE), or ~/.cache/kiro2api-e2e)
+# through a kiro2api process in front of the fake Kiro. `make e2e CODEX_VERSION=latest`
+# tries the newest Codex.
+CODEX_VERSION ?= 0.171.0
+e2e: $(BIN)/.installed
+	CODEX_VERSION=$(CODEX_VERSION) $(BIN)/python tests/e2e/run_codex.py
 
 dist: $(PYZ)
 
