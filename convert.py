@@ -1036,6 +1036,293 @@ def openai_to_anthropic(body: Any) -> Json:
     return out
 
 
+# Requests: OpenAI Responses -> Anthropic ##################################
+#
+# The Responses API is the only one Codex speaks to a custom provider
+# (PROTOCOL-2026.md 10.15). Its conversation is a list of ``input`` items:
+# messages, the tool calls the model made and their outputs, and items
+# kiro2api has no use for (reasoning, compaction, web searches...), which
+# are skipped, never refused. Its tools come at the top level and in
+# ``additional_tools`` items, some inside namespaces; Kiro sees one flat list,
+# and ``responses_tools`` says how each flat name goes back to the client.
+
+# Requests that need what kiro2api does not keep: a stored response.
+RESPONSES_NOT_KEPT = "kiro2api keeps no responses: send the whole conversation as input"
+RESPONSES_REFUSED = (
+    ("previous_response_id", lambda v: v is not None, RESPONSES_NOT_KEPT),
+    ("conversation", lambda v: v is not None, RESPONSES_NOT_KEPT),
+    ("store", lambda v: v is True, "store: kiro2api keeps no responses; send store false"),
+    ("background", lambda v: v is True,
+     "background: kiro2api answers while the client waits; send background false"),
+    ("prompt", lambda v: v is not None, "prompt: stored prompt templates are not supported; "
+     "send the instructions and input themselves"),
+)
+RESPONSES_SETTINGS = (("stream", _is_bool, "true or false"),
+                      ("max_output_tokens", _is_whole, "a whole number"),
+                      ("temperature", _is_number, "a number"),
+                      ("top_p", _is_number, "a number"),
+                      ("parallel_tool_calls", _is_bool, "true or false"))
+# Codex's own namespace: its tools are called by their bare names.
+PLAIN_NAMESPACE = "functions"
+NAMESPACE_SEPARATOR = "__"
+# A freeform (``custom``) tool takes raw text; Kiro's tools take JSON objects,
+# so it is offered as a tool with one string field, and the text travels in it.
+FREEFORM_FIELD = "input"
+FREEFORM_SCHEMA = {"type": "object", "properties": {FREEFORM_FIELD: {"type": "string"}},
+                   "required": [FREEFORM_FIELD], "additionalProperties": False}
+FREEFORM_NOTE = ("This tool takes raw text, not JSON: put the whole text, exactly as the tool "
+                 f"should receive it, in the {FREEFORM_FIELD!r} field.")
+RESPONSES_TEXT_PARTS = ("input_text", "output_text", "text", "refusal")
+
+
+class DeclaredTool(NamedTuple):
+    """A client's tool as the client declared it (the flat name Kiro sees maps to it)."""
+
+    kind: str  # "function" or "custom"
+    name: str
+    namespace: str | None = None
+
+
+def _declared_tools(tools: Any, where: str, namespace: str | None,
+                    out: dict[str, tuple[DeclaredTool, Json]]) -> None:
+    """Add ``tools`` (a list, maybe with namespaces in it) to ``out`` by flat name."""
+    _expect(isinstance(tools, list), f"{where}: expected a list of tools", where)
+    for i, tool in enumerate(tools):
+        here = f"{where}[{i}]"
+        _expect(isinstance(tool, dict), f"{here}: expected an object", here)
+        kind = tool.get("type")
+        if kind == "namespace" and namespace is None:
+            name = tool.get("name")
+            _expect(isinstance(name, str) and name != "", f"{here}.name: a namespace needs "
+                    "a name", f"{here}.name")
+            _declared_tools(tool.get("tools"), f"{here}.tools",
+                            None if name == PLAIN_NAMESPACE else name, out)
+        elif kind in ("function", "custom"):
+            name = tool.get("name")
+            _expect(isinstance(name, str) and name != "", f"{here}.name: a {kind} tool needs "
+                    "a name", f"{here}.name")
+            flat = f"{namespace}{NAMESPACE_SEPARATOR}{name}" if namespace else name
+            if flat not in out:  # the same tool offered twice: the first one counts
+                out[flat] = (DeclaredTool(kind, name, namespace), _anthropic_tool(tool, flat,
+                                                                                   here))
+        # else: a hosted tool (web_search, file_search...) Kiro cannot run: dropped
+
+
+def _anthropic_tool(tool: Json, flat: str, where: str) -> Json:
+    description = tool.get("description") if isinstance(tool.get("description"), str) else ""
+    if tool["type"] == "custom":
+        form = tool.get("format") if isinstance(tool.get("format"), dict) else {}
+        note = FREEFORM_NOTE
+        if form.get("type") == "grammar" and isinstance(form.get("definition"), str):
+            note += (f" The text must follow this {form.get('syntax') or ''} grammar:\n"
+                     f"{form['definition']}")
+        return {"name": flat, "description": f"{description}\n\n{note}".strip(),
+                "input_schema": FREEFORM_SCHEMA}
+    parameters = tool.get("parameters")
+    _expect(parameters is None or isinstance(parameters, dict),
+            f"{where}.parameters: expected a JSON Schema object", f"{where}.parameters")
+    spec: Json = {"name": flat, "input_schema": parameters or {"type": "object"}}
+    if description:
+        spec["description"] = description
+    return spec
+
+
+def responses_tools(body: Json) -> dict[str, tuple[DeclaredTool, Json]]:
+    """Every tool a Responses request offers, by the flat name Kiro sees: the
+    declaration, and the tool as an Anthropic tool. Namespaced tools are
+    ``namespace__name``, except Codex's plain ``functions`` namespace."""
+    tools: dict[str, tuple[DeclaredTool, Json]] = {}
+    if body.get("tools") is not None:
+        _declared_tools(body["tools"], "tools", None, tools)
+    items = body.get("input")
+    for i, item in enumerate(items if isinstance(items, list) else ()):
+        if isinstance(item, dict) and item.get("type") == "additional_tools":
+            _declared_tools(item.get("tools"), f"input[{i}].tools", None, tools)
+    return tools
+
+
+def _flat_name(item: Json) -> str:
+    namespace = item.get("namespace")
+    name = item.get("name")
+    if isinstance(namespace, str) and namespace and namespace != PLAIN_NAMESPACE:
+        return f"{namespace}{NAMESPACE_SEPARATOR}{name}"
+    return name
+
+
+def _responses_parts(content: Any, where: str, *, images: bool) -> list[Json]:
+    """A message's or a tool output's content: a string or a list of parts."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    _expect(isinstance(content, list), f"{where}: expected a string or a list of content parts",
+            where)
+    blocks: list[Json] = []
+    for j, part in enumerate(content):
+        here = f"{where}[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in RESPONSES_TEXT_PARTS and isinstance(part.get(_text_key(kind)), str):
+            blocks.append({"type": "text", "text": part[_text_key(kind)]})
+        elif kind == "input_image" and images:
+            _expect(part.get("file_id") is None, f"{here}.file_id: uploaded files are not "
+                    "supported; send the image inline as a data: URL", f"{here}.file_id")
+            blocks.append(_openai_image(part, here))
+        else:
+            raise ConversionError(f"{here}: content part type {kind!r} is not supported here "
+                                  f"(use {', '.join(RESPONSES_TEXT_PARTS[:2])}"
+                                  f"{' or input_image' if images else ''})", param=here)
+    return blocks
+
+
+def _text_key(kind: str) -> str:
+    return "refusal" if kind == "refusal" else "text"
+
+
+def _responses_arguments(arguments: Any) -> Json:
+    """A past call's arguments as an object; what is not one is kept as text, not refused
+    (the client is replaying what the model said)."""
+    if isinstance(arguments, dict):
+        return arguments
+    if not isinstance(arguments, str) or not arguments.strip():
+        return {}
+    try:
+        parsed = json.loads(arguments)
+    except (ValueError, RecursionError):
+        parsed = None
+    return parsed if isinstance(parsed, dict) else {FREEFORM_FIELD: arguments}
+
+
+class _ResponsesInput:
+    """Folds ``input`` items into the system texts and Anthropic messages."""
+
+    def __init__(self) -> None:
+        self.system: list[str] = []
+        self.messages: list[Json] = []
+        self._results: dict[str, Json] = {}  # call id -> its tool_result (outputs may repeat)
+
+    def add(self, item: Json, where: str) -> None:
+        kind = item.get("type", "message" if "role" in item else None)
+        if kind == "message":
+            self._message(item, where)
+        elif kind in ("function_call", "custom_tool_call"):
+            self._call(item, kind, where)
+        elif kind in ("function_call_output", "custom_tool_call_output"):
+            self._output(item, where)
+        elif kind == "item_reference":
+            raise ConversionError(f"{where}: {RESPONSES_NOT_KEPT}", param=where)
+        # else reasoning, additional_tools, compaction, web_search_call...: nothing to say
+
+    def _message(self, item: Json, where: str) -> None:
+        role = item.get("role")
+        content = item.get("content")
+        if role in ("system", "developer") and not self.messages:
+            # The leading instructions are the system prompt; later ones are turns.
+            self.system += [b["text"] for b in _responses_parts(content, f"{where}.content",
+                                                                 images=False)]
+            return
+        _expect(role in ("system", "developer", "user", "assistant"),
+                f"{where}.role: expected developer, system, user or assistant, got {role!r}",
+                f"{where}.role")
+        anthropic_role = "assistant" if role == "assistant" else "user"
+        blocks = _responses_parts(content, f"{where}.content", images=role == "user")
+        self.messages.append({"role": anthropic_role, "content": blocks})
+
+    def _call(self, item: Json, kind: str, where: str) -> None:
+        call_id, name = item.get("call_id"), item.get("name")
+        _expect(isinstance(call_id, str) and call_id != "", f"{where}.call_id: expected the "
+                "call's id", f"{where}.call_id")
+        _expect(isinstance(name, str) and name != "", f"{where}.name: expected the tool's name",
+                f"{where}.name")
+        arguments = ({FREEFORM_FIELD: str(item.get("input") or "")} if kind == "custom_tool_call"
+                     else _responses_arguments(item.get("arguments")))
+        self.messages.append({"role": "assistant", "content": [
+            {"type": "tool_use", "id": call_id, "name": _flat_name(item), "input": arguments}]})
+
+    def _output(self, item: Json, where: str) -> None:
+        call_id = item.get("call_id")
+        _expect(isinstance(call_id, str) and call_id != "", f"{where}.call_id: expected the id "
+                "of the call answered", f"{where}.call_id")
+        output = item.get("output")
+        parts = _responses_parts("" if output is None else output, f"{where}.output",
+                                 images=True)
+        result = self._results.get(call_id)
+        if result is not None:  # a second output of the same call joins the first
+            result["content"] += parts
+            return
+        result = self._results[call_id] = {"type": "tool_result", "tool_use_id": call_id,
+                                           "content": parts}
+        self.messages.append({"role": "user", "content": [result]})
+
+
+def _responses_tool_choice(choice: Any, parallel: Any) -> Json | None:
+    """``tool_choice`` and ``parallel_tool_calls`` -> Anthropic ``tool_choice``."""
+    if choice == "none":
+        return {"type": "none"}
+    result: Json | None = None
+    if choice == "required":
+        result = {"type": "any"}
+    elif isinstance(choice, dict) and choice.get("type") in ("function", "custom"):
+        name = _flat_name(choice)
+        _expect(isinstance(name, str) and name != "", "tool_choice.name: expected a string",
+                "tool_choice")
+        result = {"type": "tool", "name": name}
+    else:  # "auto", allowed_tools, a hosted tool: no narrower Anthropic equivalent
+        _expect(choice is None or choice == "auto" or isinstance(choice, dict),
+                "tool_choice: expected 'auto', 'none', 'required' or a tool", "tool_choice")
+    if parallel is False:
+        result = result or {"type": "auto"}
+        result["disable_parallel_tool_use"] = True
+    return result
+
+
+def responses_to_anthropic(body: Any) -> Json:
+    """OpenAI Responses request -> the equivalent Anthropic Messages request.
+
+    ``instructions`` and the leading developer or system messages become the
+    system prompt; ``function_call`` and ``custom_tool_call`` items become
+    ``tool_use`` blocks, their outputs ``tool_result`` blocks;
+    ``reasoning.effort`` asks for thinking as ``reasoning_effort`` does on
+    the chat route. What needs a stored response is refused (400).
+    """
+    _expect(isinstance(body, dict), "request body must be a JSON object")
+    for name, refused, message in RESPONSES_REFUSED:
+        _expect(not refused(body.get(name)), message, name)
+    _expect_settings(body, RESPONSES_SETTINGS)
+    items = body.get("input")
+    if isinstance(items, str):
+        items = [{"role": "user", "content": items}]
+    _expect(isinstance(items, list), "input: expected a string or a list of items", "input")
+    instructions = body.get("instructions")
+    _expect(instructions is None or isinstance(instructions, str),
+            "instructions: expected a string", "instructions")
+    conversation = _ResponsesInput()
+    for i, item in enumerate(items):
+        _expect(isinstance(item, dict), f"input[{i}]: expected an object", f"input[{i}]")
+        conversation.add(item, f"input[{i}]")
+    _expect(bool(conversation.messages), "input: at least one user or assistant item is "
+            "required", "input")
+
+    out: Json = {"model": body.get("model"), "messages": conversation.messages}
+    system = [instructions or "", *conversation.system]
+    if any(system):
+        out["system"] = "\n\n".join(t for t in system if t)
+    if body.get("max_output_tokens") is not None:
+        out["max_tokens"] = body["max_output_tokens"]
+    for name in ("temperature", "top_p", "stream"):
+        if body.get(name) is not None:
+            out[name] = body[name]
+    tools = [tool for _, tool in responses_tools(body).values()]
+    if tools:
+        out["tools"] = tools
+    tool_choice = _responses_tool_choice(body.get("tool_choice"), body.get("parallel_tool_calls"))
+    if tool_choice is not None:
+        out["tool_choice"] = tool_choice
+    reasoning = body.get("reasoning")
+    effort = reasoning.get("effort") if isinstance(reasoning, dict) else None
+    if effort in REASONING_EFFORTS:
+        out["thinking"] = {"type": "adaptive"}
+        out["output_config"] = {"effort": effort}
+    return out
+
+
 # Token estimates ##########################################################
 #
 # The upstream reports no token counts until the end of the answer (if at
@@ -1647,7 +1934,8 @@ class Answer(NamedTuple):
 class Renderer(Protocol):
     """One answer in one client API's format."""
 
-    keepalive: bytes  # sent when the stream has been quiet; clients skip it
+    def keepalive(self) -> bytes:
+        """What to send when the stream has been quiet; clients skip it."""
 
     def start(self) -> bytes:
         """The stream's opening bytes, before any event."""
@@ -1791,7 +2079,10 @@ class AnthropicStream(EventConsumer):
     block that opens is closed before ``message_delta``.
     """
 
-    keepalive = b'event: ping\ndata: {"type":"ping"}\n\n'
+    PING = b'event: ping\ndata: {"type":"ping"}\n\n'
+
+    def keepalive(self) -> bytes:
+        return self.PING
 
     def __init__(self, *, message_id: str, model: str, input_tokens: int) -> None:
         super().__init__()
@@ -1809,7 +2100,7 @@ class AnthropicStream(EventConsumer):
             "model": self.model, "stop_reason": None, "stop_sequence": None,
             "usage": {"input_tokens": self.input_tokens, "output_tokens": 0},
         }
-        return sse("message_start", {"type": "message_start", "message": message}) + self.keepalive
+        return sse("message_start", {"type": "message_start", "message": message}) + self.PING
 
     def _begin(self, kind: str, block: str) -> bytes:
         out = self._close()
@@ -1988,7 +2279,8 @@ class OpenAIStream(EventConsumer):
     thinking have no place in this format.
     """
 
-    keepalive = b": keep-alive\n\n"  # an SSE comment: clients skip it
+    def keepalive(self) -> bytes:
+        return b": keep-alive\n\n"  # an SSE comment: clients skip it
 
     def __init__(self, *, completion_id: str, model: str, created: int,
                  include_usage: bool = False) -> None:
@@ -2064,6 +2356,288 @@ class OpenAIStream(EventConsumer):
                               created=self.created, stop_reason=stop_reason, usage=usage)
 
 
+# OpenAI Responses rendering ###############################################
+#
+# A Responses stream is a sequence of numbered events around output items
+# (PROTOCOL-2026.md 10.15.4): each item (a message, a reasoning summary, a
+# function or custom tool call) is opened with ``output_item.added`` before
+# any delta and closed with an ``output_item.done`` that carries the whole
+# item, because Codex builds its turn from those; the stream ends with one
+# terminal event that carries the whole response.
+
+# Assembler stop reasons that end a response as incomplete, and the reason given.
+INCOMPLETE_REASONS = {"max_tokens": "max_output_tokens",
+                      "model_context_window_exceeded": "max_output_tokens",
+                      "refusal": "content_filter"}
+# Failure.kind -> the error code of ``response.failed``. Codex sends the whole
+# request again after server_error and rate_limit_exceeded (five more Kiro
+# calls), and stops at once on the others (10.15.5): only what a retry could
+# fix may look retryable.
+RESPONSES_ERROR_CODES = {
+    "invalid_request": "invalid_prompt", "authentication": "invalid_prompt",
+    "not_found": "invalid_prompt", "too_large": "context_length_exceeded",
+    "billing": "insufficient_quota", "permission": "insufficient_quota",
+    "rate_limit": "rate_limit_exceeded",
+}
+# Codes a failure may carry that say more than its kind.
+RESPONSES_FAILURE_CODES = frozenset({"context_length_exceeded", "insufficient_quota",
+                                     "rate_limit_exceeded"})
+
+
+def responses_error_code(failure: Failure) -> str:
+    if failure.code in RESPONSES_FAILURE_CODES:
+        return failure.code
+    return RESPONSES_ERROR_CODES.get(failure.kind, "server_error")
+
+
+def responses_usage(usage: Usage, reasoning_tokens: int) -> Json:
+    # As on the chat route, input_tokens counts every prompt token, cached ones too.
+    cached = usage.cache_read_input_tokens or 0
+    written = usage.cache_creation_input_tokens or 0
+    prompt = usage.input_tokens + cached + written
+    return {"input_tokens": prompt,
+            "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": written},
+            "output_tokens": usage.output_tokens,
+            "output_tokens_details": {"reasoning_tokens": min(reasoning_tokens,
+                                                              usage.output_tokens)},
+            "total_tokens": prompt + usage.output_tokens}
+
+
+def _response_echo(request: Json) -> Json:
+    """The request's settings as a Response repeats them."""
+    tools = [tool for tool in request.get("tools") or ()
+             if isinstance(tool, dict) and tool.get("type") in ("function", "custom",
+                                                                "namespace")]
+    reasoning = request.get("reasoning") if isinstance(request.get("reasoning"), dict) else {}
+    return {
+        "instructions": request.get("instructions"),
+        "max_output_tokens": request.get("max_output_tokens"),
+        "parallel_tool_calls": request.get("parallel_tool_calls") is not False,
+        "previous_response_id": None,
+        "prompt_cache_key": request.get("prompt_cache_key"),
+        "reasoning": {"effort": reasoning.get("effort"), "summary": reasoning.get("summary")},
+        "store": False,
+        "temperature": request.get("temperature"),
+        "tool_choice": request.get("tool_choice") or "auto",
+        "tools": tools,
+        "top_p": request.get("top_p"),
+        "truncation": "disabled",
+        "metadata": request.get("metadata") if isinstance(request.get("metadata"), dict)
+        else {},
+    }
+
+
+class ResponsesStream(EventConsumer):
+    """Renders neutral events as OpenAI Responses events (``event:`` and ``data:`` lines).
+
+    One item is open at a time: text goes into a message item, thinking into
+    a reasoning item's summary (its signature, or redacted thinking, into
+    ``encrypted_content``); a tool call arrives whole and is one item, a
+    ``function_call`` or, for a freeform tool, a ``custom_tool_call`` with the
+    text as ``input``, under the name and namespace the client declared.
+    Every event has the next ``sequence_number``; keep-alives are
+    ``response.in_progress`` events, which reset Codex's idle timer.
+    """
+
+    def __init__(self, *, response_id: str, model: str, created: int, request: Json) -> None:
+        super().__init__()
+        self.response_id = response_id
+        self._suffix = response_id.partition("_")[2] or response_id
+        self._base: Json = {"id": response_id, "object": "response", "created_at": created,
+                            "model": model, "background": False, "error": None,
+                            "incomplete_details": None, **_response_echo(request)}
+        self._tools = {flat: declared for flat, (declared, _) in
+                       responses_tools(request).items()}
+        self._sequence = -1
+        self.output: list[Json] = []  # the items closed so far
+        self._open: Json | None = None  # the message or reasoning item open now
+        self._texts: list[str] = []  # its text so far
+        self._signature = ""  # of the reasoning item open now
+        self._delta_head = b""  # the open message's output_text.delta, up to its text
+        self._reasoning_chars = 0
+
+    # The event machinery
+
+    def _event(self, kind: str, fields: Json) -> bytes:
+        self._sequence += 1
+        return sse(kind, {"type": kind, **fields, "sequence_number": self._sequence})
+
+    def _response(self, status: str, **fields: Any) -> Json:
+        return {**self._base, "status": status, "output": self.output, "usage": None, **fields}
+
+    def start(self) -> bytes:
+        snapshot = self._response("in_progress", output=[])
+        return (self._event("response.created", {"response": snapshot})
+                + self._event("response.in_progress", {"response": snapshot}))
+
+    def keepalive(self) -> bytes:
+        return self._event("response.in_progress",
+                           {"response": self._response("in_progress", output=[])})
+
+    def _item_id(self, prefix: str) -> str:
+        return f"{prefix}_{self._suffix}_{len(self.output)}"
+
+    def _begin(self, item: Json) -> bytes:
+        """Close the open item, and open ``item`` as the next one."""
+        out = self._close()
+        item["id"] = self._item_id(item["id"])
+        self._open = item
+        return out + self._event("response.output_item.added",
+                                 {"output_index": len(self.output), "item": item})
+
+    def _done(self, item: Json) -> bytes:
+        """Close ``item``: it is the next output item, whole."""
+        out = self._event("response.output_item.done",
+                          {"output_index": len(self.output), "item": item})
+        self.output.append(item)
+        return out
+
+    def _close(self, status: str = "completed") -> bytes:
+        item, self._open = self._open, None
+        if item is None:
+            return b""
+        text = "".join(self._texts)
+        self._texts = []
+        where = {"item_id": item["id"], "output_index": len(self.output)}
+        if item["type"] == "message":
+            part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+            out = (self._event("response.output_text.done",
+                               {**where, "content_index": 0, "text": text, "logprobs": []})
+                   + self._event("response.content_part.done",
+                                 {**where, "content_index": 0, "part": part}))
+            return out + self._done({**item, "status": status, "content": [part]})
+        part = {"type": "summary_text", "text": text}
+        out = (self._event("response.reasoning_summary_text.done",
+                           {**where, "summary_index": 0, "text": text})
+               + self._event("response.reasoning_summary_part.done",
+                             {**where, "summary_index": 0, "part": part}))
+        return out + self._done({**item, "summary": [part],
+                                 "encrypted_content": self._signature or None})
+
+    # One method per neutral event
+
+    def on_text(self, event: Text) -> bytes:
+        out = b""
+        if self._open is None or self._open["type"] != "message":
+            out = self._open_message()
+        self._texts.append(event.text)
+        return out + self._text_delta(event.text)
+
+    def _open_message(self) -> bytes:
+        item = {"id": "msg", "type": "message", "role": "assistant",
+                "status": "in_progress", "content": []}
+        out = self._begin(item)
+        index = len(self.output)
+        self._delta_head = (b'event: response.output_text.delta\ndata: {"type":'
+                            b'"response.output_text.delta","item_id":"%s","output_index":%d,'
+                            b'"content_index":0,"logprobs":[],"delta":'
+                            % (item["id"].encode(), index))
+        return out + self._event("response.content_part.added", {
+            "item_id": item["id"], "output_index": index, "content_index": 0,
+            "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []}})
+
+    def _text_delta(self, text: str) -> bytes:
+        # The hot path (a frame of text into an open message): bytes joined, no dict.
+        self._sequence += 1
+        return (self._delta_head + _json_string(text).encode("utf-8", "backslashreplace")
+                + b',"sequence_number":%d}\n\n' % self._sequence)
+
+    def on_thinking(self, event: Thinking) -> bytes:
+        self._reasoning_chars += len(event.text)
+        out = b""
+        if self._open is None or self._open["type"] != "reasoning":
+            item = {"id": "rs", "type": "reasoning", "summary": []}
+            out = self._begin(item) + self._event("response.reasoning_summary_part.added", {
+                "item_id": item["id"], "output_index": len(self.output), "summary_index": 0,
+                "part": {"type": "summary_text", "text": ""}})
+            self._signature = ""
+        self._texts.append(event.text)
+        return out + self._event("response.reasoning_summary_text.delta", {
+            "item_id": self._open["id"], "output_index": len(self.output), "summary_index": 0,
+            "delta": event.text})
+
+    def on_signature(self, event: ThinkingSignature) -> bytes:
+        if self._open is not None and self._open["type"] == "reasoning":
+            self._signature += event.signature
+        return b""
+
+    def on_redacted(self, event: RedactedThinking) -> bytes:
+        item = {"id": "rs", "type": "reasoning", "summary": [],
+                "encrypted_content": event.data}
+        return self._begin(item) + self._close_whole(item)
+
+    def _close_whole(self, item: Json) -> bytes:
+        """Close an item whose added event carried it whole already."""
+        self._open = None
+        return self._done(item)
+
+    def on_tool_call(self, event: ToolCall) -> bytes:
+        declared = self._tools.get(event.name) or DeclaredTool("function", event.name)
+        named = {"name": declared.name}
+        if declared.namespace:
+            named["namespace"] = declared.namespace
+        if declared.kind == "custom":
+            return self._custom_call(event, named)
+        item = {"id": "fc", "type": "function_call", "status": "in_progress",
+                "call_id": event.id, **named, "arguments": ""}
+        out = self._begin(item)
+        where = {"item_id": item["id"], "output_index": len(self.output)}
+        out += self._event("response.function_call_arguments.delta",
+                           {**where, "delta": event.input_json})
+        out += self._event("response.function_call_arguments.done",
+                           {**where, **named, "arguments": event.input_json})
+        return out + self._close_whole({**item, "status": "completed",
+                                        "arguments": event.input_json})
+
+    def _custom_call(self, event: ToolCall, named: Json) -> bytes:
+        text = freeform_input(event.input_json)
+        item = {"id": "ctc", "type": "custom_tool_call", "status": "in_progress",
+                "call_id": event.id, **named, "input": ""}
+        out = self._begin(item)
+        where = {"item_id": item["id"], "output_index": len(self.output)}
+        out += self._event("response.custom_tool_call_input.delta", {**where, "delta": text})
+        out += self._event("response.custom_tool_call_input.done", {**where, "input": text})
+        return out + self._close_whole({**item, "status": "completed", "input": text})
+
+    # Endings
+
+    def _final(self, stop_reason: str, usage: Usage) -> tuple[str, Json]:
+        reason = INCOMPLETE_REASONS.get(stop_reason)
+        fields = {"usage": responses_usage(usage, math.ceil(self._reasoning_chars / 4))}
+        if reason is None:
+            return "response.completed", self._response("completed", **fields)
+        return "response.incomplete", self._response(
+            "incomplete", incomplete_details={"reason": reason}, **fields)
+
+    def finish(self, stop_reason: str, usage: Usage, stop_sequence: str | None = None) -> bytes:
+        out = self._close()
+        kind, response = self._final(stop_reason, usage)
+        return out + self._event(kind, {"response": response})
+
+    def error(self, failure: Failure) -> bytes:
+        """``response.failed``: the stream's one terminal event when the answer broke."""
+        out = self._close("incomplete")
+        error = {"code": responses_error_code(failure), "message": failure.message}
+        return out + self._event("response.failed",
+                                 {"response": self._response("failed", error=error)})
+
+    def collect(self, events: Iterable[Event], stop_reason: str, usage: Usage,
+                stop_sequence: str | None = None) -> Json:
+        self.render(events)
+        self._close()
+        return self._final(stop_reason, usage)[1]
+
+
+def freeform_input(input_json: str) -> str:
+    """The raw text of a call to a freeform tool, from the JSON object Kiro's model sent."""
+    arguments = json.loads(input_json)
+    text = arguments.get(FREEFORM_FIELD)
+    if isinstance(text, str):
+        return text
+    strings = [value for value in arguments.values() if isinstance(value, str)]
+    return strings[0] if len(strings) == 1 else input_json
+
+
 # Client APIs ##############################################################
 #
 # One object per client API, bundling what the relay needs: how its request
@@ -2084,6 +2658,10 @@ class ClientApi:
     # Statuses this API answers instead of a failure's own, by kind: OpenAI
     # has no 529, and says "overloaded" with a 503.
     statuses: Mapping[str, int] = field(default_factory=dict)
+    # Whether a streamed answer reports Kiro's refusal in-band, as its first
+    # events, rather than as an HTTP error: the HTTP status of a Responses
+    # call decides how often Codex calls again (PROTOCOL-2026.md 10.15.5).
+    refusals_in_band: bool = False
 
     def status(self, failure: Failure) -> int:
         return self.statuses.get(failure.kind, failure.status)
@@ -2104,10 +2682,18 @@ def _openai_renderer(body: Json, answer: Answer) -> Renderer:
                         include_usage=include_usage)
 
 
+def _responses_renderer(body: Json, answer: Answer) -> Renderer:
+    return ResponsesStream(response_id=answer.id, model=answer.model, created=answer.created,
+                           request=body)
+
+
 ANTHROPIC_MESSAGES = ClientApi("anthropic-messages", "msg_", _anthropic_body,
                                _anthropic_renderer, anthropic_error)
 OPENAI_CHAT = ClientApi("openai-chat-completions", "chatcmpl-", openai_to_anthropic,
                         _openai_renderer, openai_error, {"overloaded": 503})
+OPENAI_RESPONSES = ClientApi("openai-responses", "resp_", responses_to_anthropic,
+                             _responses_renderer, openai_error, {"overloaded": 503},
+                             refusals_in_band=True)
 
 
 # Kiro request dialects ####################################################

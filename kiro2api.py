@@ -3014,8 +3014,12 @@ async def send_keepalives(response: web.StreamResponse, renderer: convert.Render
         while True:
             await asyncio.sleep(interval)
             if written() == last:
-                await response.write(renderer.keepalive)
+                await response.write(renderer.keepalive())
             last = written()
+
+
+SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+               "X-Accel-Buffering": "no"}
 
 
 async def stream_sse(request: web.Request, upstream: UpstreamAnswer,
@@ -3027,11 +3031,7 @@ async def stream_sse(request: web.Request, upstream: UpstreamAnswer,
     in-band error and never with its normal ending.
     """
     config = request.app[CONFIG]
-    response = web.StreamResponse(headers={
-        "Content-Type": "text/event-stream; charset=utf-8",
-        "Cache-Control": "no-cache",
-        "X-Accel-Buffering": "no",
-    })
+    response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
     # Counted here (aiohttp's body_length restarts from 0 at each drain, or
     # stays 0 until the end); the keep-alives watch it for silence.
@@ -3090,6 +3090,17 @@ async def stream_sse(request: web.Request, upstream: UpstreamAnswer,
     return response
 
 
+async def refuse_in_band(request: web.Request, renderer: convert.Renderer,
+                         failure: convert.Failure) -> web.StreamResponse:
+    """A stream that opens and at once ends with ``failure`` (a refusal before any answer)."""
+    response = web.StreamResponse(headers=SSE_HEADERS)
+    await response.prepare(request)
+    with contextlib.suppress(ConnectionError):
+        await response.write_eof(renderer.start() + end_with_error(request, renderer, [],
+                                                                   failure))
+    return response
+
+
 async def relay(request: web.Request, api: convert.ClientApi) -> web.StreamResponse:
     """Serve one request of ``api``: convert it, call Kiro, answer streamed or whole."""
     body = await read_json(request)
@@ -3102,9 +3113,15 @@ async def relay(request: web.Request, api: convert.ClientApi) -> web.StreamRespo
     renderer = api.renderer(body, convert.Answer(
         id=new_id(api.id_prefix), model=model, created=int(time.time()),
         input_tokens=input_tokens))
-    upstream = await open_upstream(request, prepared)
+    streamed = body.get("stream") is True
+    try:
+        upstream = await open_upstream(request, prepared)
+    except (UpstreamError, TokenError) as exc:
+        if not (streamed and api.refusals_in_band):
+            raise
+        return await refuse_in_band(request, renderer, failure_of(exc))
     async with upstream:
-        if body.get("stream") is True:
+        if streamed:
             return await stream_sse(request, upstream, assembler, renderer)
         events = await collect_events(upstream, assembler)
     return web.json_response(renderer.collect(events, assembler.stop_reason, assembler.usage,
@@ -3126,6 +3143,8 @@ def relay_handler(api: convert.ClientApi) -> Callable[[web.Request],
 API_ROUTES = (
     ("/v1/messages", "/v1/messages", convert.ANTHROPIC_MESSAGES),
     ("/v1/chat/completions", "/v1/chat/", convert.OPENAI_CHAT),
+    ("/v1/responses", "/v1/responses", convert.OPENAI_RESPONSES),
+    ("/responses", "/responses", convert.OPENAI_RESPONSES),
 )
 
 

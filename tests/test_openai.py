@@ -368,7 +368,7 @@ def test_openai_renderer_error_is_an_error_chunk_without_done():
     assert chunks_of(stream.error(failure)) == [{"error": {
         "message": "Kiro ended the answer: slow down", "type": "rate_limit_exceeded",
         "param": None, "code": "rate_limit_exceeded"}}]
-    assert stream.keepalive.startswith(b":") and stream.keepalive.endswith(b"\n\n")
+    assert stream.keepalive().startswith(b":") and stream.keepalive().endswith(b"\n\n")
 
 
 def test_openai_renderer_output_is_valid_json_for_odd_text_and_model_names():

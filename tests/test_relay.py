@@ -119,10 +119,10 @@ def test_a_bare_status_has_a_kind(status, kind):
 
 def test_every_renderer_keeps_the_contract():
     answer = convert.Answer(id="x_1", model="m", created=1, input_tokens=3)
-    for api in (convert.ANTHROPIC_MESSAGES, convert.OPENAI_CHAT):
+    for api in (convert.ANTHROPIC_MESSAGES, convert.OPENAI_CHAT, convert.OPENAI_RESPONSES):
         renderer = api.renderer({"stream": True}, answer)
         assert isinstance(renderer, convert.EventConsumer)
-        assert renderer.keepalive.endswith(b"\n\n")
+        assert renderer.keepalive().endswith(b"\n\n")
         events = [convert.Text("Hi"), convert.Thinking("hm"), convert.ThinkingSignature("s"),
                   convert.RedactedThinking("r"), convert.ToolCall("t1", "f", "{}")]
         assert renderer.start() and renderer.render(events)
