@@ -2,21 +2,25 @@
 
 Installs ``@openai/codex`` (``CODEX_VERSION``, default the pinned 0.171.0;
 ``latest`` for the newest release) into a cache directory, then runs one
-shell-tool loop through a real kiro2api process in front of the fake Kiro:
+shell-tool loop per model through a real kiro2api process in front of the
+fake Kiro:
 
-1. the fake answers the first generateAssistantResponse with a call to
-   ``exec_command`` whose command prints a random marker and writes it to a file;
+1. the fake answers the first generateAssistantResponse with a tool call whose
+   command prints a random marker and writes it to a file: ``exec_command``
+   for claude-sonnet-4.5 (Codex's tools for an unknown model name), the
+   code-mode ``exec`` with JavaScript calling ``tools.exec_command`` for
+   gpt-5.6-sol (Responses Lite);
 2. Codex runs it and sends the output back; the fake answers with text.
 
-It passes when Codex exits 0 and prints the final answer, the marker file
+A model passes when Codex exits 0 and prints the final answer, the marker file
 exists, the command's output reached Kiro as a toolResult of the second call,
 and kiro2api made exactly two calls (no reconnects, no retries). Opt-in,
 because it needs npm and the network once; ``pytest`` does not collect it.
 
 Environment: ``CODEX_VERSION``, ``E2E_CACHE`` (default ~/.cache/kiro2api-e2e),
-``E2E_MODEL`` (default claude-sonnet-4.5), ``E2E_TIMEOUT`` (seconds, default
-180), ``E2E_KEEP=1`` keeps the run's directory (under E2E_CACHE/runs) even when
-the run passes; a failed run's is always kept.
+``E2E_MODELS`` (default "claude-sonnet-4.5 gpt-5.6-sol"), ``E2E_TIMEOUT``
+(seconds per run, default 180), ``E2E_KEEP=1`` keeps each run's directory
+(under E2E_CACHE/runs) even when it passes; a failed run's is always kept.
 """
 
 from __future__ import annotations
@@ -38,7 +42,10 @@ from fakes import Stream, tail, text, tool
 
 PACKAGE = "@openai/codex"
 PINNED = "0.171.0"
-MODEL = "claude-sonnet-4.5"
+MODELS = "claude-sonnet-4.5 gpt-5.6-sol"
+# Codex's names for them in 0.171.0 (tests/data/codex-0.171.0-*-turn1.json):
+# the shell tool Kiro is told about, and its arguments for a shell command.
+LITE_MODELS = {"gpt-5.6-sol"}
 PROMPT = "Run the marker command, then tell me you are done."
 TOOL_USE_ID = "tooluse_e2e_exec_1"
 CONFIG = """\
@@ -57,12 +64,21 @@ class Failed(Exception):
     """One of the run's checks did not hold."""
 
 
-def script(stack: Stack, command: str, answer: str) -> None:
-    """Turn 1: exec_command(command), its input in three fragments; turn 2: ``answer``."""
-    arguments = json.dumps({"cmd": command})
-    third = len(arguments) // 3
-    fragments = (arguments[:third], arguments[third:2 * third], arguments[2 * third:])
-    stack.fake.script.append(Stream(tool(TOOL_USE_ID, "exec_command", *fragments) + tail()))
+def shell_tool(model: str, command: str) -> tuple[str, dict[str, str]]:
+    """The tool Kiro calls to run ``command`` under ``model``, and its input."""
+    if model in LITE_MODELS:
+        # A freeform tool; kiro2api declares it to Kiro with one string, "input".
+        source = f"const r = await tools.exec_command({{cmd: {json.dumps(command)}}}); text(r);"
+        return "exec", {"input": source}
+    return "exec_command", {"cmd": command}
+
+
+def script(stack: Stack, name: str, arguments: dict[str, str], answer: str) -> None:
+    """Turn 1: a call to ``name``, its input in three fragments; turn 2: ``answer``."""
+    encoded = json.dumps(arguments)
+    third = len(encoded) // 3
+    fragments = (encoded[:third], encoded[third:2 * third], encoded[2 * third:])
+    stack.fake.script.append(Stream(tool(TOOL_USE_ID, name, *fragments) + tail()))
     stack.fake.script.append(Stream(text(*answer.partition(": ")) + tail()))
 
 
@@ -77,8 +93,8 @@ def tool_uses(call: Any) -> list[Any]:
             for use in entry.get("assistantResponseMessage", {}).get("toolUses", [])]
 
 
-def check(stack: Stack, status: int | None, out: str, work: Path, *, marker: str,
-          answer: str) -> None:
+def check(stack: Stack, status: int | None, out: str, work: Path, *, tool_name: str,
+          marker: str, answer: str) -> None:
     if status is None:
         raise Failed("codex did not finish in time")
     calls = stack.generate_calls()
@@ -87,8 +103,8 @@ def check(stack: Stack, status: int | None, out: str, work: Path, *, marker: str
         .get("userInputMessageContext", {}).get("tools", []))] if calls else []
     if len(calls) != 2:
         raise Failed(f"kiro2api made {len(calls)} generateAssistantResponse calls, not 2")
-    if "exec_command" not in names:
-        raise Failed(f"the first call did not declare exec_command to Kiro (tools: {names})")
+    if tool_name not in names:
+        raise Failed(f"the first call did not declare {tool_name} to Kiro (tools: {names})")
     results = tool_results(calls[1])
     if marker not in json.dumps(results):
         raise Failed(f"the command's output is not in the second call's toolResults: "
@@ -121,28 +137,25 @@ def report(stack: Stack, status: int | None, out: str, err: str, kept: Path) -> 
     print(f"--- everything is kept in {kept}", file=sys.stderr)
 
 
-async def main() -> int:
-    version = harness.resolve_version(PACKAGE, os.environ.get("CODEX_VERSION") or PINNED)
-    codex = harness.npm_install(PACKAGE, version, "codex")
-    model = os.environ.get("E2E_MODEL") or MODEL
-    timeout = float(os.environ.get("E2E_TIMEOUT") or 180)
+async def run_one(codex: Path, version: str, model: str, timeout: float) -> bool:
+    """One shell-tool loop with ``model``; True if every check held."""
     token = secrets.token_hex(6)
     marker = f"kiro2api-e2e-{token}"
     answer = f"All done: the marker kiro2api-e2e-answer-{token} is printed."
-    command = f"echo {marker} | tee e2e-marker.txt"
+    tool_name, arguments = shell_tool(model, f"echo {marker} | tee e2e-marker.txt")
 
     # Not under /tmp: Codex refuses to put its helper binaries in a temporary
     # CODEX_HOME (a warning, and it runs without them).
     runs = harness.cache_root() / "runs"
     runs.mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix=f"codex-{version}-", dir=runs))
+    root = Path(tempfile.mkdtemp(prefix=f"codex-{version}-{model}-", dir=runs))
     home, codex_home, work = root / "home", root / "codex-home", root / "work"
     for path in (home, codex_home, work):
         path.mkdir()
     print(f"e2e: codex {version}, model {model}, in {root}", flush=True)
     passed = False
     async with Stack(root) as stack:
-        script(stack, command, answer)
+        script(stack, tool_name, arguments, answer)
         (codex_home / "config.toml").write_text(CONFIG.format(model=model, url=stack.url))
         env = harness.agent_env(home, CODEX_HOME=str(codex_home), KIRO2API_KEY=harness.API_KEY)
         # exec asks no approvals; the bypass lets the command write its file
@@ -153,17 +166,26 @@ async def main() -> int:
         (root / "codex.stdout").write_text(out)
         (root / "codex.stderr").write_text(err)
         try:
-            check(stack, status, out, work, marker=marker, answer=answer)
+            check(stack, status, out, work, tool_name=tool_name, marker=marker, answer=answer)
             passed = True
         except Failed as failure:
             print(f"e2e FAILED (codex {version}, {model}): {failure}", file=sys.stderr)
             report(stack, status, out, err, root)
     if passed:
-        print(f"e2e passed: codex {version} ({model}) ran exec_command through kiro2api "
-              f"in 2 Kiro calls and printed the answer")
+        print(f"e2e passed: codex {version} ({model}) ran {tool_name} through kiro2api "
+              f"in 2 Kiro calls and printed the answer", flush=True)
         if not os.environ.get("E2E_KEEP"):
             shutil.rmtree(root)
-    return 0 if passed else 1
+    return passed
+
+
+async def main() -> int:
+    version = harness.resolve_version(PACKAGE, os.environ.get("CODEX_VERSION") or PINNED)
+    codex = harness.npm_install(PACKAGE, version, "codex")
+    timeout = float(os.environ.get("E2E_TIMEOUT") or 180)
+    models = (os.environ.get("E2E_MODELS") or MODELS).split()
+    results = [await run_one(codex, version, model, timeout) for model in models]
+    return 0 if all(results) else 1
 
 
 if __name__ == "__main__":
