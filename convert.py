@@ -2463,7 +2463,8 @@ class ResponsesStream(EventConsumer):
         return sse(kind, {"type": kind, **fields, "sequence_number": self._sequence})
 
     def _response(self, status: str, **fields: Any) -> Json:
-        return {**self._base, "status": status, "output": self.output, "usage": None, **fields}
+        # The status after the output: the end of the event says how the response ended.
+        return {**self._base, "output": self.output, "status": status, "usage": None, **fields}
 
     def start(self) -> bytes:
         snapshot = self._response("in_progress", output=[])

@@ -497,9 +497,16 @@ def _scopes(value: Any) -> str | None:
 
 
 def write_json_atomic(path: Path, data: Json, *, mode: int) -> None:
-    """Replace ``path`` (a symlink's target, if it is one) with ``data`` as JSON.
+    """Replace ``path`` (a symlink's target, if it is one) with ``data`` as JSON,
+    atomically (``write_bytes_atomic``)."""
+    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    write_bytes_atomic(path, text.encode("utf-8"), mode=mode)
 
-    The JSON goes to a temporary file in the same directory, created 0600,
+
+def write_bytes_atomic(path: Path, data: bytes, *, mode: int) -> None:
+    """Replace ``path`` (a symlink's target, if it is one) with ``data``.
+
+    The bytes go to a temporary file in the same directory, created 0600,
     which is fsynced, given ``mode`` and the old file's owner, and renamed
     over the old file: readers see the old file or the new one, never a mix.
     """
@@ -510,9 +517,8 @@ def write_json_atomic(path: Path, data: Json, *, mode: int) -> None:
         old = None
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
-        with open(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
-            f.write("\n")
+        with open(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
@@ -535,7 +541,7 @@ def write_json_atomic(path: Path, data: Json, *, mode: int) -> None:
 
 
 def why_unwritable(path: Path) -> str | None:
-    """Why ``write_json_atomic`` could not replace ``path``, or None if it can.
+    """Why ``write_bytes_atomic`` could not replace ``path``, or None if it can.
 
     It needs to create a file in the directory and rename it over the file;
     ``os.access`` answers for the real user, and a read-only mount refuses
@@ -552,7 +558,7 @@ def why_unwritable(path: Path) -> str | None:
 
 
 def remove_stale_temporaries(path: Path) -> None:
-    """Delete the temporary files of ``write_json_atomic`` that a writer killed before
+    """Delete the temporary files of ``write_bytes_atomic`` that a writer killed before
     its rename left beside ``path``: they hold tokens. Call it under the file's lock,
     which every writer of those files holds."""
     target = Path(os.path.realpath(path))
@@ -2968,6 +2974,21 @@ async def handle_count_tokens(request: web.Request) -> web.Response:
     return web.json_response({"input_tokens": convert.estimate_input_tokens(body)})
 
 
+async def handle_responses_input_tokens(request: web.Request) -> web.Response:
+    """The Responses API's count (``client.responses.input_tokens.count``), estimated."""
+    normalised = convert.responses_to_anthropic(await read_json(request))
+    convert.anthropic_to_codewhisperer(normalised, conversation_id="count")
+    return web.json_response({"object": "response.input_tokens",
+                              "input_tokens": convert.estimate_input_tokens(normalised)})
+
+
+async def handle_stored_response(request: web.Request) -> web.Response:
+    """GET, DELETE or cancel a stored response: there are none to find."""
+    raise convert.ConversionError(f"no response {request.match_info['response_id']}: "
+                                  f"{convert.RESPONSES_NOT_KEPT}", status=404,
+                                  param="response_id")
+
+
 # Relay ####################################################################
 #
 # Every client API is served by ``relay``: its ``convert.ClientApi`` says how
@@ -3275,11 +3296,15 @@ def presented_key(request: web.Request) -> str:
     return key
 
 
+# The paths behind the client key: the API, and Codex's short route.
+KEYED_PATHS = ("/v1/", "/responses")
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Require the client key (or, with no key configured, a Kiro access token) on /v1."""
+    """Require the client key (or, with no key configured, a Kiro access token) on the API."""
     config = request.app[CONFIG]
-    if not request.path.startswith("/v1/") or config.no_auth:
+    if not request.path.startswith(KEYED_PATHS) or config.no_auth:
         return await handler(request)
     key = presented_key(request)
     if config.api_key is not None:
@@ -3366,6 +3391,10 @@ def make_app(config: Config) -> web.Application:
     app.router.add_get("/v1/models", handle_models)
     app.router.add_get("/v1/models/{model_id}", handle_model)
     app.router.add_post("/v1/messages/count_tokens", handle_count_tokens)
+    app.router.add_post("/v1/responses/input_tokens", handle_responses_input_tokens)
+    app.router.add_get("/v1/responses/{response_id}", handle_stored_response)
+    app.router.add_delete("/v1/responses/{response_id}", handle_stored_response)
+    app.router.add_post("/v1/responses/{response_id}/cancel", handle_stored_response)
     for route, _, api in API_ROUTES:
         app.router.add_post(route, relay_handler(api))
     return app
@@ -3608,6 +3637,7 @@ def cli() -> None:
       kiro2api read                 # check the Kiro token file
       kiro2api server               # serve on http://127.0.0.1:8080
       eval "$(kiro2api export)"     # point Claude Code at it
+      kiro2api codex --write        # once: point Codex at it too
     """
 
 
@@ -4010,6 +4040,8 @@ def doctor(token_files, service, social_auth_url, oidc_url, proxy, model, as_jso
 
 
 SHELLS = ("posix", "fish", "cmd", "powershell")
+# The variable that holds the client key for Codex (its provider's env_key).
+CODEX_KEY_VARIABLE = "KIRO2API_KEY"
 
 
 def default_shell(platform: str | None = None) -> str:
@@ -4063,11 +4095,12 @@ def client_base_url(host: str, port: int) -> str:
               help="Syntax of the lines [default: powershell on Windows, else posix].")
 def export(host: str, port: int | None, api_key: str | None, config: Config,
            shell: str | None) -> None:
-    """Print shell lines that point Claude Code at the server.
+    """Print shell lines that point Claude Code and Codex at the server.
 
-    ANTHROPIC_AUTH_TOKEN is the server's client key if one is set, else the
-    current Kiro access token (refreshed first if it is about to expire),
-    which a server started without --api-key accepts.
+    ANTHROPIC_AUTH_TOKEN (Claude Code's key) and KIRO2API_KEY (the key of
+    the provider kiro2api codex adds to Codex) are the server's client key
+    if one is set, else the current Kiro access token (refreshed first if it
+    is about to expire), which a server started without --api-key accepts.
 
     \b
     Examples:
@@ -4084,6 +4117,7 @@ def export(host: str, port: int | None, api_key: str | None, config: Config,
             values["ANTHROPIC_AUTH_TOKEN"] = (await store.credentials()).access_token
 
         run_stores(config, each, first_only=True)
+    values[CODEX_KEY_VARIABLE] = values["ANTHROPIC_AUTH_TOKEN"]
     try:
         lines = [shell_assignment(shell, name, value) for name, value in values.items()]
     except ValueError as exc:
@@ -4145,6 +4179,285 @@ def claude() -> None:
             f"cannot write {path} ({exc.strerror or exc}); check its directory's permissions"
         ) from None
     click.echo(f"Updated {path}: hasCompletedOnboarding and kiro2api are true.")
+
+
+# Codex ####################################################################
+#
+# Codex finds the server through a model provider in its config.toml
+# (PROTOCOL-2026.md 10.15.1). Only wire_api = "responses" works, and
+# openai_base_url is no substitute: Codex then tries a WebSocket first.
+
+CODEX_DEFAULT_MODEL = "claude-sonnet-4.5"
+# Codex keeps these provider ids for its built-in providers.
+CODEX_RESERVED_IDS = frozenset({"openai", "ollama", "lmstudio"})
+# What must be equal for a provider already in config.toml to be this one.
+CODEX_PROVIDER_KEYS = ("base_url", "env_key", "wire_api")
+# Ids a TOML table header may name without quotes.
+_TOML_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+# What a TOML basic string may not hold as it is.
+_TOML_ESCAPED = re.compile(r'["\\\x00-\x1f\x7f]')
+
+
+class CodexConfigError(Exception):
+    """config.toml cannot be changed as asked; the message says why and what to do."""
+
+
+def codex_provider_id(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if not _TOML_BARE_KEY.fullmatch(value):
+        raise click.BadParameter(f"{value!r} is not an id of letters, digits, - and _")
+    if value in CODEX_RESERVED_IDS:
+        raise click.BadParameter(f"Codex keeps {value!r} for its built-in provider; "
+                                 f"choose another id")
+    return value
+
+
+def codex_config_path() -> Path:
+    """Codex's config.toml: in $CODEX_HOME when it is set (as Codex reads it), else ~/.codex."""
+    home = os.environ.get("CODEX_HOME")
+    return (Path(home) if home else Path.home() / ".codex") / "config.toml"
+
+
+def codex_provider(name: str, base_url: str) -> dict[str, str]:
+    """The ``[model_providers.<name>]`` table that sends Codex to the server at ``base_url``."""
+    return {"name": name, "base_url": base_url, "env_key": CODEX_KEY_VARIABLE,
+            "wire_api": "responses"}
+
+
+def toml_string(value: str) -> str:
+    """``value`` as a TOML basic string."""
+    def escape(match: re.Match[str]) -> str:
+        char = match.group()
+        return "\\" + char if char in '"\\' else f"\\u{ord(char):04x}"
+
+    return '"' + _TOML_ESCAPED.sub(escape, value) + '"'
+
+
+def toml_table(header: str, table: dict[str, str]) -> list[str]:
+    return [f"[{header}]"] + [f"{key} = {toml_string(value)}" for key, value in table.items()]
+
+
+def codex_snippet(name: str, provider: dict[str, str], model: str) -> str:
+    """The lines of config.toml that make Codex use ``provider``."""
+    return "\n".join([f"model = {toml_string(model)}", f"model_provider = {toml_string(name)}",
+                      "", *toml_table(f"model_providers.{name}", provider)])
+
+
+def load_toml(text: str) -> Json:
+    """Parse TOML with tomllib; floats stay text, so that two parses compare exactly.
+
+    Raises ValueError (tomllib's TOMLDecodeError) for text that is not TOML.
+    """
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: tomllib is new in 3.11
+        raise CodexConfigError(
+            f"kiro2api codex --write needs Python 3.11 or newer (for tomllib); this is "
+            f"{sys.version_info[0]}.{sys.version_info[1]}: add the lines kiro2api codex prints "
+            f"to {codex_config_path()} by hand") from None
+    return tomllib.loads(text, parse_float=str)
+
+
+def is_toml(text: str) -> bool:
+    try:
+        load_toml(text)
+    except ValueError:
+        return False
+    return True
+
+
+def first_table_header(lines: list[str]) -> int:
+    """The index of the first table header in ``lines``, or ``len(lines)`` if there is none.
+
+    A line that starts with "[" is a header only if the lines before it are a
+    whole TOML document; otherwise it is inside a multi-line array or string.
+    """
+    for index, line in enumerate(lines):
+        if line.lstrip().startswith("[") and is_toml("".join(f"{x}\n" for x in lines[:index])):
+            return index
+    return len(lines)
+
+
+def set_top_level(lines: list[str], values: dict[str, str], eol: str) -> list[str]:
+    """``lines`` with the top-level keys ``values`` set: the line that sets one now
+    replaced, or else a new line after the other top-level keys (before the first
+    table header and the comment lines right above it)."""
+    lines, new = list(lines), []
+    header = first_table_header(lines)
+    for key, value in values.items():
+        line = f"{key} = {toml_string(value)}{eol}"
+        assignment = re.compile(rf"""\s*(?:{key}|"{key}"|'{key}')\s*=""")
+        at = next((index for index in range(header) if assignment.match(lines[index])), None)
+        if at is None:
+            new.append(line)
+        else:
+            lines[at] = line
+    if not new:
+        return lines
+    if header < len(lines):
+        while header > 0 and lines[header - 1].lstrip().startswith("#"):
+            header -= 1
+        new.append(eol)  # a blank line between them and the table
+    return lines[:header] + new + lines[header:]
+
+
+def shown(value: Any) -> str:
+    return toml_string(value) if isinstance(value, str) else repr(value)
+
+
+def existing_codex_provider(doc: Json, name: str, provider: dict[str, str],
+                            path: Path) -> bool:
+    """True if ``doc`` has ``provider`` as ``name`` already; False if it has no provider
+    of that name. Raises CodexConfigError if it has another one."""
+    providers = doc.get("model_providers", {})
+    if not isinstance(providers, dict):
+        raise CodexConfigError(f"{path}: model_providers is not a table; fix it, then run "
+                               f"kiro2api codex --write again")
+    if name not in providers:
+        return False
+    found = providers[name]
+    differ = [key for key in CODEX_PROVIDER_KEYS
+              if not isinstance(found, dict) or found.get(key) != provider[key]]
+    if differ:
+        theirs = ", ".join(
+            f"{key} {shown(found.get(key)) if isinstance(found, dict) else '?'}, not "
+            f"{toml_string(provider[key])}" for key in differ)
+        raise CodexConfigError(
+            f"{path} already has a different [model_providers.{name}] ({theirs}); edit or "
+            f"remove that table, or choose another id with --name")
+    return True
+
+
+def codex_top_level(doc: Json, name: str, model: str) -> tuple[dict[str, str], list[str]]:
+    """The top-level keys config.toml needs for Codex to use ``name``, and what they change."""
+    values, changes = {}, []
+    if "model" not in doc:
+        values["model"] = model
+        changes.append(f"model = {toml_string(model)} (added)")
+    current = doc.get("model_provider")
+    if current != name:
+        values["model_provider"] = name
+        changes.append(f"model_provider = {toml_string(name)} (added)" if current is None
+                       else f"model_provider: {shown(current)} -> {toml_string(name)}")
+    return values, changes
+
+
+def edit_codex_config(text: str, *, path: Path, name: str, provider: dict[str, str],
+                      model: str) -> tuple[str | None, list[str]]:
+    """config.toml's ``text`` with the provider added and chosen, and what that changed;
+    None (and a note if Codex uses another provider) when it is there already.
+
+    Only lines are added, and a model_provider line replaced: the rest of the
+    file stays byte for byte. The result is parsed again and must hold exactly
+    the old settings and the new ones.
+    """
+    try:
+        doc = load_toml(text)
+    except ValueError as exc:
+        raise CodexConfigError(f"{path} is not valid TOML ({exc}); fix it, then run "
+                               f"kiro2api codex --write again") from None
+    if existing_codex_provider(doc, name, provider, path):
+        current = doc.get("model_provider")
+        return None, [] if current == name else [
+            f"model_provider is {shown(current) if current is not None else 'not set'}, so "
+            f"Codex uses {name} only if you set model_provider = {toml_string(name)}"]
+    eol = "\r" if "\r\n" in text else ""  # keep the file's line ends
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the text ended with a line end, or was empty
+    values, changes = codex_top_level(doc, name, model)
+    lines = set_top_level(lines, values, eol)
+    if lines and lines[-1].strip():
+        lines.append(eol)
+    lines += [line + eol for line in toml_table(f"model_providers.{name}", provider)]
+    result = "".join(f"{line}\n" for line in lines)
+    check_codex_edit(result, {**doc, **values, "model_providers": {
+        **doc.get("model_providers", {}), name: provider}}, path)
+    return result, [f"[model_providers.{name}] added: base_url = "
+                    f"{toml_string(provider['base_url'])}, wire_api = \"responses\"", *changes]
+
+
+def check_codex_edit(result: str, expected: Json, path: Path) -> None:
+    """Raise CodexConfigError unless ``result`` parses to ``expected``."""
+    try:
+        same = load_toml(result) == expected
+        why = "it would change other settings"
+    except ValueError as exc:
+        same, why = False, f"the result would not be valid TOML: {exc}"
+    if not same:
+        raise CodexConfigError(f"cannot add the provider to {path} safely ({why}); add the "
+                               f"lines kiro2api codex prints by hand")
+
+
+def write_codex_config(path: Path, *, name: str, provider: dict[str, str],
+                       model: str) -> list[str]:
+    """Add the provider to the config.toml at ``path`` (created if missing, with its
+    directory) and say what changed, one line each."""
+    try:
+        raw: bytes | None = path.read_bytes()
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        raw, mode = None, 0o600
+    except OSError as exc:
+        raise CodexConfigError(f"cannot read {path} ({exc.strerror or exc}); check that it "
+                               f"is a readable file") from None
+    try:
+        text = "" if raw is None else raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CodexConfigError(f"{path} is not valid TOML (not UTF-8 text); fix it, then run "
+                               f"kiro2api codex --write again") from None
+    result, changes = edit_codex_config(text, path=path, name=name, provider=provider,
+                                        model=model)
+    if result is None:
+        return [f"{path} already has this [model_providers.{name}]; nothing to do.",
+                *(f"Note: {change}." for change in changes)]
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_bytes_atomic(path, result.encode("utf-8"), mode=mode)
+    except OSError as exc:
+        raise CodexConfigError(f"cannot write {path} ({exc.strerror or exc}); check its "
+                               f"directory's permissions") from None
+    return [f"{'Created' if raw is None else 'Updated'} {path}:",
+            *(f"  {change}" for change in changes)]
+
+
+@cli.command()
+@host_option("The server's --host.")
+@port_option(f"The server's --port [default: {DEFAULT_PORT}].")
+@click.option("--name", default="kiro2api", show_default=True, callback=codex_provider_id,
+              help="Codex's id of the provider (model_provider).")
+@click.option("--model", default=CODEX_DEFAULT_MODEL, show_default=True,
+              help="The model Codex asks for; --write sets it only if config.toml has none.")
+@click.option("--write", is_flag=True,
+              help="Add the provider to $CODEX_HOME/config.toml (~/.codex/config.toml).")
+def codex(host: str, port: int | None, name: str, model: str, write: bool) -> None:
+    """Point Codex at the server: print its model provider, or add it to config.toml.
+
+    The provider sends Codex's requests to the server's /v1/responses, with
+    the key from KIRO2API_KEY, which kiro2api export sets. With --write it is
+    added to Codex's config.toml and made its model_provider; the rest of the
+    file stays as it is, and a different provider of the same id is refused.
+
+    \b
+    Examples:
+      kiro2api codex                        # print the lines
+      kiro2api codex --write                # add them to ~/.codex/config.toml
+      eval "$(kiro2api export)" && codex    # with kiro2api server running
+    """
+    provider = codex_provider(
+        name, client_base_url(host, DEFAULT_PORT if port is None else port) + "/v1")
+    path = codex_config_path()
+    if write:
+        try:
+            report = write_codex_config(path, name=name, provider=provider, model=model)
+        except CodexConfigError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo("\n".join(report))
+    else:
+        click.echo(codex_snippet(name, provider, model))
+        click.echo(f"\nPut these lines in {path} (model and model_provider above any table), "
+                   f"or run kiro2api codex --write.", err=True)
+    click.echo(f"Then set {CODEX_KEY_VARIABLE} (eval \"$(kiro2api export)\" does) and run "
+               f"codex, with kiro2api server running.", err=True)
 
 
 if __name__ == "__main__":

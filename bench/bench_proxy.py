@@ -65,7 +65,7 @@ SLOW_INTERVAL_MS = 20
 @dataclass(frozen=True)
 class Scenario:
     label: str
-    api: str  # "anthropic" | "openai"
+    api: str  # a key of loadgen.ROUTES
     stream: bool
     upstream: str  # the upstream answer: "text" | "tool"
     expect: tuple[bytes, ...]  # what the end of kiro2api's answer must hold
@@ -74,6 +74,7 @@ class Scenario:
 SCENARIOS = (
     Scenario("stream /v1/messages", "anthropic", True, "text", (b"message_stop",)),
     Scenario("stream /v1/chat/completions", "openai", True, "text", (b"[DONE]",)),
+    Scenario("stream /v1/responses", "responses", True, "text", (b'"status":"completed","usage"',)),
     Scenario("non-stream /v1/messages", "anthropic", False, "text", (b'"end_turn"',)),
     Scenario("tool call, stream /v1/messages", "anthropic", True, "tool",
              (b'"tool_use"', b"message_stop")),
@@ -524,7 +525,9 @@ async def bench(args: argparse.Namespace, workdir: Path) -> None:
                 return
             results: dict[tuple[str, int | str], dict[str, Any]] = {}
             rows = [(s, c, None) for s in SCENARIOS for c in settings.concurrency]
-            rows[4:4] = [(s, 20, settings.rate) for s in SCENARIOS[:2]]  # before non-stream
+            streamed = [s for s in SCENARIOS if s.stream and s.upstream == "text"]
+            at = len(streamed) * len(settings.concurrency)  # before the non-stream rows
+            rows[at:at] = [(s, 20, settings.rate) for s in streamed]
             for scenario, concurrency, rate in rows:
                 load = f"open loop {rate:.0f}/s" if rate else concurrency
                 pair = results[scenario.label, load] = {}
@@ -548,7 +551,8 @@ async def bench(args: argparse.Namespace, workdir: Path) -> None:
                       f"when the proxy is also starting the other streams")
                 runs = [("floor", floor, "anthropic"), ("kiro2api /v1/messages", kiro, "anthropic")]
                 if spread:
-                    runs.append(("kiro2api /v1/chat/completions", kiro, "openai"))
+                    runs += [("kiro2api /v1/chat/completions", kiro, "openai"),
+                             ("kiro2api /v1/responses", kiro, "responses")]
                 rows: dict[str, dict[str, float]] = {}
                 # One stray burst of other work on the machine decides a p99:
                 # each proxy's best of ``latency_rounds`` runs, taken in turn.

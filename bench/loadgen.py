@@ -38,6 +38,13 @@ TOOL = {"name": "write_file", "description": "Write a file.",
 def request_body(api: str, scenario: str, *, stream: bool = True) -> bytes:
     """A small request whose prompt names the upstream scenario (see ``upstream.py``)."""
     prompt = f"[bench:{scenario}] Write the benchmark answer."
+    if api == "responses":  # Codex's shape: input items, flat function tools
+        return json.dumps({"model": MODEL, "stream": stream, "store": False,
+                           "input": [{"type": "message", "role": "user", "content": [
+                               {"type": "input_text", "text": prompt}]}],
+                           "tools": [{"type": "function", "name": TOOL["name"],
+                                      "description": TOOL["description"],
+                                      "parameters": TOOL["schema"]}]}).encode()
     body: dict[str, Any] = {"model": MODEL, "max_tokens": 8192, "stream": stream,
                             "messages": [{"role": "user", "content": prompt}]}
     if api == "anthropic":
@@ -50,8 +57,12 @@ def request_body(api: str, scenario: str, *, stream: bool = True) -> bytes:
     return json.dumps(body).encode()
 
 
+ROUTES = {"anthropic": "/v1/messages", "openai": "/v1/chat/completions",
+          "responses": "/v1/responses"}
+
+
 def route(api: str) -> str:
-    return "/v1/messages" if api == "anthropic" else "/v1/chat/completions"
+    return ROUTES[api]
 
 
 def client_session(limit: int = 2000) -> aiohttp.ClientSession:
@@ -173,6 +184,7 @@ async def stamped_stream(session: aiohttp.ClientSession, url: str, body: bytes,
     start = time.perf_counter()
     started = False
     buffer = b""
+    last = 0  # the stamps of one stream only grow; a repeat (a Responses done event) is no event
     try:
         async with session.post(url, data=body, headers=headers) as response:
             async for chunk in response.content.iter_any():
@@ -188,9 +200,12 @@ async def stamped_stream(session: aiohttp.ClientSession, url: str, body: bytes,
                 end = 0
                 for match in STAMP.finditer(buffer):
                     stamp = int(match.group(1))
+                    end = match.end()
+                    if stamp <= last:
+                        continue
+                    last = stamp
                     result.delays_ns.append(now - stamp)
                     result.stamps_ns.append(stamp)
-                    end = match.end()
                 buffer = buffer[max(end, len(buffer) - 64):]
             if response.status != 200:
                 result.errors.append(f"status {response.status}")
@@ -226,7 +241,7 @@ async def run_stamped(session: aiohttp.ClientSession, url: str, body: bytes,
 def main() -> None:
     parser = argparse.ArgumentParser(description="Load a kiro2api-like proxy.")
     parser.add_argument("url", help="base URL, e.g. http://127.0.0.1:8080")
-    parser.add_argument("--api", choices=["anthropic", "openai"], default="anthropic")
+    parser.add_argument("--api", choices=sorted(ROUTES), default="anthropic")
     parser.add_argument("--scenario", default="text", help="text, tool or slow:FRAMES:MS")
     parser.add_argument("--no-stream", action="store_true")
     parser.add_argument("--api-key", default="")

@@ -6,7 +6,7 @@ import pytest
 
 from helpers import API_KEY, Proxy, write_token_file
 
-_ENV_PREFIXES = ("KIRO2API_", "ANTHROPIC_", "OPENAI_")
+_ENV_PREFIXES = ("KIRO2API_", "ANTHROPIC_", "OPENAI_", "CODEX_")
 _PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY")
 
 

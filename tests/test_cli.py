@@ -1,5 +1,5 @@
 """The command line: help, version, how ``server`` builds its Config, and the
-token commands (read, refresh, export, authToken, claude)."""
+token commands (read, refresh, export, authToken, claude, codex)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def served(monkeypatch):
 def test_help_lists_every_command():
     result = CliRunner().invoke(kiro2api.cli, ["--help"])
     assert result.exit_code == 0, result.output
-    for command in ("read", "refresh", "export", "authToken", "claude", "server"):
+    for command in ("read", "refresh", "export", "authToken", "claude", "codex", "server"):
         assert f"\n  {command} " in result.output
 
 
@@ -436,14 +436,16 @@ def test_export_posix_lines_with_the_client_key(token_file):
     result = invoke("export", "--api-key", "client-key")
     assert result.exit_code == 0, result.output
     assert result.output == ("export ANTHROPIC_BASE_URL=http://localhost:8080\n"
-                             "export ANTHROPIC_AUTH_TOKEN=client-key\n")
+                             "export ANTHROPIC_AUTH_TOKEN=client-key\n"
+                             "export KIRO2API_KEY=client-key\n")
 
 
 def test_export_without_a_key_prints_the_access_token(token_file):
     write_token(token_file)
     result = invoke("export", "--shell", "posix")
     assert result.exit_code == 0, result.output
-    assert result.output.splitlines()[1] == f"export ANTHROPIC_AUTH_TOKEN={SOCIAL_ACCESS}"
+    assert result.output.splitlines()[1:] == [f"export ANTHROPIC_AUTH_TOKEN={SOCIAL_ACCESS}",
+                                              f"export KIRO2API_KEY={SOCIAL_ACCESS}"]
 
 
 async def test_export_refreshes_an_expired_token_first(token_file, fake_upstream, monkeypatch):
@@ -451,7 +453,8 @@ async def test_export_refreshes_an_expired_token_first(token_file, fake_upstream
     monkeypatch.setenv("KIRO2API_SOCIAL_AUTH_URL", fake_upstream.url)
     result = await invoke_async("export", "--shell", "posix")
     assert result.exit_code == 0, result.output
-    assert result.stdout.splitlines()[1] == "export ANTHROPIC_AUTH_TOKEN=aoa-social-access-1"
+    assert result.stdout.splitlines()[1:] == ["export ANTHROPIC_AUTH_TOKEN=aoa-social-access-1",
+                                              "export KIRO2API_KEY=aoa-social-access-1"]
     assert json.loads(token_file.read_text())["accessToken"] == "aoa-social-access-1"
 
 
@@ -478,22 +481,28 @@ def test_export_options_beat_environment(monkeypatch):
     result = invoke("export")
     assert result.exit_code == 0, result.output
     assert result.output == ("export ANTHROPIC_BASE_URL=http://10.0.0.2:7000\n"
-                             "export ANTHROPIC_AUTH_TOKEN=from-env\n")
+                             "export ANTHROPIC_AUTH_TOKEN=from-env\n"
+                             "export KIRO2API_KEY=from-env\n")
     result = invoke("export", "--port", "7001", "--api-key", "from-option")
     assert result.exit_code == 0, result.output
     assert result.output == ("export ANTHROPIC_BASE_URL=http://10.0.0.2:7001\n"
-                             "export ANTHROPIC_AUTH_TOKEN=from-option\n")
+                             "export ANTHROPIC_AUTH_TOKEN=from-option\n"
+                             "export KIRO2API_KEY=from-option\n")
 
 
 @pytest.mark.parametrize("shell, lines", [
     ("posix", ["export ANTHROPIC_BASE_URL=http://localhost:8080",
-               "export ANTHROPIC_AUTH_TOKEN='k'\"'\"'y \\ $x&^'"]),
+               "export ANTHROPIC_AUTH_TOKEN='k'\"'\"'y \\ $x&^'",
+               "export KIRO2API_KEY='k'\"'\"'y \\ $x&^'"]),
     ("fish", ["set -gx ANTHROPIC_BASE_URL 'http://localhost:8080'",
-              "set -gx ANTHROPIC_AUTH_TOKEN 'k\\'y \\\\ $x&^'"]),
+              "set -gx ANTHROPIC_AUTH_TOKEN 'k\\'y \\\\ $x&^'",
+              "set -gx KIRO2API_KEY 'k\\'y \\\\ $x&^'"]),
     ("powershell", ["$env:ANTHROPIC_BASE_URL = 'http://localhost:8080'",
-                    "$env:ANTHROPIC_AUTH_TOKEN = 'k''y \\ $x&^'"]),
+                    "$env:ANTHROPIC_AUTH_TOKEN = 'k''y \\ $x&^'",
+                    "$env:KIRO2API_KEY = 'k''y \\ $x&^'"]),
     ("cmd", ['set "ANTHROPIC_BASE_URL=http://localhost:8080"',
-             'set "ANTHROPIC_AUTH_TOKEN=k\'y \\ $x&^"']),
+             'set "ANTHROPIC_AUTH_TOKEN=k\'y \\ $x&^"',
+             'set "KIRO2API_KEY=k\'y \\ $x&^"']),
 ])
 def test_export_quotes_for_each_shell(shell, lines):
     result = invoke("export", "--shell", shell, "--api-key", "k'y \\ $x&^")
@@ -527,13 +536,13 @@ NASTY_KEY = "it's \"quoted\" $(touch PWNED) `touch PWNED` ; | & \\ * ~ ! # {a,b}
 @pytest.mark.slow  # a real shell
 def test_eval_export_in_a_real_shell(tmp_path, sh):
     script = ('eval "$("$PYTHON" "$KIRO2API" export)"; '
-              'printf "%s\\n%s" "$ANTHROPIC_BASE_URL" "$ANTHROPIC_AUTH_TOKEN"')
+              'printf "%s\\n%s\\n%s" "$ANTHROPIC_BASE_URL" "$ANTHROPIC_AUTH_TOKEN" "$KIRO2API_KEY"')
     env = {**os.environ, "PYTHON": sys.executable, "KIRO2API": str(MAIN / "kiro2api.py"),
            "KIRO2API_API_KEY": NASTY_KEY, "KIRO2API_PORT": "9123"}
     done = subprocess.run([sh, "-c", script], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert done.stdout == f"http://localhost:9123\n{NASTY_KEY}"
+    assert done.stdout == f"http://localhost:9123\n{NASTY_KEY}\n{NASTY_KEY}"
     assert not (tmp_path / "PWNED").exists()
 
 
@@ -634,3 +643,281 @@ def test_claude_follows_a_symlinked_file(claude_json, tmp_path):
     assert claude_json.is_symlink()
     assert json.loads(real.read_text()) == {"a": 1, "hasCompletedOnboarding": True,
                                             "kiro2api": True}
+
+
+# codex
+
+SNIPPET = '''model = "claude-sonnet-4.5"
+model_provider = "kiro2api"
+
+[model_providers.kiro2api]
+name = "kiro2api"
+base_url = "http://localhost:8080/v1"
+env_key = "KIRO2API_KEY"
+wire_api = "responses"
+'''
+KIRO2API_PROVIDER = {"name": "kiro2api", "base_url": "http://localhost:8080/v1",
+                     "env_key": "KIRO2API_KEY", "wire_api": "responses"}
+
+
+@pytest.fixture
+def codex_toml(isolated_env):
+    return isolated_env / ".codex/config.toml"
+
+
+def parse_toml(text):
+    """Floats stay text so that two parses compare equal (the file has a nan)."""
+    return pytest.importorskip("tomllib").loads(text, parse_float=str)
+
+
+def assert_codex_uses_kiro2api(text, model="claude-sonnet-4.5"):
+    config = parse_toml(text)
+    assert (config["model"], config["model_provider"]) == (model, "kiro2api")
+    assert config["model_providers"]["kiro2api"] == KIRO2API_PROVIDER
+    return config
+
+
+def test_codex_prints_the_provider_and_how_to_use_it(codex_toml):
+    result = invoke("codex")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == SNIPPET
+    assert_codex_uses_kiro2api(result.stdout)
+    assert str(codex_toml) in result.stderr and "--write" in result.stderr
+    assert 'KIRO2API_KEY (eval "$(kiro2api export)" does)' in result.stderr
+    assert "openai_base_url" not in result.output
+    assert not codex_toml.parent.exists()
+
+
+def test_codex_options_shape_the_provider(monkeypatch):
+    monkeypatch.setenv("KIRO2API_PORT", "7000")
+    result = invoke("codex", "--host", "10.0.0.2", "--name", "kiro-b", "--model",
+                    "claude-opus-4.7")
+    assert result.exit_code == 0, result.output
+    config = parse_toml(result.stdout)
+    assert (config["model"], config["model_provider"]) == ("claude-opus-4.7", "kiro-b")
+    assert config["model_providers"] == {"kiro-b": {
+        "name": "kiro-b", "base_url": "http://10.0.0.2:7000/v1", "env_key": "KIRO2API_KEY",
+        "wire_api": "responses"}}
+
+
+@pytest.mark.parametrize("name", ["openai", "ollama", "lmstudio"])
+@pytest.mark.parametrize("write", [[], ["--write"]], ids=["print", "write"])
+def test_codex_refuses_an_id_codex_keeps(codex_toml, name, write):
+    result = invoke("codex", "--name", name, *write)
+    assert result.exit_code == 2, result.output
+    assert f"Codex keeps '{name}' for its built-in provider" in result.stderr
+    assert result.stdout == "" and not codex_toml.parent.exists()
+
+
+@pytest.mark.parametrize("name", ["a.b", "my provider", "", "[x]"])
+def test_codex_refuses_an_id_a_table_header_cannot_name(name):
+    result = invoke("codex", "--name", name)
+    assert result.exit_code == 2, result.output
+    assert "is not an id of letters, digits, - and _" in result.stderr
+
+
+def test_codex_write_creates_the_directory_and_the_file(codex_toml):
+    result = invoke("codex", "--write")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [
+        f"Created {codex_toml}:",
+        '  [model_providers.kiro2api] added: base_url = "http://localhost:8080/v1", '
+        'wire_api = "responses"',
+        '  model = "claude-sonnet-4.5" (added)',
+        '  model_provider = "kiro2api" (added)']
+    assert codex_toml.read_text() == SNIPPET
+    assert_codex_uses_kiro2api(codex_toml.read_text())
+    assert stat.S_IMODE(codex_toml.stat().st_mode) == 0o600
+    assert 'eval "$(kiro2api export)"' in result.stderr
+    assert [p.name for p in codex_toml.parent.iterdir()] == ["config.toml"]
+
+
+# Everything a config.toml may hold that a line-based edit could trip on:
+# comments, a top-level model, lines starting with "[" inside a multi-line
+# array and a multi-line string, array tables, other providers.
+BUSY_TOP = '''# Codex settings  (ü)
+model = "gpt-5.6-sol"   # the usual
+model_provider = "openai"
+approval_policy = "on-request"
+notes = """
+[model_providers.kiro2api]
+"""
+paths = [
+  ["a", "b"],
+  [1.5, nan],
+]
+'''
+BUSY_TABLES = '''# Profiles
+[profiles.fast]
+model = "gpt-5"
+
+[[mcp_servers.list]]
+name = "one"
+
+[model_providers.other]
+name = "Other"
+base_url = "https://other.example/v1"
+env_key = "OTHER_KEY"
+'''
+KIRO2API_TABLE = '''
+[model_providers.kiro2api]
+name = "kiro2api"
+base_url = "http://localhost:8080/v1"
+env_key = "KIRO2API_KEY"
+wire_api = "responses"
+'''
+
+
+def test_codex_write_keeps_the_rest_of_the_file_byte_for_byte(codex_toml):
+    codex_toml.parent.mkdir()
+    before = BUSY_TOP + "\n" + BUSY_TABLES
+    codex_toml.write_text(before)
+    codex_toml.chmod(0o640)
+    result = invoke("codex", "--write")
+    assert result.exit_code == 0, result.output
+    assert f"Updated {codex_toml}:" in result.stdout
+    assert '  model_provider: "openai" -> "kiro2api"\n' in result.stdout
+    assert "model = " not in result.stdout  # the file's model stays
+    after = codex_toml.read_text()
+    assert after == (before.replace('model_provider = "openai"\n', 'model_provider = "kiro2api"\n')
+                     + KIRO2API_TABLE)
+    config = assert_codex_uses_kiro2api(after, model="gpt-5.6-sol")
+    old = parse_toml(before)
+    assert {k: v for k, v in config.items() if k != "model_provider"} == {
+        **{k: v for k, v in old.items() if k != "model_provider"},
+        "model_providers": {**old["model_providers"], "kiro2api": KIRO2API_PROVIDER}}
+    assert stat.S_IMODE(codex_toml.stat().st_mode) == 0o640
+
+
+def test_codex_write_puts_new_top_level_keys_before_the_first_table(codex_toml):
+    codex_toml.parent.mkdir()
+    top = BUSY_TOP.replace('model = "gpt-5.6-sol"   # the usual\n', "").replace(
+        'model_provider = "openai"\n', "")
+    codex_toml.write_text(top + BUSY_TABLES)
+    result = invoke("codex", "--write")
+    assert result.exit_code == 0, result.output
+    assert '  model = "claude-sonnet-4.5" (added)' in result.stdout
+    assert '  model_provider = "kiro2api" (added)' in result.stdout
+    # After the other top-level keys, before the comment that heads the first table.
+    assert codex_toml.read_text() == (
+        top + 'model = "claude-sonnet-4.5"\nmodel_provider = "kiro2api"\n\n' + BUSY_TABLES
+        + KIRO2API_TABLE)
+    assert_codex_uses_kiro2api(codex_toml.read_text())
+
+
+@pytest.mark.parametrize("before, after", [
+    ("", SNIPPET),
+    ('approval_policy = "never"', 'approval_policy = "never"\n' + SNIPPET),
+    ("[tui]\nnotifications = true", "model = \"claude-sonnet-4.5\"\nmodel_provider = "
+     "\"kiro2api\"\n\n[tui]\nnotifications = true\n" + KIRO2API_TABLE),
+    ('model = "x"\r\n[tui]\r\n', 'model = "x"\r\nmodel_provider = "kiro2api"\r\n\r\n[tui]\r\n'
+     + KIRO2API_TABLE.replace("\n", "\r\n")),
+], ids=["empty", "no-table-no-final-newline", "table-first", "crlf"])
+def test_codex_write_fits_the_file_it_finds(codex_toml, before, after):
+    codex_toml.parent.mkdir()
+    codex_toml.write_bytes(before.encode())
+    result = invoke("codex", "--write")
+    assert result.exit_code == 0, result.output
+    assert codex_toml.read_bytes() == after.encode()
+
+
+def test_codex_write_twice_changes_nothing_the_second_time(codex_toml):
+    assert invoke("codex", "--write").exit_code == 0
+    before = codex_toml.read_bytes()
+    result = invoke("codex", "--write")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == (f"{codex_toml} already has this [model_providers.kiro2api]; "
+                             f"nothing to do.\n")
+    assert codex_toml.read_bytes() == before
+
+
+def test_codex_write_says_when_codex_uses_another_provider_still(codex_toml):
+    codex_toml.parent.mkdir()
+    before = 'model_provider = "openai"\n' + KIRO2API_TABLE
+    codex_toml.write_text(before)
+    result = invoke("codex", "--write")
+    assert result.exit_code == 0, result.output
+    assert "nothing to do" in result.stdout
+    assert 'model_provider is "openai", so Codex uses kiro2api only if' in result.stdout
+    assert codex_toml.read_text() == before
+
+
+@pytest.mark.parametrize("args, table, differs", [
+    (["--port", "9000"], KIRO2API_TABLE,
+     'base_url "http://localhost:8080/v1", not "http://localhost:9000/v1"'),
+    ([], KIRO2API_TABLE.replace('"KIRO2API_KEY"', '"MY_KEY"'),
+     'env_key "MY_KEY", not "KIRO2API_KEY"'),
+    ([], KIRO2API_TABLE.replace('"responses"', '"chat"'), 'wire_api "chat", not "responses"'),
+    ([], "[model_providers]\nkiro2api = 1\n", "base_url ?"),
+], ids=["base_url", "env_key", "wire_api", "not-a-table"])
+def test_codex_write_refuses_a_different_provider_of_the_same_id(codex_toml, args, table,
+                                                                   differs):
+    codex_toml.parent.mkdir()
+    codex_toml.write_text(BUSY_TOP + table)
+    result = invoke("codex", "--write", *args)
+    assert_fails_cleanly(result, str(codex_toml),
+                         "already has a different [model_providers.kiro2api]", differs)
+    assert codex_toml.read_text() == BUSY_TOP + table
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"model = \n", "(Invalid value (at line 1, column 9))"),
+    (b"[a]\nx = 1\n[a]\n", "Cannot declare ('a',) twice"),
+    (b'a = [\n', "at end of document"),
+    (b'model = "\xff"\n', "(not UTF-8 text)"),
+])
+def test_codex_write_refuses_a_file_that_is_not_toml(codex_toml, content, expected):
+    codex_toml.parent.mkdir()
+    codex_toml.write_bytes(content)
+    result = invoke("codex", "--write")
+    assert_fails_cleanly(result, f"{codex_toml} is not valid TOML", expected,
+                         "run kiro2api codex --write again")
+    assert codex_toml.read_bytes() == content
+
+
+@pytest.mark.parametrize("content", ['model_providers = { other = { name = "x" } }\n',
+                                     'model_providers = "none"\n'])
+def test_codex_write_refuses_what_it_cannot_add_to(codex_toml, content):
+    codex_toml.parent.mkdir()
+    codex_toml.write_text(content)
+    result = invoke("codex", "--write")
+    assert result.exit_code == 1, result.output
+    assert str(codex_toml) in result.stderr and "Traceback" not in result.output
+    assert codex_toml.read_text() == content
+
+
+def test_codex_write_honours_codex_home(isolated_env, tmp_path, monkeypatch):
+    codex_home = tmp_path / "elsewhere"
+    monkeypatch.setenv("CODEX_HOME", str(codex_home))
+    result = invoke("codex", "--write")
+    assert result.exit_code == 0, result.output
+    assert f"Created {codex_home / 'config.toml'}:" in result.stdout
+    assert (codex_home / "config.toml").read_text() == SNIPPET
+    assert not (isolated_env / ".codex").exists()
+    printed = invoke("codex")
+    assert str(codex_home / "config.toml") in printed.stderr
+
+
+def test_codex_write_follows_a_symlinked_file(codex_toml, tmp_path):
+    real = tmp_path / "dotfiles-config.toml"
+    real.write_text('approval_policy = "never"\n')
+    codex_toml.parent.mkdir()
+    codex_toml.symlink_to(real)
+    result = invoke("codex", "--write")
+    assert result.exit_code == 0, result.output
+    assert codex_toml.is_symlink()
+    assert real.read_text() == 'approval_policy = "never"\n' + SNIPPET
+
+
+def test_codex_write_without_tomllib_says_what_to_do(codex_toml, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # as on Python 3.10
+    result = invoke("codex", "--write")
+    assert_fails_cleanly(result, "needs Python 3.11 or newer", str(codex_toml))
+    assert not codex_toml.exists()
+    assert invoke("codex").stdout == SNIPPET
+
+
+@pytest.mark.parametrize("value", ['say "hi"', "back\\slash", "tab\tnew\nline", "del\x7f",
+                                   "\x00", "ü €"])
+def test_toml_string_reads_back_as_the_value(value):
+    assert parse_toml(f"v = {kiro2api.toml_string(value)}")["v"] == value

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+from pathlib import Path
 
 import aiohttp
 import openai
@@ -548,3 +549,72 @@ async def test_keepalives_are_in_progress_events_the_sdk_accepts(aiohttp_server,
     async with client.responses.stream(model=MODEL, input="Hi") as stream:
         final = await stream.get_final_response()
     assert final.output_text == "slow answer"
+
+
+async def test_the_short_route_is_behind_the_key_too(proxy):
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        async with aiohttp.ClientSession() as session, session.post(
+                proxy.url + "/responses", json={"model": MODEL, "input": "Hi"},
+                headers=headers) as response:
+            assert response.status == 401
+            assert (await response.json())["error"]["code"] == "invalid_api_key"
+    assert proxy.fake.calls("/generateAssistantResponse") == []
+
+
+async def test_input_tokens_are_counted_and_stored_responses_are_not_found(proxy):
+    client = proxy.openai()
+    short = await client.responses.input_tokens.count(model=MODEL, input="Hi")
+    long = await client.responses.input_tokens.count(model=MODEL, input="Hi " * 400,
+                                                     tools=[EXEC])
+    assert short.object == "response.input_tokens" and 0 < short.input_tokens < 20
+    assert long.input_tokens > short.input_tokens + 200
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.responses.input_tokens.count(model=MODEL, input=[{"type": "nonsense"}])
+    assert caught.value.body["param"] == "input"
+    with pytest.raises(openai.NotFoundError) as caught:
+        await client.responses.retrieve("resp_123")
+    assert "keeps no responses" in caught.value.body["message"]
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.delete("resp_123")
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.cancel("resp_123")
+    assert proxy.fake.calls("/generateAssistantResponse") == []
+
+
+# Codex's own requests (tests/data, captured from codex-cli 0.171.0) ######
+
+DATA = Path(__file__).parent / "data"
+
+
+def codex_request(model, turn):
+    return json.loads((DATA / f"codex-0.171.0-{model}-turn{turn}.json").read_text())
+
+
+@pytest.mark.parametrize(("model", "offered", "result"), [
+    ("claude-sonnet-4.5", ["exec_command", "multi_agent_v1__spawn_agent"], "kiro2api-capture"),
+    ("gpt-5.6-sol", ["exec", "wait", "collaboration__spawn_agent"], "kiro2api-capture"),
+], ids=["plain-tools", "responses-lite"])
+def test_codex_requests_convert_whole(model, offered, result):
+    first = payload(codex_request(model, 1))["conversationState"]
+    tools = first["currentMessage"]["userInputMessage"]["userInputMessageContext"]["tools"]
+    names = [t["toolSpecification"]["name"] for t in tools]
+    assert set(offered) <= set(names) and "web_search" not in names
+    assert len(names) == len(set(names))
+    # The developer messages are the prompt, in front of the first user turn.
+    assert "Codex" in first["currentMessage"]["userInputMessage"]["content"][:2000]
+    second = payload(codex_request(model, 2))["conversationState"]
+    (use,) = second["history"][-1]["assistantResponseMessage"]["toolUses"]
+    assert use["name"] in names
+    context = second["currentMessage"]["userInputMessage"]["userInputMessageContext"]
+    (answer,) = context["toolResults"]
+    assert answer["toolUseId"] == use["toolUseId"]
+    assert result in json.dumps(answer["content"])
+
+
+async def test_codex_requests_are_answered_through_the_server(proxy):
+    proxy.fake.script.append(Stream(fakes.tool("tooluse_x", "multi_agent_v1__wait_agent",
+                                               '{"agent_id":"a"}') + fakes.tail()))
+    events = await raw_events(proxy.url, codex_request("claude-sonnet-4.5", 2))
+    (call,) = events[-1]["response"]["output"]
+    assert (call["name"], call["namespace"]) == ("wait_agent", "multi_agent_v1")
+    Response.model_validate(events[-1]["response"])
