@@ -228,6 +228,9 @@ EMPTY_USER_TEXT = "Continue"
 PREFILL_USER_TEXT = ("Continue your last message from exactly where it ends, "
                      "without repeating any of it.")
 TOOL_RESULTS_TEXT = "Tool results provided."
+TOOL_LOADED_TEXT = "Tool {name} loaded: call it directly."
+# Claude Code offers this tool only to keep its deferred loading on; it is never called.
+DEFERRED_TOOL_PLACEHOLDER = "DeferredToolPlaceholder"
 EMPTY_ASSISTANT_TEXT = " "
 EMPTY_TOOL_RESULT_TEXT = "(empty result)"
 # Upstream limits (PROTOCOL.md 3.4): tool names up to 64 characters, and
@@ -381,6 +384,8 @@ def _tool_result(block: Json, where: str, images: list[Json]) -> Json:
                 texts.append(part["text"])
             elif kind == "image":
                 images.append(_image(part, f"{where}.content.{j}"))
+            elif kind == "tool_reference":
+                texts.append(_tool_reference(part, f"{where}.content.{j}"))
             else:
                 raise ConversionError(
                     f"{where}.content.{j}: unsupported block type {kind!r} in tool_result",
@@ -394,6 +399,16 @@ def _tool_result(block: Json, where: str, images: list[Json]) -> Json:
         "content": items,
         "status": "error" if block.get("is_error") else "success",
     }
+
+
+def _tool_reference(block: Json, where: str) -> str:
+    """Claude Code's tool search loads a deferred tool with a ``tool_reference``
+    (PROTOCOL-2026.md 10.17.3). Kiro has no deferred tools, every tool is offered
+    in full, so the reference becomes what the model needs to hear: the tool is there."""
+    name = block.get("tool_name")
+    _expect(isinstance(name, str) and name != "", f"{where}.tool_name: expected a tool's name",
+            where)
+    return TOOL_LOADED_TEXT.format(name=name)
 
 
 def _turn(message: Any, index: int) -> _Turn:
@@ -571,6 +586,8 @@ def _tool_specs(tools: Any, names: dict[str, str], manuals: list[str]) -> list[J
         _expect(isinstance(name, str) and name != "", f"tools.{i}: a tool needs a name", "tools")
         if "input_schema" not in tool and tool.get("type") not in (None, "custom"):
             continue  # a server tool (web_search_..., bash_...): not ours to forward
+        if name == DEFERRED_TOOL_PLACEHOLDER and tool.get("defer_loading"):
+            continue
         sent = _tool_name(name)
         if sent in seen:
             continue  # the upstream refuses duplicate names; the first one wins
@@ -612,6 +629,19 @@ def _assistant_message(turn: _Turn) -> Json:
     return message
 
 
+def turn_effort(body: Json) -> Any:
+    """The effort asked for: a system message's ``output_config`` holds from that message
+    on (Claude Code's per-turn control, PROTOCOL-2026.md 10.17.5), the last one
+    outranking the top-level ``output_config``."""
+    for message in reversed(body.get("messages") or ()):
+        if isinstance(message, dict) and message.get("role") == "system" and \
+                isinstance(message.get("output_config"), dict) and \
+                "effort" in message["output_config"]:
+            return message["output_config"]["effort"]
+    config = body.get("output_config")
+    return config.get("effort") if isinstance(config, dict) else None
+
+
 def thinking_prefix(body: Json) -> str:
     """The tags that ask for emulated thinking, or "" when it was not requested."""
     thinking = body.get("thinking")
@@ -627,8 +657,7 @@ def thinking_prefix(body: Json) -> str:
         return (f"<thinking_mode>enabled</thinking_mode>"
                 f"<max_thinking_length>{budget}</max_thinking_length>")
     if kind == "adaptive":
-        config = body.get("output_config")
-        effort = config.get("effort") if isinstance(config, dict) else None
+        effort = turn_effort(body)
         if effort not in ("low", "medium", "high", "xhigh", "max"):
             effort = "high"
         return (f"<thinking_mode>adaptive</thinking_mode>"
@@ -2022,12 +2051,37 @@ MESSAGE_STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
 _DELTA_END = b"}}\n\n"
 
 
+# Claude Code's auto mode asks for a safety verdict on each tool call
+# (PROTOCOL-2026.md 10.17.4). kiro2api checks nothing: each call is answered
+# "not judged", with which the client asks its user, without blaming the gateway.
+SAFEGUARD = "dangerous_tool_use"
+NOT_JUDGED = {"type": "unavailable", "reason": "not_judged_as_run"}
+
+
+def wants_safeguards(body: Json) -> bool:
+    safeguards = body.get("safeguards")
+    return isinstance(safeguards, list) and any(
+        isinstance(s, dict) and s.get("type") == SAFEGUARD for s in safeguards)
+
+
+def safeguard_results(tool_use_ids: Iterable[str]) -> list[Json]:
+    return [{"type": SAFEGUARD, "status": {"type": "available", "tool_uses": {
+        tool_use_id: NOT_JUDGED for tool_use_id in tool_use_ids}}}]
+
+
+def omits_thinking(body: Json) -> bool:
+    """``thinking.display`` "omitted": the client wants signed blocks, no thinking text."""
+    thinking = body.get("thinking")
+    return isinstance(thinking, dict) and thinking.get("display") == "omitted"
+
+
 class _AnthropicContent(EventConsumer):
     """Folds neutral events into the ``content`` list of one Anthropic Message."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, omit_thinking: bool = False) -> None:
         super().__init__()
         self.content: list[Json] = []
+        self.omit_thinking = omit_thinking
 
     def _last(self, block_type: str) -> Json | None:
         last = self.content[-1] if self.content else None
@@ -2041,6 +2095,8 @@ class _AnthropicContent(EventConsumer):
             self.content.append({"type": "text", "text": event.text})
 
     def on_thinking(self, event: Thinking) -> None:
+        if self.omit_thinking:
+            return
         last = self._last("thinking")
         if last is not None:
             last["thinking"] += event.text
@@ -2051,6 +2107,9 @@ class _AnthropicContent(EventConsumer):
         last = self._last("thinking")
         if last is not None:
             last["signature"] += event.signature
+        elif self.omit_thinking:  # the signature carries the reasoning to the next turn
+            self.content.append({"type": "thinking", "thinking": "",
+                                 "signature": event.signature})
 
     def on_redacted(self, event: RedactedThinking) -> None:
         self.content.append({"type": "redacted_thinking", "data": event.data})
@@ -2061,15 +2120,20 @@ class _AnthropicContent(EventConsumer):
 
 
 def collect_anthropic(events: Iterable[Event], *, message_id: str, model: str,
-                      stop_reason: str, usage: Usage, stop_sequence: str | None = None) -> Json:
+                      stop_reason: str, usage: Usage, stop_sequence: str | None = None,
+                      omit_thinking: bool = False, safeguards: bool = False) -> Json:
     """Fold neutral events into one non-streaming Anthropic Message."""
-    fold = _AnthropicContent()
+    fold = _AnthropicContent(omit_thinking=omit_thinking)
     fold.consume(events)
-    return {
+    message = {
         "id": message_id, "type": "message", "role": "assistant", "model": model,
         "content": fold.content, "stop_reason": stop_reason, "stop_sequence": stop_sequence,
         "usage": _usage_json(usage),
     }
+    if safeguards:
+        message["safeguard_results"] = safeguard_results(
+            block["id"] for block in fold.content if block["type"] == "tool_use")
+    return message
 
 
 class AnthropicStream(EventConsumer):
@@ -2084,11 +2148,15 @@ class AnthropicStream(EventConsumer):
     def keepalive(self) -> bytes:
         return self.PING
 
-    def __init__(self, *, message_id: str, model: str, input_tokens: int) -> None:
+    def __init__(self, *, message_id: str, model: str, input_tokens: int,
+                 omit_thinking: bool = False, safeguards: bool = False) -> None:
         super().__init__()
         self.message_id = message_id
         self.model = model
         self.input_tokens = input_tokens
+        self.omit_thinking = omit_thinking
+        # With safeguards asked for, the ids of the tool calls sent, for the verdicts.
+        self.tool_use_ids: list[str] | None = [] if safeguards else None
         self._index = -1
         self._open: str | None = None  # "text" | "thinking" | None
         self._delta_head = b""  # the open block's content_block_delta, up to "delta":
@@ -2136,20 +2204,31 @@ class AnthropicStream(EventConsumer):
                 + _DELTA_END)
 
     def on_thinking(self, event: Thinking) -> bytes:
-        begin = b"" if self._open == "thinking" else self._begin(
+        if self.omit_thinking:
+            return b""
+        return self._open_thinking() + self._delta(b'{"type":"thinking_delta","thinking":',
+                                                   event.text)
+
+    def _open_thinking(self) -> bytes:
+        return b"" if self._open == "thinking" else self._begin(
             "thinking", '{"type":"thinking","thinking":"","signature":""}')
-        return begin + self._delta(b'{"type":"thinking_delta","thinking":', event.text)
 
     def on_signature(self, event: ThinkingSignature) -> bytes:
-        if self._open != "thinking":
+        if self.omit_thinking:  # a block of its own: the signature alone
+            begin = self._open_thinking()
+        elif self._open != "thinking":
             return b""
-        return self._delta(b'{"type":"signature_delta","signature":', event.signature)
+        else:
+            begin = b""
+        return begin + self._delta(b'{"type":"signature_delta","signature":', event.signature)
 
     def on_redacted(self, event: RedactedThinking) -> bytes:
         return self._begin("redacted_thinking", '{"type":"redacted_thinking","data":'
                            + _json_string(event.data) + "}") + self._close()
 
     def on_tool_call(self, event: ToolCall) -> bytes:
+        if self.tool_use_ids is not None:
+            self.tool_use_ids.append(event.id)
         return (self._begin("tool_use", '{"type":"tool_use","id":%s,"name":%s,"input":{}}'
                             % (_json_string(event.id), _json_string(event.name)))
                 + self._delta(b'{"type":"input_json_delta","partial_json":', event.input_json)
@@ -2159,6 +2238,8 @@ class AnthropicStream(EventConsumer):
         delta = {"type": "message_delta",
                  "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
                  "usage": _usage_json(usage)}
+        if self.tool_use_ids is not None:
+            delta["delta"]["safeguard_results"] = safeguard_results(self.tool_use_ids)
         return self._close() + sse("message_delta", delta) + MESSAGE_STOP
 
     def error(self, failure: Failure) -> bytes:
@@ -2169,7 +2250,8 @@ class AnthropicStream(EventConsumer):
                 stop_sequence: str | None = None) -> Json:
         return collect_anthropic(events, message_id=self.message_id, model=self.model,
                                  stop_reason=stop_reason, usage=usage,
-                                 stop_sequence=stop_sequence)
+                                 stop_sequence=stop_sequence, omit_thinking=self.omit_thinking,
+                                 safeguards=self.tool_use_ids is not None)
 
 
 # OpenAI rendering #########################################################
@@ -2674,7 +2756,8 @@ def _anthropic_body(body: Any) -> Json:
 
 def _anthropic_renderer(body: Json, answer: Answer) -> Renderer:
     return AnthropicStream(message_id=answer.id, model=answer.model,
-                           input_tokens=answer.input_tokens)
+                           input_tokens=answer.input_tokens, omit_thinking=omits_thinking(body),
+                           safeguards=wants_safeguards(body))
 
 
 def _openai_renderer(body: Json, answer: Answer) -> Renderer:

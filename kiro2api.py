@@ -2823,7 +2823,8 @@ def random_uuid() -> str:
 
 
 async def handle_root(request: web.Request) -> web.Response:
-    """``GET /`` and ``HEAD /``: a small answer (Claude Code probes ``HEAD /``)."""
+    """``GET /`` and ``HEAD /``, ``/api/hello`` too: a small answer, no key needed
+    (Claude Code probes ``HEAD /``, and since 2.1.332 ``/api/hello``)."""
     return web.json_response({"name": "kiro2api", "version": __version__})
 
 
@@ -3233,7 +3234,7 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
     return response
 
 
-QUIET_PATHS = frozenset({"/", "/health", "/metrics"})
+QUIET_PATHS = frozenset({"/", "/api/hello", "/health", "/metrics"})
 
 
 def log_request(request: web.Request, response: web.StreamResponse | None,
@@ -3386,6 +3387,7 @@ def make_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(load_accounts_ctx)
     app.cleanup_ctx.append(shared_state_ctx)
     app.router.add_get("/", handle_root)  # also answers HEAD
+    app.router.add_get("/api/hello", handle_root)
     app.router.add_get("/health", handle_health)
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/v1/models", handle_models)

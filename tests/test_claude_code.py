@@ -768,3 +768,154 @@ def test_scripted_stream_gives_exact_sse(frames, options, expected):
     data = b"".join(frames)
     assert sse_events(render_reads([data[i:i + 1] for i in range(len(data))],
                                    **options)) == events
+
+
+# Claude Code 2.1.332 (PROTOCOL-2026.md 10.17) #############################
+
+CRON_LIST = {"name": "CronList", "description": "List all cron jobs",
+             "input_schema": {"type": "object", "properties": {}}, "defer_loading": True}
+TOOL_SEARCH = {"name": "ToolSearch", "description": "Find deferred tools",
+               "input_schema": {"type": "object", "properties": {
+                   "query": {"type": "string"}, "max_results": {"type": "number"}},
+                   "required": ["query"]}}
+PLACEHOLDER = {"name": "DeferredToolPlaceholder",
+               "description": "Reserved placeholder that keeps deferred tool loading active; "
+                              "never call this tool.",
+               "input_schema": {"type": "object", "properties": {}}, "defer_loading": True}
+SAFEGUARDS = [{"type": "dangerous_tool_use", "classifier_context": {
+    "v": 1, "permission_mode": "auto", "platform": "linux", "live_cwd": "/w",
+    "rules": {"allow": [], "deny": [], "ask": []}, "refused_calls": []}}]
+BETAS = ["claude-code-20250219", "interleaved-thinking-2025-05-14",
+         "per-turn-control-2026-07-01", "advanced-tool-use-2025-11-20",
+         "dangerous-tool-use-2026-09-03", "thinking-display-updates-2026-08-18"]
+
+
+def tool_search_turn():
+    """The turn after the model called ToolSearch for CronList: the tool arrives
+    deferred, and the result references it."""
+    return {"model": "claude-opus-5-5", "max_tokens": 128000, "stream": True,
+            "tools": [TOOL_SEARCH, PLACEHOLDER, CRON_LIST],
+            "messages": [
+                {"role": "user", "content": "List my cron jobs"},
+                {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_s",
+                                                   "name": "ToolSearch",
+                                                   "input": {"query": "select:CronList"}}]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "toolu_s",
+                     "content": [{"type": "tool_reference", "tool_name": "CronList"}]},
+                    {"type": "text", "text": "Tool loaded.",
+                     "cache_control": {"type": "ephemeral"}}]}]}
+
+
+def test_a_tool_reference_loads_the_tool_and_the_placeholder_stays_home():
+    payload = convert.anthropic_to_codewhisperer(tool_search_turn(),
+                                                 conversation_id="c").payload
+    check(load_schema(), "<GenerateAssistantResponseRequest>", payload)
+    current = payload["conversationState"]["currentMessage"]["userInputMessage"]
+    context = current["userInputMessageContext"]
+    assert [t["toolSpecification"]["name"] for t in context["tools"]] == [
+        "ToolSearch", "CronList"]
+    assert context["toolResults"] == [ok("toolu_s", "Tool CronList loaded: call it directly.")]
+    assert current["content"] == "Tool loaded."
+
+
+async def test_the_tool_search_turn_is_one_200_through_the_server(proxy):
+    proxy.fake.script.append(Stream(fakes.tool("toolu_c", "CronList", "{}") + fakes.tail()))
+    body = {k: v for k, v in tool_search_turn().items() if k != "stream"}
+    async with proxy.anthropic().beta.messages.stream(**body, betas=BETAS) as stream:
+        message = await stream.get_final_message()
+    assert [(b.type, b.name) for b in message.content] == [("tool_use", "CronList")]
+    assert len(proxy.fake.calls("/generateAssistantResponse")) == 1
+    with pytest.raises(anthropic.BadRequestError) as caught:  # a reference must name its tool
+        broken = tool_search_turn()
+        broken["messages"][2]["content"][0]["content"] = [{"type": "tool_reference"}]
+        await proxy.anthropic().messages.create(**{**broken, "stream": False,
+                                                   "max_tokens": 4096})
+    assert "tool_name" in caught.value.message
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
+async def test_safeguards_are_answered_not_judged_for_each_call(proxy, stream):
+    frames = fakes.text("Deleting.") + fakes.tool("toolu_r", "Bash", '{"command":"rm -r x"}')
+    proxy.fake.script.append(Stream(frames + fakes.tail()))
+    body = {"model": "claude-opus-5-5", "max_tokens": 128000, "stream": stream,
+            "safeguards": SAFEGUARDS, "tools": [{"name": "Bash", "input_schema": {
+                "type": "object", "properties": {"command": {"type": "string"}}}}],
+            "messages": [{"role": "user", "content": "clean up"}]}
+    status, raw = await post_messages(proxy, body)
+    assert status == 200, raw
+    expected = [{"type": "dangerous_tool_use", "status": {"type": "available", "tool_uses": {
+        "toolu_r": {"type": "unavailable", "reason": "not_judged_as_run"}}}}]
+    if stream:
+        events = [data for _, data in parse_sse(raw) if data["type"] != "ping"]
+        for event in events:
+            pydantic.TypeAdapter(RawMessageStreamEvent).validate_python(event)
+        (delta,) = [e for e in events if e["type"] == "message_delta"]
+        assert delta["delta"]["safeguard_results"] == expected
+    else:
+        answer = json.loads(raw)
+        Message.model_validate(answer)
+        assert answer["safeguard_results"] == expected
+    # Without safeguards asked for, no such field; with no call, no verdicts.
+    proxy.fake.script.append(Stream(fakes.text("Hi") + fakes.tail()))
+    status, raw = await post_messages(proxy, {**body, "stream": False, "safeguards": None})
+    assert "safeguard_results" not in json.loads(raw)
+    proxy.fake.script.append(Stream(fakes.text("Hi") + fakes.tail()))
+    status, raw = await post_messages(proxy, {**body, "stream": False})
+    assert json.loads(raw)["safeguard_results"][0]["status"]["tool_uses"] == {}
+
+
+async def post_messages(proxy, body):
+    import aiohttp
+
+    from helpers import API_KEY
+
+    async with aiohttp.ClientSession() as session, session.post(
+            proxy.url + "/v1/messages", json=body,
+            headers={"x-api-key": API_KEY, "anthropic-version": "2023-06-01"}) as response:
+        return response.status, await response.read()
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
+async def test_thinking_display_omitted_sends_signed_blocks_without_text(proxy, stream):
+    signed = [fakes.event("reasoningContentEvent", {"text": "secret plan"}),
+              fakes.event("reasoningContentEvent", {"signature": "sig-1"})]
+    body = {"model": "claude-opus-5-5", "max_tokens": 128000, "stream": stream,
+            "thinking": {"type": "adaptive", "display": "omitted"},
+            "messages": [{"role": "user", "content": "think"}]}
+    proxy.fake.script.append(Stream(signed + fakes.text("Done.") + fakes.tail()))
+    status, raw = await post_messages(proxy, body)
+    assert status == 200 and b"secret plan" not in raw
+    if stream:
+        events = [data for _, data in parse_sse(raw)]
+        kinds = [(e["type"], e.get("delta", {}).get("type")) for e in events
+                 if e["type"].startswith("content_block")]
+        assert kinds[:3] == [("content_block_start", None),
+                             ("content_block_delta", "signature_delta"),
+                             ("content_block_stop", None)]
+        assert events[2]["content_block"] == {"type": "thinking", "thinking": "",
+                                              "signature": ""}
+    else:
+        assert json.loads(raw)["content"][0] == {"type": "thinking", "thinking": "",
+                                                 "signature": "sig-1"}
+    # Unsigned thinking (the tag emulation) sends no block at all; "updates" passes it on.
+    proxy.fake.script.append(Stream(fakes.text("<thinking>plan</thinking>\n\nDone.")
+                                    + fakes.tail()))
+    status, raw = await post_messages(proxy, {**body, "stream": False})
+    assert [b["type"] for b in json.loads(raw)["content"]] == ["text"]
+    proxy.fake.script.append(Stream(signed + fakes.text("Done.") + fakes.tail()))
+    status, raw = await post_messages(proxy, {**body, "stream": False, "thinking": {
+        "type": "adaptive", "display": "updates"}})
+    assert json.loads(raw)["content"][0]["thinking"] == "secret plan"
+
+
+def test_the_last_per_turn_effort_outranks_the_top_level():
+    body = {"model": "claude-opus-5-5", "max_tokens": 1, "thinking": {"type": "adaptive"},
+            "output_config": {"effort": "medium"}, "messages": [
+                {"role": "system", "content": "env", "output_config": {"effort": "low"}},
+                {"role": "user", "content": "a"},
+                {"role": "system", "content": [], "output_config": {"effort": "xhigh"}},
+                {"role": "user", "content": "b"}]}
+    assert "<thinking_effort>xhigh</thinking_effort>" in convert.thinking_prefix(body)
+    body["messages"] = body["messages"][1:2]
+    assert "<thinking_effort>medium</thinking_effort>" in convert.thinking_prefix(body)

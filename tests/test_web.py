@@ -35,3 +35,13 @@ async def test_health_is_degraded_when_no_account_is_usable(aiohttp_client, tmp_
 async def test_root_answers_probes(client, method):
     response = await client.request(method, "/")
     assert response.status == 200
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+async def test_api_hello_answers_without_a_key(aiohttp_client, tmp_path, method):
+    config = kiro2api.Config(token_files=(tmp_path / "t.json",), api_key="k")
+    client = await aiohttp_client(kiro2api.make_app(config))
+    response = await client.request(method, "/api/hello")
+    assert response.status == 200
+    if method == "GET":
+        assert (await response.json())["name"] == "kiro2api"
