@@ -2535,6 +2535,7 @@ class ResponsesStream(EventConsumer):
         self._open: Json | None = None  # the message or reasoning item open now
         self._texts: list[str] = []  # its text so far
         self._signature = ""  # of the reasoning item open now
+        self._in_message = False  # the open item is a message
         self._delta_head = b""  # the open message's output_text.delta, up to its text
         self._reasoning_chars = 0
 
@@ -2577,6 +2578,7 @@ class ResponsesStream(EventConsumer):
 
     def _close(self, status: str = "completed") -> bytes:
         item, self._open = self._open, None
+        self._in_message = False
         if item is None:
             return b""
         text = "".join(self._texts)
@@ -2600,16 +2602,19 @@ class ResponsesStream(EventConsumer):
     # One method per neutral event
 
     def on_text(self, event: Text) -> bytes:
-        out = b""
-        if self._open is None or self._open["type"] != "message":
-            out = self._open_message()
+        if not self._in_message:
+            return self._open_message() + self.on_text(event)
+        # The hot path (a frame of text into an open message): bytes joined, no dict.
         self._texts.append(event.text)
-        return out + self._text_delta(event.text)
+        self._sequence += 1
+        return (self._delta_head + _json_string(event.text).encode("utf-8", "backslashreplace")
+                + b',"sequence_number":%d}\n\n' % self._sequence)
 
     def _open_message(self) -> bytes:
         item = {"id": "msg", "type": "message", "role": "assistant",
                 "status": "in_progress", "content": []}
         out = self._begin(item)
+        self._in_message = True
         index = len(self.output)
         self._delta_head = (b'event: response.output_text.delta\ndata: {"type":'
                             b'"response.output_text.delta","item_id":"%s","output_index":%d,'
@@ -2618,12 +2623,6 @@ class ResponsesStream(EventConsumer):
         return out + self._event("response.content_part.added", {
             "item_id": item["id"], "output_index": index, "content_index": 0,
             "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []}})
-
-    def _text_delta(self, text: str) -> bytes:
-        # The hot path (a frame of text into an open message): bytes joined, no dict.
-        self._sequence += 1
-        return (self._delta_head + _json_string(text).encode("utf-8", "backslashreplace")
-                + b',"sequence_number":%d}\n\n' % self._sequence)
 
     def on_thinking(self, event: Thinking) -> bytes:
         self._reasoning_chars += len(event.text)
@@ -2652,6 +2651,7 @@ class ResponsesStream(EventConsumer):
     def _close_whole(self, item: Json) -> bytes:
         """Close an item whose added event carried it whole already."""
         self._open = None
+        self._in_message = False
         return self._done(item)
 
     def on_tool_call(self, event: ToolCall) -> bytes:
