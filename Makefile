@@ -12,7 +12,8 @@ PYZ := $(DIST)/kiro2api.pyz
 PREFIX ?= /opt/kiro2api
 UNITDIR ?= /etc/systemd/system
 
-.PHONY: install test test-fast lint run demo bench dist clean
+.PHONY: install test test-fast lint run demo bench e2e e2e-codex e2e-claude-code e2e-qwen-code \
+	dist clean
 
 $(BIN)/.installed: setup.cfg Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +41,24 @@ demo: $(BIN)/.installed
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/run.py
+
+# Opt-in: real agent CLIs from npm (cached in $(E2E_CACHE), or ~/.cache/kiro2api-e2e)
+# run a shell-tool loop through a kiro2api process in front of the fake Kiro.
+# `make e2e CODEX_VERSION=latest` tries the newest Codex; `make -k e2e` runs all three
+# even when one fails.
+CODEX_VERSION ?= 0.171.0
+CLAUDE_CODE_VERSION ?= 2.1.332
+QWEN_CODE_VERSION ?= 0.24.4
+e2e: e2e-codex e2e-claude-code e2e-qwen-code
+
+e2e-codex: $(BIN)/.installed
+	CODEX_VERSION=$(CODEX_VERSION) $(BIN)/python tests/e2e/run_codex.py
+
+e2e-claude-code: $(BIN)/.installed
+	CLAUDE_CODE_VERSION=$(CLAUDE_CODE_VERSION) $(BIN)/python tests/e2e/run_claude_code.py
+
+e2e-qwen-code: $(BIN)/.installed
+	QWEN_CODE_VERSION=$(QWEN_CODE_VERSION) $(BIN)/python tests/e2e/run_qwen_code.py
 
 dist: $(PYZ)
 
