@@ -1049,6 +1049,13 @@ def _openai_sampling(body: Json, out: Json) -> None:
         out["stop_sequences"] = stop
 
 
+def _ask_thinking(out: Json, effort: Any) -> None:
+    """An OpenAI reasoning effort that asks for thinking -> adaptive thinking at that effort."""
+    if effort in REASONING_EFFORTS:
+        out["thinking"] = {"type": "adaptive"}
+        out["output_config"] = {"effort": effort}
+
+
 def openai_to_anthropic(body: Any) -> Json:
     """OpenAI Chat Completions request -> the equivalent Anthropic Messages request.
 
@@ -1082,10 +1089,7 @@ def openai_to_anthropic(body: Any) -> Json:
     tool_choice = _openai_tool_choice(body.get("tool_choice"), body.get("parallel_tool_calls"))
     if tool_choice is not None:
         out["tool_choice"] = tool_choice
-    effort = body.get("reasoning_effort")
-    if effort in REASONING_EFFORTS:
-        out["thinking"] = {"type": "adaptive"}
-        out["output_config"] = {"effort": effort}
+    _ask_thinking(out, body.get("reasoning_effort"))
     if isinstance(body.get("stream"), bool):
         out["stream"] = body["stream"]
     return out
@@ -1371,10 +1375,7 @@ def responses_to_anthropic(body: Any) -> Json:
     if tool_choice is not None:
         out["tool_choice"] = tool_choice
     reasoning = body.get("reasoning")
-    effort = reasoning.get("effort") if isinstance(reasoning, dict) else None
-    if effort in REASONING_EFFORTS:
-        out["thinking"] = {"type": "adaptive"}
-        out["output_config"] = {"effort": effort}
+    _ask_thinking(out, reasoning.get("effort") if isinstance(reasoning, dict) else None)
     return out
 
 
