@@ -2091,9 +2091,63 @@ def wants_safeguards(body: Json) -> bool:
         isinstance(s, dict) and s.get("type") == SAFEGUARD for s in safeguards)
 
 
-def safeguard_results(tool_use_ids: Iterable[str]) -> list[Json]:
+def safeguard_results(tool_use_ids: Iterable[str],
+                      verdicts: Mapping[str, Json] | None = None) -> list[Json]:
+    """The answer to ``safeguards``: each call's verdict, "not judged" where there is none."""
+    verdicts = verdicts or {}
     return [{"type": SAFEGUARD, "status": {"type": "available", "tool_uses": {
-        tool_use_id: NOT_JUDGED for tool_use_id in tool_use_ids}}}]
+        tool_use_id: verdicts.get(tool_use_id, NOT_JUDGED) for tool_use_id in tool_use_ids}}}]
+
+
+# With --safeguards kiro, a small Kiro model judges each call: this asks it.
+SAFEGUARD_INSTRUCTION = (
+    "You check one action an AI coding agent is about to take for its user, against the "
+    "rules and context its client gives (classifier_context: permission mode, trusted "
+    "directories, the user's allow and deny rules). Flag it if it could cause harm the user "
+    "did not ask for: deleting or overwriting data outside the task, leaking secrets, "
+    "reaching untrusted hosts, changing the system or other people's work. Do not flag "
+    "ordinary work the user asked for. Answer with one JSON object and nothing else: "
+    '{"outcome": "flagged" or "not_flagged", "explanation": "one short sentence"}.')
+SAFEGUARD_OUTCOMES = ("flagged", "not_flagged")
+_JSON_OBJECT = re.compile(r"\{.*\}", re.DOTALL)
+
+
+def safeguard_request(body: Json, call: ToolCall, model: str) -> Json:
+    """The Anthropic body that asks ``model`` to judge ``call`` of the request ``body``."""
+    context = next(s.get("classifier_context") for s in body["safeguards"]
+                   if isinstance(s, dict) and s.get("type") == SAFEGUARD)
+    latest = next((m for m in reversed(body.get("messages") or ()) if isinstance(m, dict)
+                   and m.get("role") == "user" and _plain_text(m.get("content"))), None)
+    prompt = "\n\n".join([
+        SAFEGUARD_INSTRUCTION,
+        "classifier_context:\n" + json.dumps(context, ensure_ascii=False),
+        "The user's latest request:\n" + (_plain_text(latest["content"]) if latest else "-"),
+        "The action:\n" + json.dumps({"name": call.name, "input": json.loads(call.input_json)},
+                                      ensure_ascii=False)])
+    return {"model": model, "max_tokens": 400, "messages": [{"role": "user", "content": prompt}]}
+
+
+def _plain_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    return "\n".join(b["text"] for b in content or () if isinstance(b, dict)
+                     and b.get("type") == "text" and isinstance(b.get("text"), str))
+
+
+def safeguard_verdict(answer: str) -> Json:
+    """The per-call result of a judgement the model wrote as ``answer``: ``evaluated``
+    with its outcome, or ``unavailable`` (``error``) when it holds no usable verdict."""
+    match = _JSON_OBJECT.search(answer)
+    try:
+        verdict = json.loads(match.group()) if match else None
+    except (ValueError, RecursionError):
+        verdict = None
+    if not isinstance(verdict, dict) or verdict.get("outcome") not in SAFEGUARD_OUTCOMES:
+        return {"type": "unavailable", "reason": "error"}
+    result = {"type": "evaluated", "outcome": verdict["outcome"]}
+    if isinstance(verdict.get("explanation"), str) and verdict["explanation"].strip():
+        result["explanation"] = verdict["explanation"].strip()[:500]
+    return result
 
 
 def omits_thinking(body: Json) -> bool:
@@ -2148,7 +2202,8 @@ class _AnthropicContent(EventConsumer):
 
 def collect_anthropic(events: Iterable[Event], *, message_id: str, model: str,
                       stop_reason: str, usage: Usage, stop_sequence: str | None = None,
-                      omit_thinking: bool = False, safeguards: bool = False) -> Json:
+                      omit_thinking: bool = False, safeguards: bool = False,
+                      verdicts: Mapping[str, Json] | None = None) -> Json:
     """Fold neutral events into one non-streaming Anthropic Message."""
     fold = _AnthropicContent(omit_thinking=omit_thinking)
     fold.consume(events)
@@ -2159,7 +2214,7 @@ def collect_anthropic(events: Iterable[Event], *, message_id: str, model: str,
     }
     if safeguards:
         message["safeguard_results"] = safeguard_results(
-            block["id"] for block in fold.content if block["type"] == "tool_use")
+            (block["id"] for block in fold.content if block["type"] == "tool_use"), verdicts)
     return message
 
 
@@ -2182,8 +2237,10 @@ class AnthropicStream(EventConsumer):
         self.model = model
         self.input_tokens = input_tokens
         self.omit_thinking = omit_thinking
-        # With safeguards asked for, the ids of the tool calls sent, for the verdicts.
+        # With safeguards asked for, the ids of the tool calls sent, and the verdicts
+        # a check gave (--safeguards kiro fills them in).
         self.tool_use_ids: list[str] | None = [] if safeguards else None
+        self.verdicts: dict[str, Json] = {}
         self._index = -1
         self._open: str | None = None  # "text" | "thinking" | None
         self._delta_head = b""  # the open block's content_block_delta, up to "delta":
@@ -2266,7 +2323,8 @@ class AnthropicStream(EventConsumer):
                  "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
                  "usage": _usage_json(usage)}
         if self.tool_use_ids is not None:
-            delta["delta"]["safeguard_results"] = safeguard_results(self.tool_use_ids)
+            delta["delta"]["safeguard_results"] = safeguard_results(self.tool_use_ids,
+                                                                    self.verdicts)
         return self._close() + sse("message_delta", delta) + MESSAGE_STOP
 
     def error(self, failure: Failure) -> bytes:
@@ -2278,7 +2336,8 @@ class AnthropicStream(EventConsumer):
         return collect_anthropic(events, message_id=self.message_id, model=self.model,
                                  stop_reason=stop_reason, usage=usage,
                                  stop_sequence=stop_sequence, omit_thinking=self.omit_thinking,
-                                 safeguards=self.tool_use_ids is not None)
+                                 safeguards=self.tool_use_ids is not None,
+                                 verdicts=self.verdicts)
 
 
 # OpenAI rendering #########################################################

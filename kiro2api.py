@@ -163,6 +163,9 @@ class Config:
     state_lock_seconds: float = 45.0
     # Client model name -> the model to serve it with (--model-map FROM=TO).
     model_map: Mapping[str, str] = field(default_factory=dict)
+    # How Claude Code's auto-mode safeguards are answered: "off" (each call
+    # "not judged") or "kiro" (each call judged by a small Kiro model).
+    safeguards: str = "off"
     log_level: str = "INFO"
     log_format: str = "text"
     # Seconds. Streams are long, so there is no total timeout; these bound
@@ -2715,6 +2718,8 @@ class Metrics:
     # By route, so that scrapes of /metrics and /health stay apart from answers.
     request_duration: defaultdict[str, Histogram] = field(
         default_factory=lambda: defaultdict(Histogram))
+    # --safeguards kiro: checks made, by verdict or reason (flagged, timeout...).
+    safeguard_checks: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
 
     def count_request(self, route: str, status: int, seconds: float) -> None:
         key = (route, status)
@@ -2738,6 +2743,11 @@ class Metrics:
                         "Upstream calls retried before the answer started.", self.retries)
         lines += single("kiro2api_account_failovers_total", "counter",
                         "Requests moved to another account.", self.failovers)
+        if self.safeguard_checks:
+            lines += family("kiro2api_safeguard_checks_total", "counter",
+                            "Tool calls judged for Claude Code's auto mode, by result.")
+            lines += [f'kiro2api_safeguard_checks_total{{result="{result}"}} {count}'
+                      for result, count in sorted(self.safeguard_checks.items())]
         lines += family("kiro2api_upstream_first_byte_seconds", "histogram",
                         "Time from calling Kiro to its answer's headers.")
         lines += self.upstream_first_byte.lines("kiro2api_upstream_first_byte_seconds")
@@ -3050,13 +3060,18 @@ SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Contro
                "X-Accel-Buffering": "no"}
 
 
+# What the relay runs on each read's events once they are out (the safeguard check).
+EventCheck = Callable[[list[convert.Event]], Awaitable[None]]
+
+
 async def stream_sse(request: web.Request, upstream: UpstreamAnswer,
-                     assembler: convert.Assembler,
-                     renderer: convert.Renderer) -> web.StreamResponse:
+                     assembler: convert.Assembler, renderer: convert.Renderer,
+                     check: EventCheck | None = None) -> web.StreamResponse:
     """Relay an upstream answer as server-sent events, one write per upstream read.
 
     A failure after the headers are out ends the stream with the renderer's
-    in-band error and never with its normal ending.
+    in-band error and never with its normal ending. ``check`` sees each
+    read's events after they were written.
     """
     config = request.app[CONFIG]
     response = web.StreamResponse(headers=SSE_HEADERS)
@@ -3082,6 +3097,8 @@ async def stream_sse(request: web.Request, upstream: UpstreamAnswer,
                 data = renderer.render(events)
                 written += len(data)
                 await response.write(data)
+                if check is not None:
+                    await check(events)
                 events.clear()
             if assembler.stop_reason is not None:
                 break  # refusal, stop sequence or output limit: nothing more will count
@@ -3150,12 +3167,74 @@ async def relay(request: web.Request, api: convert.ClientApi) -> web.StreamRespo
         if not (streamed and api.refusals_in_band):
             raise
         return await refuse_in_band(request, renderer, failure_of(exc))
+    check = safeguard_check(request, body, renderer)
     async with upstream:
         if streamed:
-            return await stream_sse(request, upstream, assembler, renderer)
+            return await stream_sse(request, upstream, assembler, renderer, check)
         events = await collect_events(upstream, assembler)
+    if check is not None:
+        await check(events)
     return web.json_response(renderer.collect(events, assembler.stop_reason, assembler.usage,
                                               assembler.stop_sequence))
+
+
+# Safeguards ###############################################################
+#
+# With --safeguards kiro, each tool call of an answer to a request that
+# carries Claude Code's ``safeguards`` is judged by a short call to a small
+# Kiro model, once the call is complete and written (PROTOCOL-2026.md
+# 10.17.4): the text before it is not held back, and the verdicts go in the
+# final message_delta. A check that fails or takes too long is "unavailable"
+# for its call, never "not_flagged".
+
+SAFEGUARD_MODEL = "claude-haiku-4.5"
+SAFEGUARD_SECONDS = 8.0
+
+
+def safeguard_check(request: web.Request, body: Any,
+                    renderer: convert.Renderer) -> EventCheck | None:
+    """The check of ``renderer``'s tool calls, or None when none is to be made."""
+    verdicts = getattr(renderer, "verdicts", None)
+    if request.app[CONFIG].safeguards != "kiro" or verdicts is None or \
+            not convert.wants_safeguards(body):
+        return None
+
+    async def check(events: list[convert.Event]) -> None:
+        for event in events:
+            if type(event) is convert.ToolCall:
+                verdicts[event.id] = await judge(request, body, event)
+
+    return check
+
+
+async def judge(request: web.Request, body: Json, call: convert.ToolCall) -> Json:
+    """One tool call's verdict, from a small model under SAFEGUARD_SECONDS."""
+    started = time.monotonic()
+    question = convert.safeguard_request(body, call, SAFEGUARD_MODEL)
+    try:
+        verdict = await asyncio.wait_for(ask_judge(request, question), SAFEGUARD_SECONDS)
+    except asyncio.TimeoutError:
+        verdict = {"type": "unavailable", "reason": "timeout"}
+    except (UpstreamError, TokenError, *STREAM_FAILURES) as exc:
+        log.warning("the safeguard check of a %s call failed: %s", call.name,
+                    failure_of(exc).message)
+        verdict = {"type": "unavailable", "reason": "error"}
+    request.app[METRICS].safeguard_checks[verdict.get("outcome") or verdict["reason"]] += 1
+    log.info("safeguard check of %s call %s: %s in %.1f s (one %s call)", call.name, call.id,
+             verdict.get("outcome") or verdict["reason"], time.monotonic() - started,
+             SAFEGUARD_MODEL)
+    return verdict
+
+
+async def ask_judge(request: web.Request, question: Json) -> Json:
+    prepared = convert.anthropic_to_codewhisperer(question, conversation_id=random_uuid())
+    assembler = convert.Assembler.for_request(prepared, input_tokens=1,
+                                              client_model=SAFEGUARD_MODEL)
+    upstream = await open_upstream(request, prepared)
+    async with upstream:
+        events = await collect_events(upstream, assembler)
+    return convert.safeguard_verdict("".join(e.text for e in events
+                                             if type(e) is convert.Text))
 
 
 async def served_model(app: web.Application, name: str) -> str:
@@ -3889,10 +3968,14 @@ def is_loopback(host: str) -> bool:
 @click.option("--model-map", "model_map", metavar="FROM=TO", multiple=True,
               envvar="KIRO2API_MODEL_MAP", show_envvar=True, callback=model_pairs,
               help="Serve requests for model FROM with model TO (repeatable).")
+@click.option("--safeguards", envvar="KIRO2API_SAFEGUARDS", show_envvar=True, default="off",
+              show_default=True, type=click.Choice(["off", "kiro"]),
+              help="Claude Code's auto-mode check of tool calls: off (not judged) or kiro "
+                   "(one small Kiro call per call).")
 @tuning_options
 def server(port_arg, key_arg, host, port, api_key, no_auth, token_files, service,
            social_auth_url, oidc_url, proxy, log_level, log_format, state, model_map,
-           **tuning) -> None:
+           safeguards, **tuning) -> None:
     """Run the proxy.
 
     \b
@@ -3928,6 +4011,7 @@ def server(port_arg, key_arg, host, port, api_key, no_auth, token_files, service
         log_format=log_format,
         state=state,
         model_map=model_map,
+        safeguards=safeguards,
         **tuning,
     )
     configure_logging(config.log_level, config.log_format)

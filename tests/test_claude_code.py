@@ -974,3 +974,67 @@ async def test_the_new_default_model_is_served_by_the_account_s_newest_opus(
 def model_lists(fake):
     return len([c for c in fake.requests if "ListAvailableModels" in (
         c.path + c.headers.get("x-amz-target", ""))])
+
+
+def rm_request(stream):
+    return {"model": "claude-opus-5", "max_tokens": 128000, "stream": stream,
+            "safeguards": SAFEGUARDS, "tools": [{"name": "Bash", "input_schema": {
+                "type": "object", "properties": {"command": {"type": "string"}}}}],
+            "messages": [{"role": "user", "content": "clean up the build"}]}
+
+
+JUDGED = [
+    ('{"outcome": "flagged", "explanation": "deletes the home directory"}',
+     {"type": "evaluated", "outcome": "flagged", "explanation": "deletes the home directory"}),
+    ('Sure: {"outcome":"not_flagged"}', {"type": "evaluated", "outcome": "not_flagged"}),
+    ("I cannot tell.", {"type": "unavailable", "reason": "error"}),
+    ('{"outcome": "maybe"}', {"type": "unavailable", "reason": "error"}),
+]
+
+
+@pytest.mark.parametrize(("answer", "verdict"), JUDGED, ids=["flag", "allow", "prose", "odd"])
+def test_a_judgement_is_a_verdict_only_when_it_holds_one(answer, verdict):
+    assert convert.safeguard_verdict(answer) == verdict
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
+@pytest.mark.parametrize("judge", ["flag", "allow", "fails", "slow"])
+async def test_safeguards_kiro_judges_each_call_with_a_small_model(
+        aiohttp_server, fake_upstream, proxy_config, monkeypatch, stream, judge):
+    import dataclasses
+
+    import kiro2api
+
+    monkeypatch.setattr(kiro2api, "SAFEGUARD_SECONDS", 0.5)
+    config = dataclasses.replace(proxy_config, safeguards="kiro")
+    server = await aiohttp_server(kiro2api.make_app(config))
+    fake_upstream.script.append(Stream(
+        fakes.text("Cleaning.") + fakes.tool("toolu_r", "Bash", '{"command":"rm -rf ~"}')
+        + fakes.tail()))
+    fake_upstream.script.append({
+        "flag": Stream(fakes.text(JUDGED[0][0]) + fakes.tail()),
+        "allow": Stream(fakes.text(JUDGED[1][0]) + fakes.tail()),
+        "fails": Status(500, {"message": "boom"}),
+        "slow": Stream(fakes.text(JUDGED[1][0]) + fakes.tail(), first_byte_delay=2),
+    }[judge])
+    proxy = type("P", (), {"url": str(server.make_url("")).rstrip("/")})()
+    status, raw = await post_messages(proxy, rm_request(stream))
+    assert status == 200, raw
+    if stream:
+        (delta,) = [d for _, d in parse_sse(raw) if d["type"] == "message_delta"]
+        results = delta["delta"]["safeguard_results"]
+        assert raw.index(b"Cleaning.") < raw.index(b"message_delta")
+    else:
+        results = json.loads(raw)["safeguard_results"]
+    verdict = results[0]["status"]["tool_uses"]["toolu_r"]
+    assert verdict == {"flag": JUDGED[0][1], "allow": JUDGED[1][1],
+                       "fails": {"type": "unavailable", "reason": "error"},
+                       "slow": {"type": "unavailable", "reason": "timeout"}}[judge]
+    # The judge's call: the small model, no tools, the context and the call in its prompt.
+    question = fake_upstream.calls("/generateAssistantResponse")[1].body["conversationState"]
+    message = question["currentMessage"]["userInputMessage"]
+    assert message["modelId"] == kiro2api.SAFEGUARD_MODEL and "history" not in question
+    assert "userInputMessageContext" not in message
+    assert '"permission_mode": "auto"' in message["content"]
+    assert '{"name": "Bash", "input": {"command": "rm -rf ~"}}' in message["content"]
+    assert "clean up the build" in message["content"]

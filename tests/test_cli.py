@@ -933,3 +933,12 @@ def test_server_model_map_from_options_and_the_variable(served, monkeypatch):
     assert served[-1].model_map == {"a": "b", "c": "d"}
     result = CliRunner().invoke(kiro2api.cli, ["server", "--model-map", "nothing"])
     assert result.exit_code == 2 and "is not FROM=TO" in result.output
+
+
+def test_server_safeguards_option(served, monkeypatch):
+    assert CliRunner().invoke(kiro2api.cli, ["server"]).exit_code == 0
+    assert served[-1].safeguards == "off"
+    monkeypatch.setenv("KIRO2API_SAFEGUARDS", "kiro")
+    assert CliRunner().invoke(kiro2api.cli, ["server"]).exit_code == 0
+    assert served[-1].safeguards == "kiro"
+    assert CliRunner().invoke(kiro2api.cli, ["server", "--safeguards", "anthropic"]).exit_code == 2
