@@ -1443,6 +1443,12 @@ class TokenUsage(NamedTuple):
     cache_write: int | None
 
 
+class Metering(NamedTuple):
+    """``meteringEvent``: the Kiro credits the answer was billed (the last one counts)."""
+
+    credits: float
+
+
 class ContextUsage(NamedTuple):
     percentage: float
 
@@ -1457,7 +1463,7 @@ class UpstreamException(NamedTuple):
 
 
 UpstreamEvent = Union[Text, ToolUseDelta, ReasoningDelta, TokenUsage, ContextUsage,
-                      Refusal, UpstreamException]
+                      Metering, Refusal, UpstreamException]
 
 
 _json_decoder = json.JSONDecoder()
@@ -1552,6 +1558,11 @@ def _metadata_event(data: Json) -> TokenUsage | Refusal | None:
     return None
 
 
+def _metering_event(data: Json) -> Metering | None:
+    credits = _number_or_none(data.get("usage"))
+    return None if credits is None or credits < 0 else Metering(credits)
+
+
 def _context_usage_event(data: Json) -> ContextUsage | None:
     percentage = _number_or_none(data.get("contextUsagePercentage"))
     return None if percentage is None else ContextUsage(float(percentage))
@@ -1569,6 +1580,7 @@ _EVENT_DECODERS: dict[str, Callable[[Json], UpstreamEvent | None]] = {
     "reasoningContentEvent": _reasoning_event,
     "metadataEvent": _metadata_event,
     "contextUsageEvent": _context_usage_event,
+    "meteringEvent": _metering_event,
     "invalidStateEvent": _invalid_state_event,
 }
 
@@ -1839,6 +1851,7 @@ class Assembler:
         self.stop_reason: str | None = None  # set once the answer is known to be over
         self.stop_sequence: str | None = None
         self.tool_calls = 0
+        self.credits: float | None = None  # what Kiro billed, when it said
         self._thinking = ThinkingTags() if thinking else None
         self._stops = StopSequences(stop_sequences) if stop_sequences else None
         self._tools: dict[str, list[str]] = {}  # id -> [name, fragment, fragment...]
@@ -1873,15 +1886,7 @@ class Assembler:
         if kind is ToolUseDelta:
             return self._tool(event)
         if kind is ReasoningDelta:
-            out: list[Event] = []
-            if event.text:
-                self._output_chars += len(event.text)
-                out.append(Thinking(event.text))
-            if event.signature:
-                out.append(ThinkingSignature(event.signature))
-            if event.redacted:
-                out.append(RedactedThinking(event.redacted))
-            return out
+            return self._reasoning(event)
         if kind is TokenUsage:
             if event.input_tokens is not None:
                 self.usage.input_tokens = event.input_tokens
@@ -1891,6 +1896,8 @@ class Assembler:
             self.usage.cache_creation_input_tokens = event.cache_write
         elif kind is ContextUsage:
             self._context_percentage = event.percentage
+        elif kind is Metering:
+            self.credits = event.credits
         elif kind is Refusal:
             self.stop_reason = "refusal"  # finish() lets out the text still held
         elif kind is UpstreamException:
@@ -1901,6 +1908,17 @@ class Assembler:
                 return []
             raise StreamError(event.error_type, event.message)
         return []
+
+    def _reasoning(self, event: ReasoningDelta) -> list[Event]:
+        out: list[Event] = []
+        if event.text:
+            self._output_chars += len(event.text)
+            out.append(Thinking(event.text))
+        if event.signature:
+            out.append(ThinkingSignature(event.signature))
+        if event.redacted:
+            out.append(RedactedThinking(event.redacted))
+        return out
 
     def _text(self, text: str, *, final: bool = False) -> list[Event]:
         events = self._thinking.feed(text, final=final) if self._thinking else [Text(text)]

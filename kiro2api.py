@@ -1494,6 +1494,7 @@ class TokenStore:
         self.cooldown_reason: str | None = None
         self.cooldown_state: str | None = None  # "suspended", "exhausted": Kiro's word
         self.kiro = KiroView(self.clock)
+        self.credits = 0.0  # Kiro credits its answers were billed (meteringEvent)
         self.kiro.on_change = self.changed
         self._reread_at = 0.0  # clock.monotonic() before which reread() does not read again
 
@@ -1593,6 +1594,7 @@ class TokenStore:
             "state": state,
             "error": str(error) if error else None,
             "refreshes": self.refreshes,
+            "credits": round(self.credits, 6),
             "cooldown_seconds": max(0, round(resting)),
             "cooldown_reason": self.cooldown_reason if resting > 0 else None,
             **self.kiro.health(),
@@ -2093,6 +2095,7 @@ class RequestLog:
     upstream_first_byte: float | None = None  # seconds from the upstream call to its headers
     failovers: int = 0  # accounts set aside while serving this request
     bytes_out: int = 0  # body bytes of a streamed answer (keep-alive pings aside)
+    credits: float | None = None  # what Kiro billed for it (safeguard checks included)
 
 
 # RequestKey arrived in aiohttp 3.12; a plain string key works before it.
@@ -2373,6 +2376,7 @@ class UpstreamAnswer:
     def __init__(self, response: aiohttp.ClientResponse, head: bytes) -> None:
         self.response = response
         self.head = head
+        self.store: TokenStore | None = None  # the account that answered
 
     async def __aenter__(self) -> UpstreamAnswer:
         return self
@@ -2433,8 +2437,10 @@ async def open_upstream(request: web.Request, prepared: convert.Prepared) -> Ups
         others = i + 1 < len(stores)
         request[REQUEST_LOG].account = store.path.name
         try:
-            return await call_account(app, request[REQUEST_LOG], prepared, store,
-                                      failover=others)
+            answer = await call_account(app, request[REQUEST_LOG], prepared, store,
+                                        failover=others)
+            answer.store = store
+            return answer
         except TokenError as exc:
             if not others:
                 raise
@@ -2761,6 +2767,9 @@ class Metrics:
              lambda s, h: s.refreshes),
             ("kiro2api_token_failures_total", "counter", "Token loads or refreshes that failed.",
              lambda s, h: s.failures),
+            ("kiro2api_credits_total", "counter",
+             "Kiro credits the account's answers were billed (meteringEvent).",
+             lambda s, h: round(s.credits, 6)),
             ("kiro2api_account_up", "gauge", "1 if the account can serve requests now.",
              lambda s, h: int(h["state"] in ("ok", "expiring", "unknown")
                               and not h["cooldown_seconds"])),
@@ -3170,8 +3179,11 @@ async def relay(request: web.Request, api: convert.ClientApi) -> web.StreamRespo
     check = safeguard_check(request, body, renderer)
     async with upstream:
         if streamed:
-            return await stream_sse(request, upstream, assembler, renderer, check)
+            response = await stream_sse(request, upstream, assembler, renderer, check)
+            count_credits(request, upstream, assembler)
+            return response
         events = await collect_events(upstream, assembler)
+    count_credits(request, upstream, assembler)
     if check is not None:
         await check(events)
     return web.json_response(renderer.collect(events, assembler.stop_reason, assembler.usage,
@@ -3233,6 +3245,7 @@ async def ask_judge(request: web.Request, question: Json) -> Json:
     upstream = await open_upstream(request, prepared)
     async with upstream:
         events = await collect_events(upstream, assembler)
+    count_credits(request, upstream, assembler)
     return convert.safeguard_verdict("".join(e.text for e in events
                                              if type(e) is convert.Text))
 
@@ -3258,6 +3271,17 @@ async def served_model(app: web.Application, name: str) -> str:
 
 
 KNOWN_MODEL_IDS = frozenset(kiro_id for _, kiro_id, _ in convert.MODELS)
+
+
+def count_credits(request: web.Request, upstream: UpstreamAnswer,
+                  assembler: convert.Assembler) -> None:
+    """Add what Kiro billed for an answer to its request's and its account's credits."""
+    if assembler.credits is None:
+        return
+    entry = request[REQUEST_LOG]
+    entry.credits = (entry.credits or 0.0) + assembler.credits
+    if upstream.store is not None:
+        upstream.store.credits += assembler.credits
 
 
 def relay_handler(api: convert.ClientApi) -> Callable[[web.Request],
@@ -3371,6 +3395,7 @@ def log_request(request: web.Request, response: web.StreamResponse | None,
         else round(entry.upstream_first_byte * 1000, 1),
         "bytes_out": len(body) if isinstance(body, (bytes, bytearray)) else entry.bytes_out,
         "retries": entry.retries, "failovers": entry.failovers, "account": entry.account,
+        "credits": None if entry.credits is None else round(entry.credits, 6),
         "failure": entry.failure,
     }
     text = " ".join(f"{k}={v}" for k, v in fields.items()

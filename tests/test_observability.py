@@ -174,3 +174,29 @@ async def test_metrics_count_refreshes_and_token_failures(aiohttp_server, fake_u
     samples = await scrape(url)
     assert samples[("kiro2api_token_failures_total", account)] == 1
     assert samples[("kiro2api_account_up", account)] == 0
+
+
+async def test_credits_kiro_billed_are_logged_and_counted_per_account(proxy, caplog):
+    caplog.set_level(logging.INFO, logger="kiro2api")
+    metering = fakes.event("meteringEvent", {"unit": "credit", "unitPlural": "credits",
+                                             "usage": 0.0125})
+    for path, body in (("/v1/messages", {**BODY, "stream": True}),
+                       ("/v1/chat/completions", BODY),
+                       ("/v1/responses", {"model": "claude-sonnet-4-5", "input": "Hi",
+                                          "stream": True})):
+        # Two metering events: the last one is what the answer cost.
+        proxy.fake.script.append(Stream(fakes.text("Hi") + fakes.tail() + [metering]))
+        status, headers, _ = await post(proxy, path, body)
+        assert status == 200
+        assert request_line(caplog, headers["request-id"])["credits"] == 0.0125
+    proxy.fake.script.append(Stream(fakes.text("Hi")))  # Kiro said nothing of credits
+    status, headers, _ = await post(proxy, "/v1/messages", BODY)
+    assert request_line(caplog, headers["request-id"])["credits"] is None
+    async with aiohttp.ClientSession(headers={"x-api-key": API_KEY}) as session:
+        async with session.get(proxy.url + "/metrics") as response:
+            samples = parse_metrics(await response.text())
+        async with session.get(proxy.url + "/health") as response:
+            health = await response.json()
+    (credits,) = [v for (name, _), v in samples.items() if name == "kiro2api_credits_total"]
+    assert credits == pytest.approx(0.0375)
+    assert health["accounts"][0]["credits"] == pytest.approx(0.0375)
