@@ -804,6 +804,48 @@ def anthropic_to_codewhisperer(body: Any, *, conversation_id: str) -> Prepared:
                     stop_sequences)
 
 
+# Sessions: one conversationId per client session ##########################
+#
+# Kiro caches a prompt's prefix by conversationId (PROTOCOL-2026.md 10.13):
+# a session that keeps one id pays the cold rate once. The id comes from the
+# first session key the request carries, hashed with the client's key (so
+# that two clients never share one); a request with none gets a random id.
+
+# Headers that name a client session, in the order they are believed.
+SESSION_HEADERS = ("x-claude-code-session-id", "session-id", "x-session-affinity", "session_id")
+_LEGACY_SESSION = re.compile(r"_session_([0-9A-Za-z-]+)$")
+
+
+def session_key(body: Json, normalised: Json, headers: Mapping[str, str]) -> str | None:
+    """The client session a request belongs to, if it says: Claude Code's session id
+    (header, or ``metadata.user_id``), ``prompt_cache_key`` (Codex, OpenAI), a
+    session header."""
+    claude_code = headers.get(SESSION_HEADERS[0])
+    if claude_code:
+        return claude_code
+    metadata = normalised.get("metadata") if isinstance(normalised, dict) else None
+    user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
+    if isinstance(user_id, str):
+        try:
+            parsed = json.loads(user_id) if user_id.startswith("{") else None
+        except (ValueError, RecursionError):
+            parsed = None
+        session = parsed.get("session_id") if isinstance(parsed, dict) else None
+        legacy = _LEGACY_SESSION.search(user_id)
+        if isinstance(session, str) and session or legacy:
+            return session or legacy[1]
+    cache_key = body.get("prompt_cache_key") if isinstance(body, dict) else None
+    if isinstance(cache_key, str) and cache_key:
+        return cache_key
+    return next((headers[name] for name in SESSION_HEADERS[1:] if headers.get(name)), None)
+
+
+def session_conversation_id(scope: str, key: str) -> str:
+    """A UUID-shaped conversationId for session ``key`` of the client ``scope``."""
+    digest = hashlib.sha256(f"kiro2api\0{scope}\0{key}".encode()).hexdigest()
+    return f"{digest[:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:20]}-{digest[20:32]}"
+
+
 # Requests: OpenAI Chat Completions -> Anthropic ###########################
 #
 # OpenAI bodies become Anthropic Messages bodies, so there is one

@@ -3161,7 +3161,9 @@ async def relay(request: web.Request, api: convert.ClientApi) -> web.StreamRespo
     normalised = api.normalise(body)
     if isinstance(normalised, dict) and isinstance(normalised.get("model"), str):
         normalised["model"] = await served_model(request.app, normalised["model"])
-    prepared = convert.anthropic_to_codewhisperer(normalised, conversation_id=random_uuid())
+    prepared = convert.anthropic_to_codewhisperer(normalised,
+                                                  conversation_id=conversation_of(request, body,
+                                                                                  normalised))
     model = request[REQUEST_LOG].model = normalised["model"]
     input_tokens = convert.estimate_input_tokens(normalised)
     assembler = convert.Assembler.for_request(prepared, input_tokens=input_tokens,
@@ -3248,6 +3250,14 @@ async def ask_judge(request: web.Request, question: Json) -> Json:
     count_credits(request, upstream, assembler)
     return convert.safeguard_verdict("".join(e.text for e in events
                                              if type(e) is convert.Text))
+
+
+def conversation_of(request: web.Request, body: Any, normalised: Json) -> str:
+    """The conversationId of a request: its session's, else a new one."""
+    key = convert.session_key(body, normalised, request.headers)
+    if key is None:
+        return random_uuid()
+    return convert.session_conversation_id(presented_key(request), key)
 
 
 async def served_model(app: web.Application, name: str) -> str:

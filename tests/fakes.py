@@ -30,7 +30,7 @@ import functools
 import json
 import re
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -153,6 +153,10 @@ class FakeUpstream:
         self.usage_reply: Status | None = None
         self.down: dict[str, tuple[int, dict[str, Any]]] = {}  # host family -> its refusal
         self.models_rpc = False  # /management/ answers ListAvailableModels too
+        # Kiro's cache: with ``caching``, an answer in a conversation seen before
+        # reports its prompt as read from the cache (CACHED_TOKENS of it).
+        self.caching = False
+        self.conversations: set[str] = set()
 
     def calls(self, path: str) -> list[Recorded]:
         return [r for r in self.requests if r.path == path]
@@ -212,6 +216,8 @@ class FakeUpstream:
         reply = self.script.popleft() if self.script else Stream(text("Hello") + tail())
         if isinstance(reply, Status):
             return await self._status(reply)
+        if self.caching and record:
+            reply = self._cached(self.requests[-1].body, reply)
         self.streaming += 1
         try:
             if reply.first_byte_delay:
@@ -222,6 +228,19 @@ class FakeUpstream:
             raise
         finally:
             self.streaming -= 1
+
+    CACHED_TOKENS = 900
+
+    def _cached(self, body: Any, reply: Stream) -> Stream:
+        state = body.get("conversationState", {}) if isinstance(body, dict) else {}
+        conversation = state.get("conversationId")
+        hit = conversation in self.conversations
+        self.conversations.add(conversation)
+        usage = {"uncachedInputTokens": 100 if hit else 1000,
+                 "cacheReadInputTokens": self.CACHED_TOKENS if hit else 0,
+                 "cacheWriteInputTokens": 0 if hit else self.CACHED_TOKENS, "outputTokens": 5}
+        return replace(reply, frames=reply.frames + [
+            event("metadataEvent", {"tokenUsage": usage})])
 
     async def _write_stream(self, request: web.Request, reply: Stream) -> web.StreamResponse:
         response = web.StreamResponse(

@@ -1038,3 +1038,51 @@ async def test_safeguards_kiro_judges_each_call_with_a_small_model(
     assert '"permission_mode": "auto"' in message["content"]
     assert '{"name": "Bash", "input": {"command": "rm -rf ~"}}' in message["content"]
     assert "clean up the build" in message["content"]
+
+
+# Sessions keep one conversationId, so that Kiro's cache serves their later turns.
+
+SESSION = "8c1a3b0e-55f2-4a61-9f0e-2f8e1d7c9a10"
+
+
+@pytest.mark.parametrize(("body", "headers", "key"), [
+    ({"metadata": {"user_id": json.dumps({"device_id": "d", "account_uuid": "",
+                                          "session_id": SESSION})}}, {}, SESSION),
+    ({}, {"x-claude-code-session-id": SESSION}, SESSION),
+    ({"metadata": {"user_id": f"user_abc_account__session_{SESSION}"}}, {}, SESSION),
+    ({"prompt_cache_key": "thread-1"}, {"session-id": "thread-2"}, "thread-1"),
+    ({}, {"x-session-affinity": "s-9"}, "s-9"),
+    ({"metadata": {"user_id": "alice"}}, {}, None),  # a user is not a session
+    ({}, {}, None),
+], ids=["claude-code", "claude-code-header", "claude-code-older", "codex", "header",
+        "user-only", "none"])
+def test_the_session_key_of_each_client(body, headers, key):
+    assert convert.session_key(body, body, headers) == key
+
+
+async def test_a_session_s_turns_share_a_conversation_and_hit_kiro_s_cache(proxy):
+    proxy.fake.caching = True
+    client = proxy.anthropic()
+
+    async def turn(session, **headers):
+        proxy.fake.script.append(Stream(fakes.text("ok")))
+        metadata = {"user_id": json.dumps({"device_id": "d", "session_id": session})}
+        message = await client.messages.create(
+            model="claude-sonnet-4-5", max_tokens=100, metadata=metadata,
+            messages=[{"role": "user", "content": "Hi"}], extra_headers=headers)
+        return message.usage.cache_read_input_tokens or 0
+
+    assert await turn(SESSION) == 0  # the first turn writes the cache
+    assert await turn(SESSION) == fakes.FakeUpstream.CACHED_TOKENS
+    assert await turn("another-session") == 0
+    # Two requests without a session never share a conversation.
+    for _ in range(2):
+        proxy.fake.script.append(Stream(fakes.text("ok")))
+        await client.messages.create(model="claude-sonnet-4-5", max_tokens=10,
+                                     messages=[{"role": "user", "content": "Hi"}])
+    ids = [c.body["conversationState"]["conversationId"]
+           for c in proxy.fake.calls("/generateAssistantResponse")]
+    assert ids[0] == ids[1] and len(set(ids)) == 4
+    # The same session under another client key is another conversation.
+    assert convert.session_conversation_id("key-a", SESSION) != \
+        convert.session_conversation_id("key-b", SESSION)

@@ -618,3 +618,13 @@ async def test_codex_requests_are_answered_through_the_server(proxy):
     (call,) = events[-1]["response"]["output"]
     assert (call["name"], call["namespace"]) == ("wait_agent", "multi_agent_v1")
     Response.model_validate(events[-1]["response"])
+
+
+async def test_a_codex_thread_keeps_one_conversation_and_reports_cached_tokens(proxy):
+    proxy.fake.caching = True
+    cached = []
+    for _ in range(2):
+        proxy.fake.script.append(Stream(fakes.text("ok")))
+        events = await raw_events(proxy.url, {"input": "Hi", "prompt_cache_key": "thread-7"})
+        cached.append(events[-1]["response"]["usage"]["input_tokens_details"]["cached_tokens"])
+    assert cached == [0, fakes.FakeUpstream.CACHED_TOKENS]
