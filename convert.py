@@ -301,6 +301,7 @@ class _Turn:
     images: list[Json] = field(default_factory=list)
     tool_uses: list[Json] = field(default_factory=list)
     tool_results: list[Json] = field(default_factory=list)
+    reasoning: Json | None = None  # a native model's signed thinking, replayed nested
 
 
 def _expect(condition: bool, message: str, param: str | None = None) -> None:
@@ -437,7 +438,7 @@ def _tool_reference(block: Json, where: str) -> str:
     return TOOL_LOADED_TEXT.format(name=name)
 
 
-def _turn(message: Any, index: int) -> _Turn:
+def _turn(message: Any, index: int, native: bool = False) -> _Turn:
     where = f"messages.{index}"
     _expect(isinstance(message, dict), f"{where}: expected an object", where)
     role = message.get("role")
@@ -469,18 +470,32 @@ def _turn(message: Any, index: int) -> _Turn:
         elif kind == "tool_result" and role == "user":
             turn.tool_results.append(_tool_result(block, here, turn.images))
         elif kind == "thinking" and role == "assistant":
-            thinking = block.get("thinking")
-            if isinstance(thinking, str) and thinking:
-                # In place: with interleaved thinking the blocks alternate
-                # with text and tool calls, and their order is the story.
-                turn.text.append(f"<thinking>{thinking}</thinking>")
+            _thinking_block(turn, block, native)
         elif kind == "redacted_thinking" and role == "assistant":
-            continue  # nothing the upstream could use
+            if native and isinstance(block.get("data"), str) and block["data"]:
+                turn.reasoning = {"redactedContent": block["data"]}
         else:
             raise ConversionError(
                 f"{here}: content block type {kind!r} is not supported in a {role} message",
                 param=here)
     return turn
+
+
+def _thinking_block(turn: _Turn, block: Json, native: bool) -> None:
+    """Earlier thinking, as the model that wrote it reads it back: a native model's
+    signed block nested in ``reasoningContent`` (the last one counts; unsigned ones
+    are dropped, PROTOCOL-2026.md 10.12.2), emulated thinking as its tags, in place."""
+    thinking = block.get("thinking")
+    if not isinstance(thinking, str):
+        return
+    if native:
+        signature = block.get("signature")
+        if isinstance(signature, str) and signature:
+            turn.reasoning = {"reasoningText": {"text": thinking, "signature": signature}}
+    elif thinking:
+        # In place: with interleaved thinking the blocks alternate with text and
+        # tool calls, and their order is the story.
+        turn.text.append(f"<thinking>{thinking}</thinking>")
 
 
 def _merge(turns: list[_Turn]) -> list[_Turn]:
@@ -652,6 +667,8 @@ def _assistant_message(turn: _Turn) -> Json:
     message: Json = {"content": content if content.strip() else EMPTY_ASSISTANT_TEXT}
     if turn.tool_uses:
         message["toolUses"] = turn.tool_uses
+    if turn.reasoning is not None:
+        message["reasoningContent"] = turn.reasoning
     return message
 
 
@@ -666,6 +683,71 @@ def turn_effort(body: Json) -> Any:
             return message["output_config"]["effort"]
     config = body.get("output_config")
     return config.get("effort") if isinstance(config, dict) else None
+
+
+# Native reasoning (PROTOCOL-2026.md 10.10, 10.11). Models that reason natively
+# are asked in ``additionalModelRequestFields`` with only the fields their
+# schema lists; the others (4.5 and older, most non-Claude models) get the tag
+# emulation below. Never both: tags make the new models refuse.
+
+
+class NativeReasoning(NamedTuple):
+    kind: str  # "claude" (thinking, output_config) or "gpt" (reasoning)
+    thinking: bool  # the schema lists ``thinking`` (else ``output_config`` alone)
+    efforts: tuple[str, ...]  # the efforts it takes
+
+
+_UP_TO_HIGH = ("low", "medium", "high")
+_UP_TO_XHIGH = ("low", "medium", "high", "xhigh")
+_UP_TO_MAX = ("low", "medium", "high", "xhigh", "max")
+NATIVE_REASONING = {
+    "claude-sonnet-4.6": NativeReasoning("claude", True, _UP_TO_HIGH),
+    "claude-opus-4.6": NativeReasoning("claude", True, _UP_TO_HIGH),  # adaptive only
+    "claude-opus-4.7": NativeReasoning("claude", False, _UP_TO_XHIGH),
+    "claude-opus-4.8": NativeReasoning("claude", False, _UP_TO_XHIGH),
+    "claude-sonnet-5": NativeReasoning("claude", True, _UP_TO_XHIGH),
+    "claude-fable-5": NativeReasoning("claude", False, _UP_TO_XHIGH),
+    "claude-opus-5": NativeReasoning("claude", True, _UP_TO_MAX),
+    "claude-sonnet-5.5": NativeReasoning("claude", True, _UP_TO_MAX),
+}
+# Newer Claude releases than the table knows reason as the newest it knows do.
+NEWEST_CLAUDE = NativeReasoning("claude", True, _UP_TO_MAX)
+GPT_REASONING = NativeReasoning("gpt", False, ("none", "low", "medium", "high", "xhigh", "max"))
+EFFORT_LADDER = ("max", "xhigh", "high", "medium", "low")
+
+
+def native_reasoning(model_id: str) -> NativeReasoning | None:
+    """How ``model_id`` is asked for its reasoning; None: the tag emulation."""
+    if model_id in NATIVE_REASONING:
+        return NATIVE_REASONING[model_id]
+    if model_id.startswith("gpt-5"):
+        return GPT_REASONING
+    family = model_family(model_id)
+    if family is not None and family[1] >= (5, 1):
+        return NEWEST_CLAUDE
+    return None
+
+
+def reasoning_fields(native: NativeReasoning, body: Json) -> Json | None:
+    """The ``additionalModelRequestFields`` that ask ``native`` for what ``body`` asks
+    (thinking ``enabled`` or ``adaptive``, its effort and display); None if nothing."""
+    thinking = body.get("thinking")
+    if not isinstance(thinking, dict) or thinking.get("type") not in ("enabled", "adaptive"):
+        return None
+    effort = turn_effort(body)
+    effort = "low" if effort == "minimal" else effort if isinstance(effort, str) else "high"
+    if effort not in native.efforts:  # a step down, never a refusal
+        below = EFFORT_LADDER[EFFORT_LADDER.index(effort) + 1:] if effort in EFFORT_LADDER \
+            else EFFORT_LADDER
+        effort = next((e for e in below if e in native.efforts), native.efforts[-1])
+    if native.kind == "gpt":
+        return {"reasoning": {"effort": effort}}
+    fields: Json = {}
+    if native.thinking:
+        display = "omitted" if thinking.get("display") == "omitted" else "summarized"
+        fields["thinking"] = {"type": "adaptive", "display": display}
+    fields["output_config"] = {"effort": effort}
+    return fields
 
 
 def thinking_prefix(body: Json) -> str:
@@ -713,12 +795,13 @@ def _offered_tools(body: Json, tool_names: dict[str, str],
     return tools
 
 
-def _conversation(messages: list[Any], system_parts: list[str]) -> list[_Turn]:
+def _conversation(messages: list[Any], system_parts: list[str],
+                  native: bool = False) -> list[_Turn]:
     """The messages as turns in strict user/assistant alternation, starting and ending
     with a user turn, the system prompt (``system_parts``, joined) in front."""
     turns: list[_Turn] = []
     for i, message in enumerate(messages):
-        turn = _turn(message, i)
+        turn = _turn(message, i, native)
         if turn.role == "system":  # mid-conversation system text joins the prompt
             system_parts.append("\n\n".join(turn.text))
         else:
@@ -783,9 +866,12 @@ def anthropic_to_codewhisperer(body: Any, *, conversation_id: str) -> Prepared:
     tool_names: dict[str, str] = {}
     manuals: list[str] = []
     tools = _offered_tools(body, tool_names, manuals)
-    prefix = thinking_prefix(body)
+    native = native_reasoning(model_id)
+    fields = reasoning_fields(native, body) if native is not None else None
+    prefix = "" if native is not None else thinking_prefix(body)
     stop_sequences = _stop_sequences(body)
-    turns = _conversation(messages, [prefix, system_text(body.get("system")), *manuals])
+    turns = _conversation(messages, [prefix, system_text(body.get("system")), *manuals],
+                          native is not None)
     history = _history(turns[:-1], model_id)
     _add_history_specs(tools, turns)
 
@@ -800,8 +886,10 @@ def anthropic_to_codewhisperer(body: Any, *, conversation_id: str) -> Prepared:
     }
     if history:
         state["history"] = history
-    return Prepared({"conversationState": state}, model_id, tool_names, bool(prefix),
-                    stop_sequences)
+    payload: Json = {"conversationState": state}
+    if fields:
+        payload["additionalModelRequestFields"] = fields
+    return Prepared(payload, model_id, tool_names, bool(prefix), stop_sequences)
 
 
 # Sessions: one conversationId per client session ##########################
@@ -3054,6 +3142,8 @@ def kiro_body(payload: Json, dialect: Dialect, *, profile_arn: str | None,
     if dialect.continuation:
         state["agentContinuationId"] = continuation_id
     body: Json = {"conversationState": state}
+    if "additionalModelRequestFields" in payload:
+        body["additionalModelRequestFields"] = payload["additionalModelRequestFields"]
     if dialect.agent_mode == "top":
         body["agentMode"] = "vibe"
     if profile_arn:

@@ -901,7 +901,8 @@ async def test_thinking_display_omitted_sends_signed_blocks_without_text(proxy, 
     # Unsigned thinking (the tag emulation) sends no block at all; "updates" passes it on.
     proxy.fake.script.append(Stream(fakes.text("<thinking>plan</thinking>\n\nDone.")
                                     + fakes.tail()))
-    status, raw = await post_messages(proxy, {**body, "stream": False})
+    status, raw = await post_messages(proxy, {**body, "stream": False,
+                                              "model": "claude-sonnet-4-5"})
     assert [b["type"] for b in json.loads(raw)["content"]] == ["text"]
     proxy.fake.script.append(Stream(signed + fakes.text("Done.") + fakes.tail()))
     status, raw = await post_messages(proxy, {**body, "stream": False, "thinking": {
@@ -1086,3 +1087,102 @@ async def test_a_session_s_turns_share_a_conversation_and_hit_kiro_s_cache(proxy
     # The same session under another client key is another conversation.
     assert convert.session_conversation_id("key-a", SESSION) != \
         convert.session_conversation_id("key-b", SESSION)
+
+
+# Native reasoning (PROTOCOL-2026.md 10.10-10.12) ##########################
+
+def wire(model, thinking=None, effort=None, messages=None):
+    body = {"model": model, "max_tokens": 128000,
+            "messages": messages or [{"role": "user", "content": "Hi"}]}
+    if thinking:
+        body["thinking"] = thinking
+    if effort:
+        body["output_config"] = {"effort": effort}
+    return convert.anthropic_to_codewhisperer(body, conversation_id="c").payload
+
+
+ADAPTIVE = {"type": "adaptive"}
+
+
+@pytest.mark.parametrize(("model", "thinking", "effort", "fields"), [
+    ("claude-sonnet-4-5", ADAPTIVE, "high", None),  # no native reasoning: the tags
+    ("claude-sonnet-4-6", ADAPTIVE, "xhigh", {  # no xhigh: one step down
+        "thinking": {"type": "adaptive", "display": "summarized"},
+        "output_config": {"effort": "high"}}),
+    ("claude-opus-4-7", {"type": "enabled", "budget_tokens": 9000}, None,  # effort only
+     {"output_config": {"effort": "high"}}),
+    ("claude-opus-5", {"type": "adaptive", "display": "omitted"}, "max", {
+        "thinking": {"type": "adaptive", "display": "omitted"},
+        "output_config": {"effort": "max"}}),
+    ("claude-opus-5-5", ADAPTIVE, "medium", {  # newer than the table: as the newest
+        "thinking": {"type": "adaptive", "display": "summarized"},
+        "output_config": {"effort": "medium"}}),
+    ("gpt-5.6-sol", ADAPTIVE, "minimal", {"reasoning": {"effort": "low"}}),
+    ("claude-opus-5", None, "high", None),  # no thinking asked for: nothing
+])
+def test_each_family_is_asked_for_reasoning_its_own_way(model, thinking, effort, fields):
+    payload = wire(model, thinking, effort)
+    check(load_schema(), "<GenerateAssistantResponseRequest>", payload)
+    assert payload.get("additionalModelRequestFields") == fields
+    content = payload["conversationState"]["currentMessage"]["userInputMessage"]["content"]
+    tags = model == "claude-sonnet-4-5"
+    assert ("<thinking_mode>" in content) is tags  # never both
+
+
+def test_earlier_thinking_is_replayed_nested_for_native_models_and_as_tags_otherwise():
+    messages = [{"role": "user", "content": "a"},
+                {"role": "assistant", "content": [
+                    {"type": "thinking", "thinking": "unsigned", "signature": ""},
+                    {"type": "thinking", "thinking": "Plan.", "signature": "sig-1"},
+                    {"type": "text", "text": "Answer."}]},
+                {"role": "user", "content": "b"}]
+    native = wire("claude-opus-5", ADAPTIVE, None, messages)
+    check(load_schema(), "<GenerateAssistantResponseRequest>", native)
+    assert native["conversationState"]["history"][1]["assistantResponseMessage"] == {
+        "content": "Answer.", "reasoningContent": {
+            "reasoningText": {"text": "Plan.", "signature": "sig-1"}}}
+    tags = wire("claude-sonnet-4-5", ADAPTIVE, None, messages)
+    assert tags["conversationState"]["history"][1]["assistantResponseMessage"] == {
+        "content": "<thinking>unsigned</thinking>\n\n<thinking>Plan.</thinking>\n\nAnswer."}
+    redacted = wire("gpt-5.6-sol", ADAPTIVE, None, [
+        messages[0], {"role": "assistant", "content": [
+            {"type": "text", "text": "Answer."},
+            {"type": "redacted_thinking", "data": "QkxPQg=="}]}, messages[2]])
+    assert redacted["conversationState"]["history"][1]["assistantResponseMessage"][
+        "reasoningContent"] == {"redactedContent": "QkxPQg=="}
+
+
+async def test_a_tool_loop_with_native_thinking_through_the_sdk(proxy):
+    proxy.fake.script.append(Stream(
+        [fakes.event("reasoningContentEvent", {"text": "I should list "}),
+         fakes.event("reasoningContentEvent", {"text": "the files.", "signature": "sig-9"})]
+        + fakes.tool("toolu_l", "Bash", '{"command":"ls"}') + fakes.tail(), split=(9, 2)))
+    client = proxy.anthropic()
+    body = {"model": "claude-opus-4-7", "max_tokens": 128000, "thinking": ADAPTIVE,
+            "output_config": {"effort": "xhigh"},
+            "tools": [{"name": "Bash", "input_schema": {
+                "type": "object", "properties": {"command": {"type": "string"}}}}],
+            "messages": [{"role": "user", "content": "What is here?"}]}
+    async with client.beta.messages.stream(**body, betas=BETAS) as stream:
+        first = await stream.get_final_message()
+    assert [(b.type, getattr(b, "thinking", None), getattr(b, "signature", None))
+            for b in first.content[:1]] == [("thinking", "I should list the files.", "sig-9")]
+    sent = proxy.fake.calls("/generateAssistantResponse")[-1].body
+    assert sent["additionalModelRequestFields"] == {"output_config": {"effort": "xhigh"}}
+    assert "<thinking_mode>" not in json.dumps(sent)
+
+    proxy.fake.script.append(Stream(fakes.text("Two files.") + fakes.tail()))
+    body["messages"] += [
+        {"role": "assistant", "content": [b.model_dump(exclude_none=True)
+                                          for b in first.content]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_l",
+                                      "content": "a b"}]}]
+    async with client.beta.messages.stream(**body, betas=BETAS) as stream:
+        second = await stream.get_final_message()
+    assert second.content[-1].text == "Two files."
+    sent = proxy.fake.calls("/generateAssistantResponse")[-1].body
+    check(load_schema(), "<GenerateAssistantResponseRequest>", sent)
+    replayed = sent["conversationState"]["history"][-1]["assistantResponseMessage"]
+    assert replayed["reasoningContent"] == {"reasoningText": {
+        "text": "I should list the files.", "signature": "sig-9"}}
+    assert "I should list" not in replayed["content"]
