@@ -1991,10 +1991,12 @@ class Assembler:
         self._reported_input = False
 
     @classmethod
-    def for_request(cls, prepared: Prepared, *, input_tokens: int,
-                    client_model: str) -> Assembler:
+    def for_request(cls, prepared: Prepared, *, input_tokens: int, client_model: str,
+                    window: int | None = None) -> Assembler:
+        """The assembler of ``prepared``'s answer; ``window``: the model's context
+        window as the service listed it, else the built-in table's."""
         return cls(input_tokens=input_tokens, tool_names=prepared.tool_names,
-                   window=context_window(prepared.model_id, client_model),
+                   window=window or context_window(prepared.model_id, client_model),
                    thinking=prepared.thinking, stop_sequences=prepared.stop_sequences)
 
     def feed_into(self, out: list[Event], headers: Mapping[str, Any], payload: bytes) -> None:

@@ -2882,6 +2882,7 @@ MODELS_PAGES_MAX = 5
 class ModelCache:
     entries: list[Json] | None = None
     listed: tuple[str, ...] = ()  # the Kiro ids the service listed (none: the built-in list)
+    windows: dict[str, int] = field(default_factory=dict)  # Kiro id -> its context window
     stood_in: set[str] = field(default_factory=set)  # ids served by another, logged once
     expires: float = 0.0  # config.clock.monotonic()
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -2970,6 +2971,8 @@ async def cached_models(app: web.Application) -> list[Json]:
             cache.entries = convert.model_list(upstream)
             cache.listed = tuple(m["modelId"] for m in upstream or ()
                                  if isinstance(m, dict) and isinstance(m.get("modelId"), str))
+            cache.windows = {entry["id"]: entry["context_window"] for entry in cache.entries
+                             if isinstance(entry.get("context_window"), int)}
             cache.expires = clock.monotonic() + (
                 MODELS_TTL_SECONDS if upstream is not None else MODELS_RETRY_SECONDS)
         return cache.entries
@@ -3166,8 +3169,9 @@ async def relay(request: web.Request, api: convert.ClientApi) -> web.StreamRespo
                                                                                   normalised))
     model = request[REQUEST_LOG].model = normalised["model"]
     input_tokens = convert.estimate_input_tokens(normalised)
-    assembler = convert.Assembler.for_request(prepared, input_tokens=input_tokens,
-                                              client_model=model)
+    assembler = convert.Assembler.for_request(
+        prepared, input_tokens=input_tokens, client_model=model,
+        window=request.app[MODEL_CACHE].windows.get(prepared.model_id))
     renderer = api.renderer(body, convert.Answer(
         id=new_id(api.id_prefix), model=model, created=int(time.time()),
         input_tokens=input_tokens))

@@ -1186,3 +1186,16 @@ async def test_a_tool_loop_with_native_thinking_through_the_sdk(proxy):
     assert replayed["reasoningContent"] == {"reasoningText": {
         "text": "I should list the files.", "signature": "sig-9"}}
     assert "I should list" not in replayed["content"]
+
+
+async def test_input_tokens_from_the_context_percentage_use_the_listed_window(proxy):
+    client = proxy.anthropic()
+    await client.models.list()  # the service's list: qwen3-coder-next has 256K
+    proxy.fake.script.append(Stream(fakes.text("abcd") + fakes.tail(percentage=10.0)))
+    message = await client.messages.create(model="qwen3-coder-next", max_tokens=10,
+                                           messages=[{"role": "user", "content": "Hi"}])
+    assert message.usage.input_tokens == 25_600 - message.usage.output_tokens
+    proxy.fake.script.append(Stream(fakes.text("abcd") + fakes.tail(percentage=10.0)))
+    message = await client.messages.create(model="glm-5", max_tokens=10,  # not listed
+                                           messages=[{"role": "user", "content": "Hi"}])
+    assert message.usage.input_tokens == 20_000 - message.usage.output_tokens
