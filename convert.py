@@ -1990,6 +1990,14 @@ class Assembler:
         self._context_percentage: float | None = None
         self._reported_input = False
 
+    @property
+    def usage_source(self) -> str:
+        """Where the usage figures come from: "kiro" (tokenUsage), "context" (the
+        context percentage, input only), or "estimate" (kiro2api's own count)."""
+        if self._reported_input and self._reported_output is not None:
+            return "kiro"
+        return "context" if self._context_percentage is not None else "estimate"
+
     @classmethod
     def for_request(cls, prepared: Prepared, *, input_tokens: int, client_model: str,
                     window: int | None = None) -> Assembler:

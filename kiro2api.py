@@ -2096,6 +2096,7 @@ class RequestLog:
     failovers: int = 0  # accounts set aside while serving this request
     bytes_out: int = 0  # body bytes of a streamed answer (keep-alive pings aside)
     credits: float | None = None  # what Kiro billed for it (safeguard checks included)
+    usage: str | None = None  # where its token figures came from (Assembler.usage_source)
 
 
 # RequestKey arrived in aiohttp 3.12; a plain string key works before it.
@@ -3179,17 +3180,20 @@ async def relay(request: web.Request, api: convert.ClientApi) -> web.StreamRespo
     try:
         upstream = await open_upstream(request, prepared)
     except (UpstreamError, TokenError) as exc:
+        failure = await name_the_models(request.app, failure_of(exc))
         if not (streamed and api.refusals_in_band):
-            raise
-        return await refuse_in_band(request, renderer, failure_of(exc))
+            raise UpstreamError(failure) from exc
+        return await refuse_in_band(request, renderer, failure)
     check = safeguard_check(request, body, renderer)
     async with upstream:
         if streamed:
             response = await stream_sse(request, upstream, assembler, renderer, check)
             count_credits(request, upstream, assembler)
+            request[REQUEST_LOG].usage = assembler.usage_source
             return response
         events = await collect_events(upstream, assembler)
     count_credits(request, upstream, assembler)
+    request[REQUEST_LOG].usage = assembler.usage_source
     if check is not None:
         await check(events)
     return web.json_response(renderer.collect(events, assembler.stop_reason, assembler.usage,
@@ -3287,12 +3291,24 @@ async def served_model(app: web.Application, name: str) -> str:
 KNOWN_MODEL_IDS = frozenset(kiro_id for _, kiro_id, _ in convert.MODELS)
 
 
+async def name_the_models(app: web.Application, failure: convert.Failure) -> convert.Failure:
+    """A model Kiro does not have: the answer names those the account lists."""
+    if failure.code != "model_not_found":
+        return failure
+    await cached_models(app)
+    listed = app[MODEL_CACHE].listed
+    if not listed:
+        return failure
+    return failure._replace(message=f"{failure.message}; this account has: "
+                                    f"{', '.join(sorted(listed))}")
+
+
 def count_credits(request: web.Request, upstream: UpstreamAnswer,
                   assembler: convert.Assembler) -> None:
     """Add what Kiro billed for an answer to its request's and its account's credits."""
+    entry = request[REQUEST_LOG]
     if assembler.credits is None:
         return
-    entry = request[REQUEST_LOG]
     entry.credits = (entry.credits or 0.0) + assembler.credits
     if upstream.store is not None:
         upstream.store.credits += assembler.credits
@@ -3410,6 +3426,7 @@ def log_request(request: web.Request, response: web.StreamResponse | None,
         "bytes_out": len(body) if isinstance(body, (bytes, bytearray)) else entry.bytes_out,
         "retries": entry.retries, "failovers": entry.failovers, "account": entry.account,
         "credits": None if entry.credits is None else round(entry.credits, 6),
+        "usage": entry.usage,
         "failure": entry.failure,
     }
     text = " ".join(f"{k}={v}" for k, v in fields.items()

@@ -1199,3 +1199,13 @@ async def test_input_tokens_from_the_context_percentage_use_the_listed_window(pr
     message = await client.messages.create(model="glm-5", max_tokens=10,  # not listed
                                            messages=[{"role": "user", "content": "Hi"}])
     assert message.usage.input_tokens == 20_000 - message.usage.output_tokens
+
+
+async def test_a_model_kiro_does_not_have_is_a_404_naming_the_account_s_models(proxy):
+    proxy.fake.script.append(Status(400, {"message": "Invalid model.",
+                                          "reason": "INVALID_MODEL_ID"}))
+    with pytest.raises(anthropic.NotFoundError) as caught:
+        await proxy.anthropic().messages.create(model="kimi-k3", max_tokens=10, messages=[
+            {"role": "user", "content": "Hi"}])
+    assert caught.value.body["error"]["message"].endswith(
+        "this account has: claude-opus-4.7, claude-sonnet-4.5, qwen3-coder-next")

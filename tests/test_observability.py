@@ -200,3 +200,16 @@ async def test_credits_kiro_billed_are_logged_and_counted_per_account(proxy, cap
     (credits,) = [v for (name, _), v in samples.items() if name == "kiro2api_credits_total"]
     assert credits == pytest.approx(0.0375)
     assert health["accounts"][0]["credits"] == pytest.approx(0.0375)
+
+
+async def test_the_log_line_says_where_the_token_figures_came_from(proxy, caplog):
+    caplog.set_level(logging.INFO, logger="kiro2api")
+    reported = fakes.event("metadataEvent", {"tokenUsage": {
+        "uncachedInputTokens": 10, "outputTokens": 2, "totalTokens": 12}})
+    for frames, source in ((fakes.text("Hi") + [reported], "kiro"),
+                           (fakes.text("Hi") + fakes.tail(), "context"),
+                           (fakes.text("Hi"), "estimate")):
+        proxy.fake.script.append(Stream(frames))
+        status, headers, _ = await post(proxy, "/v1/messages", BODY)
+        assert status == 200
+        assert request_line(caplog, headers["request-id"])["usage"] == source
