@@ -2828,22 +2828,32 @@ async def handle_root(request: web.Request) -> web.Response:
 
 
 async def handle_health(request: web.Request) -> web.Response:
+    """Liveness for anyone (``status``, ``version``); with the client key, also the
+    uptime, every account's state and the state store's.
+
+    Load balancers and uptime checks need no key; the details (token file
+    paths, providers, regions, expiry) are for those who may use the API.
+    """
     config = request.app[CONFIG]
     accounts = [store.health() for store in request.app[ACCOUNTS]]
     fleet = request.app.get(FLEET)
     serving = any(a["state"] in ("ok", "expiring") for a in accounts)
-    answer = {
+    answer: Json = {
         "status": "ok" if serving and (fleet is None or fleet.up) else "degraded",
         "version": __version__,
-        "uptime_seconds": round(time.time() - config.started, 3),
-        "accounts": accounts,
     }
+    if not await client_allowed(request):
+        return web.json_response(answer)
+    answer["uptime_seconds"] = round(time.time() - config.started, 3)
+    answer["accounts"] = accounts
     if fleet is not None:
         answer["state_store"] = fleet.health()
     return web.json_response(answer)
 
 
 async def handle_metrics(request: web.Request) -> web.Response:
+    """Prometheus text, behind the client key (``KEYED_PATHS``): the account labels
+    are token file paths."""
     return web.Response(text=request.app[METRICS].render(request.app),
                         content_type="text/plain", charset="utf-8",
                         headers={"X-Content-Type-Options": "nosniff"})
@@ -3238,7 +3248,8 @@ QUIET_PATHS = frozenset({"/", "/health", "/metrics"})
 
 def log_request(request: web.Request, response: web.StreamResponse | None,
                 started: float) -> None:
-    """Count the request and log its one line (none for probes and scrapes)."""
+    """Count the request and log its one line (none for probes and scrapes that
+    succeed)."""
     seconds = time.monotonic() - started
     status = response.status if response is not None else 499
     if isinstance(response, web.StreamResponse) and response.prepared and \
@@ -3247,8 +3258,8 @@ def log_request(request: web.Request, response: web.StreamResponse | None,
     route = request.match_info.route.resource.canonical \
         if request.match_info.route.resource is not None else "other"
     request.app[METRICS].count_request(route, status, seconds)
-    if request.path in QUIET_PATHS:
-        return
+    if request.path in QUIET_PATHS and status < 400:
+        return  # a refused scrape (a scraper without the key) is logged
     entry = request[REQUEST_LOG]
     # A Response's body goes out after this (when the handler has returned).
     body = getattr(response, "body", None) if response is not None and not response.prepared \
@@ -3296,25 +3307,33 @@ def presented_key(request: web.Request) -> str:
     return key
 
 
-# The paths behind the client key: the API, and Codex's short route.
-KEYED_PATHS = ("/v1/", "/responses")
+# The paths behind the client key: the API, Codex's short route, and the
+# metrics (whose labels name token files). /health answers everyone, and
+# shows its details only to a caller with the key (handle_health).
+KEYED_PATHS = ("/v1/", "/responses", "/metrics")
+
+
+async def client_allowed(request: web.Request) -> bool:
+    """Whether the caller may use the API: ``--no-auth``, or the client key, or
+    (with no key configured) an access token of one of the accounts."""
+    config = request.app[CONFIG]
+    if config.no_auth:
+        return True
+    key = presented_key(request)
+    if not key:
+        return False
+    if config.api_key is not None:
+        return same_secret(key, config.api_key)
+    return await knows_access_token(request.app, key)
 
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     """Require the client key (or, with no key configured, a Kiro access token) on the API."""
-    config = request.app[CONFIG]
-    if not request.path.startswith(KEYED_PATHS) or config.no_auth:
-        return await handler(request)
-    key = presented_key(request)
-    if config.api_key is not None:
-        allowed = bool(key) and same_secret(key, config.api_key)
-    else:
-        allowed = bool(key) and await knows_access_token(request.app, key)
-    if not allowed:
+    if request.path.startswith(KEYED_PATHS) and not await client_allowed(request):
         raise convert.ConversionError(
             "missing or wrong API key: send it as x-api-key or Authorization: Bearer"
-            if config.api_key is not None else
+            if request.app[CONFIG].api_key is not None else
             "missing or unknown token: send the Kiro access token (kiro2api export prints it)",
             status=401, code="invalid_api_key")
     return await handler(request)

@@ -54,7 +54,7 @@ async def start(aiohttp_server, config):
 
 async def health(url):
     async with aiohttp.ClientSession() as session:
-        async with session.get(url + "/health") as response:
+        async with session.get(url + "/health", headers={"x-api-key": API_KEY}) as response:
             return (await response.json())["accounts"]
 
 

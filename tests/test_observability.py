@@ -115,7 +115,8 @@ async def test_bytes_out_is_the_body_the_client_received(proxy, caplog):
 
 
 async def scrape(url):
-    async with aiohttp.ClientSession() as session, session.get(url + "/metrics") as response:
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {API_KEY}"}) as session, \
+            session.get(url + "/metrics") as response:
         assert response.status == 200
         return parse_metrics(await response.text())
 
