@@ -174,6 +174,9 @@ class Config:
     retries: int = 3
     retry_seconds: float = 30.0
     ping_interval: float = 15.0
+    # How often the server looks at its token files for one that appeared or
+    # changed (a stat each, so it can be often).
+    watch_interval: float = 5.0
     shutdown_timeout: float = 30.0
     # Largest client request body we read, in bytes.
     max_body_bytes: int = 32 * 1024 * 1024
@@ -600,6 +603,11 @@ class TokenFile:
         """The file's JSON and the credentials in it; ``TokenFileError`` if unusable."""
         return await asyncio.to_thread(read_token_file, self.path)
 
+    def stamp(self) -> tuple[int, ...] | None:
+        """What changes when the file is written (its inode, size and modification
+        time); None while it does not exist. Blocking: a thread calls it."""
+        return file_stamp(self.path)
+
     async def ensure_writable(self) -> None:
         """Raise ``TokenFileError`` if a token refreshed now could not be written."""
         unwritable = await asyncio.to_thread(why_unwritable, self.path)
@@ -702,6 +710,14 @@ KIRO_CLI_KEYS = {"accessToken": "access_token", "refreshToken": "refresh_token",
 SQLITE_BUSY_SECONDS = 5.0
 
 
+def file_stamp(path: Path) -> tuple[int, ...] | None:
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return (found.st_ino, found.st_size, found.st_mtime_ns)
+
+
 def is_sqlite(path: Path) -> bool:
     try:
         with open(path, "rb") as f:
@@ -722,6 +738,9 @@ def read_kiro_cli_store(path: Path) -> tuple[Json, Credentials]:
     """kiro-cli's ``data.sqlite3``: ``{"key": its token row, "value": that row's JSON}``
     and the credentials in it. Raises ``TokenFileError`` with a one-line reason."""
     fix = "log in with kiro-cli again (kiro-cli login)"
+    if not path.exists():  # sqlite3 would only say "unable to open database file"
+        raise TokenFileError(f"{path} does not exist; log in with kiro-cli first (kiro-cli "
+                             f"login), or point --token-file (KIRO2API_TOKEN_FILE) at its store")
     try:
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True,
                                                 timeout=SQLITE_BUSY_SECONDS)) as db:
@@ -780,6 +799,12 @@ class KiroCliStore(TokenFile):
     async def read(self) -> tuple[Json, Credentials]:
         return await asyncio.to_thread(read_kiro_cli_store, self.path)
 
+    def stamp(self) -> tuple[int, ...] | None:
+        # In WAL mode a write lands in the -wal file beside the database first.
+        main = file_stamp(self.path)
+        wal = file_stamp(self.path.with_name(self.path.name + "-wal"))
+        return None if main is None else main + (wal or ())
+
     async def ensure_writable(self) -> None:
         await super().ensure_writable()
         if not os.access(self.path, os.W_OK):
@@ -817,6 +842,9 @@ class KiroApiKey(TokenFile):
 
     async def read(self) -> tuple[Json, Credentials]:
         return {}, self._credentials
+
+    def stamp(self) -> tuple[int, ...] | None:
+        return None  # no file: never changes
 
     async def ensure_writable(self) -> None:
         return None
@@ -1491,6 +1519,9 @@ class TokenStore:
         self.kiro = KiroView(self.clock)
         self.kiro.on_change = self.changed
         self._reread_at = 0.0  # clock.monotonic() before which reread() does not read again
+        # The file's stamp (TokenFile.stamp) when the server last looked at it
+        # for a change (watch_token_files).
+        self.seen_stamp: tuple[int, ...] | None = None
 
     def __repr__(self) -> str:
         return f"<TokenStore {self.path}>"
@@ -1548,6 +1579,21 @@ class TokenStore:
         # write-back of ours failed), and its refresh token may be spent.
         if not self.knows(on_disk.access_token) and not on_disk.expired(self.clock.now()):
             self.holder.adopt(on_disk)
+            log.info("%s: using the new token another program wrote", self.path)
+
+    async def file_changed(self) -> None:
+        """The token file appeared or was written (``watch_token_files``): read it now
+        rather than at the next request, so that clients and ``/health`` see it."""
+        if self.holder.current is not None:
+            self._reread_at = 0.0
+            await self.reread()
+            return
+        try:
+            credentials = await self.load()
+        except TokenError as exc:
+            log.warning("%s", exc)
+            return
+        log_account(self, credentials)
 
     def knows(self, token: str) -> bool:
         """Whether ``token`` is an access token this account has held (constant time)."""
@@ -1605,21 +1651,59 @@ def accounts(config: Config, session: aiohttp.ClientSession, **options: Any) -> 
     return stores
 
 
+def log_account(store: TokenStore, credentials: Credentials) -> None:
+    left = credentials.seconds_left(store.clock.now())
+    log.info("account %s: %s login, region %s, %s", store.path, credentials.auth_method,
+             credentials.region, "expiry unknown" if left is None
+             else f"expires in {human_duration(left)}" if left > 0 else "expired")
+
+
 async def load_accounts_ctx(app: web.Application) -> AsyncIterator[None]:
     """Read every token file at startup (no refresh): ``/health`` then knows the
     accounts, and a missing or broken file is reported at once, not at the first
-    request. The server starts either way; the store tries again when asked."""
+    request. The server starts either way, and reads a file again when it
+    changes (``watch_token_files``) or a request needs it."""
     for store in app[ACCOUNTS]:
+        store.seen_stamp = await asyncio.to_thread(store.file.stamp)
         try:
             credentials = await store.load()
         except TokenError as exc:
-            log.warning("%s", exc)
+            log.warning("%s (kiro2api reads it again as soon as it changes)", exc)
             continue
-        left = credentials.seconds_left(store.clock.now())
-        log.info("account %s: %s login, region %s, %s", store.path, credentials.auth_method,
-                 credentials.region, "expiry unknown" if left is None
-                 else f"expires in {human_duration(left)}" if left > 0 else "expired")
+        log_account(store, credentials)
     yield
+
+
+WATCHER_TASK = "kiro2api token file watcher"  # the task's name
+
+
+async def watch_token_files(stores: list[TokenStore], interval: float) -> None:
+    """Every ``interval`` seconds, look whether a token file appeared or changed (the
+    first login after the server started, the Kiro IDE's refresh, a new login),
+    and if so read it: a stat per file, in a thread, and a read only on a change."""
+    while True:
+        await asyncio.sleep(interval)
+        stamps = await asyncio.to_thread(lambda: [store.file.stamp() for store in stores])
+        for store, stamp in zip(stores, stamps):
+            if stamp == store.seen_stamp:
+                continue
+            store.seen_stamp = stamp
+            if stamp is None:
+                continue  # removed: the token held serves on
+            try:
+                await store.file_changed()
+            except Exception:  # a bug of ours: say so, and keep watching the others
+                log.exception("reading %s again after it changed", store.path)
+
+
+async def watch_token_files_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Watch the token files from startup until the server stops."""
+    watcher = asyncio.create_task(
+        watch_token_files(app[ACCOUNTS], app[CONFIG].watch_interval), name=WATCHER_TASK)
+    yield
+    watcher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watcher
 
 
 # Shared state #############################################################
@@ -3330,13 +3414,21 @@ async def client_allowed(request: web.Request) -> bool:
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     """Require the client key (or, with no key configured, a Kiro access token) on the API."""
-    if request.path.startswith(KEYED_PATHS) and not await client_allowed(request):
-        raise convert.ConversionError(
-            "missing or wrong API key: send it as x-api-key or Authorization: Bearer"
-            if request.app[CONFIG].api_key is not None else
-            "missing or unknown token: send the Kiro access token (kiro2api export prints it)",
-            status=401, code="invalid_api_key")
-    return await handler(request)
+    if not request.path.startswith(KEYED_PATHS) or await client_allowed(request):
+        return await handler(request)
+    config, stores = request.app[CONFIG], request.app[ACCOUNTS]
+    if config.api_key is None and stores and all(s.holder.current is None for s in stores):
+        # No login read yet: no token to check the client's against.
+        problems = "; ".join(str(s.error or f"{s.path} has not been read yet") for s in stores)
+        raise TokenFileError(
+            f"kiro2api has no Kiro login yet: {problems}. kiro2api reads the file again "
+            f"within {config.watch_interval:g} s of its appearing or changing; then send its "
+            f"access token (kiro2api export prints it)")
+    raise convert.ConversionError(
+        "missing or wrong API key: send it as x-api-key or Authorization: Bearer"
+        if config.api_key is not None else
+        "missing or unknown token: send the Kiro access token (kiro2api export prints it)",
+        status=401, code="invalid_api_key")
 
 
 async def knows_access_token(app: web.Application, token: str) -> bool:
@@ -3404,6 +3496,7 @@ def make_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(http_session_ctx)
     app.cleanup_ctx.append(load_accounts_ctx)
     app.cleanup_ctx.append(shared_state_ctx)
+    app.cleanup_ctx.append(watch_token_files_ctx)
     app.router.add_get("/", handle_root)  # also answers HEAD
     app.router.add_get("/health", handle_health)
     app.router.add_get("/metrics", handle_metrics)
