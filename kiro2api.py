@@ -4037,6 +4037,18 @@ def describe_expiry(credentials: Credentials) -> str:
     return f"{when}, expired {human_duration(left)} ago"
 
 
+async def printable_credentials(store: TokenStore) -> Credentials:
+    """``store.credentials()`` for a command that prints the token. When the refresh
+    failed but the token still works for a while, it is printed all the same (stdout
+    stays usable), and a warning on stderr says what failed and when it expires."""
+    credentials = await store.credentials()
+    if store.error is not None:
+        click.echo(f"Warning: the token could not be refreshed: {store.error}\n"
+                   f"The token printed is the current one; it expires "
+                   f"{describe_expiry(credentials)}.", err=True)
+    return credentials
+
+
 def mask(secret: str) -> str:
     """The first and last few characters of a token, never enough to use it."""
     if len(secret) < 24:
@@ -4226,7 +4238,7 @@ def export(host: str, port: int | None, api_key: str | None, config: Config,
         values["ANTHROPIC_AUTH_TOKEN"] = api_key
     else:
         async def each(store: TokenStore) -> None:
-            values["ANTHROPIC_AUTH_TOKEN"] = (await store.credentials()).access_token
+            values["ANTHROPIC_AUTH_TOKEN"] = (await printable_credentials(store)).access_token
 
         run_stores(config, each, first_only=True)
     values[CODEX_KEY_VARIABLE] = values["ANTHROPIC_AUTH_TOKEN"]
@@ -4247,7 +4259,7 @@ def auth_token(config: Config) -> None:
     """
 
     async def each(store: TokenStore) -> None:
-        credentials = await store.credentials()
+        credentials = await printable_credentials(store)
         click.echo(credentials.access_token)
         click.echo(
             f"\nThe Kiro access token of {store.path}; expires "
