@@ -163,6 +163,9 @@ class Config:
     state_lock_seconds: float = 45.0
     log_level: str = "INFO"
     log_format: str = "text"
+    # Whether text log lines start with the time; JSON lines always carry it.
+    # The CLI turns it off when stderr goes to journald, which stamps every line.
+    log_timestamps: bool = True
     # Seconds. Streams are long, so there is no total timeout; these bound
     # connecting, the wait for the first upstream byte, and silence between
     # frames.
@@ -3717,23 +3720,51 @@ def print_diagnoses(found: list[Diagnosis]) -> None:
 # Command line #############################################################
 
 
+def log_time(created: float) -> str:
+    """A log record's time, RFC 3339 in UTC with milliseconds: 2026-04-06T19:29:16.090Z."""
+    moment = datetime.fromtimestamp(created, timezone.utc)
+    return f"{moment:%Y-%m-%dT%H:%M:%S}.{moment.microsecond // 1000:03d}Z"
+
+
+class TextFormatter(logging.Formatter):
+    """``LEVEL logger: message``, after the time unless told otherwise (journald)."""
+
+    def __init__(self, *, timestamps: bool = True) -> None:
+        super().__init__(("%(asctime)s " if timestamps else "")
+                         + "%(levelname)s %(name)s: %(message)s")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return log_time(record.created)
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object a line: level, logger, message, and a request's fields."""
+    """One JSON object a line: time, level, logger, message, and a request's fields."""
 
     def format(self, record: logging.LogRecord) -> str:
-        data: Json = {"level": record.levelname, "logger": record.name,
-                      "message": record.getMessage()}
+        data: Json = {"time": log_time(record.created), "level": record.levelname,
+                      "logger": record.name, "message": record.getMessage()}
         data.update(getattr(record, "fields", {}))
         if record.exc_info:
             data["exception"] = self.formatException(record.exc_info)
         return json.dumps(data, ensure_ascii=False, default=str)
 
 
-def configure_logging(level: str, fmt: str) -> None:
-    # No timestamps: journald and terminals add their own.
+def stderr_is_journal(journal_stream: str | None) -> bool:
+    """Whether stderr is the journald stream systemd names in ``JOURNAL_STREAM``
+    (``device:inode``); a child of a service whose stderr was redirected inherits
+    the variable, so the stream itself is compared."""
+    device, _, inode = (journal_stream or "").partition(":")
+    try:
+        found = os.fstat(sys.stderr.fileno())
+        return (found.st_dev, found.st_ino) == (int(device), int(inode))
+    except (ValueError, OSError, AttributeError):  # no such variable, no real stderr
+        return False
+
+
+def configure_logging(level: str, fmt: str, *, timestamps: bool = True) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json"
-                         else logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+                         else TextFormatter(timestamps=timestamps))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     # aiohttp's own access log would repeat our one line per request.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
@@ -3989,10 +4020,11 @@ def server(port_arg, key_arg, host, port, api_key, no_auth, token_files, service
         proxy=proxy,
         log_level=log_level.upper(),
         log_format=log_format,
+        log_timestamps=not stderr_is_journal(os.environ.get("JOURNAL_STREAM")),
         state=state,
         **tuning,
     )
-    configure_logging(config.log_level, config.log_format)
+    configure_logging(config.log_level, config.log_format, timestamps=config.log_timestamps)
     serve(config)
 
 
