@@ -168,6 +168,9 @@ class Config:
     safeguards: str = "off"
     log_level: str = "INFO"
     log_format: str = "text"
+    # Whether text log lines start with the time; JSON lines always carry it.
+    # The CLI turns it off when stderr goes to journald, which stamps every line.
+    log_timestamps: bool = True
     # Seconds. Streams are long, so there is no total timeout; these bound
     # connecting, the wait for the first upstream byte, and silence between
     # frames.
@@ -179,6 +182,9 @@ class Config:
     retries: int = 3
     retry_seconds: float = 30.0
     ping_interval: float = 15.0
+    # How often the server looks at its token files for one that appeared or
+    # changed (a stat each, so it can be often).
+    watch_interval: float = 5.0
     shutdown_timeout: float = 30.0
     # Largest client request body we read, in bytes.
     max_body_bytes: int = 32 * 1024 * 1024
@@ -605,6 +611,11 @@ class TokenFile:
         """The file's JSON and the credentials in it; ``TokenFileError`` if unusable."""
         return await asyncio.to_thread(read_token_file, self.path)
 
+    def stamp(self) -> tuple[int, ...] | None:
+        """What changes when the file is written (its inode, size and modification
+        time); None while it does not exist. Blocking: a thread calls it."""
+        return file_stamp(self.path)
+
     async def ensure_writable(self) -> None:
         """Raise ``TokenFileError`` if a token refreshed now could not be written."""
         unwritable = await asyncio.to_thread(why_unwritable, self.path)
@@ -707,6 +718,14 @@ KIRO_CLI_KEYS = {"accessToken": "access_token", "refreshToken": "refresh_token",
 SQLITE_BUSY_SECONDS = 5.0
 
 
+def file_stamp(path: Path) -> tuple[int, ...] | None:
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return (found.st_ino, found.st_size, found.st_mtime_ns)
+
+
 def is_sqlite(path: Path) -> bool:
     try:
         with open(path, "rb") as f:
@@ -727,6 +746,9 @@ def read_kiro_cli_store(path: Path) -> tuple[Json, Credentials]:
     """kiro-cli's ``data.sqlite3``: ``{"key": its token row, "value": that row's JSON}``
     and the credentials in it. Raises ``TokenFileError`` with a one-line reason."""
     fix = "log in with kiro-cli again (kiro-cli login)"
+    if not path.exists():  # sqlite3 would only say "unable to open database file"
+        raise TokenFileError(f"{path} does not exist; log in with kiro-cli first (kiro-cli "
+                             f"login), or point --token-file (KIRO2API_TOKEN_FILE) at its store")
     try:
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True,
                                                 timeout=SQLITE_BUSY_SECONDS)) as db:
@@ -785,6 +807,12 @@ class KiroCliStore(TokenFile):
     async def read(self) -> tuple[Json, Credentials]:
         return await asyncio.to_thread(read_kiro_cli_store, self.path)
 
+    def stamp(self) -> tuple[int, ...] | None:
+        # In WAL mode a write lands in the -wal file beside the database first.
+        main = file_stamp(self.path)
+        wal = file_stamp(self.path.with_name(self.path.name + "-wal"))
+        return None if main is None else main + (wal or ())
+
     async def ensure_writable(self) -> None:
         await super().ensure_writable()
         if not os.access(self.path, os.W_OK):
@@ -822,6 +850,9 @@ class KiroApiKey(TokenFile):
 
     async def read(self) -> tuple[Json, Credentials]:
         return {}, self._credentials
+
+    def stamp(self) -> tuple[int, ...] | None:
+        return None  # no file: never changes
 
     async def ensure_writable(self) -> None:
         return None
@@ -1497,6 +1528,9 @@ class TokenStore:
         self.credits = 0.0  # Kiro credits its answers were billed (meteringEvent)
         self.kiro.on_change = self.changed
         self._reread_at = 0.0  # clock.monotonic() before which reread() does not read again
+        # The file's stamp (TokenFile.stamp) when the server last looked at it
+        # for a change (watch_token_files).
+        self.seen_stamp: tuple[int, ...] | None = None
 
     def __repr__(self) -> str:
         return f"<TokenStore {self.path}>"
@@ -1554,6 +1588,21 @@ class TokenStore:
         # write-back of ours failed), and its refresh token may be spent.
         if not self.knows(on_disk.access_token) and not on_disk.expired(self.clock.now()):
             self.holder.adopt(on_disk)
+            log.info("%s: using the new token another program wrote", self.path)
+
+    async def file_changed(self) -> None:
+        """The token file appeared or was written (``watch_token_files``): read it now
+        rather than at the next request, so that clients and ``/health`` see it."""
+        if self.holder.current is not None:
+            self._reread_at = 0.0
+            await self.reread()
+            return
+        try:
+            credentials = await self.load()
+        except TokenError as exc:
+            log.warning("%s", exc)
+            return
+        log_account(self, credentials)
 
     def knows(self, token: str) -> bool:
         """Whether ``token`` is an access token this account has held (constant time)."""
@@ -1612,21 +1661,59 @@ def accounts(config: Config, session: aiohttp.ClientSession, **options: Any) -> 
     return stores
 
 
+def log_account(store: TokenStore, credentials: Credentials) -> None:
+    left = credentials.seconds_left(store.clock.now())
+    log.info("account %s: %s login, region %s, %s", store.path, credentials.auth_method,
+             credentials.region, "expiry unknown" if left is None
+             else f"expires in {human_duration(left)}" if left > 0 else "expired")
+
+
 async def load_accounts_ctx(app: web.Application) -> AsyncIterator[None]:
     """Read every token file at startup (no refresh): ``/health`` then knows the
     accounts, and a missing or broken file is reported at once, not at the first
-    request. The server starts either way; the store tries again when asked."""
+    request. The server starts either way, and reads a file again when it
+    changes (``watch_token_files``) or a request needs it."""
     for store in app[ACCOUNTS]:
+        store.seen_stamp = await asyncio.to_thread(store.file.stamp)
         try:
             credentials = await store.load()
         except TokenError as exc:
-            log.warning("%s", exc)
+            log.warning("%s (kiro2api reads it again as soon as it changes)", exc)
             continue
-        left = credentials.seconds_left(store.clock.now())
-        log.info("account %s: %s login, region %s, %s", store.path, credentials.auth_method,
-                 credentials.region, "expiry unknown" if left is None
-                 else f"expires in {human_duration(left)}" if left > 0 else "expired")
+        log_account(store, credentials)
     yield
+
+
+WATCHER_TASK = "kiro2api token file watcher"  # the task's name
+
+
+async def watch_token_files(stores: list[TokenStore], interval: float) -> None:
+    """Every ``interval`` seconds, look whether a token file appeared or changed (the
+    first login after the server started, the Kiro IDE's refresh, a new login),
+    and if so read it: a stat per file, in a thread, and a read only on a change."""
+    while True:
+        await asyncio.sleep(interval)
+        stamps = await asyncio.to_thread(lambda: [store.file.stamp() for store in stores])
+        for store, stamp in zip(stores, stamps):
+            if stamp == store.seen_stamp:
+                continue
+            store.seen_stamp = stamp
+            if stamp is None:
+                continue  # removed: the token held serves on
+            try:
+                await store.file_changed()
+            except Exception:  # a bug of ours: say so, and keep watching the others
+                log.exception("reading %s again after it changed", store.path)
+
+
+async def watch_token_files_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Watch the token files from startup until the server stops."""
+    watcher = asyncio.create_task(
+        watch_token_files(app[ACCOUNTS], app[CONFIG].watch_interval), name=WATCHER_TASK)
+    yield
+    watcher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watcher
 
 
 # Shared state #############################################################
@@ -2851,22 +2938,32 @@ async def handle_root(request: web.Request) -> web.Response:
 
 
 async def handle_health(request: web.Request) -> web.Response:
+    """Liveness for anyone (``status``, ``version``); with the client key, also the
+    uptime, every account's state and the state store's.
+
+    Load balancers and uptime checks need no key; the details (token file
+    paths, providers, regions, expiry) are for those who may use the API.
+    """
     config = request.app[CONFIG]
     accounts = [store.health() for store in request.app[ACCOUNTS]]
     fleet = request.app.get(FLEET)
     serving = any(a["state"] in ("ok", "expiring") for a in accounts)
-    answer = {
+    answer: Json = {
         "status": "ok" if serving and (fleet is None or fleet.up) else "degraded",
         "version": __version__,
-        "uptime_seconds": round(time.time() - config.started, 3),
-        "accounts": accounts,
     }
+    if not await client_allowed(request):
+        return web.json_response(answer)
+    answer["uptime_seconds"] = round(time.time() - config.started, 3)
+    answer["accounts"] = accounts
     if fleet is not None:
         answer["state_store"] = fleet.health()
     return web.json_response(answer)
 
 
 async def handle_metrics(request: web.Request) -> web.Response:
+    """Prometheus text, behind the client key (``KEYED_PATHS``): the account labels
+    are token file paths."""
     return web.Response(text=request.app[METRICS].render(request.app),
                         content_type="text/plain", charset="utf-8",
                         headers={"X-Content-Type-Options": "nosniff"})
@@ -3403,7 +3500,8 @@ QUIET_PATHS = frozenset({"/", "/api/hello", "/health", "/metrics"})
 
 def log_request(request: web.Request, response: web.StreamResponse | None,
                 started: float) -> None:
-    """Count the request and log its one line (none for probes and scrapes)."""
+    """Count the request and log its one line (none for probes and scrapes that
+    succeed)."""
     seconds = time.monotonic() - started
     status = response.status if response is not None else 499
     if isinstance(response, web.StreamResponse) and response.prepared and \
@@ -3412,8 +3510,8 @@ def log_request(request: web.Request, response: web.StreamResponse | None,
     route = request.match_info.route.resource.canonical \
         if request.match_info.route.resource is not None else "other"
     request.app[METRICS].count_request(route, status, seconds)
-    if request.path in QUIET_PATHS:
-        return
+    if request.path in QUIET_PATHS and status < 400:
+        return  # a refused scrape (a scraper without the key) is logged
     entry = request[REQUEST_LOG]
     # A Response's body goes out after this (when the handler has returned).
     body = getattr(response, "body", None) if response is not None and not response.prepared \
@@ -3463,28 +3561,44 @@ def presented_key(request: web.Request) -> str:
     return key
 
 
-# The paths behind the client key: the API, and Codex's short route.
-KEYED_PATHS = ("/v1/", "/responses")
+# The paths behind the client key: the API, Codex's short route, and the
+# metrics (whose labels name token files). /health answers everyone, and
+# shows its details only to a caller with the key (handle_health).
+KEYED_PATHS = ("/v1/", "/responses", "/metrics")
+
+
+async def client_allowed(request: web.Request) -> bool:
+    """Whether the caller may use the API: ``--no-auth``, or the client key, or
+    (with no key configured) an access token of one of the accounts."""
+    config = request.app[CONFIG]
+    if config.no_auth:
+        return True
+    key = presented_key(request)
+    if not key:
+        return False
+    if config.api_key is not None:
+        return same_secret(key, config.api_key)
+    return await knows_access_token(request.app, key)
 
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     """Require the client key (or, with no key configured, a Kiro access token) on the API."""
-    config = request.app[CONFIG]
-    if not request.path.startswith(KEYED_PATHS) or config.no_auth:
+    if not request.path.startswith(KEYED_PATHS) or await client_allowed(request):
         return await handler(request)
-    key = presented_key(request)
-    if config.api_key is not None:
-        allowed = bool(key) and same_secret(key, config.api_key)
-    else:
-        allowed = bool(key) and await knows_access_token(request.app, key)
-    if not allowed:
-        raise convert.ConversionError(
-            "missing or wrong API key: send it as x-api-key or Authorization: Bearer"
-            if config.api_key is not None else
-            "missing or unknown token: send the Kiro access token (kiro2api export prints it)",
-            status=401, code="invalid_api_key")
-    return await handler(request)
+    config, stores = request.app[CONFIG], request.app[ACCOUNTS]
+    if config.api_key is None and stores and all(s.holder.current is None for s in stores):
+        # No login read yet: no token to check the client's against.
+        problems = "; ".join(str(s.error or f"{s.path} has not been read yet") for s in stores)
+        raise TokenFileError(
+            f"kiro2api has no Kiro login yet: {problems}. kiro2api reads the file again "
+            f"within {config.watch_interval:g} s of its appearing or changing; then send its "
+            f"access token (kiro2api export prints it)")
+    raise convert.ConversionError(
+        "missing or wrong API key: send it as x-api-key or Authorization: Bearer"
+        if config.api_key is not None else
+        "missing or unknown token: send the Kiro access token (kiro2api export prints it)",
+        status=401, code="invalid_api_key")
 
 
 async def knows_access_token(app: web.Application, token: str) -> bool:
@@ -3552,6 +3666,7 @@ def make_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(http_session_ctx)
     app.cleanup_ctx.append(load_accounts_ctx)
     app.cleanup_ctx.append(shared_state_ctx)
+    app.cleanup_ctx.append(watch_token_files_ctx)
     app.router.add_get("/", handle_root)  # also answers HEAD
     app.router.add_get("/api/hello", handle_root)
     app.router.add_get("/health", handle_health)
@@ -3773,23 +3888,51 @@ def print_diagnoses(found: list[Diagnosis]) -> None:
 # Command line #############################################################
 
 
+def log_time(created: float) -> str:
+    """A log record's time, RFC 3339 in UTC with milliseconds: 2026-04-06T19:29:16.090Z."""
+    moment = datetime.fromtimestamp(created, timezone.utc)
+    return f"{moment:%Y-%m-%dT%H:%M:%S}.{moment.microsecond // 1000:03d}Z"
+
+
+class TextFormatter(logging.Formatter):
+    """``LEVEL logger: message``, after the time unless told otherwise (journald)."""
+
+    def __init__(self, *, timestamps: bool = True) -> None:
+        super().__init__(("%(asctime)s " if timestamps else "")
+                         + "%(levelname)s %(name)s: %(message)s")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return log_time(record.created)
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object a line: level, logger, message, and a request's fields."""
+    """One JSON object a line: time, level, logger, message, and a request's fields."""
 
     def format(self, record: logging.LogRecord) -> str:
-        data: Json = {"level": record.levelname, "logger": record.name,
-                      "message": record.getMessage()}
+        data: Json = {"time": log_time(record.created), "level": record.levelname,
+                      "logger": record.name, "message": record.getMessage()}
         data.update(getattr(record, "fields", {}))
         if record.exc_info:
             data["exception"] = self.formatException(record.exc_info)
         return json.dumps(data, ensure_ascii=False, default=str)
 
 
-def configure_logging(level: str, fmt: str) -> None:
-    # No timestamps: journald and terminals add their own.
+def stderr_is_journal(journal_stream: str | None) -> bool:
+    """Whether stderr is the journald stream systemd names in ``JOURNAL_STREAM``
+    (``device:inode``); a child of a service whose stderr was redirected inherits
+    the variable, so the stream itself is compared."""
+    device, _, inode = (journal_stream or "").partition(":")
+    try:
+        found = os.fstat(sys.stderr.fileno())
+        return (found.st_dev, found.st_ino) == (int(device), int(inode))
+    except (ValueError, OSError, AttributeError):  # no such variable, no real stderr
+        return False
+
+
+def configure_logging(level: str, fmt: str, *, timestamps: bool = True) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json"
-                         else logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+                         else TextFormatter(timestamps=timestamps))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     # aiohttp's own access log would repeat our one line per request.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
@@ -4065,12 +4208,13 @@ def server(port_arg, key_arg, host, port, api_key, no_auth, token_files, service
         proxy=proxy,
         log_level=log_level.upper(),
         log_format=log_format,
+        log_timestamps=not stderr_is_journal(os.environ.get("JOURNAL_STREAM")),
         state=state,
         model_map=model_map,
         safeguards=safeguards,
         **tuning,
     )
-    configure_logging(config.log_level, config.log_format)
+    configure_logging(config.log_level, config.log_format, timestamps=config.log_timestamps)
     serve(config)
 
 
@@ -4113,6 +4257,18 @@ def describe_expiry(credentials: Credentials) -> str:
     if left > 0:
         return f"{when}, in {human_duration(left)}"
     return f"{when}, expired {human_duration(left)} ago"
+
+
+async def printable_credentials(store: TokenStore) -> Credentials:
+    """``store.credentials()`` for a command that prints the token. When the refresh
+    failed but the token still works for a while, it is printed all the same (stdout
+    stays usable), and a warning on stderr says what failed and when it expires."""
+    credentials = await store.credentials()
+    if store.error is not None:
+        click.echo(f"Warning: the token could not be refreshed: {store.error}\n"
+                   f"The token printed is the current one; it expires "
+                   f"{describe_expiry(credentials)}.", err=True)
+    return credentials
 
 
 def mask(secret: str) -> str:
@@ -4304,7 +4460,7 @@ def export(host: str, port: int | None, api_key: str | None, config: Config,
         values["ANTHROPIC_AUTH_TOKEN"] = api_key
     else:
         async def each(store: TokenStore) -> None:
-            values["ANTHROPIC_AUTH_TOKEN"] = (await store.credentials()).access_token
+            values["ANTHROPIC_AUTH_TOKEN"] = (await printable_credentials(store)).access_token
 
         run_stores(config, each, first_only=True)
     values[CODEX_KEY_VARIABLE] = values["ANTHROPIC_AUTH_TOKEN"]
@@ -4325,7 +4481,7 @@ def auth_token(config: Config) -> None:
     """
 
     async def each(store: TokenStore) -> None:
-        credentials = await store.credentials()
+        credentials = await printable_credentials(store)
         click.echo(credentials.access_token)
         click.echo(
             f"\nThe Kiro access token of {store.path}; expires "

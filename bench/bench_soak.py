@@ -103,7 +103,8 @@ def open_fds(pid: int) -> int:
 
 
 async def streams_open(session: aiohttp.ClientSession, base: str) -> int:
-    async with session.get(base + "/metrics") as response:
+    async with session.get(base + "/metrics",
+                           headers={"x-api-key": bench_proxy.API_KEY}) as response:
         for line in (await response.text()).splitlines():
             if line.startswith("kiro2api_streams_open "):
                 return int(line.split()[1])

@@ -534,7 +534,7 @@ async def test_count_tokens_estimates_and_validates(proxy):
 
 async def test_health_shows_account_without_secrets(proxy):
     async with aiohttp.ClientSession() as session:
-        async with session.get(proxy.url + "/health") as response:
+        async with session.get(proxy.url + "/health", headers={"x-api-key": API_KEY}) as response:
             text = await response.text()
     assert "aoa-initial-access" not in text and "aor-initial-refresh" not in text
     body = json.loads(text)

@@ -410,12 +410,31 @@ async def test_auth_service_failure_fails_every_refreshing_command_cleanly(
         token_file.name, token_file.name + ".lock"]
 
 
-def test_a_token_that_still_works_is_printed_when_the_early_refresh_fails(token_file):
+@pytest.mark.parametrize("case", ["down", "refused"])
+@pytest.mark.parametrize("command", [["export", "--shell", "posix"], ["authToken"]],
+                         ids=["export", "authToken"])
+async def test_a_token_that_still_works_is_printed_with_a_warning_when_the_refresh_fails(
+        token_file, fake_upstream, command, case):
     write_token(token_file, expires_in=240)
     before = token_file.read_bytes()
-    result = invoke("authToken", "--social-auth-url", closed_port_url())
+    reply, expected = AUTH_FAILURES[case]
+    if reply is None:
+        url = closed_port_url()
+    else:
+        url = fake_upstream.url
+        fake_upstream.auth_script.append(reply)
+    result = await invoke_async(*command, "--social-auth-url", url)
     assert result.exit_code == 0, result.output
-    assert result.stdout == SOCIAL_ACCESS + "\n"
+    if command[0] == "authToken":
+        assert result.stdout == SOCIAL_ACCESS + "\n"
+    else:
+        assert result.stdout.splitlines()[1:] == [f"export ANTHROPIC_AUTH_TOKEN={SOCIAL_ACCESS}",
+                                                  f"export KIRO2API_KEY={SOCIAL_ACCESS}"]
+    warning = result.stderr.splitlines()[:2]
+    assert warning[0].startswith("Warning: the token could not be refreshed: ")
+    assert expected.format(url=url) in warning[0]
+    assert warning[1].startswith("The token printed is the current one; it expires ")
+    assert warning[1].endswith((", in 3 min.", ", in 4 min."))
     assert token_file.read_bytes() == before
 
 

@@ -7,6 +7,7 @@ fake Kiro (host, dialect, headers, profile ARN) and what the client got.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -54,7 +55,7 @@ async def start(aiohttp_server, config):
 
 async def health(url):
     async with aiohttp.ClientSession() as session:
-        async with session.get(url + "/health") as response:
+        async with session.get(url + "/health", headers={"x-api-key": API_KEY}) as response:
             return (await response.json())["accounts"]
 
 
@@ -251,6 +252,28 @@ async def test_kiro_cli_store_gets_the_refreshed_token_written_back_in_place(
     assert written["kiro_cli_private"] == {"kept": True} and written["provider"] == "Github"
     assert kiro2api.parse_expires_at(written["expires_at"]) > kiro2api.utcnow()
     assert rows["other:row"] == {"x": 1}
+
+
+async def test_a_kiro_cli_store_missing_at_start_is_read_once_kiro_cli_writes_it(
+        aiohttp_server, fake_upstream, service, tmp_path):
+    path = tmp_path / "data.sqlite3"
+    config = dataclasses.replace(service, token_files=(path,), watch_interval=0.05)
+    url, client = await start(aiohttp_server, config)
+    (entry,) = await health(url)
+    assert entry["state"] == "error"
+    assert entry["error"] == (f"{path} does not exist; log in with kiro-cli first (kiro-cli "
+                              f"login), or point --token-file (KIRO2API_TOKEN_FILE) at its store")
+    # kiro-cli logs in; written beside and renamed, so the server never sees half of it.
+    kiro_cli_store(tmp_path / "new.sqlite3", helpers.ide_time(3600)).rename(path)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while (entry := (await health(url))[0])["state"] != "ok":
+        assert loop.time() < deadline, entry
+        await asyncio.sleep(0.02)
+    assert generate_calls(fake_upstream) == []  # no request needed
+    await ask(client)
+    (call,) = generate_calls(fake_upstream)
+    assert call.headers["Authorization"] == "Bearer aoa-cli-access"
 
 
 async def test_models_come_from_the_management_rpc_with_the_profile_arn(

@@ -1,9 +1,16 @@
-"""Request ids, the one log line per request, JSON logs, and /metrics."""
+"""Request ids, the one log line per request, log formats and times, and /metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import os
+import re
+import signal
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -11,7 +18,7 @@ import pytest
 import fakes
 import kiro2api
 from fakes import Status, Stream
-from helpers import API_KEY
+from helpers import API_KEY, child_env, free_port, start_server_process, write_token_file
 
 BODY = {"model": "claude-sonnet-4-5", "max_tokens": 10,
         "messages": [{"role": "user", "content": "Hi"}]}
@@ -44,12 +51,66 @@ async def test_every_response_carries_a_request_id_that_the_log_line_names(proxy
     assert fields["retries"] == 0 and fields["account"] == "kiro-auth-token.json"
 
 
-def test_json_log_format_is_one_object_per_line():
-    record = logging.LogRecord("kiro2api", logging.INFO, __file__, 1, "%s", ("hello",), None)
+# 2026-04-06T19:29:16.250Z: a quarter second, exact in binary.
+MOMENT = datetime(2026, 4, 6, 19, 29, 16, 250000, tzinfo=timezone.utc).timestamp()
+
+
+def log_record(message="hello"):
+    record = logging.LogRecord("kiro2api", logging.INFO, __file__, 1, "%s", (message,), None)
+    record.created = MOMENT
+    return record
+
+
+def test_json_log_format_is_one_object_per_line_with_the_time():
+    record = log_record()
     record.fields = {"request_id": "req_1", "status": 200}
     line = kiro2api.JsonFormatter().format(record)
-    assert json.loads(line) == {"level": "INFO", "logger": "kiro2api", "message": "hello",
+    assert json.loads(line) == {"time": "2026-04-06T19:29:16.250Z", "level": "INFO",
+                                "logger": "kiro2api", "message": "hello",
                                 "request_id": "req_1", "status": 200}
+
+
+def test_text_log_lines_start_with_the_time_unless_journald_stamps_them():
+    assert kiro2api.TextFormatter().format(log_record()) == \
+        "2026-04-06T19:29:16.250Z INFO kiro2api: hello"
+    assert kiro2api.TextFormatter(timestamps=False).format(log_record()) == \
+        "INFO kiro2api: hello"
+
+
+def test_journald_is_recognised_by_the_stream_journal_stream_names(monkeypatch, tmp_path):
+    with open(tmp_path / "stderr", "w") as stderr:
+        monkeypatch.setattr(sys, "stderr", stderr)
+        found = os.fstat(stderr.fileno())
+        assert kiro2api.stderr_is_journal(f"{found.st_dev}:{found.st_ino}")
+        # Inherited by a process whose stderr goes elsewhere; unset; not systemd's.
+        for other in (f"{found.st_dev}:{found.st_ino + 1}", None, "", "8:x", "garbage"):
+            assert not kiro2api.stderr_is_journal(other)
+
+
+@pytest.mark.parametrize("journald", [False, True], ids=["terminal", "journald"])
+@pytest.mark.slow  # a server process
+async def test_the_server_stamps_its_text_lines_unless_stderr_is_the_journal(
+        tmp_path, journald):
+    port = free_port()
+    token_file = write_token_file(tmp_path / "token.json")
+    command = [sys.executable, str(Path(kiro2api.__file__)), "server", "--port", str(port),
+               "--api-key", API_KEY, "--token-file", str(token_file)]
+    log = tmp_path / "stderr"
+    env = child_env()
+    with open(log, "wb") as stderr:
+        if journald:  # as systemd sets it when the unit's stderr is the journal
+            found = os.fstat(stderr.fileno())
+            env["JOURNAL_STREAM"] = f"{found.st_dev}:{found.st_ino}"
+        process = await start_server_process(command, port, env=env, stdout=None,
+                                             stderr=stderr)
+    process.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(process.wait(), 10) == 0
+    (line,) = [line for line in log.read_text().splitlines() if "listening on" in line]
+    stamp = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO kiro2api: ")
+    if journald:
+        assert line.startswith("INFO kiro2api: kiro2api "), line
+    else:
+        assert stamp.match(line), line
 
 
 def parse_metrics(text):
@@ -115,7 +176,8 @@ async def test_bytes_out_is_the_body_the_client_received(proxy, caplog):
 
 
 async def scrape(url):
-    async with aiohttp.ClientSession() as session, session.get(url + "/metrics") as response:
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {API_KEY}"}) as session, \
+            session.get(url + "/metrics") as response:
         assert response.status == 200
         return parse_metrics(await response.text())
 

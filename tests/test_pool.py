@@ -39,7 +39,7 @@ def tokens(fake):
 
 async def health(url):
     async with aiohttp.ClientSession() as session:
-        async with session.get(url + "/health") as response:
+        async with session.get(url + "/health", headers={"x-api-key": API_KEY}) as response:
             return await response.json()
 
 
@@ -110,7 +110,8 @@ async def test_failover_is_logged_and_metrics_show_each_account(pool, fake_upstr
     (line,) = [r.fields for r in caplog.records
                if getattr(r, "fields", {}).get("request_id") == request_id]
     assert line["failovers"] == 1 and line["account"] == "token.json" and line["status"] == 200
-    async with aiohttp.ClientSession() as session, session.get(url + "/metrics") as answer:
+    async with aiohttp.ClientSession(headers={"x-api-key": API_KEY}) as session, \
+            session.get(url + "/metrics") as answer:
         samples = parse_metrics(await answer.text())
     first, second = (f'account="{a["path"]}"' for a in (await health(url))["accounts"])
     assert "social" in first and "idc" in second

@@ -61,7 +61,8 @@ class Replica:
 
     async def health(self):
         async with aiohttp.ClientSession() as session:
-            async with session.get(self.url + "/health") as response:
+            async with session.get(self.url + "/health",
+                                   headers={"x-api-key": API_KEY}) as response:
                 return await response.json()
 
     def file(self):
@@ -343,7 +344,8 @@ class ReplicaProcess:
 
     async def health(self):
         async with aiohttp.ClientSession() as session:
-            async with session.get(self.url + "/health") as response:
+            async with session.get(self.url + "/health",
+                                   headers={"x-api-key": API_KEY}) as response:
                 return await response.json()
 
 

@@ -4,7 +4,9 @@ writes, and what a dead refresh token or a killed process leaves behind."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import logging
 import os
 import random
 import signal
@@ -61,6 +63,77 @@ def test_keys_are_compared_whatever_their_length_or_bytes():
     assert kiro2api.same_secret("\udcff\udcfe", "\udcff\udcfe")  # escaped non-UTF-8 bytes
 
 
+# What a caller without the key sees #######################################
+
+
+async def get(url, path, headers=None):
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url + path, headers=headers or {}) as response:
+            return response.status, await response.text()
+
+
+@pytest.mark.parametrize("headers", [{}, {"x-api-key": "wrong"},
+                                     {"Authorization": f"Basic {API_KEY}"}],
+                         ids=["none", "wrong", "basic"])
+async def test_health_without_the_key_tells_liveness_only(proxy, headers):
+    status, text = await get(proxy.url, "/health", headers)
+    assert status == 200
+    assert json.loads(text) == {"status": "ok", "version": kiro2api.__version__}
+    token_file = proxy.config.token_files[0]
+    assert token_file.name not in text and "Github" not in text and "us-east-1" not in text
+
+
+@pytest.mark.parametrize("headers", [{"x-api-key": API_KEY},
+                                     {"Authorization": f"Bearer {API_KEY}"}],
+                         ids=["x-api-key", "bearer"])
+async def test_health_with_the_key_shows_the_accounts(proxy, headers):
+    status, text = await get(proxy.url, "/health", headers)
+    assert status == 200
+    body = json.loads(text)
+    assert body["status"] == "ok" and body["uptime_seconds"] >= 0
+    (account,) = body["accounts"]
+    assert account["path"] == str(proxy.config.token_files[0])
+    assert account["provider"] == "Github" and account["state"] == "ok"
+
+
+async def test_metrics_need_the_key_and_a_refused_scrape_is_logged(proxy, caplog):
+    caplog.set_level(logging.INFO, logger="kiro2api")
+    status, text = await get(proxy.url, "/metrics")
+    assert status == 401
+    assert json.loads(text)["error"]["type"] == "authentication_error"
+    assert str(proxy.config.token_files[0]) not in text
+    (line,) = [r.fields for r in caplog.records if hasattr(r, "fields")]
+    assert line["route"] == "/metrics" and line["status"] == 401
+    status, text = await get(proxy.url, "/metrics", {"Authorization": f"Bearer {API_KEY}"})
+    assert status == 200
+    assert f'kiro2api_account_up{{account="{proxy.config.token_files[0]}"}} 1' in text
+    assert len([r for r in caplog.records if hasattr(r, "fields")]) == 1  # scrapes are quiet
+
+
+async def test_with_no_key_configured_the_kiro_access_token_opens_the_details(
+        aiohttp_server, proxy_config):
+    config = dataclasses.replace(proxy_config, api_key=None)
+    server = await aiohttp_server(kiro2api.make_app(config))
+    url = str(server.make_url("")).rstrip("/")
+    access = {"Authorization": f"Bearer {helpers.INITIAL_TOKENS['accessToken']}"}
+    for headers in ({}, {"x-api-key": API_KEY}):
+        assert json.loads((await get(url, "/health", headers))[1]) == {
+            "status": "ok", "version": kiro2api.__version__}
+        assert (await get(url, "/metrics", headers))[0] == 401
+    status, text = await get(url, "/health", access)
+    assert status == 200 and len(json.loads(text)["accounts"]) == 1
+    assert (await get(url, "/metrics", access))[0] == 200
+
+
+async def test_no_auth_leaves_health_and_metrics_open(aiohttp_server, proxy_config):
+    config = dataclasses.replace(proxy_config, api_key=None, no_auth=True)
+    server = await aiohttp_server(kiro2api.make_app(config))
+    url = str(server.make_url("")).rstrip("/")
+    status, text = await get(url, "/health")
+    assert status == 200 and len(json.loads(text)["accounts"]) == 1
+    assert (await get(url, "/metrics"))[0] == 200
+
+
 # An account whose refresh token is dead ###################################
 
 
@@ -89,7 +162,8 @@ async def test_a_dead_refresh_token_is_a_clear_401_on_every_route(dead_account, 
             assert error["type"] == "authentication_error"
             assert str(proxy_config.token_files[0]) in error["message"]
             assert "log in to Kiro again" in error["message"]
-        async with session.get(dead_account + "/health") as response:
+        async with session.get(dead_account + "/health",
+                               headers={"x-api-key": API_KEY}) as response:
             health = await response.json()
     assert len(fake_upstream.calls("/refreshToken")) == 1
     assert fake_upstream.calls("/generateAssistantResponse") == []

@@ -677,3 +677,77 @@ async def test_a_failed_refresh_of_an_expired_token_is_an_error(
     fake_upstream.auth_script.append(Status(503, {"message": "busy"}))
     with pytest.raises(kiro2api.RefreshError, match="HTTP 503: busy"):
         await make_store(token_path).credentials()
+
+
+# A login that appears or changes while the server runs ####################
+
+BODY = {"model": "claude-sonnet-4-5", "max_tokens": 10,
+        "messages": [{"role": "user", "content": "Hi"}]}
+
+
+def watching_config(fake_upstream, token_path, **changes):
+    return kiro2api.Config(token_files=(token_path,), upstream=fake_upstream.url,
+                           social_auth_url=fake_upstream.url, oidc_url=fake_upstream.url,
+                           management_url=fake_upstream.url + "/management", retries=0,
+                           watch_interval=0.05, **changes)
+
+
+async def health_until(session, url, condition, headers=None):
+    """Ask /health again and again (10 s at most) until ``condition(answer)``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while True:
+        async with session.get(url + "/health", headers=headers or {}) as response:
+            answer = await response.json()
+        if condition(answer):
+            return answer
+        assert loop.time() < deadline, answer
+        await asyncio.sleep(0.02)
+
+
+async def test_a_token_file_written_after_the_server_started_is_read_without_a_request(
+        aiohttp_server, fake_upstream, token_path, session):
+    server = await aiohttp_server(kiro2api.make_app(watching_config(fake_upstream, token_path)))
+    url = str(server.make_url("")).rstrip("/")
+    async with session.get(url + "/health") as response:
+        assert (await response.json())["status"] == "degraded"
+    async with session.post(url + "/v1/messages", json=BODY,
+                            headers={"Authorization": "Bearer aoa-a-guess"}) as response:
+        assert response.status == 503
+        message = (await response.json())["error"]["message"]
+    assert "no Kiro login yet" in message and f"{token_path} does not exist" in message
+    assert "log in to Kiro" in message and "kiro2api export" in message
+
+    write_token(token_path)  # the user logs in to Kiro
+    await health_until(session, url, lambda answer: answer["status"] == "ok")
+    assert fake_upstream.requests == []  # no request made the server look
+    async with session.post(url + "/v1/messages", json=BODY,
+                            headers={"Authorization": f"Bearer {SOCIAL_ACCESS}"}) as response:
+        assert response.status == 200, await response.text()
+
+
+async def test_a_token_file_rewritten_while_the_server_runs_is_used_at_once(
+        aiohttp_server, fake_upstream, token_path, session):
+    write_token(token_path)
+    config = watching_config(fake_upstream, token_path, api_key="k")
+    server = await aiohttp_server(kiro2api.make_app(config))
+    url = str(server.make_url("")).rstrip("/")
+    write_token(token_path, accessToken="aoa-the-ide-refreshed", expires_in=7200)
+    await health_until(session, url, lambda answer: answer["accounts"][0]["seconds_left"] > 3600,
+                       headers={"x-api-key": "k"})
+    async with session.post(url + "/v1/messages", json=BODY,
+                            headers={"x-api-key": "k"}) as response:
+        assert response.status == 200, await response.text()
+    (call,) = fake_upstream.calls("/generateAssistantResponse")
+    assert call.headers["Authorization"] == "Bearer aoa-the-ide-refreshed"
+
+
+async def test_the_token_file_watcher_stops_with_the_server(aiohttp_server, fake_upstream,
+                                                            token_path):
+    def watchers():
+        return [t for t in asyncio.all_tasks() if t.get_name() == kiro2api.WATCHER_TASK]
+
+    server = await aiohttp_server(kiro2api.make_app(watching_config(fake_upstream, token_path)))
+    assert len(watchers()) == 1
+    await server.close()
+    assert watchers() == []

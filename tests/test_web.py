@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import kiro2api
-from helpers import write_token_file
+from helpers import API_KEY, write_token_file
 
 
 @pytest.fixture
@@ -23,9 +23,9 @@ async def test_health_reports_version(client):
 
 
 async def test_health_is_degraded_when_no_account_is_usable(aiohttp_client, tmp_path):
-    config = kiro2api.Config(token_files=(tmp_path / "missing.json",))
+    config = kiro2api.Config(token_files=(tmp_path / "missing.json",), api_key=API_KEY)
     client = await aiohttp_client(kiro2api.make_app(config))
-    body = await (await client.get("/health")).json()
+    body = await (await client.get("/health", headers={"x-api-key": API_KEY})).json()
     assert body["status"] == "degraded"
     assert body["accounts"][0]["state"] == "error"
     assert "does not exist" in body["accounts"][0]["error"]
