@@ -2990,19 +2990,29 @@ MODEL_CACHE = web.AppKey("model_cache", ModelCache)
 
 
 async def fetch_models(app: web.Application) -> list[Json] | None:
-    """The first usable account's ``ListAvailableModels``; None if no account can list them."""
+    """Every model some account lists (``ListAvailableModels``, each once, in the
+    accounts' order); None if no account can list them."""
+    found: dict[str, Json] = {}
+    listed = False
     for store in account_order(app[ACCOUNTS]):
         try:
             credentials = await store.credentials()
-            return await list_models(app, store, credentials)
+            models = await list_models(app, store, credentials)
         except TokenError:
             continue
         except (UpstreamError, aiohttp.ClientError, asyncio.TimeoutError,
                 ValueError) as exc:  # ValueError: an answer that is not JSON
             log.warning("could not list the models of account %s (%s)", store.path.name,
                         describe(exc))
-    log.warning("no account could list its models; using the built-in list")
-    return None
+            continue
+        listed = True
+        for model in models:
+            if isinstance(model, dict) and isinstance(model.get("modelId"), str):
+                found.setdefault(model["modelId"], model)
+    if not listed:
+        log.warning("no account could list its models; using the built-in list")
+        return None
+    return list(found.values())
 
 
 MODELS_TARGET = "AmazonCodeWhispererService.ListAvailableModels"

@@ -132,3 +132,12 @@ async def test_models_come_from_the_next_account_when_the_first_cannot_list_them
     calls = fake_upstream.calls("/ListAvailableModels")
     assert [c.headers["Authorization"] for c in calls] == [
         f"Bearer {helpers.SOCIAL_ACCESS}", f"Bearer {helpers.IDC_ACCESS}"]
+
+
+async def test_models_are_those_of_every_account(pool, fake_upstream):
+    client, _ = pool
+    fake_upstream.models_script.extend([
+        Status(200, {"models": [{"modelId": "claude-opus-5"}, {"modelId": "glm-5"}]}),
+        Status(200, {"models": [{"modelId": "glm-5"}, {"modelId": "gpt-5.6-sol"}]})])
+    ids = [model.id for model in (await client.models.list()).data]
+    assert ids == ["claude-opus-5", "glm-5", "gpt-5.6-sol"]
