@@ -39,6 +39,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring as _json_string  # type: ignore[attr-defined]
+from datetime import datetime, timezone
 from typing import Any, NamedTuple, Protocol, Union
 
 Json = dict[str, Any]
@@ -291,6 +292,7 @@ class Prepared:
     tool_names: dict[str, str] = field(default_factory=dict)  # sent name -> client name
     thinking: bool = False  # thinking tags were injected; parse them back out
     stop_sequences: tuple[str, ...] = ()
+    web_search: WebSearch | None = None  # the hosted search tool kiro2api runs, if offered
 
 
 
@@ -471,6 +473,8 @@ def _turn(message: Any, index: int, native: bool = False) -> _Turn:
             turn.tool_results.append(_tool_result(block, here, turn.images))
         elif kind == "thinking" and role == "assistant":
             _thinking_block(turn, block, native)
+        elif kind in ("server_tool_use", "web_search_tool_result") and role == "assistant":
+            turn.text.append(_past_search(block))  # searches kiro2api ran: what they said
         elif kind == "redacted_thinking" and role == "assistant":
             if native and isinstance(block.get("data"), str) and block["data"]:
                 turn.reasoning = {"redactedContent": block["data"]}
@@ -479,6 +483,19 @@ def _turn(message: Any, index: int, native: bool = False) -> _Turn:
                 f"{here}: content block type {kind!r} is not supported in a {role} message",
                 param=here)
     return turn
+
+
+def _past_search(block: Json) -> str:
+    """A search of an earlier answer (its call, or its results), as text for the model."""
+    if block["type"] == "server_tool_use":
+        query = block.get("input", {}).get("query") if isinstance(block.get("input"), dict) \
+            else None
+        return f"(I searched the web for: {query})" if query else ""
+    content = block.get("content")
+    if not isinstance(content, list):
+        return "(The web search failed.)"
+    found = [f"{r.get('title')} <{r.get('url')}>" for r in content if isinstance(r, dict)]
+    return "(Search results: " + "; ".join(found) + ")" if found else "(Nothing was found.)"
 
 
 def _thinking_block(turn: _Turn, block: Json, native: bool) -> None:
@@ -843,6 +860,150 @@ def _add_history_specs(tools: list[Json], turns: list[_Turn]) -> None:
                 }})
 
 
+# Web search (PROTOCOL-2026.md 10.14) ######################################
+#
+# Claude Code offers Anthropic's hosted search tool (``web_search_20250305``
+# and later dated types), Codex the Responses API's ``web_search``. Kiro has
+# no hosted tools, so the model is offered an ordinary tool of that name; when
+# it calls it, kiro2api runs the search on Kiro's MCP endpoint and asks the
+# model again with the results, within the same client request.
+
+SEARCH_TOOL = "web_search"
+SEARCH_SPEC = {"toolSpecification": {
+    "name": SEARCH_TOOL,
+    "description": "Search the web for current information. Returns the title, URL, date and "
+                   "an excerpt of each page found. Cite the URLs you use in your answer.",
+    "inputSchema": {"json": {"type": "object", "properties": {
+        "query": {"type": "string", "description": "What to search for."}},
+        "required": ["query"]}}}}
+_SEARCH_TYPE = re.compile(r"^web_search_\d{8}$")
+# Search rounds one request may take (each is a Kiro call and a search).
+SEARCH_ROUNDS = 5
+
+
+@dataclass(frozen=True)
+class WebSearch:
+    """The hosted search tool a request offers, and its limits."""
+
+    max_uses: int | None = None
+    allowed_domains: tuple[str, ...] = ()
+    blocked_domains: tuple[str, ...] = ()
+
+
+def _domains(value: Any, where: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    _expect(isinstance(value, list) and all(isinstance(d, str) and d for d in value),
+            f"{where}: expected a list of domains", where)
+    return tuple(d.strip().lower() for d in value)
+
+
+def web_search_tool(body: Json) -> WebSearch | None:
+    """The request's hosted search tool, if it offers one (and no tool of its own by
+    that name, which would be the client's to run)."""
+    tools = body.get("tools") if isinstance(body.get("tools"), list) else ()
+    if any(isinstance(t, dict) and t.get("name") == SEARCH_TOOL and "input_schema" in t
+           for t in tools):
+        return None
+    for i, tool in enumerate(tools):
+        if isinstance(tool, dict) and _SEARCH_TYPE.match(str(tool.get("type", ""))):
+            max_uses = tool.get("max_uses")
+            _expect(max_uses is None or (_is_whole(max_uses) and max_uses > 0),
+                    f"tools.{i}.max_uses: expected a positive whole number", "tools")
+            return WebSearch(max_uses, _domains(tool.get("allowed_domains"), f"tools.{i}"),
+                             _domains(tool.get("blocked_domains"), f"tools.{i}"))
+    return None
+
+
+def _choice_is_none(body: Json) -> bool:
+    choice = body.get("tool_choice")
+    return isinstance(choice, dict) and choice.get("type") == "none"
+
+
+def search_query(query: str, search: WebSearch) -> str:
+    """The query Kiro's search runs: the domain filters as ``site:`` operators."""
+    if search.allowed_domains:
+        query += " (" + " OR ".join(f"site:{d}" for d in search.allowed_domains) + ")"
+    return query + "".join(f" -site:{d}" for d in search.blocked_domains)
+
+
+def _domain_of(url: str) -> str:
+    host = url.split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0].lower()
+    return host.removeprefix("www.")
+
+
+def _within(domain: str, domains: tuple[str, ...]) -> bool:
+    return any(domain == d or domain.endswith("." + d) for d in domains)
+
+
+def mcp_search_request(query: str, request_id: str) -> Json:
+    """Kiro's MCP ``tools/call`` of its ``web_search``."""
+    return {"id": request_id, "jsonrpc": "2.0", "method": "tools/call",
+            "params": {"name": "web_search", "arguments": {"query": query}}}
+
+
+def mcp_search_results(answer: Any, search: WebSearch) -> tuple[Json, ...] | None:
+    """The results of an MCP search answer, filtered by the tool's domains; None for a
+    failed search (an error, ``isError``, no ``results`` list)."""
+    result = answer.get("result") if isinstance(answer, dict) else None
+    if not isinstance(result, dict) or result.get("isError") or answer.get("error"):
+        return None
+    texts = [c.get("text") for c in result.get("content") or ()
+             if isinstance(c, dict) and isinstance(c.get("text"), str)]
+    try:
+        inner = json.loads(texts[0]) if texts else None
+    except (ValueError, RecursionError):
+        inner = None
+    if not isinstance(inner, dict) or not isinstance(inner.get("results"), list):
+        return None
+    found = []
+    for item in inner["results"]:
+        if not isinstance(item, dict) or not isinstance(item.get("url"), str):
+            continue
+        domain = _domain_of(item["url"])
+        if (search.allowed_domains and not _within(domain, search.allowed_domains)) or \
+                _within(domain, search.blocked_domains):
+            continue
+        found.append({"title": str(item.get("title") or item["url"]), "url": item["url"],
+                      "snippet": str(item.get("snippet") or ""),
+                      "published": item.get("publishedDate")})
+    return tuple(found)
+
+
+def page_age(published: Any) -> str | None:
+    """A result's ``publishedDate`` (milliseconds) as Anthropic's page_age, "June 3, 2026"."""
+    if not _is_number(published):
+        return None
+    try:
+        day = datetime.fromtimestamp(published / 1000, tz=timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        return None
+    return f"{day:%B} {day.day}, {day.year}"
+
+
+def search_result_text(result: SearchResult) -> str:
+    """A search's outcome as the model reads it in the tool result."""
+    if result.error is not None:
+        return f"The web search failed: {result.error}."
+    if not result.results:
+        return "The web search found nothing."
+    return json.dumps([{"title": r["title"], "url": r["url"], "date": page_age(r["published"]),
+                        "excerpt": r["snippet"]} for r in result.results], ensure_ascii=False)
+
+
+def search_continuation(body: Json, texts: list[str], calls: list[SearchCall],
+                        results: list[SearchResult]) -> Json:
+    """``body`` asked again with this round's answer and its searches' results: the
+    model goes on from where it asked."""
+    said = [{"type": "text", "text": t} for t in ["".join(texts)] if t.strip()]
+    uses = [{"type": "tool_use", "id": c.id, "name": SEARCH_TOOL, "input": {"query": c.query}}
+            for c in calls]
+    answers = [{"type": "tool_result", "tool_use_id": r.tool_use_id,
+                "content": search_result_text(r)} for r in results]
+    return {**body, "messages": [*body["messages"], {"role": "assistant", "content": said + uses},
+                                 {"role": "user", "content": answers}]}
+
+
 def anthropic_to_codewhisperer(body: Any, *, conversation_id: str) -> Prepared:
     """Anthropic Messages request -> CodeWhisperer ``generateAssistantResponse`` body.
 
@@ -866,6 +1027,11 @@ def anthropic_to_codewhisperer(body: Any, *, conversation_id: str) -> Prepared:
     tool_names: dict[str, str] = {}
     manuals: list[str] = []
     tools = _offered_tools(body, tool_names, manuals)
+    search = web_search_tool(body)
+    if search is not None and tools is not None and not _choice_is_none(body):
+        tools.append(SEARCH_SPEC)
+    else:
+        search = None
     native = native_reasoning(model_id)
     fields = reasoning_fields(native, body) if native is not None else None
     prefix = "" if native is not None else thinking_prefix(body)
@@ -889,7 +1055,7 @@ def anthropic_to_codewhisperer(body: Any, *, conversation_id: str) -> Prepared:
     payload: Json = {"conversationState": state}
     if fields:
         payload["additionalModelRequestFields"] = fields
-    return Prepared(payload, model_id, tool_names, bool(prefix), stop_sequences)
+    return Prepared(payload, model_id, tool_names, bool(prefix), stop_sequences, search)
 
 
 # Sessions: one conversationId per client session ##########################
@@ -1214,6 +1380,8 @@ def openai_to_anthropic(body: Any) -> Json:
     if isinstance(body.get("user"), str):
         out["metadata"] = {"user_id": body["user"]}
     tools = _openai_tools(body.get("tools"))
+    if isinstance(body.get("web_search_options"), dict):  # search models' option
+        tools.append({"type": "web_search_20250305", "name": SEARCH_TOOL})
     if tools:
         out["tools"] = tools
     tool_choice = _openai_tool_choice(body.get("tool_choice"), body.get("parallel_tool_calls"))
@@ -1462,6 +1630,20 @@ def _responses_tool_choice(choice: Any, parallel: Any) -> Json | None:
     return result
 
 
+def _responses_search(tools: Any) -> Json | None:
+    """The hosted ``web_search`` tool (Codex's) as the search kiro2api runs; none where
+    the client said the model may not reach the web."""
+    for tool in tools if isinstance(tools, list) else ():
+        if isinstance(tool, dict) and tool.get("type") in ("web_search", "web_search_preview") \
+                and tool.get("external_web_access") is not False:
+            filters = tool.get("filters") if isinstance(tool.get("filters"), dict) else {}
+            search: Json = {"type": "web_search_20250305", "name": SEARCH_TOOL}
+            if isinstance(filters.get("allowed_domains"), list):
+                search["allowed_domains"] = filters["allowed_domains"]
+            return search
+    return None
+
+
 def responses_to_anthropic(body: Any) -> Json:
     """OpenAI Responses request -> the equivalent Anthropic Messages request.
 
@@ -1499,6 +1681,9 @@ def responses_to_anthropic(body: Any) -> Json:
         if body.get(name) is not None:
             out[name] = body[name]
     tools = [tool for _, tool in responses_tools(body).values()]
+    search = _responses_search(body.get("tools"))
+    if search is not None:
+        tools.append(search)
     if tools:
         out["tools"] = tools
     tool_choice = _responses_tool_choice(body.get("tool_choice"), body.get("parallel_tool_calls"))
@@ -1826,7 +2011,24 @@ class ToolCall(NamedTuple):
     input_json: str
 
 
-Event = Union[Text, Thinking, ThinkingSignature, RedactedThinking, ToolCall]
+class SearchCall(NamedTuple):
+    """The model asked for a web search (the server tool kiro2api runs itself)."""
+
+    id: str  # srvtoolu_..., the id the client sees
+    query: str
+
+
+class SearchResult(NamedTuple):
+    """What a web search found (``results``), or why it found nothing (``error``:
+    ``unavailable``, ``max_uses_exceeded``...)."""
+
+    tool_use_id: str
+    results: tuple[Json, ...] = ()  # {"title", "url", "snippet", "published"}
+    error: str | None = None
+
+
+Event = Union[Text, Thinking, ThinkingSignature, RedactedThinking, ToolCall, SearchCall,
+              SearchResult]
 
 
 OPEN_TAG = "<thinking>"
@@ -1958,6 +2160,7 @@ class Usage:
     output_tokens: int = 0
     cache_read_input_tokens: int | None = None
     cache_creation_input_tokens: int | None = None
+    web_search_requests: int | None = None  # searches run, when the search tool was offered
 
 
 class Assembler:
@@ -1974,8 +2177,10 @@ class Assembler:
 
     def __init__(self, *, input_tokens: int, window: int = DEFAULT_CONTEXT_WINDOW,
                  tool_names: Mapping[str, str] | None = None, thinking: bool = False,
-                 stop_sequences: tuple[str, ...] = ()) -> None:
+                 stop_sequences: tuple[str, ...] = (), search_tool: str | None = None) -> None:
         self.usage = Usage(input_tokens)
+        self.search_tool = search_tool  # the name Kiro calls the web search by
+        self.searches: list[SearchCall] = []  # asked for in this answer
         self.window = window
         self.tool_names = tool_names or {}
         self.stop_reason: str | None = None  # set once the answer is known to be over
@@ -2005,7 +2210,8 @@ class Assembler:
         window as the service listed it, else the built-in table's."""
         return cls(input_tokens=input_tokens, tool_names=prepared.tool_names,
                    window=window or context_window(prepared.model_id, client_model),
-                   thinking=prepared.thinking, stop_sequences=prepared.stop_sequences)
+                   thinking=prepared.thinking, stop_sequences=prepared.stop_sequences,
+                   search_tool=SEARCH_TOOL if prepared.web_search else None)
 
     def feed_into(self, out: list[Event], headers: Mapping[str, Any], payload: bytes) -> None:
         """Append one frame's events to ``out`` (the streaming path: one list a read)."""
@@ -2095,6 +2301,12 @@ class Assembler:
         if not isinstance(parsed, dict):
             self.stop_reason = "max_tokens"
             return out
+        if parts[0] == self.search_tool:
+            call = SearchCall("srvtoolu_" + re.sub(r"\W", "", event.tool_use_id),
+                              str(parsed.get("query") or ""))
+            self.searches.append(call)
+            out.append(call)
+            return out
         self.tool_calls += 1
         name = self.tool_names.get(parts[0], parts[0])
         out.append(ToolCall(event.tool_use_id, name, input_json))
@@ -2169,7 +2381,8 @@ class Renderer(Protocol):
 
 
 EVENT_METHODS = {Text: "on_text", Thinking: "on_thinking", ThinkingSignature: "on_signature",
-                 RedactedThinking: "on_redacted", ToolCall: "on_tool_call"}
+                 RedactedThinking: "on_redacted", ToolCall: "on_tool_call",
+                 SearchCall: "on_search_call", SearchResult: "on_search_result"}
 
 
 class EventConsumer:
@@ -2229,6 +2442,9 @@ def _usage_json(usage: Usage) -> Json:
         data["cache_read_input_tokens"] = usage.cache_read_input_tokens
     if usage.cache_creation_input_tokens is not None:
         data["cache_creation_input_tokens"] = usage.cache_creation_input_tokens
+    if usage.web_search_requests is not None:
+        data["server_tool_use"] = {"web_search_requests": usage.web_search_requests,
+                                   "web_fetch_requests": 0}
     return data
 
 
@@ -2357,6 +2573,29 @@ class _AnthropicContent(EventConsumer):
         self.content.append({"type": "tool_use", "id": event.id, "name": event.name,
                              "input": json.loads(event.input_json)})
 
+    def on_search_call(self, event: SearchCall) -> None:
+        self.content.append(search_use_block(event))
+
+    def on_search_result(self, event: SearchResult) -> None:
+        self.content.append(search_result_block(event))
+
+
+def search_use_block(event: SearchCall) -> Json:
+    return {"type": "server_tool_use", "id": event.id, "name": SEARCH_TOOL,
+            "input": {"query": event.query}}
+
+
+def search_result_block(event: SearchResult) -> Json:
+    """Anthropic's ``web_search_tool_result``: the pages found, or the error."""
+    if event.error is not None:
+        content: Any = {"type": "web_search_tool_result_error", "error_code": event.error}
+    else:
+        content = [{"type": "web_search_result", "title": r["title"], "url": r["url"],
+                    "encrypted_content": r["snippet"], "page_age": page_age(r["published"])}
+                   for r in event.results]
+    return {"type": "web_search_tool_result", "tool_use_id": event.tool_use_id,
+            "content": content}
+
 
 def collect_anthropic(events: Iterable[Event], *, message_id: str, model: str,
                       stop_reason: str, usage: Usage, stop_sequence: str | None = None,
@@ -2476,6 +2715,18 @@ class AnthropicStream(EventConsumer):
                 + self._delta(b'{"type":"input_json_delta","partial_json":', event.input_json)
                 + self._close())
 
+    def on_search_call(self, event: SearchCall) -> bytes:
+        # As Anthropic streams it: the input, empty at the start, then in a delta.
+        block = {**search_use_block(event), "input": {}}
+        return (self._begin("server_tool_use", json.dumps(block, ensure_ascii=False))
+                + self._delta(b'{"type":"input_json_delta","partial_json":',
+                              json.dumps({"query": event.query}, ensure_ascii=False))
+                + self._close())
+
+    def on_search_result(self, event: SearchResult) -> bytes:
+        return self._begin("web_search_tool_result", json.dumps(
+            search_result_block(event), ensure_ascii=False)) + self._close()
+
     def finish(self, stop_reason: str, usage: Usage, stop_sequence: str | None = None) -> bytes:
         delta = {"type": "message_delta",
                  "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
@@ -2552,6 +2803,7 @@ class _OpenAIMessage(EventConsumer):
         self.texts: list[str] = []
         self.thinking: list[str] = []
         self.tool_calls: list[Json] = []
+        self.sources: list[Json] = []  # of the web searches run for the answer
 
     def on_text(self, event: Text) -> None:
         self.texts.append(event.text)
@@ -2570,6 +2822,25 @@ class _OpenAIMessage(EventConsumer):
                                 "function": {"name": event.name,
                                              "arguments": event.input_json}})
 
+    def on_search_call(self, event: SearchCall) -> None:
+        pass  # the search is kiro2api's; its sources go in the annotations
+
+    def on_search_result(self, event: SearchResult) -> None:
+        self.sources += event.results
+
+
+def url_citations(sources: list[Json], text: str) -> list[Json]:
+    """The pages searches found, as OpenAI ``url_citation`` annotations: where the
+    answer names a page's URL, that span; the others over the whole answer."""
+    cited = []
+    for source in sources:
+        start = text.find(source["url"])
+        span = (start, start + len(source["url"])) if start >= 0 else (0, len(text))
+        cited.append({"type": "url_citation", "url_citation": {
+            "url": source["url"], "title": source["title"],
+            "start_index": span[0], "end_index": span[1]}})
+    return cited
+
 
 def collect_openai(events: Iterable[Event], *, completion_id: str, model: str, created: int,
                    stop_reason: str, usage: Usage) -> Json:
@@ -2584,6 +2855,8 @@ def collect_openai(events: Iterable[Event], *, completion_id: str, model: str, c
         message["reasoning_content"] = "".join(fold.thinking)
     if tool_calls:
         message["tool_calls"] = tool_calls
+    if fold.sources:
+        message["annotations"] = url_citations(fold.sources, text)
     return {
         "id": completion_id, "object": "chat.completion", "created": created, "model": model,
         "choices": [{"index": 0, "message": message, "logprobs": None,
@@ -2655,6 +2928,12 @@ class OpenAIStream(EventConsumer):
         return b""  # no place for it in this format
 
     def on_redacted(self, event: RedactedThinking) -> bytes:
+        return b""
+
+    def on_search_call(self, event: SearchCall) -> bytes:
+        return b""  # the search is kiro2api's; the chunks have no place for it
+
+    def on_search_result(self, event: SearchResult) -> bytes:
         return b""
 
     def on_tool_call(self, event: ToolCall) -> bytes:
@@ -2782,6 +3061,7 @@ class ResponsesStream(EventConsumer):
         self._in_message = False  # the open item is a message
         self._delta_head = b""  # the open message's output_text.delta, up to its text
         self._reasoning_chars = 0
+        self._searches: dict[str, Json] = {}  # search call id -> its web_search_call item
 
     # The event machinery
 
@@ -2825,6 +3105,8 @@ class ResponsesStream(EventConsumer):
         self._in_message = False
         if item is None:
             return b""
+        if item["type"] not in ("message", "reasoning"):  # a search cut short
+            return self._done({**item, "status": "incomplete"})
         text = "".join(self._texts)
         self._texts = []
         where = {"item_id": item["id"], "output_index": len(self.output)}
@@ -2915,6 +3197,26 @@ class ResponsesStream(EventConsumer):
                            {**where, **named, "arguments": event.input_json})
         return out + self._close_whole({**item, "status": "completed",
                                         "arguments": event.input_json})
+
+    def on_search_call(self, event: SearchCall) -> bytes:
+        item = {"id": "ws", "type": "web_search_call", "status": "in_progress",
+                "action": {"type": "search", "query": event.query}}
+        out = self._begin(item)
+        where = {"item_id": item["id"], "output_index": len(self.output)}
+        self._searches[event.id] = item
+        return (out + self._event("response.web_search_call.in_progress", where)
+                + self._event("response.web_search_call.searching", where))
+
+    def on_search_result(self, event: SearchResult) -> bytes:
+        item = self._searches.pop(event.tool_use_id, None)
+        if item is None or self._open is not item:
+            return b""
+        where = {"item_id": item["id"], "output_index": len(self.output)}
+        done = {**item, "status": "failed" if event.error else "completed",
+                "action": {**item["action"], "sources": [
+                    {"type": "url", "url": r["url"]} for r in event.results]}}
+        return (self._event("response.web_search_call.completed", where)
+                + self._close_whole(done))
 
     def _custom_call(self, event: ToolCall, named: Json) -> bytes:
         text = freeform_input(event.input_json)

@@ -3184,51 +3184,45 @@ SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Contro
 EventCheck = Callable[[list[convert.Event]], Awaitable[None]]
 
 
+@dataclass
+class Relayed:
+    """A streamed answer as it goes: the round being relayed, one read's events (what
+    a failure still sends), and the bytes sent, which the keep-alives watch (aiohttp's
+    body_length restarts from 0 at each drain, or stays 0 until the end)."""
+
+    upstream: UpstreamAnswer
+    assembler: convert.Assembler
+    events: list[convert.Event] = field(default_factory=list)
+    sent: int = 0
+
+
 async def stream_sse(request: web.Request, upstream: UpstreamAnswer,
                      assembler: convert.Assembler, renderer: convert.Renderer,
-                     check: EventCheck | None = None) -> web.StreamResponse:
+                     check: EventCheck | None = None,
+                     search: WebSearchRun | None = None) -> web.StreamResponse:
     """Relay an upstream answer as server-sent events, one write per upstream read.
 
     A failure after the headers are out ends the stream with the renderer's
     in-band error and never with its normal ending. ``check`` sees each
-    read's events after they were written.
+    read's events after they were written; ``search`` runs the web searches the
+    answer asks for, and the rounds of the answer that follow them.
     """
     config = request.app[CONFIG]
     response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
-    # Counted here (aiohttp's body_length restarts from 0 at each drain, or
-    # stays 0 until the end); the keep-alives watch it for silence.
-    written = 0
+    now = Relayed(upstream, assembler)
     keepalive = asyncio.create_task(
-        send_keepalives(response, renderer, config.ping_interval, lambda: written))
+        send_keepalives(response, renderer, config.ping_interval, lambda: now.sent))
     streams = request.app[STREAMS]
     task = asyncio.current_task()
     streams.add(task)
-    events: list[convert.Event] = []  # one upstream read's events: one render, one write
-    feed = assembler.feed_into
     try:
-        data = renderer.start()
-        written += len(data)
-        await response.write(data)
-        async for frames in upstream_frames(upstream):
-            for headers, payload in frames:  # unpacking: cheaper than two attribute reads
-                feed(events, headers, payload)
-            if events:
-                data = renderer.render(events)
-                written += len(data)
-                await response.write(data)
-                if check is not None:
-                    await check(events)
-                events.clear()
-            if assembler.stop_reason is not None:
-                break  # refusal, stop sequence or output limit: nothing more will count
-        tail = renderer.render(assembler.finish())
-        tail += renderer.finish(assembler.stop_reason, assembler.usage, assembler.stop_sequence)
-    except STREAM_FAILURES as exc:
+        tail = await relay_rounds(response, renderer, now, check, search)
+    except (*STREAM_FAILURES, UpstreamError, TokenError) as exc:  # the last two: a search round
         # What the read rendered before the failure still goes out, then the error.
         failure = failure_of(exc)
         log.warning("stream failed after the response started: %s", failure.message)
-        tail = end_with_error(request, renderer, events, failure)
+        tail = end_with_error(request, renderer, now.events, failure)
     except ConnectionError:
         log.debug("client went away mid-stream")
         request[REQUEST_LOG].failure = "client disconnected"
@@ -3239,7 +3233,7 @@ async def stream_sse(request: web.Request, upstream: UpstreamAnswer,
             # the ``async with`` of the caller closes the upstream at once.
             request[REQUEST_LOG].failure = "client disconnected"
             raise
-        tail = end_with_error(request, renderer, events, SHUTDOWN_FAILURE)
+        tail = end_with_error(request, renderer, now.events, SHUTDOWN_FAILURE)
     except Exception:
         # A bug of ours: the headers are out, so the error middleware can no
         # longer answer; the client must still see a failure, not a clean end.
@@ -3248,11 +3242,49 @@ async def stream_sse(request: web.Request, upstream: UpstreamAnswer,
     finally:
         keepalive.cancel()
         streams.discard(task)
-        request[REQUEST_LOG].bytes_out = written
+        request[REQUEST_LOG].bytes_out = now.sent
+        now.upstream.response.release()  # a later search round's (the first is the caller's)
+        count_credits(request, now.upstream, now.assembler)
     with contextlib.suppress(ConnectionError):
         await response.write_eof(tail)  # the last events and the end of the body: one send
         request[REQUEST_LOG].bytes_out += len(tail)
     return response
+
+
+async def relay_rounds(response: web.StreamResponse, renderer: convert.Renderer, now: Relayed,
+                       check: EventCheck | None, search: WebSearchRun | None) -> bytes:
+    """Write the answer's events as each read brings them, round after round (with
+    searches); return the bytes that end it."""
+    data = renderer.start()
+    now.sent += len(data)
+    await response.write(data)
+    events, upstream, assembler = now.events, now.upstream, now.assembler
+    feed = assembler.feed_into
+    while True:
+        async for frames in upstream_frames(upstream):
+            for headers, payload in frames:  # unpacking: cheaper than two attribute reads
+                feed(events, headers, payload)
+            if events:
+                data = renderer.render(events)
+                now.sent += len(data)
+                await response.write(data)
+                if check is not None:
+                    await check(events)
+                events.clear()
+            if assembler.stop_reason is not None:
+                break  # refusal, stop sequence or output limit: nothing more will count
+        if search is None:
+            tail = renderer.render(assembler.finish())
+            break
+        tail, step = await search.end_round(renderer, upstream, assembler)
+        if step is None:
+            break
+        now.sent += len(tail)
+        await response.write(tail)  # the round so far, and the search results
+        upstream, assembler = now.upstream, now.assembler = step
+        feed = assembler.feed_into
+    return tail + renderer.finish(assembler.stop_reason, usage_of(assembler, search),
+                                  assembler.stop_sequence)
 
 
 async def refuse_in_band(request: web.Request, renderer: convert.Renderer,
@@ -3272,9 +3304,8 @@ async def relay(request: web.Request, api: convert.ClientApi) -> web.StreamRespo
     normalised = api.normalise(body)
     if isinstance(normalised, dict) and isinstance(normalised.get("model"), str):
         normalised["model"] = await served_model(request.app, normalised["model"])
-    prepared = convert.anthropic_to_codewhisperer(normalised,
-                                                  conversation_id=conversation_of(request, body,
-                                                                                  normalised))
+    conversation_id = conversation_of(request, body, normalised)
+    prepared = convert.anthropic_to_codewhisperer(normalised, conversation_id=conversation_id)
     model = request[REQUEST_LOG].model = normalised["model"]
     input_tokens = convert.estimate_input_tokens(normalised)
     assembler = convert.Assembler.for_request(
@@ -3292,19 +3323,192 @@ async def relay(request: web.Request, api: convert.ClientApi) -> web.StreamRespo
             raise UpstreamError(failure) from exc
         return await refuse_in_band(request, renderer, failure)
     check = safeguard_check(request, body, renderer)
+    search = WebSearchRun(request, normalised, prepared, conversation_id) \
+        if prepared.web_search else None
     async with upstream:
         if streamed:
-            response = await stream_sse(request, upstream, assembler, renderer, check)
-            count_credits(request, upstream, assembler)
+            response = await stream_sse(request, upstream, assembler, renderer,
+                                        both(check, search and search.observe), search)
             request[REQUEST_LOG].usage = assembler.usage_source
             return response
-        events = await collect_events(upstream, assembler)
+        return await answer_whole(request, upstream, assembler, renderer, check, search)
+
+
+async def answer_whole(request: web.Request, upstream: UpstreamAnswer,
+                       assembler: convert.Assembler, renderer: convert.Renderer,
+                       check: EventCheck | None, search: WebSearchRun | None) -> web.Response:
+    """The non-streamed answer: every event, and every search round, folded into one."""
+    events = await collect_events(upstream, assembler)
+    while search is not None:
+        await search.observe(events)
+        found, step = await search.next_round(upstream, assembler)
+        events += found
+        if step is None:
+            break
+        upstream, assembler = step
+        with contextlib.closing(upstream.response):
+            events += await collect_events(upstream, assembler)
     count_credits(request, upstream, assembler)
     request[REQUEST_LOG].usage = assembler.usage_source
     if check is not None:
         await check(events)
-    return web.json_response(renderer.collect(events, assembler.stop_reason, assembler.usage,
+    return web.json_response(renderer.collect(events, assembler.stop_reason,
+                                              usage_of(assembler, search),
                                               assembler.stop_sequence))
+
+
+# Web search ###############################################################
+#
+# A request that offers the hosted search tool has its searches run here, on
+# Kiro's MCP endpoint (PROTOCOL-2026.md 10.14). A round of the answer that asks
+# for searches ends with their results, and the model is asked again with
+# them: one client request, one answer, however many rounds (SEARCH_ROUNDS at
+# most). A search that fails is an error result the model reads, never a
+# broken answer.
+
+MCP_TARGETS = {"kas": "KiroRuntimeService.InvokeMCP"}  # by dialect; the rest:
+MCP_TARGET = "AmazonCodeWhispererStreamingService.InvokeMCP"
+
+
+class SearchFailed(Exception):
+    """A search that found nothing to show; ``code`` is Anthropic's error code."""
+
+    def __init__(self, code: str, why: str) -> None:
+        super().__init__(why)
+        self.code = code
+
+
+async def search_web(app: web.Application, store: TokenStore, query: str,
+                     search: convert.WebSearch) -> tuple[Json, ...]:
+    """One search on Kiro's MCP endpoint, on the host the account answers on, with
+    its profile ARN as header and body field. Raises SearchFailed."""
+    config = app[CONFIG]
+    credentials = await store.credentials()
+    way = store.kiro.order(ways_for(credentials.kind, config.upstream))[0]
+    arn = await profile_for(app, store, credentials, way)
+    headers = kiro_headers(config, store, credentials, way.dialect, arn)
+    headers["x-amz-target"] = MCP_TARGETS.get(way.dialect.name, MCP_TARGET)
+    body = convert.mcp_search_request(convert.search_query(query, search),
+                                      new_id("web_search_tooluse_"))
+    if arn:
+        headers["x-amzn-kiro-profile-arn"] = body["profileArn"] = arn
+    url = region_url(way.url, kiro_region(credentials, arn, config)) + (
+        "/" if way.dialect.name in MCP_TARGETS else "/mcp")
+    try:
+        status, answer = await json_call(app, "POST", url, headers, data=json.dumps(body))
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        raise SearchFailed("unavailable", describe(exc) or "timed out") from None
+    if status == 429:
+        raise SearchFailed("too_many_requests", "Kiro throttled the search")
+    results = convert.mcp_search_results(answer, search) if status == 200 else None
+    if results is None:
+        raise SearchFailed("unavailable", f"HTTP {status}: {json.dumps(answer)[:200]}")
+    return results
+
+
+class WebSearchRun:
+    """One request's web searches: what each round of the answer said and asked,
+    the searches run (``max_uses``), and the next round."""
+
+    def __init__(self, request: web.Request, body: Json, prepared: convert.Prepared,
+                 conversation_id: str) -> None:
+        self.request = request
+        self.body = body  # the Anthropic body, with every round so far
+        self.spec = prepared.web_search
+        self.conversation_id = conversation_id
+        self.used = 0  # searches run
+        self.rounds = 0
+        self.texts: list[str] = []  # this round's text
+        self.spent = convert.Usage(0)  # the usage of the rounds before this one
+        self.store: TokenStore | None = None  # the account that answered the last round
+
+    async def observe(self, events: list[convert.Event]) -> None:
+        """Note what the round said (an ``EventCheck``: the relay shows it each read)."""
+        self.texts += [event.text for event in events if type(event) is convert.Text]
+
+    async def end_round(self, renderer: convert.Renderer, upstream: UpstreamAnswer,
+                        assembler: convert.Assembler,
+                        ) -> tuple[bytes, tuple[UpstreamAnswer, convert.Assembler] | None]:
+        """A streamed round is over: the bytes of its last events and of its searches'
+        results, and the next round, if any."""
+        ending = assembler.finish()
+        await self.observe(ending)
+        found, step = await self.next_round(upstream, assembler)
+        return renderer.render(ending) + renderer.render(found), step
+
+    def usage(self, last: convert.Usage) -> convert.Usage:
+        """The answer's usage: every round's, and the searches run."""
+        spent = self.spent
+        return convert.Usage(
+            spent.input_tokens + last.input_tokens, spent.output_tokens + last.output_tokens,
+            _sum(spent.cache_read_input_tokens, last.cache_read_input_tokens),
+            _sum(spent.cache_creation_input_tokens, last.cache_creation_input_tokens),
+            web_search_requests=self.used)
+
+    async def next_round(self, upstream: UpstreamAnswer, assembler: convert.Assembler,
+                         ) -> tuple[list[convert.Event],
+                                    tuple[UpstreamAnswer, convert.Assembler] | None]:
+        """Run the searches this round asked for: their results, and the next round
+        (None when the answer is over: no search asked, a client tool to run, cut)."""
+        calls = assembler.searches
+        if not calls:
+            return [], None
+        self.store = upstream.store
+        last_round = self.rounds + 1 >= convert.SEARCH_ROUNDS
+        found = [await self.run(call, refuse=last_round) for call in calls]
+        if assembler.tool_calls or last_round or assembler.stop_reason not in (
+                "end_turn", "tool_use"):
+            assembler.stop_reason = "tool_use" if assembler.tool_calls else "end_turn"
+            return found, None
+        count_credits(self.request, upstream, assembler)
+        upstream.response.release()
+        self.spent = self.usage(assembler.usage)
+        self.rounds += 1
+        self.body = convert.search_continuation(self.body, self.texts, calls, found)
+        self.texts = []
+        prepared = convert.anthropic_to_codewhisperer(self.body,
+                                                      conversation_id=self.conversation_id)
+        following = await open_upstream(self.request, prepared)
+        return found, (following, convert.Assembler.for_request(
+            prepared, input_tokens=convert.estimate_input_tokens(self.body),
+            client_model=self.body["model"]))
+
+    async def run(self, call: convert.SearchCall, *, refuse: bool) -> convert.SearchResult:
+        """One search, or the error result that says why there was none."""
+        if refuse or (self.spec.max_uses is not None and self.used >= self.spec.max_uses):
+            return convert.SearchResult(call.id, error="max_uses_exceeded")
+        self.used += 1
+        store = self.store or account_order(self.request.app[ACCOUNTS])[0]
+        started = time.monotonic()
+        try:
+            results = await search_web(self.request.app, store, call.query, self.spec)
+        except (SearchFailed, TokenError) as exc:
+            code = exc.code if isinstance(exc, SearchFailed) else "unavailable"
+            log.warning("a web search failed (%s): %s", code, exc)
+            return convert.SearchResult(call.id, error=code)
+        log.info("web search: %d results in %.1f s", len(results), time.monotonic() - started)
+        return convert.SearchResult(call.id, results)
+
+
+def both(first: EventCheck | None, second: EventCheck | None) -> EventCheck | None:
+    """One check that runs ``first`` and ``second`` (either may be None)."""
+    if first is None or second is None:
+        return first or second
+
+    async def check(events: list[convert.Event]) -> None:
+        await first(events)
+        await second(events)
+
+    return check
+
+
+def usage_of(assembler: convert.Assembler, search: WebSearchRun | None) -> convert.Usage:
+    """An answer's usage: its assembler's, or with searches every round's."""
+    return assembler.usage if search is None else search.usage(assembler.usage)
+
+
+def _sum(a: int | None, b: int | None) -> int | None:
+    return None if a is None and b is None else (a or 0) + (b or 0)
 
 
 # Safeguards ###############################################################

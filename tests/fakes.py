@@ -157,6 +157,7 @@ class FakeUpstream:
         # reports its prompt as read from the cache (CACHED_TOKENS of it).
         self.caching = False
         self.conversations: set[str] = set()
+        self.search_script: deque[Status | dict[str, Any]] = deque()
 
     def calls(self, path: str) -> list[Recorded]:
         return [r for r in self.requests if r.path == path]
@@ -177,8 +178,31 @@ class FakeUpstream:
         app.router.add_post("/{region}/refreshToken", self._social_refresh)
         app.router.add_post("/{region}/token", self._idc_refresh)
         app.router.add_post("/{tenant}/oauth2/v2.0/token", self._idp_refresh)
+        app.router.add_post("/mcp", self._mcp)
         add_service_routes(self, app)
         return app
+
+    # Kiro's web search (InvokeMCP web_search): what it finds for any query, or a
+    # Status (or a JSON-RPC body) from ``search_script``, in turn.
+    PAGES = [
+        {"title": "Kiro changelog", "url": "https://kiro.dev/changelog/", "id": "1",
+         "snippet": "December 2026: new models.", "publishedDate": 1764633600000,
+         "domain": "kiro.dev"},
+        {"title": "Kiro on GitHub", "url": "https://github.com/kirodotdev/Kiro", "id": "2",
+         "snippet": "Issues and releases.", "publishedDate": None, "domain": "github.com"},
+    ]
+
+    async def _mcp(self, request: web.Request) -> web.Response:
+        body = await self._record(request)
+        if self.search_script:
+            reply = self.search_script.popleft()
+            if isinstance(reply, Status):
+                return await self._status(reply)
+            return web.json_response(reply)
+        query = body["params"]["arguments"]["query"]
+        found = {"results": self.PAGES, "totalResults": len(self.PAGES), "query": query}
+        return web.json_response({"jsonrpc": "2.0", "id": body["id"], "result": {
+            "isError": False, "content": [{"type": "text", "text": json.dumps(found)}]}})
 
     # What ListAvailableModels answers: a Status to fail, else this body.
     models_reply: Status | None = None
@@ -439,6 +463,7 @@ def add_service_routes(fake: FakeUpstream, app: web.Application) -> None:
         app.router.add_post(f"/{family}/", functools.partial(service_generate, fake, family=family,
                                                             dialect=None))
         app.router.add_get(f"/{family}/ListAvailableModels", fake._list_models)
+        app.router.add_post(f"/{family}/mcp", fake._mcp)
     app.router.add_post("/management/", functools.partial(service_management, fake))
 
 

@@ -194,7 +194,8 @@ def with_(body, **changes):
     return {**body, **changes}
 
 
-ALL_SPECS = [expected_spec(i) for i in range(25)]
+# The first turn offers the hosted search as well: kiro2api runs it, Kiro sees a tool.
+ALL_SPECS = [expected_spec(i) for i in range(25)] + [convert.SEARCH_SPEC]
 READ = {"name": "Read", "description": "Reads a file.", "input_schema": {
     "type": "object", "properties": {"file_path": {"type": "string"}},
     "required": ["file_path"], "additionalProperties": False,
@@ -354,7 +355,8 @@ CLAUDE_CODE_REQUESTS = [
                  "items": {"type": "array", "items": {
                      "type": "object", "properties": {"k": {"const": 1}}}}}}}}},
          {"toolSpecification": {"name": "Custom", "description": "c", "inputSchema": {
-             "json": {"type": "object", "properties": {}}}}}]))),
+             "json": {"type": "object", "properties": {}}}}},
+         convert.SEARCH_SPEC]))),  # the hosted search, run by kiro2api
 ]
 
 

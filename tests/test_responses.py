@@ -127,13 +127,14 @@ def test_freeform_tools_are_offered_with_one_string_field_and_their_grammar():
         spec["description"]
 
 
-def test_namespaces_are_flattened_and_hosted_tools_dropped():
+def test_namespaces_are_flattened_and_hosted_tools_dropped_but_the_search():
     body = {"tools": [EXEC, {"type": "web_search", "external_web_access": True},
+                      {"type": "file_search", "vector_store_ids": ["vs_1"]},
                       {"type": "namespace", "name": "multi_agent_v1", "description": "",
                        "tools": [{"type": "function", "name": "send", "parameters": {}}]}],
             "input": [LITE_TOOLS, {"role": "user", "content": "Hi"}]}
     assert sorted(specs(body)) == ["collaboration__spawn_agent", "exec", "exec_command",
-                                   "multi_agent_v1__send", "wait"]
+                                   "multi_agent_v1__send", "wait", "web_search"]
     tools = convert.responses_tools(body)
     assert tools["collaboration__spawn_agent"][0] == convert.DeclaredTool(
         "function", "spawn_agent", "collaboration")
