@@ -3456,10 +3456,8 @@ class WebSearchRun:
         self.store = upstream.store
         last_round = self.rounds + 1 >= convert.SEARCH_ROUNDS
         found = [await self.run(call, refuse=last_round) for call in calls]
-        if assembler.tool_calls or last_round or assembler.stop_reason not in (
-                "end_turn", "tool_use"):
-            assembler.stop_reason = "tool_use" if assembler.tool_calls else "end_turn"
-            return found, None
+        if assembler.tool_calls or last_round or assembler.stop_reason != "end_turn":
+            return found, None  # the client's tools to run, or a cut answer: it ends here
         count_credits(self.request, upstream, assembler)
         upstream.response.release()
         self.spent = self.usage(assembler.usage)
