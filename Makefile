@@ -8,7 +8,9 @@ DIST ?= dist
 BUILD ?= build
 PYZ := $(DIST)/kiro2api.pyz
 # `make install` copies the pyz to $(PREFIX) and the unit to $(UNITDIR), both
-# under $(DESTDIR) for packaging (`make install DESTDIR=/tmp/root`).
+# under $(DESTDIR) for packaging (`make install DESTDIR=/tmp/root`). The unit
+# installed runs $(PREFIX)/kiro2api.pyz: DESTDIR is where the files are put,
+# PREFIX where they will be when the system runs them.
 PREFIX ?= /opt/kiro2api
 UNITDIR ?= /etc/systemd/system
 
@@ -57,9 +59,14 @@ $(PYZ): $(MODULES) Makefile
 	$(PYTHON) -m zipapp $(BUILD)/pyz.zip -p '/usr/bin/env python3' -o $@
 
 install: $(PYZ)
+	mkdir -p $(BUILD)
+	sed 's|^ExecStart=/usr/bin/python3 /opt/kiro2api/kiro2api.pyz |ExecStart=/usr/bin/python3 $(PREFIX)/kiro2api.pyz |' \
+		kiro2api.service > $(BUILD)/kiro2api.service
+	grep -qxF 'ExecStart=/usr/bin/python3 $(PREFIX)/kiro2api.pyz server' $(BUILD)/kiro2api.service \
+		|| { echo 'kiro2api.service: no ExecStart= line to point at $(PREFIX)' >&2; exit 1; }
 	install -d $(DESTDIR)$(PREFIX) $(DESTDIR)$(UNITDIR)
 	install -m 0755 $(PYZ) $(DESTDIR)$(PREFIX)/kiro2api.pyz
-	install -m 0644 kiro2api.service $(DESTDIR)$(UNITDIR)/kiro2api.service
+	install -m 0644 $(BUILD)/kiro2api.service $(DESTDIR)$(UNITDIR)/kiro2api.service
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .hypothesis __pycache__ tests/__pycache__ bench/__pycache__

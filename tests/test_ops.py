@@ -82,10 +82,22 @@ def test_make_install_puts_the_pyz_and_the_unit_under_destdir(tmp_path):
     assert installed.read_bytes() == (tmp_path / "dist/kiro2api.pyz").read_bytes()
     assert os.access(installed, os.X_OK)
     assert (root / "etc/systemd/system/kiro2api.service").read_bytes() == UNIT.read_bytes()
+
+
+@pytest.mark.slow  # make
+def test_installed_unit_runs_the_pyz_where_prefix_put_it(tmp_path):
+    root = tmp_path / "root"
     make("install", f"DESTDIR={root}", "PREFIX=/usr/local/lib/kiro2api",
          "UNITDIR=/lib/systemd/system", f"DIST={tmp_path / 'dist'}", f"BUILD={tmp_path / 'build'}")
     assert (root / "usr/local/lib/kiro2api/kiro2api.pyz").is_file()
-    assert (root / "lib/systemd/system/kiro2api.service").is_file()
+    unit = (root / "lib/systemd/system/kiro2api.service").read_text()
+    # DESTDIR is only where the files are staged; the system runs them from PREFIX.
+    assert str(root) not in unit
+    expected = UNIT.read_text().replace(
+        "\nExecStart=/usr/bin/python3 /opt/kiro2api/kiro2api.pyz server\n",
+        "\nExecStart=/usr/bin/python3 /usr/local/lib/kiro2api/kiro2api.pyz server\n")
+    assert expected != UNIT.read_text()
+    assert unit == expected
 
 
 # PR_SET_MDWE (Linux 6.3+) is what MemoryDenyWriteExecute=yes asks of the
