@@ -4071,19 +4071,35 @@ def shell_assignment(shell: str, name: str, value: str) -> str:
     return f'set "{name}={value}"'
 
 
-def client_base_url(host: str, port: int) -> str:
-    """The URL a client on this machine uses for a server listening on ``host:port``."""
+def client_address(host: str) -> str:
+    """The address a client on this machine reaches a server listening on ``host`` at,
+    as a URL spells it.
+
+    Not ``localhost``: Node's fetch and Python may resolve it to the other
+    family than the one the server listens on. ``0.0.0.0`` and the empty host
+    (every address) answer on 127.0.0.1, ``localhost`` does wherever it names
+    127.0.0.1 too. ``::`` answers on ::1 only, even on a dual-stack Linux:
+    asyncio sets IPV6_V6ONLY on the sockets it listens on. Any other address
+    answers on itself alone (127.0.0.2 not on 127.0.0.1), and a host name is
+    resolved by the client as it was by the server.
+    """
     name = host.strip().strip("[]")
+    if name.lower() in ("", "localhost", "localhost."):
+        return "127.0.0.1"
     try:
         address = ipaddress.ip_address(name)
     except ValueError:
-        address = None
-    if name in ("", "localhost") or (address is not None
-                                     and (address.is_loopback or address.is_unspecified)):
-        name = "localhost"
-    elif address is not None and address.version == 6:
-        name = f"[{name}]"
-    return f"http://{name}:{port}"
+        return name
+    if address.is_unspecified:
+        return "127.0.0.1" if address.version == 4 else "[::1]"
+    if address.version == 6:  # a zone (fe80::1%eth0) is %25 in a URL (RFC 6874)
+        return "[{}]".format(name.replace("%", "%25"))
+    return name
+
+
+def client_base_url(host: str, port: int) -> str:
+    """The URL a client on this machine uses for a server listening on ``host:port``."""
+    return f"http://{client_address(host)}:{port}"
 
 
 @cli.command()

@@ -13,7 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 import pytest
+from aiohttp import web
 from click.testing import CliRunner
 
 import kiro2api
@@ -435,7 +437,7 @@ async def test_idc_refresh_answered_with_garbage_fails_cleanly(token_file, fake_
 def test_export_posix_lines_with_the_client_key(token_file):
     result = invoke("export", "--api-key", "client-key")
     assert result.exit_code == 0, result.output
-    assert result.output == ("export ANTHROPIC_BASE_URL=http://localhost:8080\n"
+    assert result.output == ("export ANTHROPIC_BASE_URL=http://127.0.0.1:8080\n"
                              "export ANTHROPIC_AUTH_TOKEN=client-key\n"
                              "export KIRO2API_KEY=client-key\n")
 
@@ -459,12 +461,17 @@ async def test_export_refreshes_an_expired_token_first(token_file, fake_upstream
 
 
 @pytest.mark.parametrize("host, port, url", [
-    ("127.0.0.1", None, "http://localhost:8080"),
-    ("0.0.0.0", "9000", "http://localhost:9000"),
-    ("::", "9000", "http://localhost:9000"),
-    ("::1", "9000", "http://localhost:9000"),
+    ("127.0.0.1", None, "http://127.0.0.1:8080"),
+    ("0.0.0.0", "9000", "http://127.0.0.1:9000"),
+    ("", "9000", "http://127.0.0.1:9000"),  # every address, both families
+    ("localhost", "9000", "http://127.0.0.1:9000"),
+    ("127.0.0.2", "9000", "http://127.0.0.2:9000"),
+    ("::", "9000", "http://[::1]:9000"),
+    ("::1", "9000", "http://[::1]:9000"),
+    ("[::1]", "9000", "http://[::1]:9000"),
     ("192.168.1.5", None, "http://192.168.1.5:8080"),
     ("2001:db8::5", "80", "http://[2001:db8::5]:80"),
+    ("fe80::1%eth0", "80", "http://[fe80::1%25eth0]:80"),
     ("kiro.lan", "8443", "http://kiro.lan:8443"),
 ])
 def test_export_base_url(host, port, url):
@@ -472,6 +479,39 @@ def test_export_base_url(host, port, url):
     result = invoke(*args)
     assert result.exit_code == 0, result.output
     assert result.output.splitlines()[0] == f"export ANTHROPIC_BASE_URL={shlex.quote(url)}"
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+async def answer_here(request: web.Request) -> web.Response:
+    return web.Response(text="here")
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0", "localhost", "::1", "::"])
+async def test_export_names_an_address_the_server_answers_on(host):
+    # Listen as `kiro2api server --host HOST` does (aiohttp's TCPSite, through
+    # asyncio), then connect to what export prints: no resolver, no happy eyeballs.
+    if ":" in host and not ipv6_loopback():
+        pytest.skip("no IPv6 loopback here")
+    app = web.Application()
+    app.router.add_get("/", answer_here)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, 0).start()
+        port = runner.addresses[0][1]
+        url = kiro2api.client_base_url(host, port)
+        async with aiohttp.ClientSession() as session, session.get(url + "/") as response:
+            assert await response.text() == "here", url
+    finally:
+        await runner.cleanup()
 
 
 def test_export_options_beat_environment(monkeypatch):
@@ -491,16 +531,16 @@ def test_export_options_beat_environment(monkeypatch):
 
 
 @pytest.mark.parametrize("shell, lines", [
-    ("posix", ["export ANTHROPIC_BASE_URL=http://localhost:8080",
+    ("posix", ["export ANTHROPIC_BASE_URL=http://127.0.0.1:8080",
                "export ANTHROPIC_AUTH_TOKEN='k'\"'\"'y \\ $x&^'",
                "export KIRO2API_KEY='k'\"'\"'y \\ $x&^'"]),
-    ("fish", ["set -gx ANTHROPIC_BASE_URL 'http://localhost:8080'",
+    ("fish", ["set -gx ANTHROPIC_BASE_URL 'http://127.0.0.1:8080'",
               "set -gx ANTHROPIC_AUTH_TOKEN 'k\\'y \\\\ $x&^'",
               "set -gx KIRO2API_KEY 'k\\'y \\\\ $x&^'"]),
-    ("powershell", ["$env:ANTHROPIC_BASE_URL = 'http://localhost:8080'",
+    ("powershell", ["$env:ANTHROPIC_BASE_URL = 'http://127.0.0.1:8080'",
                     "$env:ANTHROPIC_AUTH_TOKEN = 'k''y \\ $x&^'",
                     "$env:KIRO2API_KEY = 'k''y \\ $x&^'"]),
-    ("cmd", ['set "ANTHROPIC_BASE_URL=http://localhost:8080"',
+    ("cmd", ['set "ANTHROPIC_BASE_URL=http://127.0.0.1:8080"',
              'set "ANTHROPIC_AUTH_TOKEN=k\'y \\ $x&^"',
              'set "KIRO2API_KEY=k\'y \\ $x&^"']),
 ])
@@ -542,7 +582,7 @@ def test_eval_export_in_a_real_shell(tmp_path, sh):
     done = subprocess.run([sh, "-c", script], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert done.stdout == f"http://localhost:9123\n{NASTY_KEY}\n{NASTY_KEY}"
+    assert done.stdout == f"http://127.0.0.1:9123\n{NASTY_KEY}\n{NASTY_KEY}"
     assert not (tmp_path / "PWNED").exists()
 
 
@@ -652,11 +692,11 @@ model_provider = "kiro2api"
 
 [model_providers.kiro2api]
 name = "kiro2api"
-base_url = "http://localhost:8080/v1"
+base_url = "http://127.0.0.1:8080/v1"
 env_key = "KIRO2API_KEY"
 wire_api = "responses"
 '''
-KIRO2API_PROVIDER = {"name": "kiro2api", "base_url": "http://localhost:8080/v1",
+KIRO2API_PROVIDER = {"name": "kiro2api", "base_url": "http://127.0.0.1:8080/v1",
                      "env_key": "KIRO2API_KEY", "wire_api": "responses"}
 
 
@@ -721,7 +761,7 @@ def test_codex_write_creates_the_directory_and_the_file(codex_toml):
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines() == [
         f"Created {codex_toml}:",
-        '  [model_providers.kiro2api] added: base_url = "http://localhost:8080/v1", '
+        '  [model_providers.kiro2api] added: base_url = "http://127.0.0.1:8080/v1", '
         'wire_api = "responses"',
         '  model = "claude-sonnet-4.5" (added)',
         '  model_provider = "kiro2api" (added)']
@@ -762,7 +802,7 @@ env_key = "OTHER_KEY"
 KIRO2API_TABLE = '''
 [model_providers.kiro2api]
 name = "kiro2api"
-base_url = "http://localhost:8080/v1"
+base_url = "http://127.0.0.1:8080/v1"
 env_key = "KIRO2API_KEY"
 wire_api = "responses"
 '''
@@ -844,7 +884,7 @@ def test_codex_write_says_when_codex_uses_another_provider_still(codex_toml):
 
 @pytest.mark.parametrize("args, table, differs", [
     (["--port", "9000"], KIRO2API_TABLE,
-     'base_url "http://localhost:8080/v1", not "http://localhost:9000/v1"'),
+     'base_url "http://127.0.0.1:8080/v1", not "http://127.0.0.1:9000/v1"'),
     ([], KIRO2API_TABLE.replace('"KIRO2API_KEY"', '"MY_KEY"'),
      'env_key "MY_KEY", not "KIRO2API_KEY"'),
     ([], KIRO2API_TABLE.replace('"responses"', '"chat"'), 'wire_api "chat", not "responses"'),
