@@ -66,6 +66,7 @@ except ImportError:  # Windows: no advisory locks (see TokenFile._flock)
 import aiohttp
 import click
 from aiohttp import web
+from click.core import ParameterSource
 
 import convert
 import eventstream
@@ -3820,6 +3821,19 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def positional_or_option(ctx: click.Context, name: str, argument: Any, option: Any, *,
+                         twice: str) -> Any:
+    """The value of option ``name`` or of the argument that stands for it. The command
+    line wins over the environment; given there both ways, they must agree (else
+    UsageError ``twice``)."""
+    if argument is None:
+        return option
+    if option is not None and option != argument \
+            and ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE:
+        raise click.UsageError(twice)
+    return argument
+
+
 @cli.command()
 @click.argument("port_arg", metavar="[PORT]", required=False, type=click.IntRange(0, 65535))
 @click.argument("key_arg", metavar="[API_KEY]", required=False)
@@ -3851,25 +3865,27 @@ def server(port_arg, key_arg, host, port, api_key, no_auth, token_files, service
       kiro2api server                       # 127.0.0.1:8080
       kiro2api server 9000 my-secret-key    # port and client key
     """
-    if port_arg is not None and port is not None and port_arg != port:
-        raise click.UsageError(f"port given twice: {port_arg} and --port {port}")
-    if key_arg is not None and api_key is not None and key_arg != api_key:
-        raise click.UsageError("API key given both as an argument and as --api-key")
+    ctx = click.get_current_context()
+    port = positional_or_option(ctx, "port", port_arg, port,
+                                twice=f"port given twice: {port_arg} and --port {port}")
+    api_key = positional_or_option(ctx, "api_key", key_arg, api_key,
+                                   twice="API key given both as an argument and as --api-key")
     if no_auth and not is_loopback(host):
         raise click.UsageError(
             f"--no-auth would let anyone who can reach {host} use your Kiro account; "
             "it is allowed only on a loopback host such as 127.0.0.1 (use --api-key)")
-    if no_auth and (api_key or key_arg):
-        raise click.UsageError("--no-auth and an API key contradict each other; choose one")
-    for given in (api_key, key_arg):
-        if given is not None and not given.strip():
-            # "kiro2api server 8080 "$KEY"" with KEY unset must not mean "no key".
-            raise click.UsageError("the API key is empty; give a key, or leave it out")
+    if no_auth and api_key:
+        given = "KIRO2API_API_KEY" if key_arg is None and ctx.get_parameter_source(
+            "api_key") is ParameterSource.ENVIRONMENT else "an API key"
+        raise click.UsageError(f"--no-auth and {given} contradict each other; choose one")
+    if api_key is not None and not api_key.strip():
+        # "kiro2api server 8080 "$KEY"" with KEY unset must not mean "no key".
+        raise click.UsageError("the API key is empty; give a key, or leave it out")
     config = command_config(
         token_files,
         host=host,
-        port=port if port is not None else (port_arg if port_arg is not None else DEFAULT_PORT),
-        api_key=api_key if api_key is not None else key_arg,
+        port=port if port is not None else DEFAULT_PORT,
+        api_key=api_key,
         no_auth=no_auth,
         **service,
         social_auth_url=social_auth_url,

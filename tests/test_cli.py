@@ -91,6 +91,45 @@ def test_server_rejects_two_different_ports(served):
     assert "port given twice" in result.output
 
 
+def test_server_rejects_two_different_keys(served):
+    result = CliRunner().invoke(kiro2api.cli, ["server", "9000", "one", "--api-key", "two"])
+    assert result.exit_code == 2, result.output
+    assert "API key given both as an argument and as --api-key" in result.output
+    assert served == []
+
+
+@pytest.mark.parametrize("args", [["9000", "sekrit", "--port", "9000"],
+                                  ["9000", "sekrit", "--api-key", "sekrit"]],
+                         ids=["port", "key"])
+def test_server_takes_the_same_value_given_both_ways(served, args):
+    result = CliRunner().invoke(kiro2api.cli, ["server", *args])
+    assert result.exit_code == 0, result.output
+    assert (served[0].port, served[0].api_key) == (9000, "sekrit")
+
+
+def test_server_positional_port_and_key_beat_the_environment(served, monkeypatch):
+    # The command line wins, as for the options; the variables were never typed.
+    monkeypatch.setenv("KIRO2API_PORT", "18502")
+    monkeypatch.setenv("KIRO2API_API_KEY", "from-env")
+    result = CliRunner().invoke(kiro2api.cli, ["server", "18503", "from-argument"])
+    assert result.exit_code == 0, result.output
+    assert (served[0].port, served[0].api_key) == (18503, "from-argument")
+    result = CliRunner().invoke(kiro2api.cli, ["server", "18504"])
+    assert result.exit_code == 0, result.output
+    assert (served[1].port, served[1].api_key) == (18504, "from-env")
+
+
+def test_server_no_auth_names_the_variable_that_set_a_key(served, monkeypatch):
+    monkeypatch.setenv("KIRO2API_API_KEY", "from-env")
+    result = CliRunner().invoke(kiro2api.cli, ["server", "--no-auth"])
+    assert result.exit_code == 2, result.output
+    assert "--no-auth and KIRO2API_API_KEY contradict each other" in result.output
+    result = CliRunner().invoke(kiro2api.cli, ["server", "--no-auth", "8080", "k"])
+    assert result.exit_code == 2, result.output
+    assert "--no-auth and an API key contradict each other" in result.output
+    assert served == []
+
+
 def test_server_token_files_repeat(served, tmp_path):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     result = CliRunner().invoke(
