@@ -52,7 +52,10 @@ dist: $(PYZ)
 $(PYZ): $(MODULES) Makefile
 	rm -rf $(BUILD)/pyz && mkdir -p $(BUILD)/pyz $(DIST)
 	cp $(MODULES) $(BUILD)/pyz/
-	printf '# -*- coding: utf-8 -*-\nimport kiro2api\nkiro2api.cli()\n' > $(BUILD)/pyz/__main__.py
+	printf '%s\n' '# -*- coding: utf-8 -*-' 'import sys' 'try:' '    import kiro2api' \
+		'except ImportError as exc:  # aiohttp or click missing or too old: say what to install' \
+		"    if exc.name not in ('aiohttp', 'click'):" '        raise' '    sys.exit(str(exc))' \
+		'kiro2api.cli()' > $(BUILD)/pyz/__main__.py
 	chmod 0644 $(BUILD)/pyz/*.py
 	touch -t 198001020000 $(BUILD)/pyz/*.py
 	$(PYTHON) -m zipfile -c $(BUILD)/pyz.zip $(addprefix $(BUILD)/pyz/,__main__.py $(MODULES))

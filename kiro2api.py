@@ -63,16 +63,32 @@ try:
 except ImportError:  # Windows: no advisory locks (see TokenFile._flock)
     fcntl = None  # type: ignore[assignment]
 
-import aiohttp
-import click
-from aiohttp import web
-from click.core import ParameterSource
+try:
+    import aiohttp
+    import click
+    from aiohttp import web
+    from click.core import ParameterSource
+
+    if not hasattr(web, "AppKey"):  # Debian 12 ships aiohttp 3.8
+        raise ImportError(f"kiro2api needs aiohttp 3.9 or newer, and {sys.executable} has "
+                          f"{aiohttp.__version__}: pip install 'aiohttp>=3.9' (in a "
+                          f"virtualenv if the system's is older)", name="aiohttp")
+except ImportError as exc:
+    # What to install, in one line: `python3 kiro2api.py` exits with it, and the
+    # pyz's __main__.py prints it (an ImportError named aiohttp or click) alone.
+    if exc.name not in ("aiohttp", "click"):
+        raise
+    if isinstance(exc, ModuleNotFoundError):
+        exc = ModuleNotFoundError(
+            f"kiro2api needs aiohttp and click, and {sys.executable} has no {exc.name}: "
+            f"pip install 'aiohttp>=3.9' 'click>=8.1', or on Debian/Ubuntu apt install "
+            f"python3-aiohttp python3-click", name=exc.name)
+    if __name__ == "__main__":
+        raise SystemExit(str(exc)) from None
+    raise exc from None
 
 import convert
 import eventstream
-
-if not hasattr(web, "AppKey"):  # Debian 12 ships aiohttp 3.8
-    raise ImportError(f"kiro2api needs aiohttp 3.9 or newer; this is {aiohttp.__version__}")
 
 __version__ = "0.1.0"
 

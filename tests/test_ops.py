@@ -73,6 +73,43 @@ def test_pyz_version(tmp_path):
     assert done.stdout.strip() == f"kiro2api, version {kiro2api.__version__}"
 
 
+# Stand-ins for what a Python without the dependencies (or with Debian 12's
+# aiohttp 3.8) has: a package name that imports and nothing else.
+STUB_PACKAGES = {
+    "no aiohttp": {},
+    "no click": {"aiohttp/__init__.py": "__version__ = '3.14.0'\n",
+                 "aiohttp/web.py": "AppKey = object\n"},
+    "aiohttp 3.8": {"aiohttp/__init__.py": "__version__ = '3.8.6'\n", "aiohttp/web.py": "",
+                    "click/__init__.py": "", "click/core.py": "ParameterSource = None\n"},
+}
+MISSING_ADVICE = {
+    "no aiohttp": "has no aiohttp: pip install 'aiohttp>=3.9' 'click>=8.1', or on "
+                  "Debian/Ubuntu apt install python3-aiohttp python3-click",
+    "no click": "has no click: pip install 'aiohttp>=3.9' 'click>=8.1', or on "
+                "Debian/Ubuntu apt install python3-aiohttp python3-click",
+    "aiohttp 3.8": "has 3.8.6: pip install 'aiohttp>=3.9'",
+}
+
+
+@pytest.mark.parametrize("python", sorted(STUB_PACKAGES))
+@pytest.mark.parametrize("run", ["pyz", "script"])
+@pytest.mark.slow  # make and a Python process
+def test_without_its_dependencies_it_says_what_to_install(tmp_path, python, run):
+    stubs = tmp_path / "site"
+    for name, text in STUB_PACKAGES[python].items():
+        (stubs / name).parent.mkdir(parents=True, exist_ok=True)
+        (stubs / name).write_text(text)
+    program = build_pyz(tmp_path) if run == "pyz" else MAIN / "kiro2api.py"
+    # -S: no site-packages, so nothing but the standard library and the stubs.
+    done = subprocess.run([sys.executable, "-S", str(program), "server"], cwd=tmp_path,
+                          env={**child_env(), "PYTHONPATH": str(stubs)},
+                          capture_output=True, text=True, timeout=30)
+    assert (done.returncode, done.stdout) == (1, ""), done.stderr
+    line, = done.stderr.splitlines()
+    assert line.startswith("kiro2api needs aiohttp"), line
+    assert MISSING_ADVICE[python] in line, line
+
+
 @pytest.mark.slow  # make
 def test_make_install_puts_the_pyz_and_the_unit_under_destdir(tmp_path):
     root = tmp_path / "root"
