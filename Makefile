@@ -1,4 +1,5 @@
-# Tasks for kiro2api. `make test` bootstraps a virtualenv in .venv on first use.
+# Tasks for kiro2api: `make` alone lists them. `make test` bootstraps a
+# virtualenv in .venv on first use.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -14,7 +15,13 @@ PYZ := $(DIST)/kiro2api.pyz
 PREFIX ?= /opt/kiro2api
 UNITDIR ?= /etc/systemd/system
 
-.PHONY: install test test-fast lint run demo bench dist clean
+.PHONY: help install test test-fast lint run demo bench dist clean
+.DEFAULT_GOAL := help
+
+# Every target with a `## what it does` comment, in the order of this file.
+help: ## list the targets
+	@echo 'make TARGET, where TARGET is one of:'
+	@awk -F ':.*## ' '/^[a-z][a-z-]*:.*## / { printf "  %-10s %s\n", $$1, $$2 }' Makefile
 
 $(BIN)/.installed: setup.cfg Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -22,28 +29,29 @@ $(BIN)/.installed: setup.cfg Makefile
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-test: $(BIN)/.installed
+test: $(BIN)/.installed ## run every test (creates .venv with the test extras first)
 	$(BIN)/python -m pytest -q
 
 # The fast tier for development: no processes, nothing over a second.
-test-fast: $(BIN)/.installed
+test-fast: $(BIN)/.installed ## the tests that start no process and take under a second
 	$(BIN)/python -m pytest -q -m "not slow"
 
-lint: $(BIN)/.installed
+# ruff is pinned in the test extras; tests/test_ops.py runs it too, so CI does.
+lint: $(BIN)/.installed ## ruff (the version in setup.cfg) and a byte-compile
 	$(BIN)/python -m compileall -q $(MODULES) tests bench
-	-$(BIN)/python -m ruff check $(MODULES) tests bench 2>/dev/null || true
+	$(BIN)/python -m ruff check .
 
-run: $(BIN)/.installed
+run: $(BIN)/.installed ## kiro2api server on 127.0.0.1:8080 with your Kiro login
 	$(BIN)/python kiro2api.py server --host 127.0.0.1
 
 # No Kiro account needed: kiro2api in front of the tests' fake Kiro backend.
-demo: $(BIN)/.installed
+demo: $(BIN)/.installed ## one streamed answer from the fake Kiro backend, then stop
 	$(BIN)/python tests/demo.py
 
-bench: $(BIN)/.installed
+bench: $(BIN)/.installed ## the benchmarks (about 8 minutes)
 	$(BIN)/python bench/run.py
 
-dist: $(PYZ)
+dist: $(PYZ) ## build dist/kiro2api.pyz, the one-file server (DIST= puts it elsewhere)
 
 # Reproducible: the modules and a __main__.py, in this order, with fixed
 # times and modes (zipapp's own -m stamps __main__.py with the current time,
@@ -61,7 +69,7 @@ $(PYZ): $(MODULES) Makefile
 	$(PYTHON) -m zipfile -c $(BUILD)/pyz.zip $(addprefix $(BUILD)/pyz/,__main__.py $(MODULES))
 	$(PYTHON) -m zipapp $(BUILD)/pyz.zip -p '/usr/bin/env python3' -o $@
 
-install: $(PYZ)
+install: $(PYZ) ## copy the pyz to PREFIX and the unit to UNITDIR, under DESTDIR
 	mkdir -p $(BUILD)
 	sed 's|^ExecStart=/usr/bin/python3 /opt/kiro2api/kiro2api.pyz |ExecStart=/usr/bin/python3 $(PREFIX)/kiro2api.pyz |' \
 		kiro2api.service > $(BUILD)/kiro2api.service
@@ -71,5 +79,5 @@ install: $(PYZ)
 	install -m 0755 $(PYZ) $(DESTDIR)$(PREFIX)/kiro2api.pyz
 	install -m 0644 $(BUILD)/kiro2api.service $(DESTDIR)$(UNITDIR)/kiro2api.service
 
-clean:
+clean: ## remove what the build and the tests leave behind
 	rm -rf build dist *.egg-info .pytest_cache .hypothesis __pycache__ tests/__pycache__ bench/__pycache__

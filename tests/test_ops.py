@@ -137,6 +137,56 @@ def test_installed_unit_runs_the_pyz_where_prefix_put_it(tmp_path):
     assert unit == expected
 
 
+# The Makefile and lint ####################################################
+
+
+@pytest.mark.slow  # make
+def test_make_alone_lists_every_target_and_builds_nothing(tmp_path):
+    venv = tmp_path / "venv"
+    plain = make(f"VENV={venv}")
+    assert plain.stdout == make("help", f"VENV={venv}").stdout
+    assert not venv.exists()
+    phony = re.search(r"^\.PHONY: (.*)$", (MAIN / "Makefile").read_text(), re.M)[1].split()
+    header, *lines = plain.stdout.splitlines()
+    assert sorted(line.split()[0] for line in lines) == sorted(phony), plain.stdout
+    assert all(len(line.split()) > 1 for line in lines), plain.stdout  # each says what it does
+
+
+@pytest.mark.slow  # a ruff process
+def test_ruff_finds_nothing():
+    # ruff is in the test extras, pinned, so this runs wherever the tests do (CI too).
+    done = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "."], cwd=MAIN,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("case", ["a lint error", "no ruff"])
+@pytest.mark.slow  # make and ruff
+def test_make_lint_fails_when_ruff_does_or_is_missing(tmp_path, case):
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for name in ("Makefile", "setup.cfg", "pyproject.toml", "kiro2api.py", "eventstream.py",
+                 "convert.py"):
+        shutil.copy(MAIN / name, tree)
+    (tree / "tests").mkdir()
+    (tree / "bench").mkdir()
+    if case == "a lint error":
+        (tree / "tests/test_unused.py").write_text("import os\n")
+    # A virtualenv that make takes as set up: its python is this one, or this one
+    # without site-packages (so without ruff).
+    bin_dir = tmp_path / "venv/bin"
+    bin_dir.mkdir(parents=True)
+    flags = "-S " if case == "no ruff" else ""
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" {flags}"$@"\n')
+    (bin_dir / "python").chmod(0o755)
+    (bin_dir / ".installed").touch()
+    done = subprocess.run(["make", "-s", "lint", f"VENV={tmp_path / 'venv'}"], cwd=tree,
+                          capture_output=True, text=True, timeout=60)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output
+    assert ("F401" if case == "a lint error" else "No module named ruff") in output, output
+
+
 # PR_SET_MDWE (Linux 6.3+) is what MemoryDenyWriteExecute=yes asks of the
 # kernel: no memory that is both writable and executable. The wrapper sets
 # it, checks it took, and runs the real command under it.
