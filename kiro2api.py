@@ -43,6 +43,7 @@ import os
 import random
 import re
 import shlex
+import socket
 import sqlite3
 import stat
 import sys
@@ -3443,6 +3444,9 @@ def serve(config: Config) -> None:
             access_log=None,
             print=listening,
         )
+    except socket.gaierror as exc:  # a host name that does not resolve
+        raise click.ClickException(f"cannot listen on {host}:{config.port}: no address for "
+                                   f"{config.host} ({exc.strerror})") from None
     except OSError as exc:  # the bind: a port in use, an address not of this machine
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         raise click.ClickException(f"cannot listen on {host}:{config.port}: {reason}") from None
@@ -3658,9 +3662,40 @@ def cli() -> None:
     """
 
 
+# One label of a host name; "_" too, as Docker's and some intranets' names have it.
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def host_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """``--host``: an IP address (IPv6 with or without brackets), a host name, or empty
+    (every address); refused before anything looks it up."""
+    name = value.strip()
+    bracketed = name.startswith("[") and name.endswith("]")
+    if bracketed:
+        name = name[1:-1]
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        address = None
+    if address is not None and (address.version == 6 or not bracketed):
+        return name
+    if bracketed:
+        raise click.BadParameter(f"{value!r}: brackets hold an IPv6 address")
+    if re.fullmatch(r"[0-9.]+", name):
+        raise click.BadParameter(f"{value!r} is not an IPv4 address (four numbers from 0 to "
+                                 f"255, such as 127.0.0.1)")
+    try:
+        labels = name.encode("idna").decode("ascii").rstrip(".").split(".") if name else []
+    except UnicodeError:
+        labels = [""]
+    if len(name) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        raise click.BadParameter(f"{value!r} is neither an IP address nor a host name")
+    return name
+
+
 def host_option(help: str = "Address to listen on; 0.0.0.0 exposes the server.") -> Callable:
     return click.option("--host", envvar="KIRO2API_HOST", show_envvar=True, default="127.0.0.1",
-                        show_default=True, help=help)
+                        show_default=True, callback=host_name, help=help)
 
 
 def port_option(help: str = f"Port to listen on [default: {DEFAULT_PORT}].") -> Callable:

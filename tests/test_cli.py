@@ -85,6 +85,31 @@ def test_server_refuses_an_empty_api_key(served, args):
     assert served == []
 
 
+@pytest.mark.parametrize("host, why", [
+    ("999.1.1.1", "'999.1.1.1' is not an IPv4 address"),
+    ("1.2.3", "'1.2.3' is not an IPv4 address"),
+    ("a..b", "'a..b' is neither an IP address nor a host name"),
+    ("kiro lan", "'kiro lan' is neither an IP address nor a host name"),
+    ("[10.0.0.1]", "brackets hold an IPv6 address"),
+])
+@pytest.mark.parametrize("command", ["server", "export", "codex"])
+def test_a_host_that_is_no_address_nor_name_is_refused_before_any_lookup(served, command, host,
+                                                                          why):
+    result = CliRunner().invoke(kiro2api.cli, [command, "--host", host])
+    assert result.exit_code == 2, result.output
+    assert why in result.output
+    assert "Unknown error" not in result.output and served == []
+
+
+@pytest.mark.parametrize("host, kept", [("[::1]", "::1"), ("fe80::1%eth0", "fe80::1%eth0"),
+                                        ("kiro.lan", "kiro.lan"), ("my_proxy", "my_proxy"),
+                                        ("", "")])
+def test_server_takes_addresses_and_host_names(served, host, kept):
+    result = CliRunner().invoke(kiro2api.cli, ["server", "--host", host])
+    assert result.exit_code == 0, result.output
+    assert served[0].host == kept
+
+
 def test_server_rejects_two_different_ports(served):
     result = CliRunner().invoke(kiro2api.cli, ["server", "9000", "--port", "9001"])
     assert result.exit_code == 2, result.output
