@@ -4107,6 +4107,8 @@ def doctor(token_files, service, social_auth_url, oidc_url, proxy, model, as_jso
 
 
 SHELLS = ("posix", "fish", "cmd", "powershell")
+# Names users type for those shells (the examples call eval "$(...)" the bash, zsh way).
+SHELL_ALIASES = {"sh": "posix", "bash": "posix", "zsh": "posix", "pwsh": "powershell"}
 # The variable that holds the client key for Codex (its provider's env_key).
 CODEX_KEY_VARIABLE = "KIRO2API_KEY"
 
@@ -4174,8 +4176,9 @@ def client_base_url(host: str, port: int) -> str:
 @port_option(f"The server's --port [default: {DEFAULT_PORT}].")
 @api_key_option("The server's client key; printed instead of the Kiro access token.")
 @refresh_options
-@click.option("--shell", type=click.Choice(SHELLS), default=None,
-              help="Syntax of the lines [default: powershell on Windows, else posix].")
+@click.option("--shell", type=click.Choice((*SHELLS, *SHELL_ALIASES)), default=None,
+              help="Syntax of the lines (sh, bash and zsh are posix; pwsh is powershell) "
+                   "[default: powershell on Windows, else posix].")
 def export(host: str, port: int | None, api_key: str | None, config: Config,
            shell: str | None) -> None:
     """Print shell lines that point Claude Code and Codex at the server.
@@ -4191,7 +4194,7 @@ def export(host: str, port: int | None, api_key: str | None, config: Config,
       kiro2api export --shell fish | source                  # fish
       kiro2api export --shell powershell | Invoke-Expression
     """
-    shell = shell or default_shell()
+    shell = SHELL_ALIASES.get(shell, shell) if shell else default_shell()
     values = {"ANTHROPIC_BASE_URL": client_base_url(host, DEFAULT_PORT if port is None else port)}
     if api_key:
         values["ANTHROPIC_AUTH_TOKEN"] = api_key

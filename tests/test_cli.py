@@ -614,6 +614,14 @@ def test_export_quotes_for_each_shell(shell, lines):
     assert result.output.splitlines() == lines
 
 
+@pytest.mark.parametrize("alias, shell", [("bash", "posix"), ("zsh", "posix"), ("sh", "posix"),
+                                          ("pwsh", "powershell")])
+def test_export_takes_the_names_of_the_shells_too(alias, shell):
+    result = invoke("export", "--shell", alias, "--api-key", "k'y")
+    assert result.exit_code == 0, result.output
+    assert result.output == invoke("export", "--shell", shell, "--api-key", "k'y").output
+
+
 def test_powershell_quoting_doubles_curly_single_quotes_too():
     line = kiro2api.shell_assignment("powershell", "K", "a\u2019b")
     assert line == "$env:K = 'a\u2019\u2019b'"
