@@ -3254,6 +3254,22 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
 QUIET_PATHS = frozenset({"/", "/health", "/metrics"})
 
 
+def route_label(request: web.Request) -> str:
+    """The route a request is logged and counted under: its resource, also when the
+    method was wrong (a 405 has no resource of its own); "other" for paths of none, so
+    that the labels stay few."""
+    resource = request.match_info.route.resource
+    if resource is None and isinstance(getattr(request.match_info, "http_exception", None),
+                                       web.HTTPMethodNotAllowed):
+        for candidate in request.app.router.resources():
+            info = candidate.get_info()
+            if info.get("path") == request.path or (
+                    "pattern" in info and info["pattern"].fullmatch(request.path)):
+                resource = candidate
+                break
+    return resource.canonical if resource is not None else "other"
+
+
 def log_request(request: web.Request, response: web.StreamResponse | None,
                 started: float) -> None:
     """Count the request and log its one line (none for probes and scrapes)."""
@@ -3262,8 +3278,7 @@ def log_request(request: web.Request, response: web.StreamResponse | None,
     if isinstance(response, web.StreamResponse) and response.prepared and \
             request[REQUEST_LOG].failure == "client disconnected":
         status = 499  # the nginx convention for a client that hung up
-    route = request.match_info.route.resource.canonical \
-        if request.match_info.route.resource is not None else "other"
+    route = route_label(request)
     request.app[METRICS].count_request(route, status, seconds)
     if request.path in QUIET_PATHS:
         return

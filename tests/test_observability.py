@@ -44,6 +44,26 @@ async def test_every_response_carries_a_request_id_that_the_log_line_names(proxy
     assert fields["retries"] == 0 and fields["account"] == "kiro-auth-token.json"
 
 
+@pytest.mark.parametrize("method, path, route", [
+    ("GET", "/v1/messages", "/v1/messages"),
+    ("PUT", "/v1/chat/completions", "/v1/chat/completions"),
+    ("POST", "/v1/models/claude-sonnet-4-5", "/v1/models/{model_id}"),
+    ("GET", "/v1/nothing-here", "other"),
+])
+async def test_a_wrong_method_is_logged_and_counted_under_its_route(proxy, caplog, method, path,
+                                                                     route):
+    caplog.set_level(logging.INFO, logger="kiro2api")
+    async with aiohttp.ClientSession(headers={"x-api-key": API_KEY}) as session:
+        async with session.request(method, proxy.url + path) as response:
+            assert response.status == (404 if route == "other" else 405)
+            fields = request_line(caplog, response.headers["request-id"])
+        async with session.get(proxy.url + "/metrics") as response:
+            samples = parse_metrics(await response.text())
+    assert fields["route"] == route
+    status = fields["status"]
+    assert samples[("kiro2api_requests_total", f'route="{route}",status="{status}"')] == 1
+
+
 def test_json_log_format_is_one_object_per_line():
     record = logging.LogRecord("kiro2api", logging.INFO, __file__, 1, "%s", ("hello",), None)
     record.fields = {"request_id": "req_1", "status": 200}
