@@ -2816,7 +2816,18 @@ async def read_json(request: web.Request) -> Any:
             data = without_lone_surrogates(data)
         except RecursionError:
             raise convert.ConversionError("request body nests JSON too deeply") from None
+    # The log line names the model the body asked for, also when it is refused.
+    if isinstance(data, dict) and isinstance(data.get("model"), str) and data["model"]:
+        request[REQUEST_LOG].model = logged_model(data["model"])
     return data
+
+
+# A model name longer than this is cut short in the log line (a body may be megabytes).
+LOGGED_MODEL_CHARS = 100
+
+
+def logged_model(model: str) -> str:
+    return model if len(model) <= LOGGED_MODEL_CHARS else model[:LOGGED_MODEL_CHARS] + "..."
 
 
 def without_lone_surrogates(value: Any) -> Any:
@@ -3145,7 +3156,8 @@ async def relay(request: web.Request, api: convert.ClientApi) -> web.StreamRespo
     body = await read_json(request)
     normalised = api.normalise(body)
     prepared = convert.anthropic_to_codewhisperer(normalised, conversation_id=random_uuid())
-    model = request[REQUEST_LOG].model = normalised["model"]
+    model = normalised["model"]
+    request[REQUEST_LOG].model = logged_model(model)
     input_tokens = convert.estimate_input_tokens(normalised)
     assembler = convert.Assembler.for_request(prepared, input_tokens=input_tokens,
                                               client_model=model)

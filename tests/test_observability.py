@@ -64,6 +64,22 @@ async def test_a_wrong_method_is_logged_and_counted_under_its_route(proxy, caplo
     assert samples[("kiro2api_requests_total", f'route="{route}",status="{status}"')] == 1
 
 
+@pytest.mark.parametrize("path, body, status, model", [
+    ("/v1/messages", {**BODY, "messages": []}, 400, "claude-sonnet-4-5"),
+    ("/v1/chat/completions", {"model": "gpt-ish", "messages": "not a list"}, 400, "gpt-ish"),
+    ("/v1/messages/count_tokens", BODY, 200, "claude-sonnet-4-5"),
+    ("/v1/messages", {**BODY, "model": "m" * 5000}, 200, "m" * 100 + "..."),
+    ("/v1/messages", {"model": 1}, 400, "-"),
+])
+async def test_the_log_line_names_the_model_the_body_asked_for(proxy, caplog, path, body, status,
+                                                              model):
+    caplog.set_level(logging.INFO, logger="kiro2api")
+    answered, headers, _ = await post(proxy, path, body)
+    assert answered == status
+    fields = request_line(caplog, headers["request-id"])
+    assert (fields["status"], fields["model"]) == (status, model)
+
+
 def test_json_log_format_is_one_object_per_line():
     record = logging.LogRecord("kiro2api", logging.INFO, __file__, 1, "%s", ("hello",), None)
     record.fields = {"request_id": "req_1", "status": 200}
