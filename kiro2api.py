@@ -3311,7 +3311,12 @@ def log_request(request: web.Request, response: web.StreamResponse | None,
                     if v is not None and k != "failure")
     if entry.failure:
         text += f" ({entry.failure})"
+    # What the client sent (a path, a model) must not start a line of its own.
+    text = _CONTROL_CHARACTER.sub(lambda m: m[0].encode("unicode_escape").decode(), text)
     log.info("%s", text, extra={"fields": fields})
+
+
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:

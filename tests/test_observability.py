@@ -80,6 +80,22 @@ async def test_the_log_line_names_the_model_the_body_asked_for(proxy, caplog, pa
     assert (fields["status"], fields["model"]) == (status, model)
 
 
+async def test_what_the_client_sent_cannot_forge_a_log_line(proxy, caplog):
+    caplog.set_level(logging.INFO, logger="kiro2api")
+    async with aiohttp.ClientSession(headers={"x-api-key": API_KEY}) as session:
+        async with session.get(proxy.url + "/v1/x%0AINFO%20kiro2api:%20forged") as response:
+            assert response.status == 404
+            not_found = response.headers["request-id"]
+    _, headers, _ = await post(proxy, "/v1/messages", {**BODY, "model": "a\rb\u2028c"})
+    lines = {r.fields["request_id"]: r.getMessage() for r in caplog.records
+             if "request_id" in getattr(r, "fields", {})}
+    assert lines[not_found].endswith(" (no route /v1/x\\nINFO kiro2api: forged)")
+    assert " model=a\\rb\\u2028c " in lines[headers["request-id"]]
+    assert not [line for line in lines.values() if set(line) & {"\n", "\r", "\u2028"}]
+    # The fields keep the text as it was: JSON escapes it.
+    assert request_line(caplog, not_found)["failure"] == "no route /v1/x\nINFO kiro2api: forged"
+
+
 def test_json_log_format_is_one_object_per_line():
     record = logging.LogRecord("kiro2api", logging.INFO, __file__, 1, "%s", ("hello",), None)
     record.fields = {"request_id": "req_1", "status": 200}
