@@ -3409,6 +3409,7 @@ async def finish_streams(app: web.Application) -> None:
     app[SHUTTING_DOWN].set()
     streams = set(app[STREAMS])
     if not streams:
+        log.info("shutting down: no streams open")
         return
     log.info("shutting down: waiting up to %g s for %d stream(s)",
              app[CONFIG].shutdown_timeout, len(streams))
@@ -3476,6 +3477,7 @@ def serve(config: Config) -> None:
             access_log=None,
             print=listening,
         )
+        log.info("kiro2api stopped")
     except socket.gaierror as exc:  # a host name that does not resolve
         raise click.ClickException(f"cannot listen on {host}:{config.port}: no address for "
                                    f"{config.host} ({exc.strerror})") from None
