@@ -15,7 +15,7 @@ PYZ := $(DIST)/kiro2api.pyz
 PREFIX ?= /opt/kiro2api
 UNITDIR ?= /etc/systemd/system
 
-.PHONY: help install test test-fast lint run demo bench dist clean
+.PHONY: help install test test-fast lint run demo fake bench dist clean
 .DEFAULT_GOAL := help
 
 # Every target with a `## what it does` comment, in the order of this file.
@@ -47,6 +47,10 @@ run: $(BIN)/.installed ## kiro2api server on 127.0.0.1:8080 with your Kiro login
 # No Kiro account needed: kiro2api in front of the tests' fake Kiro backend.
 demo: $(BIN)/.installed ## one streamed answer from the fake Kiro backend, then stop
 	$(BIN)/python tests/demo.py
+
+# The same, left running for clients of your own (tests/demo.py --serve [--port N]).
+fake: $(BIN)/.installed ## kiro2api in front of the fake backend until Ctrl-C; prints URL and key
+	$(BIN)/python tests/demo.py --serve
 
 bench: $(BIN)/.installed ## the benchmarks (about 8 minutes)
 	$(BIN)/python bench/run.py

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import urllib.request
 import dataclasses
 import json
@@ -320,6 +321,47 @@ def test_demo_streams_an_answer_without_a_kiro_account(tmp_path):
     assert "and the SDK is printing them as they arrive.\n" in done.stdout
     assert "stop_reason=end_turn" in done.stdout
     assert "exit status 0" in done.stdout
+
+
+@pytest.mark.slow  # the demo's processes
+async def test_fake_serves_until_interrupted(tmp_path):
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(MAIN / "tests/demo.py"), "--serve", cwd=tmp_path,
+        env={**child_env(), "HOME": str(tmp_path)}, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    server_pid = None
+    try:
+        printed = ""
+        while not (found := re.search(r"kiro2api: +(\S+) +client key: (\S+)\n(?s:.*)"
+                                      r"kiro2api is process (\d+)", printed)):
+            line = await asyncio.wait_for(process.stdout.readline(), 30)
+            assert line, printed + (await process.stderr.read()).decode()
+            printed += line.decode()
+        url, key, server_pid = found[1], found[2], int(found[3])
+        answers = []
+        async with aiohttp.ClientSession(headers={"x-api-key": key}) as session:
+            for _ in range(2):  # the fake answers every request, not just the first
+                async with session.post(url + "/v1/messages", json=MESSAGE) as response:
+                    assert response.status == 200, await response.text()
+                    answers.append((await response.json())["content"][0]["text"])
+        assert answers[0].startswith("Hello! I am the fake Kiro backend") and \
+            answers[1] == answers[0]
+        process.send_signal(signal.SIGINT)  # Ctrl-C
+        out, err = await asyncio.wait_for(process.communicate(), 30)
+        assert process.returncode == 0, out.decode() + err.decode()
+        assert "stopped kiro2api (exit status 0) and the fake backend" in out.decode()
+        assert err.decode().rstrip().endswith("kiro2api stopped"), err.decode()
+        with pytest.raises(aiohttp.ClientConnectionError):  # nothing listens there now
+            async with aiohttp.ClientSession() as session, session.get(url + "/health"):
+                pass
+    finally:
+        if process.returncode is None:
+            # kiro2api is in a session of its own: a killed demo would leave it running.
+            if server_pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(server_pid, signal.SIGKILL)
+            process.kill()
+            await process.wait()
 
 
 # Outbound proxies #########################################################
