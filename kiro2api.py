@@ -43,6 +43,7 @@ import os
 import random
 import re
 import shlex
+import socket
 import sqlite3
 import stat
 import sys
@@ -63,15 +64,32 @@ try:
 except ImportError:  # Windows: no advisory locks (see TokenFile._flock)
     fcntl = None  # type: ignore[assignment]
 
-import aiohttp
-import click
-from aiohttp import web
+try:
+    import aiohttp
+    import click
+    from aiohttp import web
+    from click.core import ParameterSource
+
+    if not hasattr(web, "AppKey"):  # Debian 12 ships aiohttp 3.8
+        raise ImportError(f"kiro2api needs aiohttp 3.9 or newer, and {sys.executable} has "
+                          f"{aiohttp.__version__}: pip install 'aiohttp>=3.9' (in a "
+                          f"virtualenv if the system's is older)", name="aiohttp")
+except ImportError as exc:
+    # What to install, in one line: `python3 kiro2api.py` exits with it, and the
+    # pyz's __main__.py prints it (an ImportError named aiohttp or click) alone.
+    if exc.name not in ("aiohttp", "click"):
+        raise
+    if isinstance(exc, ModuleNotFoundError):
+        exc = ModuleNotFoundError(
+            f"kiro2api needs aiohttp and click, and {sys.executable} has no {exc.name}: "
+            f"pip install 'aiohttp>=3.9' 'click>=8.1', or on Debian/Ubuntu apt install "
+            f"python3-aiohttp python3-click", name=exc.name)
+    if __name__ == "__main__":
+        raise SystemExit(str(exc)) from None
+    raise exc from None
 
 import convert
 import eventstream
-
-if not hasattr(web, "AppKey"):  # Debian 12 ships aiohttp 3.8
-    raise ImportError(f"kiro2api needs aiohttp 3.9 or newer; this is {aiohttp.__version__}")
 
 __version__ = "0.1.0"
 
@@ -2907,7 +2925,18 @@ async def read_json(request: web.Request) -> Any:
             data = without_lone_surrogates(data)
         except RecursionError:
             raise convert.ConversionError("request body nests JSON too deeply") from None
+    # The log line names the model the body asked for, also when it is refused.
+    if isinstance(data, dict) and isinstance(data.get("model"), str) and data["model"]:
+        request[REQUEST_LOG].model = logged_model(data["model"])
     return data
+
+
+# A model name longer than this is cut short in the log line (a body may be megabytes).
+LOGGED_MODEL_CHARS = 100
+
+
+def logged_model(model: str) -> str:
+    return model if len(model) <= LOGGED_MODEL_CHARS else model[:LOGGED_MODEL_CHARS] + "..."
 
 
 def without_lone_surrogates(value: Any) -> Any:
@@ -3306,7 +3335,8 @@ async def relay(request: web.Request, api: convert.ClientApi) -> web.StreamRespo
         normalised["model"] = await served_model(request.app, normalised["model"])
     conversation_id = conversation_of(request, body, normalised)
     prepared = convert.anthropic_to_codewhisperer(normalised, conversation_id=conversation_id)
-    model = request[REQUEST_LOG].model = normalised["model"]
+    model = normalised["model"]
+    request[REQUEST_LOG].model = logged_model(model)
     input_tokens = convert.estimate_input_tokens(normalised)
     assembler = convert.Assembler.for_request(
         prepared, input_tokens=input_tokens, client_model=model,
@@ -3710,6 +3740,22 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
 QUIET_PATHS = frozenset({"/", "/api/hello", "/health", "/metrics"})
 
 
+def route_label(request: web.Request) -> str:
+    """The route a request is logged and counted under: its resource, also when the
+    method was wrong (a 405 has no resource of its own); "other" for paths of none, so
+    that the labels stay few."""
+    resource = request.match_info.route.resource
+    if resource is None and isinstance(getattr(request.match_info, "http_exception", None),
+                                       web.HTTPMethodNotAllowed):
+        for candidate in request.app.router.resources():
+            info = candidate.get_info()
+            if info.get("path") == request.path or (
+                    "pattern" in info and info["pattern"].fullmatch(request.path)):
+                resource = candidate
+                break
+    return resource.canonical if resource is not None else "other"
+
+
 def log_request(request: web.Request, response: web.StreamResponse | None,
                 started: float) -> None:
     """Count the request and log its one line (none for probes and scrapes that
@@ -3719,8 +3765,7 @@ def log_request(request: web.Request, response: web.StreamResponse | None,
     if isinstance(response, web.StreamResponse) and response.prepared and \
             request[REQUEST_LOG].failure == "client disconnected":
         status = 499  # the nginx convention for a client that hung up
-    route = request.match_info.route.resource.canonical \
-        if request.match_info.route.resource is not None else "other"
+    route = route_label(request)
     request.app[METRICS].count_request(route, status, seconds)
     if request.path in QUIET_PATHS and status < 400:
         return  # a refused scrape (a scraper without the key) is logged
@@ -3743,7 +3788,12 @@ def log_request(request: web.Request, response: web.StreamResponse | None,
                     if v is not None and k != "failure")
     if entry.failure:
         text += f" ({entry.failure})"
+    # What the client sent (a path, a model) must not start a line of its own.
+    text = _CONTROL_CHARACTER.sub(lambda m: m[0].encode("unicode_escape").decode(), text)
     log.info("%s", text, extra={"fields": fields})
+
+
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
@@ -3852,6 +3902,7 @@ async def finish_streams(app: web.Application) -> None:
     app[SHUTTING_DOWN].set()
     streams = set(app[STREAMS])
     if not streams:
+        log.info("shutting down: no streams open")
         return
     log.info("shutting down: waiting up to %g s for %d stream(s)",
              app[CONFIG].shutdown_timeout, len(streams))
@@ -3921,6 +3972,10 @@ def serve(config: Config) -> None:
             access_log=None,
             print=listening,
         )
+        log.info("kiro2api stopped")
+    except socket.gaierror as exc:  # a host name that does not resolve
+        raise click.ClickException(f"cannot listen on {host}:{config.port}: no address for "
+                                   f"{config.host} ({exc.strerror})") from None
     except OSError as exc:  # the bind: a port in use, an address not of this machine
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         raise click.ClickException(f"cannot listen on {host}:{config.port}: {reason}") from None
@@ -4164,9 +4219,40 @@ def cli() -> None:
     """
 
 
+# One label of a host name; "_" too, as Docker's and some intranets' names have it.
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def host_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """``--host``: an IP address (IPv6 with or without brackets), a host name, or empty
+    (every address); refused before anything looks it up."""
+    name = value.strip()
+    bracketed = name.startswith("[") and name.endswith("]")
+    if bracketed:
+        name = name[1:-1]
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        address = None
+    if address is not None and (address.version == 6 or not bracketed):
+        return name
+    if bracketed:
+        raise click.BadParameter(f"{value!r}: brackets hold an IPv6 address")
+    if re.fullmatch(r"[0-9.]+", name):
+        raise click.BadParameter(f"{value!r} is not an IPv4 address (four numbers from 0 to "
+                                 f"255, such as 127.0.0.1)")
+    try:
+        labels = name.encode("idna").decode("ascii").rstrip(".").split(".") if name else []
+    except UnicodeError:
+        labels = [""]
+    if len(name) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        raise click.BadParameter(f"{value!r} is neither an IP address nor a host name")
+    return name
+
+
 def host_option(help: str = "Address to listen on; 0.0.0.0 exposes the server.") -> Callable:
     return click.option("--host", envvar="KIRO2API_HOST", show_envvar=True, default="127.0.0.1",
-                        show_default=True, help=help)
+                        show_default=True, callback=host_name, help=help)
 
 
 def port_option(help: str = f"Port to listen on [default: {DEFAULT_PORT}].") -> Callable:
@@ -4355,6 +4441,19 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def positional_or_option(ctx: click.Context, name: str, argument: Any, option: Any, *,
+                         twice: str) -> Any:
+    """The value of option ``name`` or of the argument that stands for it. The command
+    line wins over the environment; given there both ways, they must agree (else
+    UsageError ``twice``)."""
+    if argument is None:
+        return option
+    if option is not None and option != argument \
+            and ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE:
+        raise click.UsageError(twice)
+    return argument
+
+
 @cli.command()
 @click.argument("port_arg", metavar="[PORT]", required=False, type=click.IntRange(0, 65535))
 @click.argument("key_arg", metavar="[API_KEY]", required=False)
@@ -4394,25 +4493,27 @@ def server(port_arg, key_arg, host, port, api_key, no_auth, token_files, service
       kiro2api server                       # 127.0.0.1:8080
       kiro2api server 9000 my-secret-key    # port and client key
     """
-    if port_arg is not None and port is not None and port_arg != port:
-        raise click.UsageError(f"port given twice: {port_arg} and --port {port}")
-    if key_arg is not None and api_key is not None and key_arg != api_key:
-        raise click.UsageError("API key given both as an argument and as --api-key")
+    ctx = click.get_current_context()
+    port = positional_or_option(ctx, "port", port_arg, port,
+                                twice=f"port given twice: {port_arg} and --port {port}")
+    api_key = positional_or_option(ctx, "api_key", key_arg, api_key,
+                                   twice="API key given both as an argument and as --api-key")
     if no_auth and not is_loopback(host):
         raise click.UsageError(
             f"--no-auth would let anyone who can reach {host} use your Kiro account; "
             "it is allowed only on a loopback host such as 127.0.0.1 (use --api-key)")
-    if no_auth and (api_key or key_arg):
-        raise click.UsageError("--no-auth and an API key contradict each other; choose one")
-    for given in (api_key, key_arg):
-        if given is not None and not given.strip():
-            # "kiro2api server 8080 "$KEY"" with KEY unset must not mean "no key".
-            raise click.UsageError("the API key is empty; give a key, or leave it out")
+    if no_auth and api_key:
+        given = "KIRO2API_API_KEY" if key_arg is None and ctx.get_parameter_source(
+            "api_key") is ParameterSource.ENVIRONMENT else "an API key"
+        raise click.UsageError(f"--no-auth and {given} contradict each other; choose one")
+    if api_key is not None and not api_key.strip():
+        # "kiro2api server 8080 "$KEY"" with KEY unset must not mean "no key".
+        raise click.UsageError("the API key is empty; give a key, or leave it out")
     config = command_config(
         token_files,
         host=host,
-        port=port if port is not None else (port_arg if port_arg is not None else DEFAULT_PORT),
-        api_key=api_key if api_key is not None else key_arg,
+        port=port if port is not None else DEFAULT_PORT,
+        api_key=api_key,
         no_auth=no_auth,
         **service,
         social_auth_url=social_auth_url,
@@ -4598,6 +4699,8 @@ def doctor(token_files, service, social_auth_url, oidc_url, proxy, model, as_jso
 
 
 SHELLS = ("posix", "fish", "cmd", "powershell")
+# Names users type for those shells (the examples call eval "$(...)" the bash, zsh way).
+SHELL_ALIASES = {"sh": "posix", "bash": "posix", "zsh": "posix", "pwsh": "powershell"}
 # The variable that holds the client key for Codex (its provider's env_key).
 CODEX_KEY_VARIABLE = "KIRO2API_KEY"
 
@@ -4629,19 +4732,35 @@ def shell_assignment(shell: str, name: str, value: str) -> str:
     return f'set "{name}={value}"'
 
 
-def client_base_url(host: str, port: int) -> str:
-    """The URL a client on this machine uses for a server listening on ``host:port``."""
+def client_address(host: str) -> str:
+    """The address a client on this machine reaches a server listening on ``host`` at,
+    as a URL spells it.
+
+    Not ``localhost``: Node's fetch and Python may resolve it to the other
+    family than the one the server listens on. ``0.0.0.0`` and the empty host
+    (every address) answer on 127.0.0.1, ``localhost`` does wherever it names
+    127.0.0.1 too. ``::`` answers on ::1 only, even on a dual-stack Linux:
+    asyncio sets IPV6_V6ONLY on the sockets it listens on. Any other address
+    answers on itself alone (127.0.0.2 not on 127.0.0.1), and a host name is
+    resolved by the client as it was by the server.
+    """
     name = host.strip().strip("[]")
+    if name.lower() in ("", "localhost", "localhost."):
+        return "127.0.0.1"
     try:
         address = ipaddress.ip_address(name)
     except ValueError:
-        address = None
-    if name in ("", "localhost") or (address is not None
-                                     and (address.is_loopback or address.is_unspecified)):
-        name = "localhost"
-    elif address is not None and address.version == 6:
-        name = f"[{name}]"
-    return f"http://{name}:{port}"
+        return name
+    if address.is_unspecified:
+        return "127.0.0.1" if address.version == 4 else "[::1]"
+    if address.version == 6:  # a zone (fe80::1%eth0) is %25 in a URL (RFC 6874)
+        return "[{}]".format(name.replace("%", "%25"))
+    return name
+
+
+def client_base_url(host: str, port: int) -> str:
+    """The URL a client on this machine uses for a server listening on ``host:port``."""
+    return f"http://{client_address(host)}:{port}"
 
 
 @cli.command()
@@ -4649,8 +4768,9 @@ def client_base_url(host: str, port: int) -> str:
 @port_option(f"The server's --port [default: {DEFAULT_PORT}].")
 @api_key_option("The server's client key; printed instead of the Kiro access token.")
 @refresh_options
-@click.option("--shell", type=click.Choice(SHELLS), default=None,
-              help="Syntax of the lines [default: powershell on Windows, else posix].")
+@click.option("--shell", type=click.Choice((*SHELLS, *SHELL_ALIASES)), default=None,
+              help="Syntax of the lines (sh, bash and zsh are posix; pwsh is powershell) "
+                   "[default: powershell on Windows, else posix].")
 def export(host: str, port: int | None, api_key: str | None, config: Config,
            shell: str | None) -> None:
     """Print shell lines that point Claude Code and Codex at the server.
@@ -4666,7 +4786,7 @@ def export(host: str, port: int | None, api_key: str | None, config: Config,
       kiro2api export --shell fish | source                  # fish
       kiro2api export --shell powershell | Invoke-Expression
     """
-    shell = shell or default_shell()
+    shell = SHELL_ALIASES.get(shell, shell) if shell else default_shell()
     values = {"ANTHROPIC_BASE_URL": client_base_url(host, DEFAULT_PORT if port is None else port)}
     if api_key:
         values["ANTHROPIC_AUTH_TOKEN"] = api_key

@@ -4,12 +4,18 @@ Starts the tests' fake Kiro backend (tests/fakes.py) on 127.0.0.1, runs
 ``kiro2api.py server`` in front of it with a made-up token file, asks it one
 question through the Anthropic SDK and prints the answer as it streams in,
 then stops both. Nothing leaves the machine.
+
+``make fake`` (``python tests/demo.py --serve [--port N]``) starts the same
+two and leaves them running for clients of your own, with kiro2api's log on
+the terminal, until Ctrl-C (or SIGTERM); every answer is the fake's.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -60,6 +66,40 @@ async def wait_until_up(url: str, process: subprocess.Popen, timeout: float = 15
             await asyncio.sleep(0.1)
 
 
+def the_answer() -> Stream:
+    """The fake's answer: ANSWER, one frame per write, CHUNK_DELAY apart."""
+    frames = text(*ANSWER) + tail(percentage=0.002)  # a short prompt: 0.002 % of the context
+    return Stream(frames, delay=CHUNK_DELAY, split=tuple(len(f) for f in frames))
+
+
+async def start_fake(fake: FakeUpstream) -> tuple[web.AppRunner, str]:
+    """Serve ``fake`` on a free port of 127.0.0.1; its runner and URL."""
+    runner = web.AppRunner(fake.app(), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+
+def server_command(port: int, token_file: Path, fake_url: str) -> list[str]:
+    return [sys.executable, str(MAIN / "kiro2api.py"), "server", "--port", str(port),
+            "--api-key", API_KEY, "--token-file", str(token_file),
+            "--upstream", fake_url, "--social-auth-url", fake_url, "--oidc-url", fake_url]
+
+
+def server_env() -> dict[str, str]:
+    # The developer's own KIRO2API_* settings stay out of the demo.
+    return {k: v for k, v in os.environ.items() if not k.startswith("KIRO2API_")}
+
+
+async def stop(process: subprocess.Popen) -> None:
+    process.terminate()  # SIGTERM: kiro2api lets open streams finish, then exits 0
+    try:
+        await asyncio.to_thread(process.wait, 10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 async def main() -> None:
     try:
         import anthropic
@@ -68,27 +108,16 @@ async def main() -> None:
                          "it, or `pip install anthropic`.") from None
 
     fake = FakeUpstream()
-    frames = text(*ANSWER) + tail(percentage=0.002)  # a short prompt: 0.002 % of the context
-    # One frame per write, CHUNK_DELAY apart.
-    fake.script.append(Stream(frames, delay=CHUNK_DELAY, split=tuple(len(f) for f in frames)))
-    runner = web.AppRunner(fake.app(), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    fake_port = runner.addresses[0][1]
-    fake_url = f"http://127.0.0.1:{fake_port}"
+    fake.script.append(the_answer())
+    runner, fake_url = await start_fake(fake)
 
     with tempfile.TemporaryDirectory(prefix="kiro2api-demo-") as tmp:
         token_file = Path(tmp) / "kiro-auth-token.json"
         write_token(token_file, mode=0o600)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        command = [sys.executable, str(MAIN / "kiro2api.py"), "server", "--port", str(port),
-                   "--api-key", API_KEY, "--token-file", str(token_file),
-                   "--upstream", fake_url, "--social-auth-url", fake_url,
-                   "--oidc-url", fake_url]
-        # The developer's own KIRO2API_* settings stay out of the demo.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("KIRO2API_")}
+        command = server_command(port, token_file, fake_url)
+        env = server_env()
         print(f"fake Kiro backend: {fake_url}")
         print(f"kiro2api:          {url}")
         print("  $ python kiro2api.py server --port", port, "--api-key", API_KEY,
@@ -112,12 +141,7 @@ async def main() -> None:
                   f"output_tokens={final.usage.output_tokens}")
             await client.close()
         finally:
-            process.terminate()
-            try:
-                await asyncio.to_thread(process.wait, 10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            await stop(process)
             await runner.cleanup()
             log.seek(0)
             print("\nkiro2api's log:")
@@ -128,9 +152,67 @@ async def main() -> None:
         raise SystemExit(1)
 
 
+async def serve(port: int) -> int:
+    """``--serve``: the fake and kiro2api in front of it until Ctrl-C or SIGTERM; the
+    exit status (1 if kiro2api stopped by itself or not cleanly)."""
+    sys.stdout.reconfigure(line_buffering=True)  # the URL shows at once, also in a pipe
+    fake = FakeUpstream()
+    fake.answer = the_answer()
+    runner, fake_url = await start_fake(fake)
+    stopped = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopped.set)
+    with tempfile.TemporaryDirectory(prefix="kiro2api-fake-") as tmp:
+        token_file = Path(tmp) / "kiro-auth-token.json"
+        write_token(token_file, mode=0o600)
+        port = port or free_port()
+        url = f"http://127.0.0.1:{port}"
+        # Its log goes to this terminal: one line per request. In a session of its
+        # own, so that Ctrl-C reaches this script alone, which stops it with one SIGTERM
+        # (a second signal while it shuts down would kill it).
+        process = subprocess.Popen(server_command(port, token_file, fake_url), cwd=MAIN,
+                                   env=server_env(), start_new_session=True)
+        try:
+            await wait_until_up(url, process)
+            print(SERVING.format(fake_url=fake_url, url=url, key=API_KEY, model=MODEL,
+                                 pid=process.pid))
+            exited = asyncio.ensure_future(asyncio.to_thread(process.wait))
+            signalled = asyncio.ensure_future(stopped.wait())
+            await asyncio.wait({exited, signalled}, return_when=asyncio.FIRST_COMPLETED)
+            signalled.cancel()
+        finally:
+            await stop(process)
+            await runner.cleanup()
+    print(f"stopped kiro2api (exit status {process.returncode}) and the fake backend")
+    return 0 if stopped.is_set() and process.returncode == 0 else 1
+
+
+SERVING = """
+fake Kiro backend: {fake_url}
+kiro2api:          {url}   client key: {key}
+
+Point clients at it from another shell (every answer is the fake's):
+  export ANTHROPIC_BASE_URL={url} ANTHROPIC_AUTH_TOKEN={key}    # Claude Code, Anthropic SDKs
+  export OPENAI_BASE_URL={url}/v1 OPENAI_API_KEY={key}          # OpenAI SDKs
+  curl -s {url}/v1/messages -H 'x-api-key: {key}' -H 'content-type: application/json' \\
+    -d '{{"model":"{model}","max_tokens":100,"messages":[{{"role":"user","content":"Hi"}}]}}'
+
+Ctrl-C stops both (kiro2api is process {pid}, in a session of its own).
+"""
+
+
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--serve", action="store_true",
+                        help="keep kiro2api and the fake running until Ctrl-C (make fake)")
+    parser.add_argument("--port", type=int, default=0,
+                        help="kiro2api's port with --serve [default: a free one]")
+    args = parser.parse_args()
     # Requests to the two local servers go straight to them, whatever proxy
     # the environment names.
     for name in ("NO_PROXY", "no_proxy"):
         os.environ[name] = ",".join(filter(None, ("127.0.0.1,localhost", os.environ.get(name))))
+    if args.serve:
+        sys.exit(asyncio.run(serve(args.port)))
     asyncio.run(main())

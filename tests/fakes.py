@@ -4,7 +4,8 @@ One ``FakeUpstream`` answers every URL kiro2api calls, so a test points
 ``--upstream``, ``--social-auth-url`` and ``--oidc-url`` at the same place:
 
 - ``POST /generateAssistantResponse``: replies from ``script`` (a queue of
-  ``Stream`` or ``Status`` objects); an empty queue answers a short greeting.
+  ``Stream`` or ``Status`` objects); an empty queue answers ``answer``, by
+  default a short greeting.
 - ``POST /{tenant}/oauth2/v2.0/token``: an external IdP's token endpoint.
 - ``POST /refreshToken`` (social) and ``POST /token`` (IdC), also under a
   ``/{region}/`` prefix for URL templates: replies from ``auth_script`` if
@@ -158,6 +159,7 @@ class FakeUpstream:
         self.caching = False
         self.conversations: set[str] = set()
         self.search_script: deque[Status | dict[str, Any]] = deque()
+        self.answer: Stream | None = None  # what an empty script answers, if not "Hello"
 
     def calls(self, path: str) -> list[Recorded]:
         return [r for r in self.requests if r.path == path]
@@ -237,7 +239,8 @@ class FakeUpstream:
                         ) -> web.StreamResponse:
         if record:
             await self._record(request)
-        reply = self.script.popleft() if self.script else Stream(text("Hello") + tail())
+        reply = self.script.popleft() if self.script else (
+            self.answer or Stream(text("Hello") + tail()))
         if isinstance(reply, Status):
             return await self._status(reply)
         if self.caching and record:

@@ -13,7 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 import pytest
+from aiohttp import web
 from click.testing import CliRunner
 
 import kiro2api
@@ -83,10 +85,74 @@ def test_server_refuses_an_empty_api_key(served, args):
     assert served == []
 
 
+@pytest.mark.parametrize("host, why", [
+    ("999.1.1.1", "'999.1.1.1' is not an IPv4 address"),
+    ("1.2.3", "'1.2.3' is not an IPv4 address"),
+    ("a..b", "'a..b' is neither an IP address nor a host name"),
+    ("kiro lan", "'kiro lan' is neither an IP address nor a host name"),
+    ("[10.0.0.1]", "brackets hold an IPv6 address"),
+])
+@pytest.mark.parametrize("command", ["server", "export", "codex"])
+def test_a_host_that_is_no_address_nor_name_is_refused_before_any_lookup(served, command, host,
+                                                                          why):
+    result = CliRunner().invoke(kiro2api.cli, [command, "--host", host])
+    assert result.exit_code == 2, result.output
+    assert why in result.output
+    assert "Unknown error" not in result.output and served == []
+
+
+@pytest.mark.parametrize("host, kept", [("[::1]", "::1"), ("fe80::1%eth0", "fe80::1%eth0"),
+                                        ("kiro.lan", "kiro.lan"), ("my_proxy", "my_proxy"),
+                                        ("", "")])
+def test_server_takes_addresses_and_host_names(served, host, kept):
+    result = CliRunner().invoke(kiro2api.cli, ["server", "--host", host])
+    assert result.exit_code == 0, result.output
+    assert served[0].host == kept
+
+
 def test_server_rejects_two_different_ports(served):
     result = CliRunner().invoke(kiro2api.cli, ["server", "9000", "--port", "9001"])
     assert result.exit_code == 2, result.output
     assert "port given twice" in result.output
+
+
+def test_server_rejects_two_different_keys(served):
+    result = CliRunner().invoke(kiro2api.cli, ["server", "9000", "one", "--api-key", "two"])
+    assert result.exit_code == 2, result.output
+    assert "API key given both as an argument and as --api-key" in result.output
+    assert served == []
+
+
+@pytest.mark.parametrize("args", [["9000", "sekrit", "--port", "9000"],
+                                  ["9000", "sekrit", "--api-key", "sekrit"]],
+                         ids=["port", "key"])
+def test_server_takes_the_same_value_given_both_ways(served, args):
+    result = CliRunner().invoke(kiro2api.cli, ["server", *args])
+    assert result.exit_code == 0, result.output
+    assert (served[0].port, served[0].api_key) == (9000, "sekrit")
+
+
+def test_server_positional_port_and_key_beat_the_environment(served, monkeypatch):
+    # The command line wins, as for the options; the variables were never typed.
+    monkeypatch.setenv("KIRO2API_PORT", "18502")
+    monkeypatch.setenv("KIRO2API_API_KEY", "from-env")
+    result = CliRunner().invoke(kiro2api.cli, ["server", "18503", "from-argument"])
+    assert result.exit_code == 0, result.output
+    assert (served[0].port, served[0].api_key) == (18503, "from-argument")
+    result = CliRunner().invoke(kiro2api.cli, ["server", "18504"])
+    assert result.exit_code == 0, result.output
+    assert (served[1].port, served[1].api_key) == (18504, "from-env")
+
+
+def test_server_no_auth_names_the_variable_that_set_a_key(served, monkeypatch):
+    monkeypatch.setenv("KIRO2API_API_KEY", "from-env")
+    result = CliRunner().invoke(kiro2api.cli, ["server", "--no-auth"])
+    assert result.exit_code == 2, result.output
+    assert "--no-auth and KIRO2API_API_KEY contradict each other" in result.output
+    result = CliRunner().invoke(kiro2api.cli, ["server", "--no-auth", "8080", "k"])
+    assert result.exit_code == 2, result.output
+    assert "--no-auth and an API key contradict each other" in result.output
+    assert served == []
 
 
 def test_server_token_files_repeat(served, tmp_path):
@@ -454,7 +520,7 @@ async def test_idc_refresh_answered_with_garbage_fails_cleanly(token_file, fake_
 def test_export_posix_lines_with_the_client_key(token_file):
     result = invoke("export", "--api-key", "client-key")
     assert result.exit_code == 0, result.output
-    assert result.output == ("export ANTHROPIC_BASE_URL=http://localhost:8080\n"
+    assert result.output == ("export ANTHROPIC_BASE_URL=http://127.0.0.1:8080\n"
                              "export ANTHROPIC_AUTH_TOKEN=client-key\n"
                              "export KIRO2API_KEY=client-key\n")
 
@@ -478,12 +544,17 @@ async def test_export_refreshes_an_expired_token_first(token_file, fake_upstream
 
 
 @pytest.mark.parametrize("host, port, url", [
-    ("127.0.0.1", None, "http://localhost:8080"),
-    ("0.0.0.0", "9000", "http://localhost:9000"),
-    ("::", "9000", "http://localhost:9000"),
-    ("::1", "9000", "http://localhost:9000"),
+    ("127.0.0.1", None, "http://127.0.0.1:8080"),
+    ("0.0.0.0", "9000", "http://127.0.0.1:9000"),
+    ("", "9000", "http://127.0.0.1:9000"),  # every address, both families
+    ("localhost", "9000", "http://127.0.0.1:9000"),
+    ("127.0.0.2", "9000", "http://127.0.0.2:9000"),
+    ("::", "9000", "http://[::1]:9000"),
+    ("::1", "9000", "http://[::1]:9000"),
+    ("[::1]", "9000", "http://[::1]:9000"),
     ("192.168.1.5", None, "http://192.168.1.5:8080"),
     ("2001:db8::5", "80", "http://[2001:db8::5]:80"),
+    ("fe80::1%eth0", "80", "http://[fe80::1%25eth0]:80"),
     ("kiro.lan", "8443", "http://kiro.lan:8443"),
 ])
 def test_export_base_url(host, port, url):
@@ -491,6 +562,39 @@ def test_export_base_url(host, port, url):
     result = invoke(*args)
     assert result.exit_code == 0, result.output
     assert result.output.splitlines()[0] == f"export ANTHROPIC_BASE_URL={shlex.quote(url)}"
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+async def answer_here(request: web.Request) -> web.Response:
+    return web.Response(text="here")
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0", "localhost", "::1", "::"])
+async def test_export_names_an_address_the_server_answers_on(host):
+    # Listen as `kiro2api server --host HOST` does (aiohttp's TCPSite, through
+    # asyncio), then connect to what export prints: no resolver, no happy eyeballs.
+    if ":" in host and not ipv6_loopback():
+        pytest.skip("no IPv6 loopback here")
+    app = web.Application()
+    app.router.add_get("/", answer_here)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, 0).start()
+        port = runner.addresses[0][1]
+        url = kiro2api.client_base_url(host, port)
+        async with aiohttp.ClientSession() as session, session.get(url + "/") as response:
+            assert await response.text() == "here", url
+    finally:
+        await runner.cleanup()
 
 
 def test_export_options_beat_environment(monkeypatch):
@@ -510,16 +614,16 @@ def test_export_options_beat_environment(monkeypatch):
 
 
 @pytest.mark.parametrize("shell, lines", [
-    ("posix", ["export ANTHROPIC_BASE_URL=http://localhost:8080",
+    ("posix", ["export ANTHROPIC_BASE_URL=http://127.0.0.1:8080",
                "export ANTHROPIC_AUTH_TOKEN='k'\"'\"'y \\ $x&^'",
                "export KIRO2API_KEY='k'\"'\"'y \\ $x&^'"]),
-    ("fish", ["set -gx ANTHROPIC_BASE_URL 'http://localhost:8080'",
+    ("fish", ["set -gx ANTHROPIC_BASE_URL 'http://127.0.0.1:8080'",
               "set -gx ANTHROPIC_AUTH_TOKEN 'k\\'y \\\\ $x&^'",
               "set -gx KIRO2API_KEY 'k\\'y \\\\ $x&^'"]),
-    ("powershell", ["$env:ANTHROPIC_BASE_URL = 'http://localhost:8080'",
+    ("powershell", ["$env:ANTHROPIC_BASE_URL = 'http://127.0.0.1:8080'",
                     "$env:ANTHROPIC_AUTH_TOKEN = 'k''y \\ $x&^'",
                     "$env:KIRO2API_KEY = 'k''y \\ $x&^'"]),
-    ("cmd", ['set "ANTHROPIC_BASE_URL=http://localhost:8080"',
+    ("cmd", ['set "ANTHROPIC_BASE_URL=http://127.0.0.1:8080"',
              'set "ANTHROPIC_AUTH_TOKEN=k\'y \\ $x&^"',
              'set "KIRO2API_KEY=k\'y \\ $x&^"']),
 ])
@@ -527,6 +631,14 @@ def test_export_quotes_for_each_shell(shell, lines):
     result = invoke("export", "--shell", shell, "--api-key", "k'y \\ $x&^")
     assert result.exit_code == 0, result.output
     assert result.output.splitlines() == lines
+
+
+@pytest.mark.parametrize("alias, shell", [("bash", "posix"), ("zsh", "posix"), ("sh", "posix"),
+                                          ("pwsh", "powershell")])
+def test_export_takes_the_names_of_the_shells_too(alias, shell):
+    result = invoke("export", "--shell", alias, "--api-key", "k'y")
+    assert result.exit_code == 0, result.output
+    assert result.output == invoke("export", "--shell", shell, "--api-key", "k'y").output
 
 
 def test_powershell_quoting_doubles_curly_single_quotes_too():
@@ -561,7 +673,7 @@ def test_eval_export_in_a_real_shell(tmp_path, sh):
     done = subprocess.run([sh, "-c", script], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert done.stdout == f"http://localhost:9123\n{NASTY_KEY}\n{NASTY_KEY}"
+    assert done.stdout == f"http://127.0.0.1:9123\n{NASTY_KEY}\n{NASTY_KEY}"
     assert not (tmp_path / "PWNED").exists()
 
 
@@ -671,11 +783,11 @@ model_provider = "kiro2api"
 
 [model_providers.kiro2api]
 name = "kiro2api"
-base_url = "http://localhost:8080/v1"
+base_url = "http://127.0.0.1:8080/v1"
 env_key = "KIRO2API_KEY"
 wire_api = "responses"
 '''
-KIRO2API_PROVIDER = {"name": "kiro2api", "base_url": "http://localhost:8080/v1",
+KIRO2API_PROVIDER = {"name": "kiro2api", "base_url": "http://127.0.0.1:8080/v1",
                      "env_key": "KIRO2API_KEY", "wire_api": "responses"}
 
 
@@ -740,7 +852,7 @@ def test_codex_write_creates_the_directory_and_the_file(codex_toml):
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines() == [
         f"Created {codex_toml}:",
-        '  [model_providers.kiro2api] added: base_url = "http://localhost:8080/v1", '
+        '  [model_providers.kiro2api] added: base_url = "http://127.0.0.1:8080/v1", '
         'wire_api = "responses"',
         '  model = "claude-sonnet-4.5" (added)',
         '  model_provider = "kiro2api" (added)']
@@ -781,7 +893,7 @@ env_key = "OTHER_KEY"
 KIRO2API_TABLE = '''
 [model_providers.kiro2api]
 name = "kiro2api"
-base_url = "http://localhost:8080/v1"
+base_url = "http://127.0.0.1:8080/v1"
 env_key = "KIRO2API_KEY"
 wire_api = "responses"
 '''
@@ -863,7 +975,7 @@ def test_codex_write_says_when_codex_uses_another_provider_still(codex_toml):
 
 @pytest.mark.parametrize("args, table, differs", [
     (["--port", "9000"], KIRO2API_TABLE,
-     'base_url "http://localhost:8080/v1", not "http://localhost:9000/v1"'),
+     'base_url "http://127.0.0.1:8080/v1", not "http://127.0.0.1:9000/v1"'),
     ([], KIRO2API_TABLE.replace('"KIRO2API_KEY"', '"MY_KEY"'),
      'env_key "MY_KEY", not "KIRO2API_KEY"'),
     ([], KIRO2API_TABLE.replace('"responses"', '"chat"'), 'wire_api "chat", not "responses"'),

@@ -51,6 +51,58 @@ async def test_every_response_carries_a_request_id_that_the_log_line_names(proxy
     assert fields["retries"] == 0 and fields["account"] == "kiro-auth-token.json"
 
 
+@pytest.mark.parametrize("method, path, route", [
+    ("GET", "/v1/messages", "/v1/messages"),
+    ("PUT", "/v1/chat/completions", "/v1/chat/completions"),
+    ("POST", "/v1/models/claude-sonnet-4-5", "/v1/models/{model_id}"),
+    ("GET", "/v1/nothing-here", "other"),
+])
+async def test_a_wrong_method_is_logged_and_counted_under_its_route(proxy, caplog, method, path,
+                                                                     route):
+    caplog.set_level(logging.INFO, logger="kiro2api")
+    async with aiohttp.ClientSession(headers={"x-api-key": API_KEY}) as session:
+        async with session.request(method, proxy.url + path) as response:
+            assert response.status == (404 if route == "other" else 405)
+            fields = request_line(caplog, response.headers["request-id"])
+        async with session.get(proxy.url + "/metrics") as response:
+            samples = parse_metrics(await response.text())
+    assert fields["route"] == route
+    status = fields["status"]
+    assert samples[("kiro2api_requests_total", f'route="{route}",status="{status}"')] == 1
+
+
+@pytest.mark.parametrize("path, body, status, model", [
+    ("/v1/messages", {**BODY, "messages": []}, 400, "claude-sonnet-4-5"),
+    ("/v1/chat/completions", {"model": "gpt-ish", "messages": "not a list"}, 400, "gpt-ish"),
+    ("/v1/messages/count_tokens", BODY, 200, "claude-sonnet-4-5"),
+    ("/v1/messages", {**BODY, "model": "m" * 5000}, 200, "m" * 100 + "..."),
+    ("/v1/messages", {"model": 1}, 400, "-"),
+])
+async def test_the_log_line_names_the_model_the_body_asked_for(proxy, caplog, path, body, status,
+                                                              model):
+    caplog.set_level(logging.INFO, logger="kiro2api")
+    answered, headers, _ = await post(proxy, path, body)
+    assert answered == status
+    fields = request_line(caplog, headers["request-id"])
+    assert (fields["status"], fields["model"]) == (status, model)
+
+
+async def test_what_the_client_sent_cannot_forge_a_log_line(proxy, caplog):
+    caplog.set_level(logging.INFO, logger="kiro2api")
+    async with aiohttp.ClientSession(headers={"x-api-key": API_KEY}) as session:
+        async with session.get(proxy.url + "/v1/x%0AINFO%20kiro2api:%20forged") as response:
+            assert response.status == 404
+            not_found = response.headers["request-id"]
+    _, headers, _ = await post(proxy, "/v1/messages", {**BODY, "model": "a\rb\u2028c"})
+    lines = {r.fields["request_id"]: r.getMessage() for r in caplog.records
+             if "request_id" in getattr(r, "fields", {})}
+    assert lines[not_found].endswith(" (no route /v1/x\\nINFO kiro2api: forged)")
+    assert " model=a\\rb\\u2028c " in lines[headers["request-id"]]
+    assert not [line for line in lines.values() if set(line) & {"\n", "\r", "\u2028"}]
+    # The fields keep the text as it was: JSON escapes it.
+    assert request_line(caplog, not_found)["failure"] == "no route /v1/x\nINFO kiro2api: forged"
+
+
 # 2026-04-06T19:29:16.250Z: a quarter second, exact in binary.
 MOMENT = datetime(2026, 4, 6, 19, 29, 16, 250000, tzinfo=timezone.utc).timestamp()
 

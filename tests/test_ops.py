@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import urllib.request
 import dataclasses
 import json
@@ -73,6 +74,43 @@ def test_pyz_version(tmp_path):
     assert done.stdout.strip() == f"kiro2api, version {kiro2api.__version__}"
 
 
+# Stand-ins for what a Python without the dependencies (or with Debian 12's
+# aiohttp 3.8) has: a package name that imports and nothing else.
+STUB_PACKAGES = {
+    "no aiohttp": {},
+    "no click": {"aiohttp/__init__.py": "__version__ = '3.14.0'\n",
+                 "aiohttp/web.py": "AppKey = object\n"},
+    "aiohttp 3.8": {"aiohttp/__init__.py": "__version__ = '3.8.6'\n", "aiohttp/web.py": "",
+                    "click/__init__.py": "", "click/core.py": "ParameterSource = None\n"},
+}
+MISSING_ADVICE = {
+    "no aiohttp": "has no aiohttp: pip install 'aiohttp>=3.9' 'click>=8.1', or on "
+                  "Debian/Ubuntu apt install python3-aiohttp python3-click",
+    "no click": "has no click: pip install 'aiohttp>=3.9' 'click>=8.1', or on "
+                "Debian/Ubuntu apt install python3-aiohttp python3-click",
+    "aiohttp 3.8": "has 3.8.6: pip install 'aiohttp>=3.9'",
+}
+
+
+@pytest.mark.parametrize("python", sorted(STUB_PACKAGES))
+@pytest.mark.parametrize("run", ["pyz", "script"])
+@pytest.mark.slow  # make and a Python process
+def test_without_its_dependencies_it_says_what_to_install(tmp_path, python, run):
+    stubs = tmp_path / "site"
+    for name, text in STUB_PACKAGES[python].items():
+        (stubs / name).parent.mkdir(parents=True, exist_ok=True)
+        (stubs / name).write_text(text)
+    program = build_pyz(tmp_path) if run == "pyz" else MAIN / "kiro2api.py"
+    # -S: no site-packages, so nothing but the standard library and the stubs.
+    done = subprocess.run([sys.executable, "-S", str(program), "server"], cwd=tmp_path,
+                          env={**child_env(), "PYTHONPATH": str(stubs)},
+                          capture_output=True, text=True, timeout=30)
+    assert (done.returncode, done.stdout) == (1, ""), done.stderr
+    line, = done.stderr.splitlines()
+    assert line.startswith("kiro2api needs aiohttp"), line
+    assert MISSING_ADVICE[python] in line, line
+
+
 @pytest.mark.slow  # make
 def test_make_install_puts_the_pyz_and_the_unit_under_destdir(tmp_path):
     root = tmp_path / "root"
@@ -82,10 +120,72 @@ def test_make_install_puts_the_pyz_and_the_unit_under_destdir(tmp_path):
     assert installed.read_bytes() == (tmp_path / "dist/kiro2api.pyz").read_bytes()
     assert os.access(installed, os.X_OK)
     assert (root / "etc/systemd/system/kiro2api.service").read_bytes() == UNIT.read_bytes()
+
+
+@pytest.mark.slow  # make
+def test_installed_unit_runs_the_pyz_where_prefix_put_it(tmp_path):
+    root = tmp_path / "root"
     make("install", f"DESTDIR={root}", "PREFIX=/usr/local/lib/kiro2api",
          "UNITDIR=/lib/systemd/system", f"DIST={tmp_path / 'dist'}", f"BUILD={tmp_path / 'build'}")
     assert (root / "usr/local/lib/kiro2api/kiro2api.pyz").is_file()
-    assert (root / "lib/systemd/system/kiro2api.service").is_file()
+    unit = (root / "lib/systemd/system/kiro2api.service").read_text()
+    # DESTDIR is only where the files are staged; the system runs them from PREFIX.
+    assert str(root) not in unit
+    expected = UNIT.read_text().replace(
+        "\nExecStart=/usr/bin/python3 /opt/kiro2api/kiro2api.pyz server\n",
+        "\nExecStart=/usr/bin/python3 /usr/local/lib/kiro2api/kiro2api.pyz server\n")
+    assert expected != UNIT.read_text()
+    assert unit == expected
+
+
+# The Makefile and lint ####################################################
+
+
+@pytest.mark.slow  # make
+def test_make_alone_lists_every_target_and_builds_nothing(tmp_path):
+    venv = tmp_path / "venv"
+    plain = make(f"VENV={venv}")
+    assert plain.stdout == make("help", f"VENV={venv}").stdout
+    assert not venv.exists()
+    phony = re.search(r"^\.PHONY: (.*)$", (MAIN / "Makefile").read_text(), re.M)[1].split()
+    header, *lines = plain.stdout.splitlines()
+    assert sorted(line.split()[0] for line in lines) == sorted(phony), plain.stdout
+    assert all(len(line.split()) > 1 for line in lines), plain.stdout  # each says what it does
+
+
+@pytest.mark.slow  # a ruff process
+def test_ruff_finds_nothing():
+    # ruff is in the test extras, pinned, so this runs wherever the tests do (CI too).
+    done = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "."], cwd=MAIN,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("case", ["a lint error", "no ruff"])
+@pytest.mark.slow  # make and ruff
+def test_make_lint_fails_when_ruff_does_or_is_missing(tmp_path, case):
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for name in ("Makefile", "setup.cfg", "pyproject.toml", "kiro2api.py", "eventstream.py",
+                 "convert.py"):
+        shutil.copy(MAIN / name, tree)
+    (tree / "tests").mkdir()
+    (tree / "bench").mkdir()
+    if case == "a lint error":
+        (tree / "tests/test_unused.py").write_text("import os\n")
+    # A virtualenv that make takes as set up: its python is this one, or this one
+    # without site-packages (so without ruff).
+    bin_dir = tmp_path / "venv/bin"
+    bin_dir.mkdir(parents=True)
+    flags = "-S " if case == "no ruff" else ""
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" {flags}"$@"\n')
+    (bin_dir / "python").chmod(0o755)
+    (bin_dir / ".installed").touch()
+    done = subprocess.run(["make", "-s", "lint", f"VENV={tmp_path / 'venv'}"], cwd=tree,
+                          capture_output=True, text=True, timeout=60)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output
+    assert ("F401" if case == "a lint error" else "No module named ruff") in output, output
 
 
 # PR_SET_MDWE (Linux 6.3+) is what MemoryDenyWriteExecute=yes asks of the
@@ -221,6 +321,47 @@ def test_demo_streams_an_answer_without_a_kiro_account(tmp_path):
     assert "and the SDK is printing them as they arrive.\n" in done.stdout
     assert "stop_reason=end_turn" in done.stdout
     assert "exit status 0" in done.stdout
+
+
+@pytest.mark.slow  # the demo's processes
+async def test_fake_serves_until_interrupted(tmp_path):
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(MAIN / "tests/demo.py"), "--serve", cwd=tmp_path,
+        env={**child_env(), "HOME": str(tmp_path)}, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    server_pid = None
+    try:
+        printed = ""
+        while not (found := re.search(r"kiro2api: +(\S+) +client key: (\S+)\n(?s:.*)"
+                                      r"kiro2api is process (\d+)", printed)):
+            line = await asyncio.wait_for(process.stdout.readline(), 30)
+            assert line, printed + (await process.stderr.read()).decode()
+            printed += line.decode()
+        url, key, server_pid = found[1], found[2], int(found[3])
+        answers = []
+        async with aiohttp.ClientSession(headers={"x-api-key": key}) as session:
+            for _ in range(2):  # the fake answers every request, not just the first
+                async with session.post(url + "/v1/messages", json=MESSAGE) as response:
+                    assert response.status == 200, await response.text()
+                    answers.append((await response.json())["content"][0]["text"])
+        assert answers[0].startswith("Hello! I am the fake Kiro backend") and \
+            answers[1] == answers[0]
+        process.send_signal(signal.SIGINT)  # Ctrl-C
+        out, err = await asyncio.wait_for(process.communicate(), 30)
+        assert process.returncode == 0, out.decode() + err.decode()
+        assert "stopped kiro2api (exit status 0) and the fake backend" in out.decode()
+        assert err.decode().rstrip().endswith("kiro2api stopped"), err.decode()
+        with pytest.raises(aiohttp.ClientConnectionError):  # nothing listens there now
+            async with aiohttp.ClientSession() as session, session.get(url + "/health"):
+                pass
+    finally:
+        if process.returncode is None:
+            # kiro2api is in a session of its own: a killed demo would leave it running.
+            if server_pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(server_pid, signal.SIGKILL)
+            process.kill()
+            await process.wait()
 
 
 # Outbound proxies #########################################################

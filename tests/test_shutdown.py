@@ -71,6 +71,17 @@ async def test_sigterm_ends_a_long_stream_with_an_error_event(fake_upstream, tmp
             pass
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_an_idle_server_says_it_stops(fake_upstream, tmp_path, sig):
+    process, url = await start_server(fake_upstream, tmp_path)
+    process.send_signal(sig)
+    output = (await asyncio.wait_for(process.stdout.read(), 10)).decode()
+    assert await asyncio.wait_for(process.wait(), 10) == 0, output
+    lines = output.splitlines()
+    assert any("shutting down: no streams open" in line for line in lines), output
+    assert lines[-1].endswith("kiro2api stopped"), output
+
+
 # Starting up ##############################################################
 
 
