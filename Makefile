@@ -15,14 +15,13 @@ PYZ := $(DIST)/kiro2api.pyz
 PREFIX ?= /opt/kiro2api
 UNITDIR ?= /etc/systemd/system
 
-.PHONY: help install test test-fast lint run demo fake bench e2e e2e-codex e2e-claude-code \
-	e2e-qwen-code dist clean
+.PHONY: help install test test-fast lint run demo fake bench e2e e2e-codex e2e-claude-code e2e-qwen-code dist clean
 .DEFAULT_GOAL := help
 
 # Every target with a `## what it does` comment, in the order of this file.
 help: ## list the targets
 	@echo 'make TARGET, where TARGET is one of:'
-	@awk -F ':.*## ' '/^[a-z][a-z-]*:.*## / { printf "  %-16s %s\n", $$1, $$2 }' Makefile
+	@awk -F ':.*## ' '/^[a-z][a-z0-9-]*:.*## / { printf "  %-16s %s\n", $$1, $$2 }' Makefile
 
 $(BIN)/.installed: setup.cfg Makefile
 	$(PYTHON) -m venv $(VENV)
