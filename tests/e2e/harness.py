@@ -116,11 +116,13 @@ class Stack:
 
     ``async with Stack(workdir) as stack:`` leaves ``stack.fake`` (script and
     recorded requests), ``stack.url`` (kiro2api's base URL) and ``stack.log``
-    (the server's output, a file in ``workdir``).
+    (the server's output, a file in ``workdir``). ``options`` go on kiro2api's
+    command line after the harness's own (``("--retries", "0")``).
     """
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, options: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
+        self.options = options
         self.fake = FakeUpstream()
         self.log = workdir / "kiro2api.log"
         self.url = ""
@@ -140,7 +142,7 @@ class Stack:
         command = [sys.executable, str(ROOT / "kiro2api.py"), "server", "--port", str(port),
                    "--api-key", API_KEY, "--token-file", str(token_file),
                    "--upstream", fake_url, "--social-auth-url", fake_url,
-                   "--oidc-url", fake_url, "--log-level", "DEBUG"]
+                   "--oidc-url", fake_url, "--log-level", "DEBUG", *self.options]
         # The developer's own KIRO2API_* settings stay out of the run.
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("KIRO2API_") and k != "PYTHONPATH"}
