@@ -12,8 +12,8 @@ PYZ := $(DIST)/kiro2api.pyz
 PREFIX ?= /opt/kiro2api
 UNITDIR ?= /etc/systemd/system
 
-.PHONY: install test test-fast lint run demo bench e2e e2e-codex e2e-claude-code e2e-qwen-code \
-	dist clean
+.PHONY: install test test-fast lint run demo bench e2e e2e-codex e2e-codex-failures \
+	e2e-claude-code e2e-qwen-code dist clean
 
 $(BIN)/.installed: setup.cfg Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -43,16 +43,20 @@ bench: $(BIN)/.installed
 	$(BIN)/python bench/run.py
 
 # Opt-in: real agent CLIs from npm (cached in $(E2E_CACHE), or ~/.cache/kiro2api-e2e)
-# run a shell-tool loop through a kiro2api process in front of the fake Kiro.
-# `make e2e CODEX_VERSION=latest` tries the newest Codex; `make -k e2e` runs all three
-# even when one fails.
+# run a shell-tool loop through a kiro2api process in front of the fake Kiro;
+# e2e-codex-failures counts the requests Codex makes for each way Kiro fails (under
+# a minute). `make e2e CODEX_VERSION=latest` tries the newest Codex; `make -k e2e`
+# runs them all even when one fails.
 CODEX_VERSION ?= 0.171.0
 CLAUDE_CODE_VERSION ?= 2.1.332
 QWEN_CODE_VERSION ?= 0.24.4
-e2e: e2e-codex e2e-claude-code e2e-qwen-code
+e2e: e2e-codex e2e-codex-failures e2e-claude-code e2e-qwen-code
 
 e2e-codex: $(BIN)/.installed
 	CODEX_VERSION=$(CODEX_VERSION) $(BIN)/python tests/e2e/run_codex.py
+
+e2e-codex-failures: $(BIN)/.installed
+	CODEX_VERSION=$(CODEX_VERSION) $(BIN)/python tests/e2e/run_codex_failures.py
 
 e2e-claude-code: $(BIN)/.installed
 	CLAUDE_CODE_VERSION=$(CLAUDE_CODE_VERSION) $(BIN)/python tests/e2e/run_claude_code.py
