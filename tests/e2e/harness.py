@@ -124,6 +124,7 @@ class Stack:
         self.workdir = workdir
         self.options = options
         self.fake = FakeUpstream()
+        self.fake.models_rpc = True  # ListAvailableModels on --management-url, as in 2026
         self.log = workdir / "kiro2api.log"
         self.url = ""
         self._runner: web.AppRunner | None = None
@@ -142,7 +143,8 @@ class Stack:
         command = [sys.executable, str(ROOT / "kiro2api.py"), "server", "--port", str(port),
                    "--api-key", API_KEY, "--token-file", str(token_file),
                    "--upstream", fake_url, "--social-auth-url", fake_url,
-                   "--oidc-url", fake_url, "--log-level", "DEBUG", *self.options]
+                   "--oidc-url", fake_url, "--management-url", fake_url + "/management",
+                   "--log-level", "DEBUG", *self.options]
         # The developer's own KIRO2API_* settings stay out of the run.
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("KIRO2API_") and k != "PYTHONPATH"}
