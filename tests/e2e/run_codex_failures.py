@@ -27,7 +27,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -128,10 +127,8 @@ def judge(case: Case, retries: int, requests: int, kiro_calls: int, status: int 
 
 
 async def run_case(program: Path, case: Case, retries: int) -> Outcome:
-    runs = harness.cache_root() / "runs"
-    runs.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", case.label.lower()).strip("-")
-    root = Path(tempfile.mkdtemp(prefix=f"codex-failure-{slug}-r{retries}-", dir=runs))
+    root = harness.run_root(f"codex-failure-{slug}-r{retries}")
     options = ("--retries", str(retries)) if retries != DEFAULT_RETRIES else ()
     async with Stack(root, options) as stack:
         run = Run(root, stack.url, MODEL)
