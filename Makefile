@@ -15,13 +15,13 @@ PYZ := $(DIST)/kiro2api.pyz
 PREFIX ?= /opt/kiro2api
 UNITDIR ?= /etc/systemd/system
 
-.PHONY: help install test test-fast lint run demo fake bench e2e e2e-codex e2e-claude-code e2e-qwen-code dist clean
+.PHONY: help install test test-fast lint run demo fake bench e2e e2e-codex e2e-codex-failures e2e-claude-code e2e-qwen-code dist clean
 .DEFAULT_GOAL := help
 
 # Every target with a `## what it does` comment, in the order of this file.
 help: ## list the targets
 	@echo 'make TARGET, where TARGET is one of:'
-	@awk -F ':.*## ' '/^[a-z][a-z0-9-]*:.*## / { printf "  %-16s %s\n", $$1, $$2 }' Makefile
+	@awk -F ':.*## ' '/^[a-z][a-z0-9-]*:.*## / { printf "  %-19s %s\n", $$1, $$2 }' Makefile
 
 $(BIN)/.installed: setup.cfg Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -56,16 +56,20 @@ bench: $(BIN)/.installed ## the benchmarks (about 8 minutes)
 	$(BIN)/python bench/run.py
 
 # Opt-in: real agent CLIs from npm (cached in $(E2E_CACHE), or ~/.cache/kiro2api-e2e)
-# run a shell-tool loop through a kiro2api process in front of the fake Kiro.
-# `make e2e CODEX_VERSION=latest` tries the newest Codex; `make -k e2e` runs all three
-# even when one fails.
+# run a shell-tool loop through a kiro2api process in front of the fake Kiro;
+# e2e-codex-failures counts the requests Codex makes for each way Kiro fails (under
+# a minute). `make e2e CODEX_VERSION=latest` tries the newest Codex; `make -k e2e`
+# runs them all even when one fails.
 CODEX_VERSION ?= 0.171.0
 CLAUDE_CODE_VERSION ?= 2.1.332
 QWEN_CODE_VERSION ?= 0.24.4
-e2e: e2e-codex e2e-claude-code e2e-qwen-code ## real Codex, Claude Code and Qwen Code from npm, against the fake
+e2e: e2e-codex e2e-codex-failures e2e-claude-code e2e-qwen-code ## real Codex, Claude Code and Qwen Code from npm, against the fake
 
 e2e-codex: $(BIN)/.installed ## Codex alone (CODEX_VERSION=latest for the newest)
 	CODEX_VERSION=$(CODEX_VERSION) $(BIN)/python tests/e2e/run_codex.py
+
+e2e-codex-failures: $(BIN)/.installed ## what each way Kiro fails costs in Codex requests
+	CODEX_VERSION=$(CODEX_VERSION) $(BIN)/python tests/e2e/run_codex_failures.py
 
 e2e-claude-code: $(BIN)/.installed ## Claude Code alone (CLAUDE_CODE_VERSION=...)
 	CLAUDE_CODE_VERSION=$(CLAUDE_CODE_VERSION) $(BIN)/python tests/e2e/run_claude_code.py

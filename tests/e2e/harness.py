@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,21 +111,104 @@ def _npm(*args: str) -> str:
     return done.stdout
 
 
+@dataclass
+class Exchange:
+    """One request an agent made to kiro2api, and the status kiro2api answered."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any  # parsed JSON, else the bytes
+    status: int = 0
+
+
+# Hop-by-hop and length headers: aiohttp sets its own on each side.
+NOT_FORWARDED = {"host", "content-length", "transfer-encoding", "connection", "keep-alive",
+                 "accept-encoding", "content-encoding"}
+
+
+class Recorder:
+    """A pass-through in front of kiro2api that keeps what the agent sent.
+
+    Answers stream through as they come (SSE included); only the request
+    side is kept, with the status. Bodies are sent as they are, and answers
+    come back uncompressed (the agent's Accept-Encoding is not passed on).
+    """
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.exchanges: list[Exchange] = []
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(auto_decompress=False)
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self._forward)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._session is not None:
+            await self._session.close()
+
+    async def _forward(self, request: web.Request) -> web.StreamResponse:
+        assert self._session is not None
+        raw = await request.read()
+        try:
+            body: Any = json.loads(raw) if raw else None
+        except ValueError:
+            body = raw
+        exchange = Exchange(request.method, request.path_qs, dict(request.headers), body)
+        self.exchanges.append(exchange)
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in NOT_FORWARDED}
+        async with self._session.request(request.method, self.target + request.path_qs,
+                                         headers=headers, data=raw or None) as upstream:
+            exchange.status = upstream.status
+            response = web.StreamResponse(status=upstream.status, headers={
+                k: v for k, v in upstream.headers.items() if k.lower() not in NOT_FORWARDED})
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+
+
 class Stack:
     """The fake Kiro on a free port and a real kiro2api server process in front of it.
 
     ``async with Stack(workdir) as stack:`` leaves ``stack.fake`` (script and
     recorded requests), ``stack.url`` (kiro2api's base URL) and ``stack.log``
-    (the server's output, a file in ``workdir``).
+    (the server's output, a file in ``workdir``). ``options`` go on kiro2api's
+    command line after the harness's own (``("--retries", "0")``). With
+    ``record``, ``stack.url`` is a ``Recorder`` in front of kiro2api and
+    ``stack.exchanges`` what the agent sent.
     """
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, options: tuple[str, ...] = (), *,
+                 record: bool = False) -> None:
         self.workdir = workdir
+        self.options = options
+        self.record = record
         self.fake = FakeUpstream()
+        self.fake.models_rpc = True  # ListAvailableModels on --management-url, as in 2026
         self.log = workdir / "kiro2api.log"
         self.url = ""
+        self._recorder: Recorder | None = None
         self._runner: web.AppRunner | None = None
         self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def exchanges(self) -> list[Exchange]:
+        """What the agent sent through the Recorder (with ``record``), in order."""
+        assert self._recorder is not None, "the Stack was started without record=True"
+        return self._recorder.exchanges
 
     async def __aenter__(self) -> Stack:
         self._runner = web.AppRunner(self.fake.app(), access_log=None)
@@ -140,7 +223,8 @@ class Stack:
         command = [sys.executable, str(ROOT / "kiro2api.py"), "server", "--port", str(port),
                    "--api-key", API_KEY, "--token-file", str(token_file),
                    "--upstream", fake_url, "--social-auth-url", fake_url,
-                   "--oidc-url", fake_url, "--log-level", "DEBUG"]
+                   "--oidc-url", fake_url, "--management-url", fake_url + "/management",
+                   "--log-level", "DEBUG", *self.options]
         # The developer's own KIRO2API_* settings stay out of the run.
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("KIRO2API_") and k != "PYTHONPATH"}
@@ -149,6 +233,10 @@ class Stack:
                                              stderr=subprocess.STDOUT)
         try:
             await self._wait_until_up()
+            if self.record:
+                self._recorder = Recorder(self.url)
+                await self._recorder.start()
+                self.url = self._recorder.url
         except BaseException:
             await self.__aexit__(None, None, None)
             raise
@@ -174,6 +262,8 @@ class Stack:
                 await asyncio.sleep(0.1)
 
     async def __aexit__(self, *exc_info: Any) -> None:
+        if self._recorder is not None:
+            await self._recorder.stop()
         if self._process is not None and self._process.poll() is None:
             self._process.terminate()
             try:
@@ -251,6 +341,8 @@ class Agent:
     # (program, run) -> argv and the variables added to ``agent_env``; it may
     # write config files under run.home or run.root.
     command: Callable[[Path, Run], tuple[list[str], dict[str, str]]]
+    # More runs after the loops, once each: (program, version, timeout) -> passed.
+    more: tuple[Callable[[Path, str, float], Awaitable[bool]], ...] = ()
 
 
 class Failed(Exception):
@@ -266,12 +358,12 @@ def script(fake: FakeUpstream, name: str, arguments: dict[str, Any], answer: str
     fake.script.append(Stream(text(*answer.partition(": ")) + tail()))
 
 
-def _context(call: Any) -> dict[str, Any]:
+def kiro_context(call: Any) -> dict[str, Any]:
     current = call.body["conversationState"]["currentMessage"]["userInputMessage"]
     return current.get("userInputMessageContext", {})
 
 
-def _tool_uses(call: Any) -> list[Any]:
+def history_tool_uses(call: Any) -> list[Any]:
     history = call.body["conversationState"].get("history", [])
     return [use for entry in history
             for use in entry.get("assistantResponseMessage", {}).get("toolUses", [])]
@@ -285,18 +377,18 @@ def check(stack: Stack, status: int | None, out: str, run: Run, *, tool_name: st
     calls = stack.generate_calls()
     if len(calls) != 2:
         raise Failed(f"kiro2api made {len(calls)} generateAssistantResponse calls, not 2")
-    declared = _context(calls[0]).get("tools", [])
+    declared = kiro_context(calls[0]).get("tools", [])
     names = [t.get("toolSpecification", {}).get("name") for t in declared]
     if tool_name not in names:
         raise Failed(f"the first call did not declare {tool_name} to Kiro (tools: {names})")
-    results = _context(calls[1]).get("toolResults", [])
+    results = kiro_context(calls[1]).get("toolResults", [])
     if marker not in json.dumps(results):
         raise Failed(f"the command's output is not in the second call's toolResults: "
                      f"{json.dumps(results)[:1500]}")
     answered = [r.get("toolUseId") for r in results]
     if answered != [TOOL_USE_ID]:
         raise Failed(f"toolResults answer {answered}, not [{TOOL_USE_ID!r}]")
-    if TOOL_USE_ID not in [u.get("toolUseId") for u in _tool_uses(calls[1])]:
+    if TOOL_USE_ID not in [u.get("toolUseId") for u in history_tool_uses(calls[1])]:
         raise Failed("the second call's history has no toolUse with the id the result answers")
     written = run.work / MARKER_FILE
     if not written.exists() or written.read_text().strip() != marker:
@@ -311,6 +403,9 @@ def report(stack: Stack, status: int | None, out: str, err: str, root: Path) -> 
     """What a failed run leaves on stderr: the calls upstream, the agent's output, the log."""
     say = functools.partial(print, file=sys.stderr)
     say(f"\nagent exit status: {status}")
+    if stack.record:
+        for exchange in stack.exchanges:
+            say(f"agent -> kiro2api: {exchange.method} {exchange.path} -> {exchange.status}")
     for i, call in enumerate(stack.generate_calls(), 1):
         say(f"generate call {i}: {json.dumps(call.body)[:600]}")
     say(f"--- agent stdout (last 3000)\n{out[-3000:]}")
@@ -319,6 +414,15 @@ def report(stack: Stack, status: int | None, out: str, err: str, root: Path) -> 
     info = [line for line in log if not line.startswith("DEBUG")]
     say("--- kiro2api log (not DEBUG, last 60 lines)\n" + "\n".join(info[-60:]))
     say(f"--- everything is kept in {root}")
+
+
+def run_root(prefix: str) -> Path:
+    """A new directory for one run under E2E_CACHE/runs, named from ``prefix``."""
+    # Not under /tmp: Codex refuses to put its helper binaries in a temporary
+    # CODEX_HOME (a warning, and it runs without them).
+    runs = cache_root() / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=prefix + "-", dir=runs))
 
 
 async def run_one(agent: Agent, program: Path, version: str, model: str,
@@ -330,11 +434,7 @@ async def run_one(agent: Agent, program: Path, version: str, model: str,
     tool_name, arguments = agent.shell_tool(model, f"echo {marker} | tee {MARKER_FILE}")
     label = f"{agent.name} {version} ({model})"
 
-    # Not under /tmp: Codex refuses to put its helper binaries in a temporary
-    # CODEX_HOME (a warning, and it runs without them).
-    runs = cache_root() / "runs"
-    runs.mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix=f"{agent.name}-{version}-{model}-", dir=runs))
+    root = run_root(f"{agent.name}-{version}-{model}")
     print(f"e2e: {label} in {root}", flush=True)
     passed = False
     async with Stack(root) as stack:
@@ -367,6 +467,7 @@ async def run_agent_models(agent: Agent) -> bool:
     timeout = float(os.environ.get("E2E_TIMEOUT") or TIMEOUT_SECONDS)
     models = os.environ.get("E2E_MODELS", "").split() or agent.models
     results = [await run_one(agent, program, version, model, timeout) for model in models]
+    results += [await more(program, version, timeout) for more in agent.more]
     return all(results)
 
 
