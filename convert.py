@@ -2977,11 +2977,13 @@ INCOMPLETE_REASONS = {"max_tokens": "max_output_tokens",
 # Failure.kind -> the error code of ``response.failed``. Codex sends the whole
 # request again after server_error and rate_limit_exceeded (five more Kiro
 # calls), and stops at once on the others (10.15.5): only what a retry could
-# fix may look retryable.
+# fix may look retryable. insufficient_quota is for credits alone: Codex shows
+# its own "Quota exceeded" for it, while invalid_prompt shows our message (a
+# suspended account, a refused login, a model Kiro does not have).
 RESPONSES_ERROR_CODES = {
     "invalid_request": "invalid_prompt", "authentication": "invalid_prompt",
     "not_found": "invalid_prompt", "too_large": "context_length_exceeded",
-    "billing": "insufficient_quota", "permission": "insufficient_quota",
+    "billing": "insufficient_quota", "permission": "invalid_prompt",
     "rate_limit": "rate_limit_exceeded",
 }
 # Codes a failure may carry that say more than its kind.

@@ -3321,9 +3321,10 @@ async def refuse_in_band(request: web.Request, renderer: convert.Renderer,
     """A stream that opens and at once ends with ``failure`` (a refusal before any answer)."""
     response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
+    data = renderer.start() + end_with_error(request, renderer, [], failure)
     with contextlib.suppress(ConnectionError):
-        await response.write_eof(renderer.start() + end_with_error(request, renderer, [],
-                                                                   failure))
+        await response.write_eof(data)
+        request[REQUEST_LOG].bytes_out = len(data)
     return response
 
 

@@ -83,7 +83,8 @@ async def start_fake(fake: FakeUpstream) -> tuple[web.AppRunner, str]:
 def server_command(port: int, token_file: Path, fake_url: str) -> list[str]:
     return [sys.executable, str(MAIN / "kiro2api.py"), "server", "--port", str(port),
             "--api-key", API_KEY, "--token-file", str(token_file),
-            "--upstream", fake_url, "--social-auth-url", fake_url, "--oidc-url", fake_url]
+            "--upstream", fake_url, "--social-auth-url", fake_url, "--oidc-url", fake_url,
+            "--management-url", fake_url + "/management"]
 
 
 def server_env() -> dict[str, str]:

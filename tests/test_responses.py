@@ -299,7 +299,7 @@ def test_a_cut_answer_is_incomplete(stop_reason, reason):
     (convert.failure(400, "prompt is too long", code="context_length_exceeded"),
      "context_length_exceeded"),
     (convert.failure(402, "out of credits"), "insufficient_quota"),
-    (convert.failure(403, "suspended"), "insufficient_quota"),
+    (convert.failure(403, "suspended"), "invalid_prompt"),  # Codex shows our words
     (convert.failure(401, "log in again"), "invalid_prompt"),
     (convert.failure(404, "no such model"), "invalid_prompt"),
     (convert.failure(400, "malformed"), "invalid_prompt"),
@@ -487,7 +487,7 @@ REFUSALS = [
     (Status(402, {"message": "quota", "reason": "MONTHLY_REQUEST_COUNT"}),
      "insufficient_quota", "out of quota"),
     (Status(403, {"message": "Account suspended", "reason": "TEMPORARILY_SUSPENDED"}),
-     "insufficient_quota", "TEMPORARILY_SUSPENDED"),
+     "invalid_prompt", "TEMPORARILY_SUSPENDED"),
     (Status(400, {"message": "Improperly formed request.", "reason": None}),
      "invalid_prompt", "Improperly formed"),
     (Status(400, {"message": "Invalid model.", "reason": "INVALID_MODEL_ID"}),
@@ -629,3 +629,16 @@ async def test_a_codex_thread_keeps_one_conversation_and_reports_cached_tokens(p
         events = await raw_events(proxy.url, {"input": "Hi", "prompt_cache_key": "thread-7"})
         cached.append(events[-1]["response"]["usage"]["input_tokens_details"]["cached_tokens"])
     assert cached == [0, fakes.FakeUpstream.CACHED_TOKENS]
+
+
+async def test_a_refusal_in_band_is_logged_with_the_bytes_it_sent(proxy, caplog):
+    import logging
+
+    from test_observability import request_line
+
+    caplog.set_level(logging.INFO, logger="kiro2api")
+    proxy.fake.script.append(Status(500, {"message": "boom"}))
+    status, headers, raw = await post(proxy.url, {"model": MODEL, "input": "Hi",
+                                                  "stream": True})
+    assert status == 200 and b"response.failed" in raw
+    assert request_line(caplog, headers["request-id"])["bytes_out"] == len(raw)

@@ -60,7 +60,7 @@ class Case:
 CASES = (
     Case("403 TEMPORARILY_SUSPENDED",
          lambda: Status(403, {"message": "Account suspended", "reason": "TEMPORARILY_SUSPENDED"}),
-         1, "Quota exceeded"),
+         1, "TEMPORARILY_SUSPENDED"),
     Case("400 CONTENT_LENGTH_EXCEEDS_THRESHOLD",
          lambda: Status(400, {"message": "Input is too long.",
                               "reason": "CONTENT_LENGTH_EXCEEDS_THRESHOLD"}),
