@@ -1615,10 +1615,15 @@ class TokenStore:
             self._reread_at = 0.0
             await self.reread()
             return
+        await self.read_first()
+
+    async def read_first(self, note: str = "") -> None:
+        """Read the file for the first time and say what it holds (or, with ``note``,
+        why it cannot be read)."""
         try:
             credentials = await self.load()
         except TokenError as exc:
-            log.warning("%s", exc)
+            log.warning("%s%s", exc, note)
             return
         log_account(self, credentials)
 
@@ -1693,12 +1698,7 @@ async def load_accounts_ctx(app: web.Application) -> AsyncIterator[None]:
     changes (``watch_token_files``) or a request needs it."""
     for store in app[ACCOUNTS]:
         store.seen_stamp = await asyncio.to_thread(store.file.stamp)
-        try:
-            credentials = await store.load()
-        except TokenError as exc:
-            log.warning("%s (kiro2api reads it again as soon as it changes)", exc)
-            continue
-        log_account(store, credentials)
+        await store.read_first(" (kiro2api reads it again as soon as it changes)")
     yield
 
 
