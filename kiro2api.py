@@ -3369,16 +3369,19 @@ async def answer_whole(request: web.Request, upstream: UpstreamAnswer,
                        assembler: convert.Assembler, renderer: convert.Renderer,
                        check: EventCheck | None, search: WebSearchRun | None) -> web.Response:
     """The non-streamed answer: every event, and every search round, folded into one."""
-    events = await collect_events(upstream, assembler)
+    events = latest = await collect_events(upstream, assembler)
     while search is not None:
-        await search.observe(events)
+        await search.observe(latest)  # the round's own events, once
         found, step = await search.next_round(upstream, assembler)
-        events += found
+        events = events + found
         if step is None:
             break
         upstream, assembler = step
-        with contextlib.closing(upstream.response):
-            events += await collect_events(upstream, assembler)
+        try:
+            latest = await collect_events(upstream, assembler)
+        finally:
+            upstream.response.release()
+        events += latest
     count_credits(request, upstream, assembler)
     request[REQUEST_LOG].usage = assembler.usage_source
     if check is not None:

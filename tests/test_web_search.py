@@ -182,7 +182,8 @@ async def test_one_search_in_one_answer(proxy, stream):
 async def test_two_searches_then_max_uses_reached(proxy):
     for query, call in (("kiro", "tooluse_a"), ("kiro models", "tooluse_b"),
                         ("kiro prices", "tooluse_c")):
-        proxy.fake.script.append(Stream(searching(query, call) + fakes.tail()))
+        proxy.fake.script.append(Stream(fakes.text(f"Looking up {query}.")
+                                        + searching(query, call) + fakes.tail()))
     proxy.fake.script.append(Stream(fakes.text("Here is what I found.") + fakes.tail()))
     status, raw = await post(proxy, {**claude_code_search(max_uses=2), "stream": False})
     message = json.loads(raw)
@@ -194,6 +195,12 @@ async def test_two_searches_then_max_uses_reached(proxy):
     assert message["usage"]["server_tool_use"]["web_search_requests"] == 2
     assert len(searches(proxy)) == 2 and len(generates(proxy)) == 4
     assert message["content"][-1]["text"] == "Here is what I found."
+    # Each round's own words go back once: the last call's history holds three rounds.
+    history = generates(proxy)[-1].body["conversationState"]["history"]
+    said = [h["assistantResponseMessage"]["toolUses"][0]["input"]["query"]
+            for h in history if "assistantResponseMessage" in h]
+    assert said == ["kiro", "kiro models", "kiro prices"]
+    assert json.dumps(history).count("Looking up kiro.") == 1
 
 
 async def test_domain_filters_reach_the_wire(proxy):
