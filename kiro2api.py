@@ -1476,7 +1476,7 @@ class KiroView:
         if shared.get("usage"):
             fields, read_at = shared["usage"]
             if monotonic(read_at) > self.usage_read_at:
-                self.usage = convert.UsageLimits(**fields)
+                self.usage = convert.UsageLimits.from_fields(fields)
                 self.usage_read_at = monotonic(read_at)
 
     def health(self) -> Json:
