@@ -1408,6 +1408,10 @@ class KiroView:
         self.profile_problem = ""  # what the last ListAvailableProfiles that failed said
         self.usage: convert.UsageLimits | None = None
         self.usage_read_at = -math.inf  # clock.monotonic()
+        # Why the last read of the usage limits failed (None: it did not), and when
+        # it was tried: a failure is not asked again for USAGE_FRESH_SECONDS either.
+        self.usage_failure: str | None = None
+        self.usage_tried_at = -math.inf
         self._sticky: Way | None = None
         self._sticky_until = 0.0
         self._refused: dict[Way, tuple[float, str]] = {}  # way -> (until, why)
@@ -1444,8 +1448,21 @@ class KiroView:
 
     def remember_usage(self, usage: convert.UsageLimits) -> convert.UsageLimits:
         self.usage, self.usage_read_at = usage, self.clock.monotonic()
+        self.usage_failure = None
         self.on_change()
         return usage
+
+    def usage_due(self) -> bool:
+        """Whether the usage limits are to be read (again): neither read nor tried
+        within USAGE_FRESH_SECONDS."""
+        last = max(self.usage_read_at, self.usage_tried_at)
+        return self.clock.monotonic() - last > USAGE_FRESH_SECONDS
+
+    def usage_read_wall(self) -> float | None:
+        """When the usage limits held were read, in epoch seconds."""
+        if self.usage is None:
+            return None
+        return self.clock.now().timestamp() - (self.clock.monotonic() - self.usage_read_at)
 
     def shared(self, wall: Callable[[float], float]) -> Json:
         """What the fleet shares of this view, its times turned by ``wall`` into epoch
@@ -1478,6 +1495,7 @@ class KiroView:
             if monotonic(read_at) > self.usage_read_at:
                 self.usage = convert.UsageLimits.from_fields(fields)
                 self.usage_read_at = monotonic(read_at)
+                self.usage_failure = None
 
     def health(self) -> Json:
         way, now = self._sticky, self.clock.monotonic()
@@ -1526,6 +1544,8 @@ class TokenStore:
         self.cooldown_state: str | None = None  # "suspended", "exhausted": Kiro's word
         self.kiro = KiroView(self.clock)
         self.credits = 0.0  # Kiro credits its answers were billed (meteringEvent)
+        # The read of the usage limits under way (fresh_usage), which callers share.
+        self.usage_task: asyncio.Task | None = None
         self.kiro.on_change = self.changed
         self._reread_at = 0.0  # clock.monotonic() before which reread() does not read again
         # The file's stamp (TokenFile.stamp) when the server last looked at it
@@ -2654,22 +2674,8 @@ async def call_way(app: web.Application, entry: RequestLog, prepared: convert.Pr
 async def credits_used_up(app: web.Application, store: TokenStore) -> convert.Failure | None:
     """A 402 when the account's usage limits say its credits are gone (a plain 429
     can mean that on Free and Pro plans, PROTOCOL-2026.md 10.9); None otherwise."""
-    usage, shared = store.kiro.usage, store.holder.shared
-    stale = usage is None or store.clock.monotonic() - store.kiro.usage_read_at \
-        > USAGE_FRESH_SECONDS
-    if stale and shared is not None and not await shared.claim_usage():
-        # Another replica reads them this minute: its answer, if the fleet has it yet.
-        with contextlib.suppress(StateDown):
-            await shared.pull_health()
-        usage = store.kiro.usage
-        stale = usage is None
-    if stale:
-        try:
-            usage = await read_usage_limits(app, store, await store.credentials())
-        except (UpstreamError, TokenError) as exc:
-            log.info("could not read the usage limits of %s: %s", store.path.name, exc)
-            return None
-    if not usage.exhausted:
+    usage = await fresh_usage(app, store)
+    if usage is None or not usage.exhausted:
         return None
     reset = ""
     if usage.reset_at is not None:
@@ -2677,6 +2683,47 @@ async def credits_used_up(app: web.Application, store: TokenStore) -> convert.Fa
         reset = f"; they come back on {moment:%Y-%m-%d %H:%M} UTC"
     return convert.failure(402, f"the Kiro credits of this account are used up "
                                 f"({usage.used:g} of {usage.limit:g}){reset}")
+
+
+async def fresh_usage(app: web.Application, store: TokenStore) -> convert.UsageLimits | None:
+    """The account's usage limits, read from Kiro at most once a USAGE_FRESH_SECONDS
+    however many ask (``/v1/usage``, the status page, a 429): one read at a time,
+    whose answer every caller waiting shares, and with --state one replica a minute
+    for the fleet. None when the last read failed (``store.kiro.usage_failure`` says
+    why; ``store.kiro.usage`` keeps what an earlier read gave)."""
+    read = usage_read(app, store)
+    if read is not None:
+        await asyncio.shield(read)  # a caller that goes away leaves the read to the others
+    return store.kiro.usage if store.kiro.usage_failure is None else None
+
+
+def usage_read(app: web.Application, store: TokenStore) -> asyncio.Task | None:
+    """The read of the account's usage limits under way, started if they are due; None
+    when what the account holds is fresh (or failed) within USAGE_FRESH_SECONDS."""
+    if not store.kiro.usage_due():
+        return None
+    if store.usage_task is None or store.usage_task.done():
+        store.usage_task = asyncio.create_task(read_usage_once(app, store),
+                                               name=f"kiro2api usage of {store.path.name}")
+    return store.usage_task
+
+
+async def read_usage_once(app: web.Application, store: TokenStore) -> None:
+    """One read of the usage limits for ``fresh_usage``; a failure is remembered."""
+    view, shared = store.kiro, store.holder.shared
+    try:
+        if shared is not None and not await shared.claim_usage():
+            # Another replica reads them this minute: its answer, if the fleet has it yet.
+            with contextlib.suppress(StateDown):
+                await shared.pull_health()
+            if view.usage is not None:
+                return
+        await read_usage_limits(app, store, await store.credentials())
+    except (UpstreamError, TokenError) as exc:
+        view.usage_failure = str(exc)
+        log.info("could not read the usage limits of %s: %s", store.path.name, exc)
+    finally:
+        view.usage_tried_at = store.clock.monotonic()
 
 
 async def post_generate(app: web.Application, entry: RequestLog, prepared: convert.Prepared,
@@ -3124,6 +3171,63 @@ async def handle_stored_response(request: web.Request) -> web.Response:
     raise convert.ConversionError(f"no response {request.match_info['response_id']}: "
                                   f"{convert.RESPONSES_NOT_KEPT}", status=404,
                                   param="response_id")
+
+
+# Usage ####################################################################
+#
+# ``GET /v1/usage`` (and ``kiro2api usage``) give each account's usage limits
+# as ``usage_report`` spells them, read at most once a minute (``fresh_usage``).
+
+NEAR_LIMIT_PERCENT = 90.0  # an account this far into its credits gets a warning
+
+
+def epoch_text(seconds: float | None) -> str | None:
+    """Epoch seconds as RFC 3339 in UTC with milliseconds (as ``expires_at``)."""
+    if seconds is None:
+        return None
+    return format_expires_at(datetime.fromtimestamp(seconds, timezone.utc))
+
+
+def usage_report(store: TokenStore) -> Json:
+    """One account's usage limits, for ``/v1/usage`` and ``kiro2api usage --json``: what
+    the last read gave (``read_at``, None if none did), and why the last read failed
+    (``error``); never a token."""
+    view, current = store.kiro, store.holder.current
+    report: Json = {
+        "account": str(store.path), "kind": current.kind if current else None,
+        "plan": None, "credits": None, "overage": None, "reset_at": None,
+        "seconds_until_reset": None, "days_until_reset": None, "exhausted": None,
+        "near_limit": None, "extra_credits": [],
+        "read_at": epoch_text(view.usage_read_wall()), "error": view.usage_failure,
+    }
+    usage = view.usage
+    if usage is None:
+        return report
+    left = None if usage.used is None or usage.limit is None else max(
+        0.0, usage.limit - usage.used)
+    percent = usage.percent
+    reset = usage.reset_at
+    report.update(
+        plan=usage.plan,
+        credits={"used": usage.used, "limit": usage.limit, "left": left,
+                 "percent": None if percent is None else round(percent, 1)},
+        overage={"enabled": usage.overage, "used": usage.overage_used},
+        reset_at=epoch_text(reset),
+        seconds_until_reset=None if reset is None else max(
+            0, int(reset - store.clock.now().timestamp())),
+        days_until_reset=usage.days_until_reset,
+        exhausted=usage.exhausted,
+        near_limit=percent is not None and percent >= NEAR_LIMIT_PERCENT,
+        extra_credits=[{**extra, "expires_at": epoch_text(extra.get("expires_at"))}
+                       for extra in usage.extra])
+    return report
+
+
+async def handle_usage(request: web.Request) -> web.Response:
+    """``GET /v1/usage``: every account's usage limits, each read at most once a minute."""
+    stores = request.app[ACCOUNTS]
+    await asyncio.gather(*(fresh_usage(request.app, store) for store in stores))
+    return web.json_response({"accounts": [usage_report(store) for store in stores]})
 
 
 # Relay ####################################################################
@@ -3638,6 +3742,10 @@ async def http_session_ctx(app: web.Application) -> AsyncIterator[None]:
     app[HTTP] = session
     app[ACCOUNTS].extend(accounts(config, session))
     yield
+    reads = [s.usage_task for s in app[ACCOUNTS] if s.usage_task and not s.usage_task.done()]
+    for read in reads:
+        read.cancel()
+    await asyncio.gather(*reads, return_exceptions=True)
     await session.close()
 
 
@@ -3681,6 +3789,7 @@ def make_app(config: Config) -> web.Application:
     app.router.add_get("/api/hello", handle_root)
     app.router.add_get("/health", handle_health)
     app.router.add_get("/metrics", handle_metrics)
+    app.router.add_get("/v1/usage", handle_usage)
     app.router.add_get("/v1/models", handle_models)
     app.router.add_get("/v1/models/{model_id}", handle_model)
     app.router.add_post("/v1/messages/count_tokens", handle_count_tokens)
@@ -3760,14 +3869,22 @@ class Diagnosis:
                 if self.uses else None}
 
 
-async def diagnose(config: Config, model: str) -> list[Diagnosis]:
-    """Every configured account diagnosed, in the server's order."""
+@contextlib.asynccontextmanager
+async def command_app(config: Config) -> AsyncIterator[web.Application]:
+    """What a command calls Kiro with as the server would, without serving: the
+    application state (config, session, metrics, accounts that save every refresh)."""
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout,
                                     sock_read=config.idle_timeout)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         app = web.Application()
         app[CONFIG], app[HTTP], app[METRICS] = config, session, Metrics()
         app[ACCOUNTS] = accounts(config, session, must_save=True)
+        yield app
+
+
+async def diagnose(config: Config, model: str) -> list[Diagnosis]:
+    """Every configured account diagnosed, in the server's order."""
+    async with command_app(config) as app:
         prepared = convert.anthropic_to_codewhisperer(
             {"model": model, "max_tokens": 1,
              "messages": [{"role": "user", "content": DOCTOR_PROMPT}]},
@@ -4392,6 +4509,106 @@ def doctor(token_files, service, social_auth_url, oidc_url, proxy, model, as_jso
     else:
         print_diagnoses(found)
     if not serving:
+        sys.exit(1)
+
+
+async def read_usages(config: Config) -> list[Json]:
+    """Every configured account's usage report (``usage_report``), read at once."""
+    async with command_app(config) as app:
+        stores = app[ACCOUNTS]
+        await asyncio.gather(*(fresh_usage(app, store) for store in stores))
+        return [usage_report(store) for store in stores]
+
+
+def credits_text(value: float | None) -> str:
+    """Credits as a person reads them: 120.5, 1000, 0.01 (two decimals at most)."""
+    return "?" if value is None else f"{value:.2f}".rstrip("0").rstrip(".")
+
+
+def reset_text(report: Json) -> str:
+    if report["reset_at"] is None:
+        return "unknown" if report["days_until_reset"] is None \
+            else f"in {report['days_until_reset']} days"
+    moment = parse_expires_at(report["reset_at"])
+    return f"{moment:%Y-%m-%d %H:%M} UTC, in {human_duration(report['seconds_until_reset'])}"
+
+
+def extra_text(extra: Json) -> str:
+    """``Welcome bonus (ACTIVE): 0 of 100 used, until 2026-03-01``."""
+    status = f" ({extra['status']})" if extra["status"] else ""
+    until = f", until {extra['expires_at'][:10]}" if extra["expires_at"] else ""
+    return (f"{extra['name']}{status}: {credits_text(extra['used'])} of "
+            f"{credits_text(extra['limit'])} used{until}")
+
+
+def usage_warning(report: Json) -> str | None:
+    """The warning for an account near its limit (NEAR_LIMIT_PERCENT), or past it."""
+    credits = report["credits"]
+    if report["exhausted"]:
+        return f"the credits are used up until the reset ({reset_text(report)})"
+    if report["near_limit"]:
+        overage = ", then overage billing" if report["overage"]["enabled"] else ""
+        return (f"{credits['percent']:g} % of the credits used, {credits_text(credits['left'])} "
+                f"left{overage}")
+    return None
+
+
+def usage_lines(report: Json) -> list[str]:
+    """One account of ``kiro2api usage``, a line a fact."""
+    lines = [f"account {report['account']} ({report['kind'] or 'kind unknown'})"]
+    credits = report["credits"]
+    if credits is not None:
+        share = "" if credits["percent"] is None else f" ({credits['percent']:g} %)"
+        lines += [f"  plan     {report['plan'] or 'unknown'}",
+                  f"  credits  {credits_text(credits['used'])} of "
+                  f"{credits_text(credits['limit'])} used{share}, "
+                  f"{credits_text(credits['left'])} left"]
+        overage = report["overage"]
+        if overage["enabled"] or overage["used"]:
+            lines.append(f"  overage  {'on' if overage['enabled'] else 'off'}, "
+                         f"{credits_text(overage['used'] or 0.0)} credits past the limit")
+        lines.append(f"  resets   {reset_text(report)}")
+        lines += [f"  {'bonus' if e['kind'] == 'bonus' else 'trial':<8} {extra_text(e)}"
+                  for e in report["extra_credits"]]
+        warning = usage_warning(report)
+        if warning:
+            lines.append(f"  warning  {warning}")
+    if report["error"]:
+        lines.append(f"  error    {report['error']}")
+    return lines
+
+
+@cli.command()
+@token_file_option
+@service_options
+@social_auth_url_option
+@oidc_url_option
+@proxy_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of lines.")
+def usage(token_files, service, social_auth_url, oidc_url, proxy, as_json) -> None:
+    """Show every account's credits: plan, used of the limit, reset, trial and bonuses.
+
+    The accounts are the server's (the same --token-file, --kiro-api-key and
+    service options); a token that is due is refreshed and saved first. A
+    warning line marks an account that has used 90 % of its credits or more.
+    Exit status 1 when no account's usage could be read.
+
+    \b
+    Examples:
+      kiro2api usage
+      kiro2api usage --json | jq '.accounts[] | {account, credits}'
+    """
+    if not log.handlers:
+        log.addHandler(logging.NullHandler())  # the reports say what failed
+    config = command_config(token_files, **service, social_auth_url=social_auth_url,
+                            oidc_url=oidc_url, proxy=proxy)
+    reports = asyncio.run(read_usages(config))
+    if as_json:
+        click.echo(json.dumps({"accounts": reports}, indent=2, ensure_ascii=False))
+    else:
+        for report in reports:
+            click.echo("\n".join(usage_lines(report)))
+    if all(report["error"] for report in reports):
         sys.exit(1)
 
 
