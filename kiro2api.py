@@ -4587,6 +4587,7 @@ def cli() -> None:
       kiro2api server               # serve on http://127.0.0.1:8080
       eval "$(kiro2api export)"     # point Claude Code at it
       kiro2api codex --write        # once: point Codex at it too
+      kiro2api usage                # credits left on each account, until when
     """
 
 
