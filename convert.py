@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import json
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from json.encoder import encode_basestring as _json_string  # type: ignore[attr-defined]
 from datetime import datetime, timezone
 from typing import Any, NamedTuple, Protocol, Union
@@ -3581,12 +3583,32 @@ class UsageLimits:
     overage: bool  # overage billing on: the account goes on past its limit
     reset_at: float | None  # epoch seconds
     days_until_reset: int | None
-    trial: Json | None = None
+    trial: Json | None = None  # freeTrialInfo as Kiro wrote it
+    overage_used: float | None = None  # credits billed past the limit this month
+    # Credits beside the plan's: the free trial and bonuses (``extra_credits``).
+    extra: tuple[Json, ...] = ()
 
     @property
     def exhausted(self) -> bool:
         return (self.used is not None and self.limit is not None and self.used >= self.limit
                 and not self.overage)
+
+    @property
+    def percent(self) -> float | None:
+        """How much of the limit is used, in per cent (None without a limit)."""
+        if self.used is None or not self.limit:
+            return None
+        return 100.0 * self.used / self.limit
+
+    @classmethod
+    def from_fields(cls, fields: Json) -> UsageLimits:
+        """Made again from ``dataclasses.asdict`` of one sent through JSON (another
+        replica's): fields this version does not know are left out."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        kept = {k: v for k, v in fields.items() if k in known}
+        if isinstance(kept.get("extra"), list):
+            kept["extra"] = tuple(e for e in kept["extra"] if isinstance(e, dict))
+        return cls(**kept)
 
 
 def usage_limits(answer: Any) -> UsageLimits | None:
@@ -3597,22 +3619,70 @@ def usage_limits(answer: Any) -> UsageLimits | None:
     # By resource type, not by position: credits where the plan has them.
     row = next((r for kind in ("CREDIT", "AGENTIC_REQUEST") for r in rows
                 if r.get("resourceType") == kind), rows[0] if rows else {})
-
-    def number(*keys: str) -> float | None:
-        for key in keys:
-            value = _number_or_none(row.get(key))
-            if value is not None:
-                return value
-        return None
-
     overage = answer.get("overageConfiguration")
     subscription = answer.get("subscriptionInfo")
     trial = row.get("freeTrialInfo")
     return UsageLimits(
         plan=subscription.get("subscriptionTitle") if isinstance(subscription, dict) else None,
-        used=number("currentUsageWithPrecision", "currentUsage"),
-        limit=number("usageLimitWithPrecision", "usageLimit"),
+        used=_first_number(row, "currentUsageWithPrecision", "currentUsage"),
+        limit=_first_number(row, "usageLimitWithPrecision", "usageLimit"),
         overage=isinstance(overage, dict) and overage.get("overageStatus") == "ENABLED",
         reset_at=_number_or_none(answer.get("nextDateReset")),
         days_until_reset=_int_or_none(answer.get("daysUntilReset")),
-        trial=trial if isinstance(trial, dict) else None)
+        trial=trial if isinstance(trial, dict) else None,
+        overage_used=_first_number(row, "currentOveragesWithPrecision", "currentOverages"),
+        extra=extra_credits(row))
+
+
+def extra_credits(row: Json) -> tuple[Json, ...]:
+    """The credits a breakdown row reports beside the plan's, each as ``{"kind",
+    "name", "status", "used", "limit", "expires_at"}`` (epoch seconds): its free
+    trial (``freeTrialInfo``, PROTOCOL.md 2.7) and its bonuses (``bonuses``, as
+    the IDE shows "Bonus credits"; the field names of a bonus are seen in peers,
+    not in a capture of ours)."""
+    found: list[Json] = []
+    trial = row.get("freeTrialInfo")
+    if isinstance(trial, dict):
+        found.append({
+            "kind": "free_trial", "name": "free trial",
+            "status": _text_or_none(trial.get("freeTrialStatus")),
+            "used": _first_number(trial, "currentUsageWithPrecision", "currentUsage"),
+            "limit": _first_number(trial, "usageLimitWithPrecision", "usageLimit"),
+            "expires_at": _epoch_or_none(trial.get("freeTrialExpiry"))})
+    bonuses = row.get("bonuses")
+    for bonus in bonuses if isinstance(bonuses, list) else ():
+        if not isinstance(bonus, dict):
+            continue
+        found.append({
+            "kind": "bonus",
+            "name": _text_or_none(bonus.get("displayName")) or _text_or_none(
+                bonus.get("bonusCode")) or "bonus",
+            "status": _text_or_none(bonus.get("status")),
+            "used": _first_number(bonus, "currentUsageWithPrecision", "currentUsage"),
+            "limit": _first_number(bonus, "usageLimitWithPrecision", "usageLimit"),
+            "expires_at": _epoch_or_none(bonus.get("expiresAt"))})
+    return tuple(found)
+
+
+def _first_number(data: Json, *keys: str) -> float | None:
+    """The first of ``keys`` whose value in ``data`` is a finite number."""
+    for key in keys:
+        value = _number_or_none(data.get(key))
+        if value is not None:
+            return value
+    return None
+
+
+def _text_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _epoch_or_none(value: Any) -> float | None:
+    """A moment as epoch seconds: a number as it is, an ISO 8601 text read; else None."""
+    if isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
+    return _number_or_none(value)

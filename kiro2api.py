@@ -19,13 +19,14 @@ Under systemd, see ``kiro2api.service``; ``make dist`` builds a one-file
 Layout of this file: clock, configuration, errors, token files, refresh
 protocols, token store, ways to call Kiro, account pool, shared state (the
 replicas' Redis, ``--state``), application state keys, upstream client,
-metrics, HTTP handlers, relay (one for every client API), middlewares,
-application factory, doctor, command line.
+metrics, HTTP handlers, usage and the status page, relay (one for every
+client API), middlewares, application factory, doctor, command line.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import email.utils
@@ -1426,6 +1427,10 @@ class KiroView:
         self.profile_problem = ""  # what the last ListAvailableProfiles that failed said
         self.usage: convert.UsageLimits | None = None
         self.usage_read_at = -math.inf  # clock.monotonic()
+        # Why the last read of the usage limits failed (None: it did not), and when
+        # it was tried: a failure is not asked again for USAGE_FRESH_SECONDS either.
+        self.usage_failure: str | None = None
+        self.usage_tried_at = -math.inf
         self._sticky: Way | None = None
         self._sticky_until = 0.0
         self._refused: dict[Way, tuple[float, str]] = {}  # way -> (until, why)
@@ -1462,8 +1467,21 @@ class KiroView:
 
     def remember_usage(self, usage: convert.UsageLimits) -> convert.UsageLimits:
         self.usage, self.usage_read_at = usage, self.clock.monotonic()
+        self.usage_failure = None
         self.on_change()
         return usage
+
+    def usage_due(self) -> bool:
+        """Whether the usage limits are to be read (again): neither read nor tried
+        within USAGE_FRESH_SECONDS."""
+        last = max(self.usage_read_at, self.usage_tried_at)
+        return self.clock.monotonic() - last > USAGE_FRESH_SECONDS
+
+    def usage_read_wall(self) -> float | None:
+        """When the usage limits held were read, in epoch seconds."""
+        if self.usage is None:
+            return None
+        return self.clock.now().timestamp() - (self.clock.monotonic() - self.usage_read_at)
 
     def shared(self, wall: Callable[[float], float]) -> Json:
         """What the fleet shares of this view, its times turned by ``wall`` into epoch
@@ -1494,8 +1512,9 @@ class KiroView:
         if shared.get("usage"):
             fields, read_at = shared["usage"]
             if monotonic(read_at) > self.usage_read_at:
-                self.usage = convert.UsageLimits(**fields)
+                self.usage = convert.UsageLimits.from_fields(fields)
                 self.usage_read_at = monotonic(read_at)
+                self.usage_failure = None
 
     def health(self) -> Json:
         way, now = self._sticky, self.clock.monotonic()
@@ -1544,6 +1563,8 @@ class TokenStore:
         self.cooldown_state: str | None = None  # "suspended", "exhausted": Kiro's word
         self.kiro = KiroView(self.clock)
         self.credits = 0.0  # Kiro credits its answers were billed (meteringEvent)
+        # The read of the usage limits under way (fresh_usage), which callers share.
+        self.usage_task: asyncio.Task | None = None
         self.kiro.on_change = self.changed
         self._reread_at = 0.0  # clock.monotonic() before which reread() does not read again
         # The file's stamp (TokenFile.stamp) when the server last looked at it
@@ -2672,22 +2693,8 @@ async def call_way(app: web.Application, entry: RequestLog, prepared: convert.Pr
 async def credits_used_up(app: web.Application, store: TokenStore) -> convert.Failure | None:
     """A 402 when the account's usage limits say its credits are gone (a plain 429
     can mean that on Free and Pro plans, PROTOCOL-2026.md 10.9); None otherwise."""
-    usage, shared = store.kiro.usage, store.holder.shared
-    stale = usage is None or store.clock.monotonic() - store.kiro.usage_read_at \
-        > USAGE_FRESH_SECONDS
-    if stale and shared is not None and not await shared.claim_usage():
-        # Another replica reads them this minute: its answer, if the fleet has it yet.
-        with contextlib.suppress(StateDown):
-            await shared.pull_health()
-        usage = store.kiro.usage
-        stale = usage is None
-    if stale:
-        try:
-            usage = await read_usage_limits(app, store, await store.credentials())
-        except (UpstreamError, TokenError) as exc:
-            log.info("could not read the usage limits of %s: %s", store.path.name, exc)
-            return None
-    if not usage.exhausted:
+    usage = await fresh_usage(app, store)
+    if usage is None or not usage.exhausted:
         return None
     reset = ""
     if usage.reset_at is not None:
@@ -2695,6 +2702,47 @@ async def credits_used_up(app: web.Application, store: TokenStore) -> convert.Fa
         reset = f"; they come back on {moment:%Y-%m-%d %H:%M} UTC"
     return convert.failure(402, f"the Kiro credits of this account are used up "
                                 f"({usage.used:g} of {usage.limit:g}){reset}")
+
+
+async def fresh_usage(app: web.Application, store: TokenStore) -> convert.UsageLimits | None:
+    """The account's usage limits, read from Kiro at most once a USAGE_FRESH_SECONDS
+    however many ask (``/v1/usage``, the status page, a 429): one read at a time,
+    whose answer every caller waiting shares, and with --state one replica a minute
+    for the fleet. None when the last read failed (``store.kiro.usage_failure`` says
+    why; ``store.kiro.usage`` keeps what an earlier read gave)."""
+    read = usage_read(app, store)
+    if read is not None:
+        await asyncio.shield(read)  # a caller that goes away leaves the read to the others
+    return store.kiro.usage if store.kiro.usage_failure is None else None
+
+
+def usage_read(app: web.Application, store: TokenStore) -> asyncio.Task | None:
+    """The read of the account's usage limits under way, started if they are due; None
+    when what the account holds is fresh (or failed) within USAGE_FRESH_SECONDS."""
+    if not store.kiro.usage_due():
+        return None
+    if store.usage_task is None or store.usage_task.done():
+        store.usage_task = asyncio.create_task(read_usage_once(app, store),
+                                               name=f"kiro2api usage of {store.path.name}")
+    return store.usage_task
+
+
+async def read_usage_once(app: web.Application, store: TokenStore) -> None:
+    """One read of the usage limits for ``fresh_usage``; a failure is remembered."""
+    view, shared = store.kiro, store.holder.shared
+    try:
+        if shared is not None and not await shared.claim_usage():
+            # Another replica reads them this minute: its answer, if the fleet has it yet.
+            with contextlib.suppress(StateDown):
+                await shared.pull_health()
+            if view.usage is not None:
+                return
+        await read_usage_limits(app, store, await store.credentials())
+    except (UpstreamError, TokenError) as exc:
+        view.usage_failure = str(exc)
+        log.info("could not read the usage limits of %s: %s", store.path.name, exc)
+    finally:
+        view.usage_tried_at = store.clock.monotonic()
 
 
 async def post_generate(app: web.Application, entry: RequestLog, prepared: convert.Prepared,
@@ -2716,7 +2764,7 @@ async def post_generate(app: web.Application, entry: RequestLog, prepared: conve
     except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
         raise transport_refusal(exc, config, url) from None
     entry.upstream_first_byte = loop.time() - started
-    app[METRICS].upstream_first_byte.observe(loop.time() - started)
+    app[METRICS].observe_first_byte(loop.time() - started)
     if response.status == 200:
         try:
             head = await asyncio.wait_for(
@@ -2819,9 +2867,78 @@ class Histogram:
         return out
 
 
+class MinuteRing:
+    """The last hour, one slot a minute, for the status page: requests by route and
+    status, and the count and sum of the upstream's times to first byte.
+
+    O(1) a request: a slot is emptied when its minute comes round again, an
+    hour later; a minute nothing happened in is a slot that still holds an older
+    minute, and reads as empty. Times are ``time.monotonic()`` seconds.
+    """
+
+    SLOTS = 60
+    SLOT_SECONDS = 60.0
+
+    def __init__(self) -> None:
+        self.minutes = [-1] * self.SLOTS  # the minute each slot holds
+        self.requests: list[dict[tuple[str, int], int]] = [{} for _ in range(self.SLOTS)]
+        self.first_bytes = [0] * self.SLOTS
+        self.first_byte_seconds = [0.0] * self.SLOTS
+
+    def _slot(self, now: float) -> int:
+        minute = int(now // self.SLOT_SECONDS)
+        slot = minute % self.SLOTS
+        if self.minutes[slot] != minute:
+            self.minutes[slot] = minute
+            self.requests[slot] = {}
+            self.first_bytes[slot], self.first_byte_seconds[slot] = 0, 0.0
+        return slot
+
+    def count_request(self, route: str, status: int, now: float) -> None:
+        counts = self.requests[self._slot(now)]
+        counts[route, status] = counts.get((route, status), 0) + 1
+
+    def observe_first_byte(self, seconds: float, now: float) -> None:
+        slot = self._slot(now)
+        self.first_bytes[slot] += 1
+        self.first_byte_seconds[slot] += seconds
+
+    def _held(self, now: float) -> list[int | None]:
+        """The slot of each of the last SLOTS minutes, oldest first (None: empty)."""
+        current = int(now // self.SLOT_SECONDS)
+        return [slot if self.minutes[slot] == minute else None
+                for minute in range(current - self.SLOTS + 1, current + 1)
+                for slot in (minute % self.SLOTS,)]
+
+    def totals(self, now: float) -> dict[tuple[str, int], int]:
+        """Requests of the last hour by (route, status)."""
+        found: dict[tuple[str, int], int] = {}
+        for slot in self._held(now):
+            for key, count in self.requests[slot].items() if slot is not None else ():
+                found[key] = found.get(key, 0) + count
+        return found
+
+    def series(self, now: float, *, leave_out: frozenset[str] = frozenset()) -> list[Json]:
+        """Each of the last SLOTS minutes, oldest first: requests and errors (4xx, 5xx)
+        on the routes not in ``leave_out``, and the mean time to first byte (ms)."""
+        out = []
+        for slot in self._held(now):
+            counts = self.requests[slot] if slot is not None else {}
+            counted = [(status, n) for (route, status), n in counts.items()
+                       if route not in leave_out]
+            first_bytes = self.first_bytes[slot] if slot is not None else 0
+            out.append({
+                "requests": sum(n for _, n in counted),
+                "errors": sum(n for status, n in counted if status >= 400),
+                "first_byte_ms": round(1000 * self.first_byte_seconds[slot] / first_bytes, 1)
+                if slot is not None and first_bytes else None})
+        return out
+
+
 @dataclass
 class Metrics:
-    """What ``GET /metrics`` reports; updated by the middleware and the upstream client."""
+    """What ``GET /metrics`` reports, and the status page from the same counts; updated
+    by the middleware and the upstream client."""
 
     requests: dict[tuple[str, int], int] = field(default_factory=dict)  # (route, status)
     retries: int = 0
@@ -2832,11 +2949,18 @@ class Metrics:
         default_factory=lambda: defaultdict(Histogram))
     # --safeguards kiro: checks made, by verdict or reason (flagged, timeout...).
     safeguard_checks: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
+    # The last hour of the requests and first bytes counted above, by minute.
+    recent: MinuteRing = field(default_factory=MinuteRing)
 
     def count_request(self, route: str, status: int, seconds: float) -> None:
         key = (route, status)
         self.requests[key] = self.requests.get(key, 0) + 1
         self.request_duration[route].observe(seconds)
+        self.recent.count_request(route, status, time.monotonic())
+
+    def observe_first_byte(self, seconds: float) -> None:
+        self.upstream_first_byte.observe(seconds)
+        self.recent.observe_first_byte(seconds, time.monotonic())
 
     def render(self, app: web.Application) -> str:
         def family(name: str, kind: str, help_text: str) -> list[str]:
@@ -2958,12 +3082,6 @@ def random_uuid() -> str:
     """A version 4 UUID from the ``random`` module: these ids are not secrets,
     and ``uuid.uuid4()`` costs a system call each."""
     return str(uuid.UUID(int=random.getrandbits(128), version=4))
-
-
-async def handle_root(request: web.Request) -> web.Response:
-    """``GET /`` and ``HEAD /``, ``/api/hello`` too: a small answer, no key needed
-    (Claude Code probes ``HEAD /``, and since 2.1.332 ``/api/hello``)."""
-    return web.json_response({"name": "kiro2api", "version": __version__})
 
 
 async def handle_health(request: web.Request) -> web.Response:
@@ -3153,6 +3271,502 @@ async def handle_stored_response(request: web.Request) -> web.Response:
     raise convert.ConversionError(f"no response {request.match_info['response_id']}: "
                                   f"{convert.RESPONSES_NOT_KEPT}", status=404,
                                   param="response_id")
+
+
+# Usage and the status page ###############################################
+#
+# ``GET /v1/usage`` (and ``kiro2api usage``) give each account's usage limits
+# as ``usage_report`` spells them, read at most once a minute (``fresh_usage``).
+# ``GET /`` in a browser is the status page: one HTML page, its CSS and script
+# inline, with no data of its own. Its script asks for the client key, keeps it
+# in sessionStorage, and every few seconds fetches ``GET /v1/status`` with it
+# (behind the key as the API is): the numbers /metrics counts, per account
+# what /health and /v1/usage show. Without the key it shows "locked".
+
+NEAR_LIMIT_PERCENT = 90.0  # an account this far into its credits gets a warning
+# How long /v1/status waits for usage limits being read before it answers
+# with what it has (the read goes on, and the next refresh shows it).
+STATUS_USAGE_WAIT_SECONDS = 2.0
+# The routes the status page's chart and request count leave out: probes,
+# scrapes, and the page's own.
+MONITORING_ROUTES = frozenset({"/", "/api/hello", "/health", "/metrics", "/v1/status"})
+
+
+def epoch_text(seconds: float | None) -> str | None:
+    """Epoch seconds as RFC 3339 in UTC with milliseconds (as ``expires_at``)."""
+    if seconds is None:
+        return None
+    return format_expires_at(datetime.fromtimestamp(seconds, timezone.utc))
+
+
+def usage_report(store: TokenStore) -> Json:
+    """One account's usage limits, for ``/v1/usage`` and ``kiro2api usage --json``: what
+    the last read gave (``read_at``, None if none did), and why the last read failed
+    (``error``); never a token."""
+    view, current = store.kiro, store.holder.current
+    report: Json = {
+        "account": str(store.path), "kind": current.kind if current else None,
+        "plan": None, "credits": None, "overage": None, "reset_at": None,
+        "seconds_until_reset": None, "days_until_reset": None, "exhausted": None,
+        "near_limit": None, "extra_credits": [],
+        "read_at": epoch_text(view.usage_read_wall()), "error": view.usage_failure,
+    }
+    usage = view.usage
+    if usage is None:
+        return report
+    left = None if usage.used is None or usage.limit is None else max(
+        0.0, usage.limit - usage.used)
+    percent = usage.percent
+    reset = usage.reset_at
+    report.update(
+        plan=usage.plan,
+        credits={"used": usage.used, "limit": usage.limit, "left": left,
+                 "percent": None if percent is None else round(percent, 1)},
+        overage={"enabled": usage.overage, "used": usage.overage_used},
+        reset_at=epoch_text(reset),
+        seconds_until_reset=None if reset is None else max(
+            0, int(reset - store.clock.now().timestamp())),
+        days_until_reset=usage.days_until_reset,
+        exhausted=usage.exhausted,
+        near_limit=percent is not None and percent >= NEAR_LIMIT_PERCENT,
+        extra_credits=[{**extra, "expires_at": epoch_text(extra.get("expires_at"))}
+                       for extra in usage.extra])
+    return report
+
+
+async def handle_usage(request: web.Request) -> web.Response:
+    """``GET /v1/usage``: every account's usage limits, each read at most once a minute."""
+    stores = request.app[ACCOUNTS]
+    await asyncio.gather(*(fresh_usage(request.app, store) for store in stores))
+    return web.json_response({"accounts": [usage_report(store) for store in stores]})
+
+
+def shown_state(health: Json, usage: Json) -> str:
+    """An account's state as the status page names it."""
+    state = health["state"]
+    if state in ("suspended", "error", "expired"):
+        return state
+    if state == "exhausted" or usage["exhausted"]:
+        return "credits exhausted"
+    if health["cooldown_seconds"]:
+        return "cooling down"
+    return state  # ok, expiring, unknown (not read yet)
+
+
+def account_status(store: TokenStore) -> Json:
+    """One account on the status page: /health's view of it and its usage limits."""
+    health, usage = store.health(), usage_report(store)
+    return {
+        "name": health["path"], "kind": health["kind"], "state": shown_state(health, usage),
+        "expires_at": health["expires_at"], "seconds_left": health["seconds_left"],
+        "host": health["host"], "shape": health["shape"],
+        "error": health["error"] or health["cooldown_reason"],
+        "credits_spent": health["credits"],
+        "usage": {key: usage[key] for key in (
+            "plan", "credits", "overage", "reset_at", "seconds_until_reset", "exhausted",
+            "near_limit", "extra_credits", "read_at", "error")},
+    }
+
+
+async def handle_status(request: web.Request) -> web.Response:
+    """``GET /v1/status``: what the status page shows, from the counters of /metrics."""
+    app = request.app
+    stores, metrics = app[ACCOUNTS], app[METRICS]
+    reads = [task for store in stores if (task := usage_read(app, store)) is not None]
+    if reads:
+        await asyncio.wait(reads, timeout=STATUS_USAGE_WAIT_SECONDS)
+    now = time.monotonic()
+    minutes = metrics.recent.series(now, leave_out=MONITORING_ROUTES)
+    return web.json_response({
+        "version": __version__,
+        "uptime_seconds": round(time.time() - app[CONFIG].started, 3),
+        "streams_open": len(app[STREAMS]),
+        "credits_spent": round(sum(store.credits for store in stores), 6),
+        "accounts": [account_status(store) for store in stores],
+        "last_hour": {
+            "requests": sum(m["requests"] for m in minutes),
+            "errors": sum(m["errors"] for m in minutes),
+            "by_route": [{"route": route, "status": status, "count": count}
+                         for (route, status), count in sorted(metrics.recent.totals(now).items())],
+            "minutes": minutes,
+        },
+    }, headers={"Cache-Control": "no-store"})
+
+
+def accept_quality(accept: str, media_type: str) -> tuple[int, float]:
+    """How an Accept header ranks ``media_type``: the match that names it most closely
+    (2 itself, 1 its type/*, 0 */*, -1 none) and the q that match gives it."""
+    family = media_type.partition("/")[0] + "/*"
+    best, quality = -1, 0.0
+    for item in accept.split(","):
+        name, *params = (part.strip() for part in item.split(";"))
+        name = name.lower()
+        rank = {media_type: 2, family: 1, "*/*": 0}.get(name, -1)
+        if rank <= best:
+            continue
+        q = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        best, quality = rank, q
+    return best, quality
+
+
+def prefers_html(accept: str) -> bool:
+    """Whether a client asks for HTML above JSON, naming it (a browser does; curl's */*
+    and the SDKs' application/json do not)."""
+    html_rank, html = accept_quality(accept, "text/html")
+    return html_rank == 2 and html > 0 and html > accept_quality(accept, "application/json")[1]
+
+
+async def handle_root(request: web.Request) -> web.Response:
+    """``GET /`` and ``HEAD /``, ``/api/hello`` too: a small answer, no key needed
+    (Claude Code probes ``HEAD /``, and since 2.1.332 ``/api/hello``); a browser's
+    ``GET /`` gets the status page."""
+    if request.path != "/":
+        return web.json_response({"name": "kiro2api", "version": __version__})
+    if request.method == "GET" and prefers_html(request.headers.get("Accept", "")):
+        body, headers = status_page(open_to_all=request.app[CONFIG].no_auth)
+        return web.Response(body=body, content_type="text/html", charset="utf-8",
+                            headers={**headers, "Vary": "Accept"})
+    return web.json_response({"name": "kiro2api", "version": __version__},
+                             headers={"Vary": "Accept"})
+
+
+@functools.cache
+def status_page(*, open_to_all: bool) -> tuple[bytes, dict[str, str]]:
+    """The status page and its headers: a Content-Security-Policy that lets only its
+    own inline style and script run and only this server be fetched from."""
+    def digest(text: str) -> str:
+        return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() \
+            + "'"
+    page = (STATUS_PAGE.replace("@STYLE@", STATUS_STYLE).replace("@SCRIPT@", STATUS_SCRIPT)
+            .replace("@OPEN@", "true" if open_to_all else "false"))
+    policy = (f"default-src 'none'; style-src {digest(STATUS_STYLE)}; "
+              f"script-src {digest(STATUS_SCRIPT)}; connect-src 'self'; img-src data:; "
+              f"base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    return page.encode(), {"Content-Security-Policy": policy, "Cache-Control": "no-store",
+                           "Referrer-Policy": "no-referrer", "X-Content-Type-Options": "nosniff"}
+
+
+STATUS_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>kiro2api</title>
+<link rel="icon" href="data:,">
+<style>@STYLE@</style>
+</head>
+<body data-open="@OPEN@">
+<section id="locked" hidden>
+  <h1>locked</h1>
+  <form id="unlock">
+    <label for="key">Client key (a server without one takes a Kiro access token:
+      <code>kiro2api export</code> prints it)</label>
+    <input id="key" type="password" autocomplete="off" spellcheck="false" required>
+    <button type="submit">Unlock</button>
+  </form>
+  <p id="refused" class="error" hidden>The server refused that key.</p>
+</section>
+<main id="status" hidden>
+  <header>
+    <h1>kiro2api</h1>
+    <span id="version"></span><span id="uptime"></span><span id="live"></span>
+    <button id="lock" type="button">Lock</button>
+  </header>
+  <section class="cards">
+    <div class="card"><span>requests, last hour</span><b id="requests"></b></div>
+    <div class="card"><span>errors, last hour</span><b id="errors"></b></div>
+    <div class="card"><span>streams open</span><b id="streams"></b></div>
+    <div class="card"><span>credits spent since start</span><b id="credits"></b></div>
+  </section>
+  <h2>Accounts</h2>
+  <div id="accounts"></div>
+  <h2>Last hour</h2>
+  <svg id="chart" viewBox="0 0 600 170" role="img"
+       aria-label="requests a minute and upstream time to first byte, last hour"></svg>
+  <p class="legend"><i class="swatch requests"></i>requests a minute
+    <i class="swatch errors"></i>errors <i class="swatch first-byte"></i>upstream time to
+    first byte</p>
+  <table id="routes">
+    <thead><tr><th>route</th><th>status</th><th>requests</th></tr></thead>
+    <tbody></tbody>
+  </table>
+</main>
+<script>@SCRIPT@</script>
+</body>
+</html>
+"""
+
+STATUS_STYLE = """
+:root { color-scheme: light dark; --fg: #1d2330; --muted: #667085; --line: #d0d5dd;
+  --card: #f5f7fa; --accent: #4f6bed; --bad: #d92d20; --warn: #dc6803; --good: #12b76a; }
+@media (prefers-color-scheme: dark) {
+  :root { --fg: #e4e7ec; --muted: #98a2b3; --line: #344054; --card: #1d2939; } }
+* { box-sizing: border-box; }
+body { margin: 0 auto; max-width: 60rem; padding: 1rem; color: var(--fg);
+  font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; }
+header { display: flex; flex-wrap: wrap; align-items: baseline; gap: .4rem 1rem; }
+header #lock { margin-left: auto; }
+h1 { font-size: 1.4rem; margin: 0; }
+h2 { font-size: 1.1rem; margin: 1.5rem 0 .5rem; }
+#version, #uptime, #live, .muted { color: var(--muted); }
+#live.stale { color: var(--bad); }
+form { display: grid; gap: .5rem; max-width: 26rem; }
+input, button { font: inherit; padding: .45rem .6rem; border: 1px solid var(--line);
+  border-radius: .4rem; background: transparent; color: inherit; }
+button { cursor: pointer; }
+.cards { display: grid; gap: .6rem; grid-template-columns: repeat(auto-fit, minmax(9rem, 1fr));
+  margin-top: 1rem; }
+.card, .account { background: var(--card); border-radius: .6rem; padding: .7rem .9rem; }
+.card span { display: block; color: var(--muted); font-size: .85rem; }
+.card b { font-size: 1.5rem; font-variant-numeric: tabular-nums; }
+#accounts { display: grid; gap: .6rem; }
+.account h3 { margin: 0 0 .4rem; font-size: 1rem; word-break: break-all; }
+.badge { display: inline-block; font-size: .8rem; padding: 0 .45rem; margin-left: .3rem;
+  border-radius: 1rem; border: 1px solid var(--line); font-weight: normal; }
+.state-ok, .state-expiring { color: var(--good); }
+.state-cooling, .state-unknown { color: var(--warn); }
+.state-bad { color: var(--bad); }
+dl { display: grid; grid-template-columns: max-content 1fr; gap: .15rem .8rem; margin: 0; }
+dt { color: var(--muted); }
+dd { margin: 0; overflow-wrap: anywhere; }
+.bar { height: .6rem; background: var(--line); border-radius: .3rem; overflow: hidden;
+  margin: .3rem 0 .1rem; }
+.fill { height: 100%; width: 0; background: var(--accent); }
+.fill.near { background: var(--warn); }
+.fill.full { background: var(--bad); }
+.error { color: var(--bad); margin: .4rem 0 0; overflow-wrap: anywhere; }
+svg { width: 100%; height: auto; display: block; }
+svg .requests { fill: var(--accent); }
+svg .errors { fill: var(--bad); }
+svg .first-byte { fill: none; stroke: var(--warn); stroke-width: 2; }
+svg .first-byte-point { fill: var(--warn); }
+svg text { fill: var(--muted); font-size: 11px; }
+@media (max-width: 40rem) { svg text { font-size: 20px; } }
+svg .axis { stroke: var(--line); }
+.legend { color: var(--muted); font-size: .85rem; }
+.swatch { display: inline-block; width: .8rem; height: .8rem; margin: 0 .3rem 0 .6rem;
+  vertical-align: -.1rem; border-radius: .15rem; }
+.swatch.requests { background: var(--accent); }
+.swatch.errors { background: var(--bad); }
+.swatch.first-byte { background: var(--warn); }
+table { border-collapse: collapse; width: 100%; font-variant-numeric: tabular-nums; }
+th, td { text-align: left; padding: .3rem .5rem; border-bottom: 1px solid var(--line); }
+td:last-child, th:last-child { text-align: right; }
+"""
+
+STATUS_SCRIPT = """
+"use strict";
+const REFRESH_MS = 3000;
+const KEY_NAME = "kiro2api-key";
+const SVG = "http://www.w3.org/2000/svg";
+const openToAll = document.body.dataset.open === "true";
+const byId = (id) => document.getElementById(id);
+let key = sessionStorage.getItem(KEY_NAME) || "";
+let timer = null;
+
+function element(tag, className, text) {
+  const made = document.createElement(tag);
+  if (className) made.className = className;
+  if (text !== undefined) made.textContent = text;
+  return made;
+}
+
+function duration(seconds) {
+  seconds = Math.max(0, Math.floor(seconds));
+  if (seconds < 60) return seconds + " s";
+  const minutes = Math.floor(seconds / 60);
+  if (minutes < 60) return minutes + " min";
+  const hours = Math.floor(minutes / 60);
+  if (hours < 48) return hours + " h " + (minutes % 60) + " min";
+  return Math.floor(hours / 24) + " d " + (hours % 24) + " h";
+}
+
+function when(text) {
+  return text ? text.slice(0, 16).replace("T", " ") + " UTC" : "unknown";
+}
+
+function number(value) {
+  return value === null || value === undefined ? "?" : String(Math.round(value * 100) / 100);
+}
+
+function lock(refused) {
+  clearTimeout(timer);
+  key = "";
+  sessionStorage.removeItem(KEY_NAME);
+  byId("status").hidden = true;
+  byId("accounts").replaceChildren();
+  byId("routes").tBodies[0].replaceChildren();
+  byId("chart").replaceChildren();
+  byId("refused").hidden = !refused;
+  byId("locked").hidden = false;
+  byId("key").focus();
+}
+
+async function refresh() {
+  clearTimeout(timer);
+  let response;
+  try {
+    response = await fetch("/v1/status", {
+      headers: key ? {"Authorization": "Bearer " + key} : {},
+      cache: "no-store", credentials: "omit"});
+  } catch (failure) {
+    stale("unreachable");
+    return;
+  }
+  if (response.status === 401 || response.status === 403) {
+    lock(true);
+    return;
+  }
+  if (!response.ok) {
+    stale("HTTP " + response.status);
+    return;
+  }
+  show(await response.json());
+  timer = setTimeout(refresh, REFRESH_MS);
+}
+
+function stale(why) {
+  byId("live").textContent = why;
+  byId("live").className = "stale";
+  timer = setTimeout(refresh, REFRESH_MS);
+}
+
+function show(status) {
+  byId("locked").hidden = true;
+  byId("status").hidden = false;
+  byId("version").textContent = "version " + status.version;
+  byId("uptime").textContent = "up " + duration(status.uptime_seconds);
+  byId("live").textContent = "updated " + new Date().toLocaleTimeString();
+  byId("live").className = "";
+  byId("requests").textContent = status.last_hour.requests;
+  byId("errors").textContent = status.last_hour.errors;
+  byId("streams").textContent = status.streams_open;
+  byId("credits").textContent = number(status.credits_spent);
+  byId("accounts").replaceChildren(...status.accounts.map(account));
+  chart(status.last_hour.minutes);
+  byId("routes").tBodies[0].replaceChildren(...status.last_hour.by_route.map((row) => {
+    const tr = element("tr");
+    tr.append(element("td", "", row.route), element("td", "", row.status),
+              element("td", "", row.count));
+    return tr;
+  }));
+}
+
+const STATE_CLASSES = {"ok": "state-ok", "expiring": "state-ok", "unknown": "state-unknown",
+                       "cooling down": "state-cooling"};
+
+function account(entry) {
+  const card = element("article", "account");
+  const title = element("h3", "", entry.name);
+  title.append(" ", element("span", "badge", entry.kind || "kind unknown"), " ",
+               element("span", "badge " + (STATE_CLASSES[entry.state] || "state-bad"),
+                       entry.state));
+  const facts = element("dl");
+  const fact = (name, value) => {
+    const dd = element("dd");
+    dd.append(value);
+    facts.append(element("dt", "", name), dd);
+  };
+  fact("token", entry.expires_at ? "expires " + when(entry.expires_at) +
+       (entry.seconds_left > 0 ? " (in " + duration(entry.seconds_left) + ")" : " (expired)")
+       : "no expiry known");
+  fact("serving", entry.host ? entry.host + " (" + entry.shape + ")" : "not yet");
+  const usage = entry.usage;
+  if (usage.credits) {
+    fact("credits", credits(usage));
+    fact("plan", usage.plan || "unknown");
+    fact("resets", usage.reset_at ? when(usage.reset_at) + " (in " +
+         duration(usage.seconds_until_reset) + ")" : "unknown");
+    for (const extra of usage.extra_credits) {
+      fact(extra.kind === "bonus" ? "bonus" : "trial", extra.name + ": " + number(extra.used) +
+           " of " + number(extra.limit) + (extra.expires_at ? ", until " +
+           when(extra.expires_at) : ""));
+    }
+  } else {
+    fact("credits", usage.error ? "not known" : "being read");
+  }
+  fact("spent here", number(entry.credits_spent) + " since start");
+  card.append(title, facts);
+  for (const problem of [entry.error, usage.error]) {
+    if (problem) card.append(element("p", "error", problem));
+  }
+  return card;
+}
+
+function credits(usage) {
+  const box = element("div");
+  const bar = element("div", "bar");
+  const percent = usage.credits.percent || 0;
+  const fill = element("div", "fill" + (usage.exhausted ? " full" : usage.near_limit ?
+                                        " near" : ""));
+  fill.style.width = Math.min(100, percent) + "%";
+  bar.append(fill);
+  box.append(bar, number(usage.credits.used) + " of " + number(usage.credits.limit) +
+             " used (" + percent + " %)" + (usage.overage && usage.overage.enabled ?
+             ", overage on" : ""));
+  return box;
+}
+
+function shape(tag, attributes, text) {
+  const made = document.createElementNS(SVG, tag);
+  for (const [name, value] of Object.entries(attributes)) made.setAttribute(name, value);
+  if (text !== undefined) made.textContent = text;
+  return made;
+}
+
+function chart(minutes) {
+  const width = 600, top = 24, height = 120, slot = width / minutes.length;
+  const most = Math.max(1, ...minutes.map((m) => m.requests));
+  const slowest = Math.max(1, ...minutes.map((m) => m.first_byte_ms || 0));
+  const parts = [shape("line", {"class": "axis", x1: 0, x2: width, y1: top + height,
+                                y2: top + height})];
+  const points = [], dots = [];
+  minutes.forEach((m, i) => {
+    const x = i * slot;
+    const tall = height * m.requests / most, bad = height * m.errors / most;
+    if (m.requests) parts.push(shape("rect", {"class": "requests", x: x + 1,
+      y: top + height - tall, width: slot - 2, height: tall}));
+    if (m.errors) parts.push(shape("rect", {"class": "errors", x: x + 1,
+      y: top + height - bad, width: slot - 2, height: bad}));
+    if (m.first_byte_ms !== null) {
+      const y = top + height - height * m.first_byte_ms / slowest;
+      points.push((x + slot / 2) + "," + y);
+      dots.push(shape("circle", {"class": "first-byte-point", cx: x + slot / 2, cy: y, r: 3}));
+    }
+  });
+  if (points.length) parts.push(shape("polyline", {"class": "first-byte",
+                                                   points: points.join(" ")}), ...dots);
+  parts.push(shape("text", {x: 0, y: 18}, "up to " + most + " a minute"),
+             shape("text", {x: width, y: 18, "text-anchor": "end"},
+                   "first byte up to " + Math.round(slowest) + " ms"),
+             shape("text", {x: 0, y: top + height + 22}, "60 min ago"),
+             shape("text", {x: width, y: top + height + 22, "text-anchor": "end"}, "now"));
+  byId("chart").replaceChildren(...parts);
+}
+
+byId("unlock").addEventListener("submit", (event) => {
+  event.preventDefault();
+  key = byId("key").value.trim();
+  byId("key").value = "";
+  if (!key) return;
+  sessionStorage.setItem(KEY_NAME, key);
+  refresh();
+});
+byId("lock").addEventListener("click", () => lock(false));
+
+if (key || openToAll) {
+  refresh();
+} else {
+  lock(false);
+}
+"""
 
 
 # Relay ####################################################################
@@ -3741,7 +4355,7 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
     return response
 
 
-QUIET_PATHS = frozenset({"/", "/api/hello", "/health", "/metrics"})
+QUIET_PATHS = frozenset({"/", "/api/hello", "/health", "/metrics", "/v1/status"})
 
 
 def route_label(request: web.Request) -> str:
@@ -3894,6 +4508,10 @@ async def http_session_ctx(app: web.Application) -> AsyncIterator[None]:
     app[HTTP] = session
     app[ACCOUNTS].extend(accounts(config, session))
     yield
+    reads = [s.usage_task for s in app[ACCOUNTS] if s.usage_task and not s.usage_task.done()]
+    for read in reads:
+        read.cancel()
+    await asyncio.gather(*reads, return_exceptions=True)
     await session.close()
 
 
@@ -3938,6 +4556,8 @@ def make_app(config: Config) -> web.Application:
     app.router.add_get("/api/hello", handle_root)
     app.router.add_get("/health", handle_health)
     app.router.add_get("/metrics", handle_metrics)
+    app.router.add_get("/v1/usage", handle_usage)
+    app.router.add_get("/v1/status", handle_status)
     app.router.add_get("/v1/models", handle_models)
     app.router.add_get("/v1/models/{model_id}", handle_model)
     app.router.add_post("/v1/messages/count_tokens", handle_count_tokens)
@@ -4021,14 +4641,22 @@ class Diagnosis:
                 if self.uses else None}
 
 
-async def diagnose(config: Config, model: str) -> list[Diagnosis]:
-    """Every configured account diagnosed, in the server's order."""
+@contextlib.asynccontextmanager
+async def command_app(config: Config) -> AsyncIterator[web.Application]:
+    """What a command calls Kiro with as the server would, without serving: the
+    application state (config, session, metrics, accounts that save every refresh)."""
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout,
                                     sock_read=config.idle_timeout)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         app = web.Application()
         app[CONFIG], app[HTTP], app[METRICS] = config, session, Metrics()
         app[ACCOUNTS] = accounts(config, session, must_save=True)
+        yield app
+
+
+async def diagnose(config: Config, model: str) -> list[Diagnosis]:
+    """Every configured account diagnosed, in the server's order."""
+    async with command_app(config) as app:
         prepared = convert.anthropic_to_codewhisperer(
             {"model": model, "max_tokens": 1,
              "messages": [{"role": "user", "content": DOCTOR_PROMPT}]},
@@ -4220,6 +4848,7 @@ def cli() -> None:
       kiro2api server               # serve on http://127.0.0.1:8080
       eval "$(kiro2api export)"     # point Claude Code at it
       kiro2api codex --write        # once: point Codex at it too
+      kiro2api usage                # credits left on each account, until when
     """
 
 
@@ -4699,6 +5328,106 @@ def doctor(token_files, service, social_auth_url, oidc_url, proxy, model, as_jso
     else:
         print_diagnoses(found)
     if not serving:
+        sys.exit(1)
+
+
+async def read_usages(config: Config) -> list[Json]:
+    """Every configured account's usage report (``usage_report``), read at once."""
+    async with command_app(config) as app:
+        stores = app[ACCOUNTS]
+        await asyncio.gather(*(fresh_usage(app, store) for store in stores))
+        return [usage_report(store) for store in stores]
+
+
+def credits_text(value: float | None) -> str:
+    """Credits as a person reads them: 120.5, 1000, 0.01 (two decimals at most)."""
+    return "?" if value is None else f"{value:.2f}".rstrip("0").rstrip(".")
+
+
+def reset_text(report: Json) -> str:
+    if report["reset_at"] is None:
+        return "unknown" if report["days_until_reset"] is None \
+            else f"in {report['days_until_reset']} days"
+    moment = parse_expires_at(report["reset_at"])
+    return f"{moment:%Y-%m-%d %H:%M} UTC, in {human_duration(report['seconds_until_reset'])}"
+
+
+def extra_text(extra: Json) -> str:
+    """``Welcome bonus (ACTIVE): 0 of 100 used, until 2026-03-01``."""
+    status = f" ({extra['status']})" if extra["status"] else ""
+    until = f", until {extra['expires_at'][:10]}" if extra["expires_at"] else ""
+    return (f"{extra['name']}{status}: {credits_text(extra['used'])} of "
+            f"{credits_text(extra['limit'])} used{until}")
+
+
+def usage_warning(report: Json) -> str | None:
+    """The warning for an account near its limit (NEAR_LIMIT_PERCENT), or past it."""
+    credits = report["credits"]
+    if report["exhausted"]:
+        return f"the credits are used up until the reset ({reset_text(report)})"
+    if report["near_limit"]:
+        overage = ", then overage billing" if report["overage"]["enabled"] else ""
+        return (f"{credits['percent']:g} % of the credits used, {credits_text(credits['left'])} "
+                f"left{overage}")
+    return None
+
+
+def usage_lines(report: Json) -> list[str]:
+    """One account of ``kiro2api usage``, a line a fact."""
+    lines = [f"account {report['account']} ({report['kind'] or 'kind unknown'})"]
+    credits = report["credits"]
+    if credits is not None:
+        share = "" if credits["percent"] is None else f" ({credits['percent']:g} %)"
+        lines += [f"  plan     {report['plan'] or 'unknown'}",
+                  f"  credits  {credits_text(credits['used'])} of "
+                  f"{credits_text(credits['limit'])} used{share}, "
+                  f"{credits_text(credits['left'])} left"]
+        overage = report["overage"]
+        if overage["enabled"] or overage["used"]:
+            lines.append(f"  overage  {'on' if overage['enabled'] else 'off'}, "
+                         f"{credits_text(overage['used'] or 0.0)} credits past the limit")
+        lines.append(f"  resets   {reset_text(report)}")
+        lines += [f"  {'bonus' if e['kind'] == 'bonus' else 'trial':<8} {extra_text(e)}"
+                  for e in report["extra_credits"]]
+        warning = usage_warning(report)
+        if warning:
+            lines.append(f"  warning  {warning}")
+    if report["error"]:
+        lines.append(f"  error    {report['error']}")
+    return lines
+
+
+@cli.command()
+@token_file_option
+@service_options
+@social_auth_url_option
+@oidc_url_option
+@proxy_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of lines.")
+def usage(token_files, service, social_auth_url, oidc_url, proxy, as_json) -> None:
+    """Show every account's credits: plan, used of the limit, reset, trial and bonuses.
+
+    The accounts are the server's (the same --token-file, --kiro-api-key and
+    service options); a token that is due is refreshed and saved first. A
+    warning line marks an account that has used 90 % of its credits or more.
+    Exit status 1 when no account's usage could be read.
+
+    \b
+    Examples:
+      kiro2api usage
+      kiro2api usage --json | jq '.accounts[] | {account, credits}'
+    """
+    if not log.handlers:
+        log.addHandler(logging.NullHandler())  # the reports say what failed
+    config = command_config(token_files, **service, social_auth_url=social_auth_url,
+                            oidc_url=oidc_url, proxy=proxy)
+    reports = asyncio.run(read_usages(config))
+    if as_json:
+        click.echo(json.dumps({"accounts": reports}, indent=2, ensure_ascii=False))
+    else:
+        for report in reports:
+            click.echo("\n".join(usage_lines(report)))
+    if all(report["error"] for report in reports):
         sys.exit(1)
 
 

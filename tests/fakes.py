@@ -152,6 +152,7 @@ class FakeUpstream:
         self.suspended: set[str] = set()
         self.dialects: list[tuple[str, str]] = []
         self.usage_reply: Status | None = None
+        self.usage_replies: dict[str, Status] = {}  # by access token, before usage_reply
         self.down: dict[str, tuple[int, dict[str, Any]]] = {}  # host family -> its refusal
         self.models_rpc = False  # /management/ answers ListAvailableModels too
         # Kiro's cache: with ``caching``, an answer in a conversation seen before
@@ -435,8 +436,10 @@ async def until(condition: Any, timeout: float = 5.0) -> None:
 # with an x-amz-target), with the rules the service applies in 2026; only a
 # call that passes them takes the next reply from ``script``. The account's
 # kind is known by its access token (``kinds``; ``ksk_`` keys are API keys).
-# ``/management/`` answers ListAvailableProfiles and GetUsageLimits; ``down``
-# makes a whole host family answer one refusal.
+# ``/management/`` answers ListAvailableProfiles and GetUsageLimits (each
+# account's own from ``usage_replies``, by its access token, else
+# ``usage_reply``, else USAGE_LIMITS); ``down`` makes a whole host family
+# answer one refusal.
 
 RPC_TARGETS = {"AmazonCodeWhispererStreamingService.GenerateAssistantResponse": "cli",
                "KiroRuntimeService.GenerateAssistantResponse": "kas"}
@@ -560,6 +563,8 @@ async def service_management(fake: FakeUpstream, request: web.Request) -> web.Re
             return web.json_response({"message": "profileArn is required"}, status=400)
         return await fake._list_models(request, record=False)
     if target == "GetUsageLimits":
+        if token in fake.usage_replies:
+            return await fake._status(fake.usage_replies[token])
         if fake.usage_reply is not None:
             return await fake._status(fake.usage_reply)
         return web.json_response(USAGE_LIMITS)

@@ -36,7 +36,8 @@ def served(monkeypatch):
 def test_help_lists_every_command():
     result = CliRunner().invoke(kiro2api.cli, ["--help"])
     assert result.exit_code == 0, result.output
-    for command in ("read", "refresh", "export", "authToken", "claude", "codex", "server"):
+    for command in ("read", "refresh", "export", "authToken", "claude", "codex", "doctor",
+                    "usage", "server"):
         assert f"\n  {command} " in result.output
 
 
