@@ -41,7 +41,6 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from json.encoder import encode_basestring as _json_string  # type: ignore[attr-defined]
-from datetime import datetime, timezone
 from typing import Any, NamedTuple, Protocol, Union
 
 Json = dict[str, Any]
