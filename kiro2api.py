@@ -186,6 +186,11 @@ class Config:
     # changed (a stat each, so it can be often).
     watch_interval: float = 5.0
     shutdown_timeout: float = 30.0
+    # Connections the system holds for the server to accept. A team's clients
+    # connecting at once (2,000 streams opened within 2 s) overflowed aiohttp's
+    # 128 while the event loop was busy starting the streams already accepted;
+    # Linux caps the figure at net.core.somaxconn (4096 since Linux 5.4).
+    backlog: int = 1024
     # Largest client request body we read, in bytes.
     max_body_bytes: int = 32 * 1024 * 1024
     # Largest CodeWhisperer body we send, in bytes. The upstream refuses
@@ -3715,6 +3720,7 @@ def serve(config: Config) -> None:
             host=config.host,
             port=config.port,
             shutdown_timeout=config.shutdown_timeout,
+            backlog=config.backlog,
             handler_cancellation=True,
             access_log=None,
             print=listening,
@@ -4102,6 +4108,8 @@ TUNING = (
      "Seconds of quiet before a keep-alive is sent to the client."),
     ("--shutdown-timeout", "shutdown_timeout", click.FloatRange(0),
      "Seconds streams in flight may take to finish on SIGTERM."),
+    ("--backlog", "backlog", click.IntRange(1),
+     "Connections the system queues for the server to accept (a burst of clients)."),
     ("--state-lock-seconds", "state_lock_seconds", click.FloatRange(1),
      "With --state: seconds a refresh lock outlives a replica that died holding it."),
 )

@@ -66,6 +66,24 @@ def test_server_option_beats_environment(served, monkeypatch):
     assert (served[0].host, served[0].port) == ("0.0.0.0", 7001)
 
 
+def test_backlog_is_1024_or_more_by_default_and_set_by_option_or_variable(served, monkeypatch):
+    result = CliRunner().invoke(kiro2api.cli, ["server"])
+    assert result.exit_code == 0, result.output
+    assert served[0].backlog >= 1024
+    monkeypatch.setenv("KIRO2API_BACKLOG", "3000")
+    result = CliRunner().invoke(kiro2api.cli, ["server"])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(kiro2api.cli, ["server", "--backlog", "4000"])
+    assert result.exit_code == 0, result.output
+    assert [config.backlog for config in served[1:]] == [3000, 4000]
+
+
+def test_backlog_must_be_positive(served):
+    result = CliRunner().invoke(kiro2api.cli, ["server", "--backlog", "0"])
+    assert result.exit_code == 2, result.output
+    assert "--backlog" in result.output and served == []
+
+
 @pytest.mark.parametrize("port", ["-1", "65536", "http"])
 def test_server_rejects_bad_port(served, port):
     result = CliRunner().invoke(kiro2api.cli, ["server", "--port", port])
