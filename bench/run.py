@@ -22,6 +22,7 @@ BENCHMARKS = [
     "bench_proxy",
     "bench_soak",
     "bench_state",
+    "bench_scale",
 ]
 
 

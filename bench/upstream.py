@@ -131,7 +131,9 @@ async def serve(app: web.Application, port: int) -> None:
     """Serve ``app`` on 127.0.0.1, print the port, run until SIGTERM/SIGINT."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port, backlog=1024)
+    # Above kiro2api's default, so that in a burst of connects (bench_scale.py)
+    # the helpers' listen queues are never the ones that overflow.
+    site = web.TCPSite(runner, "127.0.0.1", port, backlog=4096)
     await site.start()
     print(runner.addresses[0][1], flush=True)
     stop = asyncio.Event()

@@ -4,6 +4,7 @@ token commands (read, refresh, export, authToken, claude, codex)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import shlex
@@ -67,6 +68,48 @@ def test_server_option_beats_environment(served, monkeypatch):
     result = CliRunner().invoke(kiro2api.cli, ["server", "--port", "7001"])
     assert result.exit_code == 0, result.output
     assert (served[0].host, served[0].port) == ("0.0.0.0", 7001)
+
+
+def test_backlog_is_1024_or_more_by_default_and_set_by_option_or_variable(served, monkeypatch):
+    result = CliRunner().invoke(kiro2api.cli, ["server"])
+    assert result.exit_code == 0, result.output
+    assert served[0].backlog >= 1024
+    monkeypatch.setenv("KIRO2API_BACKLOG", "3000")
+    result = CliRunner().invoke(kiro2api.cli, ["server"])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(kiro2api.cli, ["server", "--backlog", "4000"])
+    assert result.exit_code == 0, result.output
+    assert [config.backlog for config in served[1:]] == [3000, 4000]
+
+
+def test_backlog_must_be_positive(served):
+    result = CliRunner().invoke(kiro2api.cli, ["server", "--backlog", "0"])
+    assert result.exit_code == 2, result.output
+    assert "--backlog" in result.output and served == []
+
+
+def test_serve_tunes_the_collector_once_the_app_has_started(monkeypatch, tmp_path):
+    started = []
+    monkeypatch.setattr(kiro2api.web, "run_app", lambda app, **options: started.append(app))
+    kiro2api.serve(kiro2api.Config(token_files=(tmp_path / "token.json",)))
+    (app,) = started
+    assert list(app.on_startup)[-1] is kiro2api.tune_gc  # after the cleanup contexts
+
+
+async def test_tune_gc_freezes_what_is_alive_and_sets_the_thresholds():
+    before = gc.get_threshold()
+    try:
+        await kiro2api.tune_gc(kiro2api.web.Application())
+        assert gc.get_threshold() == kiro2api.GC_THRESHOLDS
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
+
+
+def test_make_app_leaves_the_collector_alone(tmp_path):
+    kiro2api.make_app(kiro2api.Config(token_files=(tmp_path / "token.json",)))
+    assert gc.get_freeze_count() == 0 and gc.get_threshold() != kiro2api.GC_THRESHOLDS
 
 
 @pytest.mark.parametrize("port", ["-1", "65536", "http"])

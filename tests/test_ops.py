@@ -241,6 +241,25 @@ async def test_pyz_serves_and_stops_cleanly_on_sigterm(tmp_path, fake_upstream, 
             await process.wait()
 
 
+@pytest.mark.slow  # a server process
+@pytest.mark.skipif(not shutil.which("ss"), reason="needs ss (iproute2) to read the backlog")
+async def test_backlog_reaches_the_listening_socket(tmp_path, fake_upstream):
+    token_file = write_token_file(tmp_path / "kiro-auth-token.json")
+    port = free_port()
+    process = await start_server_process(
+        [sys.executable, str(MAIN / "kiro2api.py"), "server", "--port", str(port),
+         "--api-key", API_KEY, "--token-file", str(token_file), "--upstream", fake_upstream.url,
+         "--backlog", "777"], port, env=child_env())
+    try:
+        # For a listening socket, ss prints the backlog where others have Send-Q.
+        listed = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True,
+                                text=True, check=True).stdout.split()
+        assert listed[:1] == ["LISTEN"] and listed[2] == "777", listed
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), 10)
+
+
 # The systemd unit #########################################################
 
 

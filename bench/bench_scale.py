@@ -1,0 +1,374 @@
+"""kiro2api under many concurrent streams: one setting against another, in one run.
+
+Each comparison starts the fake upstream (``upstream.py``) and two
+``kiro2api.py server`` processes in front of it that differ in one setting
+(A, the baseline, and B), and loads them in turn, A B B A (``--rounds 2``
+does it twice): a drift in the machine's other load falls on both alike.
+This process is the client (``loadgen.py``). Every figure is printed for A
+and B with B / A; on this shared machine only the ratios of one run are
+worth comparing, and the load average is printed with them.
+
+- ``backlog``: ``--backlog 128`` (aiohttp's own default, kiro2api's until
+  issue 23) against kiro2api's default. ``--burst`` short streams (2,000)
+  are opened evenly within ``--burst-seconds`` (2), each on a connection of
+  its own. Counted: the connections the kernel's listen queues could not
+  hold (``ListenOverflows`` in ``/proc/net/netstat``, over the whole
+  machine: another program's overflow would count too), the client
+  connects that took a SYN retransmission (1 s or more) or failed, and the
+  streams that did not complete.
+
+- ``gc``: the collector as Python sets it (no freeze, default thresholds:
+  kiro2api before issue 23) against kiro2api's tuning (``tune_gc``).
+  ``--streams`` clients (1,000) each open ``--waves`` (2) paced streams one
+  after the other (``--frames`` 100 frames ``--interval`` 80 ms apart; the
+  clients start evenly over ``--spread`` 1 s), against servers run by
+  ``probe.py``, which times every collection with ``gc.callbacks``.
+  Printed: the pauses during the run (count, p50, p99, max; full
+  collections apart), the per-event latency (the upstream's
+  stamp in each frame to its receipt here: p50 and p99 of the events
+  written once every stream was open, and the max), the streams that did
+  not complete, kiro2api's CPU per stream and its highest RSS.
+  ``--gc-thresholds T0,T1,T2`` tries other thresholds in B.
+
+Run ``python bench/bench_scale.py`` for every comparison (``make bench``
+runs it), or name some: ``python bench/bench_scale.py backlog``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import aiohttp
+import bench_proxy
+import loadgen
+
+BENCH = Path(__file__).resolve().parent
+
+HEADERS = {"Content-Type": "application/json", "x-api-key": bench_proxy.API_KEY}
+# A SYN the listen queue dropped is sent again after the initial RTO, 1 s.
+SYN_RETRY_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    extra: tuple[str, ...] = ()  # server options
+    gc_tuning: str | None = None  # probe.py's --gc-tuning
+    script: Path = bench_proxy.ROOT / "kiro2api.py"
+
+
+@dataclass
+class Server:
+    """One variant's kiro2api, run by probe.py, which writes its collections to ``gc_log``."""
+
+    proc: bench_proxy.Proc
+    gc_log: Path
+
+    def collections(self, since_ns: int) -> list[tuple[int, int, int, int]]:
+        """(start ns, duration ns, CPU ns, generation) of each collection since
+        ``since_ns``."""
+        self.gc_log.unlink(missing_ok=True)
+        self.proc.popen.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while not self.gc_log.exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.proc.name} wrote no {self.gc_log.name}")
+            time.sleep(0.05)
+        rows = [json.loads(line) for line in self.gc_log.read_text().splitlines()]
+        return [tuple(r) for r in rows if r[0] >= since_ns]
+
+
+def start_server(variant: Variant, upstream: str, workdir: Path) -> Server:
+    """kiro2api (``--kiro2api``) in front of ``upstream`` with a token file in ``workdir``."""
+    port = bench_proxy.free_port()
+    log, gc_log = workdir / "kiro2api.log", workdir / "gc.jsonl"
+    token_file = bench_proxy.write_token_file(workdir / "kiro-auth-token.json")
+    tuning = ("--gc-tuning", variant.gc_tuning) if variant.gc_tuning else ()
+    argv = [sys.executable, str(BENCH / "probe.py"), str(gc_log), *tuning,
+            str(variant.script), "server", "--port", str(port), "--api-key", bench_proxy.API_KEY,
+            "--token-file", str(token_file), "--upstream", upstream, "--social-auth-url",
+            upstream, "--oidc-url", upstream, "--log-level", "WARNING", *variant.extra]
+    env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY")}
+    popen = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log.open("w"), env=env)
+    return Server(bench_proxy.Proc("kiro2api", popen, f"http://127.0.0.1:{port}", log), gc_log)
+
+
+@dataclass
+class Comparison:
+    title: str
+    a: Variant
+    b: Variant
+    measure: Callable[[Server, argparse.Namespace], Any]
+    report: Callable[[str, list[dict], list[dict]], None]
+
+
+# Measurements #############################################################
+
+
+def listen_overflows() -> int:
+    """The machine's count of connections a full listen queue could not hold."""
+    lines = Path("/proc/net/netstat").read_text().splitlines()
+    for names, values in zip(lines[::2], lines[1::2]):
+        if names.startswith("TcpExt:"):
+            fields = dict(zip(names.split()[1:], values.split()[1:]))
+            return int(fields["ListenOverflows"])
+    return 0
+
+
+def connect_timer(times: list[float]) -> aiohttp.TraceConfig:
+    """A trace that appends the seconds each new connection took to ``times``."""
+    trace = aiohttp.TraceConfig()
+
+    async def started(session: Any, context: Any, params: Any) -> None:
+        context.started = time.monotonic()
+
+    async def ended(session: Any, context: Any, params: Any) -> None:
+        times.append(time.monotonic() - context.started)
+
+    trace.on_connection_create_start.append(started)
+    trace.on_connection_create_end.append(ended)
+    return trace
+
+
+async def burst(server: Server, args: argparse.Namespace) -> dict[str, float]:
+    """``args.burst`` streams opened evenly within ``args.burst_seconds``."""
+    proc = server.proc
+    connects: list[float] = []
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, force_close=True),
+        timeout=aiohttp.ClientTimeout(total=None, sock_read=60),
+        trace_configs=[connect_timer(connects)])
+    body = loadgen.request_body("anthropic", f"slow:{args.burst_frames}:{args.burst_interval}")
+    before = listen_overflows()
+    cpu = bench_proxy.cpu_seconds(proc.pid)
+    async with session:
+        result, done = await loadgen.run_stamped(
+            session, proc.url + "/v1/messages", body, HEADERS, args.burst,
+            spread=args.burst_seconds)
+        await done
+    expected = args.burst * args.burst_frames
+    return {
+        "overflows": listen_overflows() - before,
+        "slow_connects": sum(t >= SYN_RETRY_SECONDS for t in connects),
+        "failed": len(result.errors),
+        "lost_events": expected - len(result.delays_ns),
+        "max_open": result.max_open,
+        "connect_max": max(connects, default=float("nan")) * 1000,
+        "fb99": loadgen.percentile(result.first_byte, 99) * 1000,
+        "fb_max": max(result.first_byte, default=float("nan")) * 1000,
+        "cpu_s": bench_proxy.cpu_seconds(proc.pid) - cpu,
+    }
+
+
+def pause_figures(collections: list[tuple[int, int, int, int]]) -> dict[str, float]:
+    """How many collections of each generation; p50, p99 and max of their pauses and the
+    max of their CPU time (ms); the pauses' total and the full collections' longest."""
+    pauses = [duration / 1e6 for _, duration, _, _ in collections]
+    full = [duration / 1e6 for _, duration, _, generation in collections if generation == 2]
+    return {**{f"gen{g}": sum(c[3] == g for c in collections) for g in range(3)},
+            "gc50": loadgen.percentile(pauses, 50), "gc99": loadgen.percentile(pauses, 99),
+            "gc_max": max(pauses, default=0.0),
+            "gc_cpu_max": max((cpu / 1e6 for _, _, cpu, _ in collections), default=0.0),
+            "gc_ms": sum(pauses), "full_max": max(full, default=0.0)}
+
+
+async def paced(server: Server, args: argparse.Namespace) -> dict[str, float]:
+    """``args.streams`` paced streams, started evenly over ``args.spread`` seconds."""
+    proc = server.proc
+    body = loadgen.request_body("anthropic", f"slow:{args.frames}:{args.interval}")
+    since = time.monotonic_ns()
+    cpu = bench_proxy.cpu_seconds(proc.pid)
+    rss = 0
+    result = loadgen.Stamped(streams=args.streams)
+
+    async def client(k: int) -> None:  # one client's streams, one after the other
+        await asyncio.sleep(k * args.spread / args.streams)
+        for _ in range(args.waves):
+            await loadgen.stamped_stream(session, proc.url + "/v1/messages", body, HEADERS,
+                                         result)
+
+    async with loadgen.client_session(limit=0) as session:
+        done = asyncio.gather(*(client(k) for k in range(args.streams)))
+        while not done.done():
+            rss = max(rss, bench_proxy.rss_kb(proc.pid))
+            await asyncio.sleep(0.1)
+        await done
+    cpu = bench_proxy.cpu_seconds(proc.pid) - cpu
+    steady = [d / 1e6 for d in result.steady_delays_ns()]
+    delays = [d / 1e6 for d in result.delays_ns]
+    return {
+        "failed": len(result.errors),
+        "lost": args.streams * args.waves * args.frames - len(delays),
+        "max_open": result.max_open,
+        "p50": loadgen.percentile(steady, 50), "p99": loadgen.percentile(steady, 99),
+        "max": max(delays, default=float("nan")),
+        "cpu_ms": cpu * 1000 / (args.streams * args.waves),
+        "rss_mb": rss / 1024,
+        **pause_figures(server.collections(since)),
+    }
+
+
+# Report ##################################################################
+
+
+def ratio(b: float, a: float) -> str:
+    return f"{b / a:.2f}x" if a else ("-" if not b else "inf")
+
+
+def print_rows(names: tuple[str, str], runs: tuple[list[dict], list[dict]],
+               columns: tuple[tuple[str, str, int, Callable], ...]) -> None:
+    """One line per run of each variant, then each column summed up over the runs (its
+    ``sum``, ``max`` or ``median``), and B / A of those."""
+    print(bench_proxy.row("", [c[0] for c in columns]))
+    summary = []
+    for name, results in zip(names, runs):
+        for result in results:
+            print(bench_proxy.row(f"  {name}", [f"{result[k]:.{d}f}" for _, k, d, _ in columns]))
+        summary.append({k: how([r[k] for r in results]) for _, k, _, how in columns})
+    for name, result in zip(names, summary):
+        print(bench_proxy.row(f"  {name.partition(':')[0]}, all runs",
+                              [f"{result[k]:.{d}f}" for _, k, d, _ in columns]))
+    print(bench_proxy.row("  B / A", [ratio(summary[1][k], summary[0][k])
+                                      for _, k, _, _ in columns]))
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def report_burst(names: tuple[str, str], a: list[dict], b: list[dict]) -> None:
+    print("overflows: connections the listen queues dropped (the machine's ListenOverflows); "
+          "slow: client\nconnects of 1 s or more (a SYN sent again); failed: streams that "
+          "did not complete;\nconnect max, TTFB p99 and max in ms")
+    print_rows(names, (a, b), (
+        ("overflows", "overflows", 0, sum), ("slow", "slow_connects", 0, sum),
+        ("failed", "failed", 0, sum), ("lost ev", "lost_events", 0, sum),
+        ("max open", "max_open", 0, max), ("conn max", "connect_max", 0, max),
+        ("TTFB p99", "fb99", 0, max), ("TTFB max", "fb_max", 0, max),
+        ("CPU s", "cpu_s", 2, sum)))
+    print("  (counts and CPU summed over the runs; the rest: the highest run)")
+
+
+def report_paced(names: tuple[str, str], a: list[dict], b: list[dict]) -> None:
+    print("GC: collections during the run by generation (full: 2), their pauses in ms, the "
+          "most CPU one\ntook (its pause less the time other processes had the CPU) and the "
+          "longest full one; GC ms:\nall pauses; latency: upstream write -> client, ms (p50, "
+          "p99: once every stream was open;\nmax: every event); CPU ms per stream; RSS MB: "
+          "the highest while the streams were open;\nfailed streams, lost events; medians "
+          "over the runs")
+    print_rows(names, (a, b), (
+        ("gen0 n", "gen0", 0, median), ("gen1 n", "gen1", 0, median),
+        ("full n", "gen2", 0, median), ("GC p50", "gc50", 2, median),
+        ("GC p99", "gc99", 1, median), ("GC max", "gc_max", 1, median),
+        ("CPU max", "gc_cpu_max", 1, median), ("full max", "full_max", 1, median),
+        ("GC ms", "gc_ms", 0, median),
+        ("lat p50", "p50", 1, median), ("lat p99", "p99", 1, median),
+        ("lat max", "max", 0, median), ("CPU/strm", "cpu_ms", 2, median),
+        ("RSS MB", "rss_mb", 0, median), ("failed", "failed", 0, sum),
+        ("lost", "lost", 0, sum)))
+
+
+# Main ####################################################################
+
+COMPARISONS = {
+    "backlog": Comparison(
+        "listen backlog: a burst of connects", Variant("--backlog 128", ("--backlog", "128")),
+        Variant("the default"), burst, report_burst),
+    "gc": Comparison(
+        "garbage collection", Variant("Python's defaults", gc_tuning="default"),
+        Variant("tune_gc"), paced, report_paced),
+}
+
+
+def with_thresholds(comparison: Comparison, thresholds: str) -> Comparison:
+    """The gc comparison with B's thresholds ``T0,T1,T2`` in place of GC_THRESHOLDS."""
+    b = Variant(f"tune_gc at {thresholds}", gc_tuning=thresholds)
+    return dataclasses.replace(comparison, b=b)
+
+
+async def compare(comparison: Comparison, args: argparse.Namespace, workdir: Path,
+                  upstream: bench_proxy.Proc) -> None:
+    servers = []
+    try:
+        for letter, variant in zip("AB", (comparison.a, comparison.b)):
+            where = workdir / letter
+            where.mkdir(exist_ok=True)
+            servers.append(start_server(variant, upstream.url, where))
+        async with loadgen.client_session() as session:
+            for server in servers:
+                await bench_proxy.wait_ready(server.proc, session)
+        print(f"\n{comparison.title}: A = {comparison.a.name}, B = {comparison.b.name} "
+              f"(load avg {os.getloadavg()[0]:.2f})", flush=True)
+        results: tuple[list[dict], list[dict]] = ([], [])
+        for _ in range(args.rounds):
+            for index in (0, 1, 1, 0):
+                results[index].append(await comparison.measure(servers[index], args))
+                await asyncio.sleep(1)  # let the connections of the last run close
+        comparison.report((f"A: {comparison.a.name}", f"B: {comparison.b.name}"), *results)
+    finally:
+        for server in servers:
+            server.proc.stop()
+
+
+async def bench(args: argparse.Namespace, workdir: Path) -> None:
+    started = time.monotonic()
+    print(f"kiro2api at scale: {bench_proxy.machine()}")
+    upstream = bench_proxy.start_printing_port("upstream", ["upstream.py"], workdir)
+    try:
+        for name in args.comparisons or list(COMPARISONS):
+            comparison = COMPARISONS[name]
+            if name == "gc" and args.gc_thresholds:
+                comparison = with_thresholds(comparison, args.gc_thresholds)
+            await compare(comparison, args, workdir, upstream)
+    finally:
+        upstream.stop()
+    print(bench_proxy.took(started))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the comparisons (``make bench`` calls this with no arguments)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("comparisons", nargs="*", metavar="NAME",
+                        help=f"which to run: {', '.join(COMPARISONS)} (default: all)")
+    parser.add_argument("--rounds", type=int, default=1, help="A B B A, this many times")
+    parser.add_argument("--burst", type=int, default=2000, help="backlog: streams opened")
+    parser.add_argument("--burst-seconds", type=float, default=2.0,
+                        help="backlog: within this many seconds")
+    parser.add_argument("--burst-frames", type=int, default=10,
+                        help="backlog: frames of each stream")
+    parser.add_argument("--burst-interval", type=int, default=300, metavar="MS",
+                        help="backlog: milliseconds between them")
+    parser.add_argument("--streams", type=int, default=1000, help="paced streams at once")
+    parser.add_argument("--frames", type=int, default=100, help="frames of each paced stream")
+    parser.add_argument("--interval", type=int, default=80, metavar="MS",
+                        help="milliseconds between them")
+    parser.add_argument("--spread", type=float, default=1.0,
+                        help="seconds over which the paced streams start")
+    parser.add_argument("--waves", type=int, default=2,
+                        help="paced streams each client opens, one after the other")
+    parser.add_argument("--gc-thresholds", metavar="T0,T1,T2",
+                        help="gc: B's thresholds, in place of kiro2api's GC_THRESHOLDS")
+    args = parser.parse_args(argv)
+    for name in args.comparisons:
+        if name not in COMPARISONS:
+            parser.error(f"no comparison {name!r}: choose from {', '.join(COMPARISONS)}")
+    with tempfile.TemporaryDirectory(prefix="kiro2api-scale-") as workdir:
+        asyncio.run(bench(args, Path(workdir)))
+
+
+if __name__ == "__main__":
+    main()
