@@ -1979,6 +1979,9 @@ class SharedAccount:
         # A login refreshed while Redis was away, and the refresh token it replaced.
         self.alone: Credentials | None = None
         self.alone_from: str | None = None
+        # Health pushes one at a time, each with the state of its own moment: two
+        # in flight on two connections could land in either order, the older last.
+        self._pushing = asyncio.Lock()
 
     def key(self, what: str) -> str:
         return f"kiro2api:{what}:{self.id}"
@@ -2135,6 +2138,10 @@ class SharedAccount:
             self.fleet.spawn(self._push_health())
 
     async def _push_health(self) -> None:
+        async with self._pushing:
+            await self._push_health_now()
+
+    async def _push_health_now(self) -> None:
         store = self.store
         offset = store.clock.now().timestamp() - store.clock.monotonic()
 
