@@ -2467,6 +2467,9 @@ def parse_retry_after(value: str | None) -> float | None:
 
 # aiohttp 3.10+ tells a connect timeout from a read timeout by class; 3.9 by message.
 _ConnectTimeout = getattr(aiohttp, "ConnectionTimeoutError", None)
+# What aiohttp raises when sock_read runs out (3.10+; ServerTimeoutError in 3.9),
+# and so what the watchdog raises for --idle-timeout.
+_ReadTimeout = getattr(aiohttp, "SocketTimeoutError", aiohttp.ServerTimeoutError)
 
 
 def timeout_failure(exc: BaseException, config: Config, url: str) -> convert.Failure:
@@ -2476,7 +2479,7 @@ def timeout_failure(exc: BaseException, config: Config, url: str) -> convert.Fai
             or "connect" in str(exc).lower()):
         message = (f"could not connect to Kiro at {url} within {config.connect_timeout:g} s "
                    f"(--connect-timeout)")
-    elif isinstance(exc, aiohttp.ServerTimeoutError):  # sock_read: --idle-timeout
+    elif isinstance(exc, aiohttp.ServerTimeoutError):  # a read: --idle-timeout
         message = (f"Kiro did not start answering within {config.idle_timeout:g} s "
                    f"(--idle-timeout)")
     else:
@@ -2509,19 +2512,162 @@ def set_aside(store: TokenStore, seconds: float, reason: str, *,
     store.changed()
 
 
+# Upstream timeouts ########################################################
+#
+# aiohttp's sock_read timeout cancels a timer and schedules a new one on
+# every read of the socket, a frame every 50-100 ms on each of a thousand
+# streams. Instead one task per app, the watchdog, looks at every open call
+# to generateAssistantResponse every WATCH_TICK_SECONDS (or a tenth of the
+# shorter limit) and aborts those silent past --idle-timeout or without
+# their first bytes past --first-byte-timeout, with what aiohttp's timeout
+# or ``asyncio.wait_for`` raised before, so every caller sees the same
+# failures. A limit may run over by one tick. One difference: sock_read
+# started once the request was out, the watchdog's idle clock starts with
+# the call, so connecting (bounded by --connect-timeout) counts as silence;
+# knowing when the request is out takes aiohttp's tracing, which cost 3% of
+# a streamed request's CPU. It shows only with --idle-timeout the shorter.
+
+WATCH_TICK_SECONDS = 1.0
+IDLE, FIRST_BYTE = "idle", "first byte"
+
+
+class UpstreamWatch:
+    """One call as the watchdog sees it.
+
+    ``turns`` goes up by one when the caller starts waiting on Kiro (the call
+    begins, a read begins) and by one when something arrives: it is odd while
+    the caller waits. Two increments a read are all the bookkeeping there is.
+    The watchdog keeps ``seen``, the last ``turns`` it saw, and ``quiet_since``,
+    the tick at which it saw it change (or the caller not waiting).
+    """
+
+    __slots__ = ("turns", "seen", "quiet_since", "first_byte_by", "opening", "content",
+                 "response", "expired")
+
+    def __init__(self, now: float, first_byte_by: float) -> None:
+        self.turns = self.seen = 0
+        self.quiet_since = now
+        self.first_byte_by = first_byte_by  # inf once the first bytes are in
+        self.opening: asyncio.Future | None = None  # the call until its first bytes
+        self.content: aiohttp.StreamReader | None = None  # the body, once it is read
+        self.response: aiohttp.ClientResponse | None = None
+        self.expired: str | None = None  # IDLE or FIRST_BYTE, once aborted
+
+    def wait(self) -> None:
+        """Something happened, and the caller waits on Kiro now."""
+        self.turns += 2 if self.turns & 1 else 1
+
+    def rest(self) -> None:
+        """Something happened, and the caller does not wait on Kiro now."""
+        self.turns += 1 if self.turns & 1 else 2
+
+    def timeout(self) -> asyncio.TimeoutError:
+        """What the limit that ran out raised before the watchdog (timeout_failure's input)."""
+        if self.expired == IDLE:
+            return _ReadTimeout("Timeout on reading data from socket")
+        return asyncio.TimeoutError()
+
+
+class Watchdog:
+    """The open calls to Kiro and their two limits, checked every ``tick`` seconds."""
+
+    def __init__(self, config: Config) -> None:
+        self.idle = config.idle_timeout
+        self.first_byte = config.first_byte_timeout
+        self.tick = min(WATCH_TICK_SECONDS, self.idle / 10, self.first_byte / 10)
+        # Each call's own timeout: connecting stays aiohttp's (one timer a connection).
+        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout)
+        self.watches: set[UpstreamWatch] = set()
+
+    def watch(self) -> UpstreamWatch:
+        now = asyncio.get_running_loop().time()
+        watch = UpstreamWatch(now, now + self.first_byte)
+        self.watches.add(watch)
+        return watch
+
+    def forget(self, watch: UpstreamWatch) -> None:
+        self.watches.discard(watch)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Watchdog]:
+        task = asyncio.create_task(self.run())
+        try:
+            yield self
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.tick)
+            self.check(loop.time())
+
+    def check(self, now: float) -> None:
+        """Abort every call past a limit at ``now``; forget those already released."""
+        for watch in list(self.watches):
+            if watch.response is not None and watch.response.closed:
+                self.watches.discard(watch)  # released by a caller that did not say so
+                continue
+            if watch.turns != watch.seen or not watch.turns & 1:
+                watch.seen, watch.quiet_since = watch.turns, now
+            elif now - watch.quiet_since >= self.idle:
+                self.abort(watch, IDLE)
+                continue
+            if now >= watch.first_byte_by:
+                self.abort(watch, FIRST_BYTE)
+
+    def abort(self, watch: UpstreamWatch, limit: str) -> None:
+        watch.expired = limit
+        self.watches.discard(watch)
+        if watch.opening is not None:
+            watch.opening.cancel()  # opening() turns that into watch.timeout()
+        elif watch.content is not None:
+            # The pending read raises, as it did when aiohttp's sock_read ran out;
+            # releasing the response then closes its connection (unread body).
+            watch.content.set_exception(watch.timeout())
+
+
+async def opening(watch: UpstreamWatch, call: Awaitable[Any]) -> Any:
+    """``call`` (the request until its first bytes) in a task of its own that the
+    watchdog cancels at a limit; then raises what the limit raised before."""
+    task = watch.opening = asyncio.ensure_future(call)
+    try:
+        await asyncio.wait((task,))
+    except asyncio.CancelledError:  # the client went away: the call goes too
+        task.cancel()
+        await asyncio.wait((task,))
+        if not task.cancelled() and task.exception() is None:
+            task.result()[0].close()  # an answer that came in just then
+        raise
+    finally:
+        watch.opening = None
+    if task.cancelled():
+        raise watch.timeout()
+    return task.result()
+
+
+WATCHDOG = web.AppKey("watchdog", Watchdog)
+
+
 class UpstreamAnswer:
     """A 200 from Kiro with the first bytes of its body, read before anything goes
     to the client (so that an empty answer is asked again, never relayed)."""
 
-    def __init__(self, response: aiohttp.ClientResponse, head: bytes) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, head: bytes,
+                 watch: UpstreamWatch, watchdog: Watchdog) -> None:
         self.response = response
         self.head = head
         self.store: TokenStore | None = None  # the account that answered
+        self.watch, self.watchdog = watch, watchdog
+        watch.content = response.content
 
     async def __aenter__(self) -> UpstreamAnswer:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
+        self.watchdog.forget(self.watch)
         self.response.release()
 
 
@@ -2768,32 +2914,49 @@ async def post_generate(app: web.Application, entry: RequestLog, prepared: conve
     body = encode_payload(prepared, way.dialect, arn, config)
     url = region_url(way.url, kiro_region(credentials, arn, config)) + way.dialect.path
     headers = kiro_headers(config, store, credentials, way.dialect, arn)
+    watchdog = app[WATCHDOG]
+    watch = watchdog.watch()
+    watch.wait()  # the idle clock starts with the call
     loop = asyncio.get_running_loop()
     started = loop.time()
-    try:
-        response = await asyncio.wait_for(
-            session.post(url, data=body, headers=headers, proxy=config.proxy_for(url)),
-            config.first_byte_timeout)
-    except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
-        raise transport_refusal(exc, config, url) from None
-    entry.upstream_first_byte = loop.time() - started
-    app[METRICS].observe_first_byte(loop.time() - started)
-    if response.status == 200:
+
+    async def first_bytes() -> tuple[aiohttp.ClientResponse, bytes]:
+        response = await session.post(url, data=body, headers=headers,
+                                      proxy=config.proxy_for(url), timeout=watchdog.timeout)
+        watch.wait()  # the headers are in; the body is next
+        watch.response = response
+        entry.upstream_first_byte = loop.time() - started
+        app[METRICS].observe_first_byte(loop.time() - started)
+        if response.status != 200:
+            return response, b""
         try:
-            head = await asyncio.wait_for(
-                response.content.readany(),
-                max(0.0, started + config.first_byte_timeout - loop.time()))
-        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+            return response, await response.content.readany()
+        except BaseException:
             response.close()
+            raise
+
+    try:
+        try:
+            response, head = await opening(watch, first_bytes())
+        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
             raise transport_refusal(exc, config, url) from None
-        if head:
-            return UpstreamAnswer(response, head)
-        response.release()
-        raise KiroRefusal(convert.EMPTY, UpstreamError(convert.failure(
-            502, "Kiro answered with an empty stream (no event at all), each time it was "
-                 "asked")), retryable=True)
-    async with response:
-        text = await response.text(errors="replace")
+        watch.rest()
+        watch.first_byte_by = math.inf
+        if response.status == 200 and head:
+            return UpstreamAnswer(response, head, watch, watchdog)
+        if response.status == 200:
+            response.release()
+            raise KiroRefusal(convert.EMPTY, UpstreamError(convert.failure(
+                502, "Kiro answered with an empty stream (no event at all), each time it "
+                     "was asked")), retryable=True)
+        watch.content = response.content
+        watch.wait()  # for the rest of the refusal
+        async with response:
+            text = await response.text(errors="replace")
+    except BaseException:
+        watchdog.forget(watch)
+        raise
+    watchdog.forget(watch)
     log.debug("upstream %s answered %d: %s", url, response.status, text[:2000])
     meaning = convert.rejection(response.status, text)
     failure = convert.upstream_failure(response.status, text,
@@ -2841,7 +3004,13 @@ async def upstream_frames(upstream: UpstreamAnswer) -> AsyncIterator[list[events
     frames = decoder.take()
     if frames:
         yield frames
-    async for chunk in upstream.response.content.iter_any():  # no generator in between
+    read, watch = upstream.response.content.readany, upstream.watch
+    while True:
+        watch.turns += 1  # odd: waiting on Kiro (see UpstreamWatch)
+        chunk = await read()
+        watch.turns += 1
+        if not chunk:
+            break
         decoder.feed(chunk)
         frames = decoder.take()
         if frames:
@@ -4528,6 +4697,11 @@ async def http_session_ctx(app: web.Application) -> AsyncIterator[None]:
     await session.close()
 
 
+async def watchdog_ctx(app: web.Application) -> AsyncIterator[None]:
+    async with app[WATCHDOG].running():
+        yield
+
+
 async def finish_streams(app: web.Application) -> None:
     """On SIGTERM (listening has stopped): let streams finish, then cut them short.
 
@@ -4557,10 +4731,12 @@ def make_app(config: Config) -> web.Application:
     app[ACCOUNTS] = []
     app[STREAMS] = set()
     app[METRICS] = Metrics()
+    app[WATCHDOG] = Watchdog(config)
     app[MODEL_CACHE] = ModelCache()
     app.on_response_prepare.append(add_request_id)
     app[SHUTTING_DOWN] = asyncio.Event()
     app.on_shutdown.append(finish_streams)
+    app.cleanup_ctx.append(watchdog_ctx)
     app.cleanup_ctx.append(http_session_ctx)
     app.cleanup_ctx.append(load_accounts_ctx)
     app.cleanup_ctx.append(shared_state_ctx)
@@ -4692,9 +4868,11 @@ async def command_app(config: Config) -> AsyncIterator[web.Application]:
     application state (config, session, metrics, accounts that save every refresh)."""
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout,
                                     sock_read=config.idle_timeout)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    watchdog = Watchdog(config)
+    async with aiohttp.ClientSession(timeout=timeout) as session, watchdog.running():
         app = web.Application()
         app[CONFIG], app[HTTP], app[METRICS] = config, session, Metrics()
+        app[WATCHDOG] = watchdog
         app[ACCOUNTS] = accounts(config, session, must_save=True)
         yield app
 

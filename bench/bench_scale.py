@@ -30,6 +30,14 @@ worth comparing, and the load average is printed with them.
   not complete, kiro2api's CPU per stream and its highest RSS.
   ``--gc-thresholds T0,T1,T2`` tries other thresholds in B.
 
+- ``timers``: kiro2api before the watchdog (``--baseline REV``, by default
+  the commit before ``class Watchdog`` came into kiro2api.py: aiohttp's
+  sock_read, a timer re-armed on every upstream read) against this
+  checkout's. CPU per request of ``--requests`` (2,000) streamed
+  ``/v1/messages`` at c=20 (200 frames each, no delay), then the paced
+  streams as for ``gc``: CPU per stream and the per-event latency
+  (``--streams 0``: none).
+
 Run ``python bench/bench_scale.py`` for every comparison (``make bench``
 runs it), or name some: ``python bench/bench_scale.py backlog``.
 """
@@ -220,6 +228,46 @@ async def paced(server: Server, args: argparse.Namespace) -> dict[str, float]:
     }
 
 
+async def closed_loop(server: Server, args: argparse.Namespace) -> dict[str, float]:
+    """CPU per request of streamed /v1/messages at c=20 (after a warm-up)."""
+    proc = server.proc
+    url, body = proc.url + "/v1/messages", loadgen.request_body("anthropic", "text")
+    expect = (b"message_stop",)
+    async with loadgen.client_session() as session:
+        await loadgen.run_load(session, url, body, HEADERS, concurrency=20, requests=200,
+                               expect=expect)
+        cpu = bench_proxy.cpu_seconds(proc.pid)
+        load = await loadgen.run_load(session, url, body, HEADERS, concurrency=20,
+                                      requests=args.requests, expect=expect)
+    cpu = bench_proxy.cpu_seconds(proc.pid) - cpu
+    return {"req_cpu": cpu * 1000 / max(len(load.samples), 1), "rps": load.rps,
+            "req_errors": len(load.errors)}
+
+
+async def closed_and_paced(server: Server, args: argparse.Namespace) -> dict[str, float]:
+    closed = await closed_loop(server, args)
+    return {**closed, **await paced(server, args)} if args.streams else closed
+
+
+def baseline_script(rev: str | None, workdir: Path) -> tuple[str, Path]:
+    """kiro2api.py (and the modules it imports) at ``rev``, or, without one, at the
+    commit before kiro2api.py had ``class Watchdog``; (short hash, its kiro2api.py)."""
+    def git(*argv: str) -> str:
+        return subprocess.run(["git", *argv], cwd=bench_proxy.ROOT, check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    if rev is None:
+        added = git("log", "--format=%H", "-S", "class Watchdog", "--", "kiro2api.py")
+        if not added:
+            raise SystemExit("kiro2api.py has no Watchdog in this history: give --baseline")
+        rev = added.split()[-1] + "~1"
+    where = workdir / "baseline"
+    where.mkdir(exist_ok=True)
+    for module in ("kiro2api.py", "convert.py", "eventstream.py"):
+        (where / module).write_text(git("show", f"{rev}:{module}") + "\n")
+    return git("rev-parse", "--short", rev), where / "kiro2api.py"
+
+
 # Report ##################################################################
 
 
@@ -230,7 +278,9 @@ def ratio(b: float, a: float) -> str:
 def print_rows(names: tuple[str, str], runs: tuple[list[dict], list[dict]],
                columns: tuple[tuple[str, str, int, Callable], ...]) -> None:
     """One line per run of each variant, then each column summed up over the runs (its
-    ``sum``, ``max`` or ``median``), and B / A of those."""
+    ``sum``, ``max`` or ``median``), and B / A of those. Columns the results do not
+    have are left out."""
+    columns = tuple(c for c in columns if all(c[1] in r for r in runs[0] + runs[1]))
     print(bench_proxy.row("", [c[0] for c in columns]))
     summary = []
     for name, results in zip(names, runs):
@@ -282,6 +332,19 @@ def report_paced(names: tuple[str, str], a: list[dict], b: list[dict]) -> None:
         ("lost", "lost", 0, sum)))
 
 
+def report_timers(names: tuple[str, str], a: list[dict], b: list[dict]) -> None:
+    print("req CPU: CPU ms per streamed request at c=20, and req/s; then the paced streams: "
+          "CPU ms per\nstream, latency p50 and p99 in ms, collections by generation; "
+          "failed requests and streams; medians")
+    print_rows(names, (a, b), (
+        ("req CPU", "req_cpu", 3, median), ("req/s", "rps", 0, median),
+        ("CPU/strm", "cpu_ms", 3, median), ("lat p50", "p50", 1, median),
+        ("lat p99", "p99", 1, median), ("gen0 n", "gen0", 0, median),
+        ("gen1 n", "gen1", 0, median), ("full n", "gen2", 0, median),
+        ("failed", "req_errors", 0, sum), ("str fail", "failed", 0, sum),
+        ("lost", "lost", 0, sum)))
+
+
 # Main ####################################################################
 
 COMPARISONS = {
@@ -291,6 +354,10 @@ COMPARISONS = {
     "gc": Comparison(
         "garbage collection", Variant("Python's defaults", gc_tuning="default"),
         Variant("tune_gc"), paced, report_paced),
+    "timers": Comparison(
+        "upstream timeouts: a timer per read, or the watchdog",
+        Variant("before the watchdog"), Variant("the watchdog"), closed_and_paced,
+        report_timers),
 }
 
 
@@ -333,6 +400,10 @@ async def bench(args: argparse.Namespace, workdir: Path) -> None:
             comparison = COMPARISONS[name]
             if name == "gc" and args.gc_thresholds:
                 comparison = with_thresholds(comparison, args.gc_thresholds)
+            if name == "timers":
+                rev, script = baseline_script(args.baseline, workdir)
+                comparison = dataclasses.replace(
+                    comparison, a=Variant(f"{rev}, before the watchdog", script=script))
             await compare(comparison, args, workdir, upstream)
     finally:
         upstream.stop()
@@ -360,6 +431,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="seconds over which the paced streams start")
     parser.add_argument("--waves", type=int, default=2,
                         help="paced streams each client opens, one after the other")
+    parser.add_argument("--requests", type=int, default=2000,
+                        help="timers: requests at c=20 per run")
+    parser.add_argument("--baseline", metavar="REV",
+                        help="timers: the kiro2api to compare with (default: the commit "
+                             "before the watchdog)")
     parser.add_argument("--gc-thresholds", metavar="T0,T1,T2",
                         help="gc: B's thresholds, in place of kiro2api's GC_THRESHOLDS")
     args = parser.parse_args(argv)

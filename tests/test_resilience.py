@@ -31,6 +31,12 @@ async def start(aiohttp_server, config, **changes):
                                     api_key=config.api_key, max_retries=0)
 
 
+async def start_app(aiohttp_server, app):
+    server = await aiohttp_server(app)
+    return anthropic.AsyncAnthropic(base_url=str(server.make_url("")).rstrip("/"),
+                                    api_key=app[kiro2api.CONFIG].api_key, max_retries=0)
+
+
 async def test_429_and_5xx_are_retried_before_the_first_byte(aiohttp_server, fake_upstream,
                                                               proxy_config):
     client = await start(aiohttp_server, proxy_config, retries=3)
@@ -111,6 +117,91 @@ async def test_slow_first_byte_is_a_504_in_the_openai_envelope(aiohttp_server, f
     status, body = await post_json(server.make_url("/v1/chat/completions"), OPENAI_BODY)
     assert status == 504
     assert body["error"]["code"] == "timeout" and "--first-byte-timeout" in body["error"]["message"]
+
+
+async def test_silence_before_the_first_byte_is_a_504_naming_the_idle_timeout(
+        aiohttp_server, fake_upstream, proxy_config):
+    server = await aiohttp_server(kiro2api.make_app(
+        dataclasses.replace(proxy_config, idle_timeout=0.2, first_byte_timeout=30)))
+    fake_upstream.script.append(Status(200, {}, delay=2.0))
+    status, body = await asyncio.wait_for(
+        post_json(server.make_url("/v1/chat/completions"), OPENAI_BODY), 10)
+    assert status == 504
+    assert body["error"]["code"] == "timeout" and "--idle-timeout" in body["error"]["message"]
+
+
+async def test_the_watchdog_forgets_every_call_once_it_is_over(aiohttp_server, fake_upstream,
+                                                               proxy_config):
+    app = kiro2api.make_app(proxy_config)
+    client = await start_app(aiohttp_server, app)
+    fake_upstream.script.extend([Stream(fakes.text("a", "b") + fakes.tail()),
+                                 Status(400, {"message": "Improperly formed request."})])
+    async with client.messages.stream(**BODY) as stream:
+        assert await stream.get_final_text() == "ab"
+    with pytest.raises(anthropic.BadRequestError):
+        await client.messages.create(**BODY)
+    assert app[kiro2api.WATCHDOG].watches == set()
+
+
+# The watchdog's rules, on a clock of its own (``check(now)``), no waiting.
+
+async def watched(**limits):
+    watchdog = kiro2api.Watchdog(kiro2api.Config(**limits))
+    return watchdog, watchdog.watch()
+
+
+async def test_the_watchdog_ticks_a_tenth_of_the_shorter_limit_at_most_a_second():
+    assert kiro2api.Watchdog(kiro2api.Config()).tick == 1.0
+    assert kiro2api.Watchdog(kiro2api.Config(idle_timeout=0.3, first_byte_timeout=5)).tick \
+        == pytest.approx(0.03)
+
+
+async def test_a_call_waiting_in_silence_is_aborted_once_the_idle_limit_is_past():
+    watchdog, watch = await watched(idle_timeout=10, first_byte_timeout=1000)
+    watch.first_byte_by = float("inf")
+    watch.wait()  # the request is out
+    watchdog.check(100.0)  # the change is seen: silence counts from this tick
+    watchdog.check(109.9)
+    assert watch.expired is None
+    watchdog.check(110.0)
+    assert watch.expired == kiro2api.IDLE and watch not in watchdog.watches
+    assert isinstance(watch.timeout(), aiohttp.ServerTimeoutError)
+
+
+async def test_every_read_and_every_pause_of_the_caller_restarts_the_idle_clock():
+    watchdog, watch = await watched(idle_timeout=10, first_byte_timeout=1000)
+    watch.first_byte_by = float("inf")
+    watch.wait()
+    watchdog.check(100.0)
+    watch.turns += 2  # a read came in and the next one began
+    watchdog.check(108.0)
+    watchdog.check(117.0)
+    assert watch.expired is None
+    watch.turns += 1  # the caller writes to a slow client: not waiting on Kiro
+    for now in (120.0, 200.0, 300.0):
+        watchdog.check(now)
+    assert watch.expired is None
+    watch.turns += 1  # reading again
+    watchdog.check(301.0)
+    watchdog.check(310.9)
+    assert watch.expired is None
+    watchdog.check(311.0)
+    assert watch.expired == kiro2api.IDLE
+
+
+async def test_a_call_without_its_first_bytes_is_aborted_at_the_first_byte_limit():
+    watchdog, watch = await watched(idle_timeout=1000, first_byte_timeout=20)
+    watch.wait()
+    deadline = watch.first_byte_by
+    watchdog.check(deadline - 0.01)
+    watch.turns += 2  # the headers came, not the body
+    watchdog.check(deadline - 0.005)
+    assert watch.expired is None
+    watchdog.check(deadline)
+    assert watch.expired == kiro2api.FIRST_BYTE
+    timeout = watch.timeout()
+    assert isinstance(timeout, asyncio.TimeoutError)
+    assert not isinstance(timeout, aiohttp.ServerTimeoutError)  # so the 504 names this limit
 
 
 # Retries ##################################################################
