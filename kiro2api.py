@@ -36,6 +36,7 @@ import gc
 import glob
 import hashlib
 import hmac
+import importlib.util
 import itertools
 import ipaddress
 import json
@@ -211,6 +212,9 @@ class Config:
     # 128 while the event loop was busy starting the streams already accepted;
     # Linux caps the figure at net.core.somaxconn (4096 since Linux 5.4).
     backlog: int = 1024
+    # The event loop serve runs on: "asyncio" or "uvloop" (the CLI turns --loop
+    # auto into one of them).
+    loop: str = "asyncio"
     # Largest client request body we read, in bytes.
     max_body_bytes: int = 32 * 1024 * 1024
     # Largest CodeWhisperer body we send, in bytes. The upstream refuses
@@ -4787,6 +4791,39 @@ async def tune_gc(app: web.Application) -> None:
               GC_THRESHOLDS)
 
 
+# Event loop ###############################################################
+#
+# uvloop (the extra kiro2api[speed]) runs the same asyncio code on libuv;
+# bench_scale.py loop measures it against asyncio's own loop.
+
+LOOPS = ("auto", "asyncio", "uvloop")
+UVLOOP_MISSING = ("--loop uvloop needs the uvloop package: pip install 'kiro2api[speed]' "
+                  "(or: pip install uvloop), or use --loop auto")
+
+
+def uvloop_installed() -> bool:
+    """Whether uvloop can be imported (found without importing it)."""
+    return importlib.util.find_spec("uvloop") is not None
+
+
+def choose_loop(wanted: str, *, uvloop: bool) -> str:
+    """The loop to run for ``--loop wanted``, given whether uvloop is installed;
+    raises click.UsageError for uvloop asked for by name and missing."""
+    if wanted == "uvloop" and not uvloop:
+        raise click.UsageError(UVLOOP_MISSING)
+    if wanted == "auto":
+        return "uvloop" if uvloop else "asyncio"
+    return wanted
+
+
+def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
+    if kind == "uvloop":
+        import uvloop  # only here: the CLI has checked that it is installed
+
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
 def serve(config: Config) -> None:
     """Run the server until SIGINT/SIGTERM (the seam the CLI tests replace).
 
@@ -4806,9 +4843,11 @@ def serve(config: Config) -> None:
     app = make_app(config)
     # Here, not in make_app: the tests build apps by the hundred in one process.
     app.on_startup.append(tune_gc)
+    log.debug("event loop: %s", config.loop)
     try:
         web.run_app(
             app,
+            loop=new_event_loop(config.loop),
             host=config.host,
             port=config.port,
             shutdown_timeout=config.shutdown_timeout,
@@ -5340,10 +5379,14 @@ def positional_or_option(ctx: click.Context, name: str, argument: Any, option: A
               show_default=True, type=click.Choice(["off", "kiro"]),
               help="Claude Code's auto-mode check of tool calls: off (not judged) or kiro "
                    "(one small Kiro call per call).")
+@click.option("--loop", "loop", envvar="KIRO2API_LOOP", show_envvar=True, default="auto",
+              show_default=True, type=click.Choice(LOOPS),
+              help="Event loop: uvloop (kiro2api[speed]), asyncio's own, or auto (uvloop "
+                   "when installed).")
 @tuning_options
 def server(port_arg, key_arg, host, port, api_key, no_auth, token_files, service,
            social_auth_url, oidc_url, proxy, log_level, log_format, state, model_map,
-           safeguards, **tuning) -> None:
+           safeguards, loop, **tuning) -> None:
     """Run the proxy.
 
     \b
@@ -5383,6 +5426,7 @@ def server(port_arg, key_arg, host, port, api_key, no_auth, token_files, service
         state=state,
         model_map=model_map,
         safeguards=safeguards,
+        loop=choose_loop(loop, uvloop=uvloop_installed()),
         **tuning,
     )
     configure_logging(config.log_level, config.log_format, timestamps=config.log_timestamps)

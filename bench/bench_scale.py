@@ -38,6 +38,10 @@ worth comparing, and the load average is printed with them.
   streams as for ``gc``: CPU per stream and the per-event latency
   (``--streams 0``: none).
 
+- ``loop``: ``--loop asyncio`` against ``--loop uvloop``, measured as
+  ``timers`` is; skipped when uvloop is not installed (``pip install -e
+  '.[speed]'``).
+
 Run ``python bench/bench_scale.py`` for every comparison (``make bench``
 runs it), or name some: ``python bench/bench_scale.py backlog``.
 """
@@ -47,6 +51,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import importlib.util
 import json
 import os
 import signal
@@ -358,6 +363,9 @@ COMPARISONS = {
         "upstream timeouts: a timer per read, or the watchdog",
         Variant("before the watchdog"), Variant("the watchdog"), closed_and_paced,
         report_timers),
+    "loop": Comparison(
+        "event loop", Variant("--loop asyncio", ("--loop", "asyncio")),
+        Variant("--loop uvloop", ("--loop", "uvloop")), closed_and_paced, report_timers),
 }
 
 
@@ -400,6 +408,10 @@ async def bench(args: argparse.Namespace, workdir: Path) -> None:
             comparison = COMPARISONS[name]
             if name == "gc" and args.gc_thresholds:
                 comparison = with_thresholds(comparison, args.gc_thresholds)
+            if name == "loop" and importlib.util.find_spec("uvloop") is None:
+                print("\nevent loop: skipped, uvloop is not installed (pip install -e "
+                      "'.[speed]')")
+                continue
             if name == "timers":
                 rev, script = baseline_script(args.baseline, workdir)
                 comparison = dataclasses.replace(

@@ -90,7 +90,8 @@ def test_backlog_must_be_positive(served):
 
 def test_serve_tunes_the_collector_once_the_app_has_started(monkeypatch, tmp_path):
     started = []
-    monkeypatch.setattr(kiro2api.web, "run_app", lambda app, **options: started.append(app))
+    monkeypatch.setattr(kiro2api.web, "run_app",
+                        lambda app, **options: started.append(app) or options["loop"].close())
     kiro2api.serve(kiro2api.Config(token_files=(tmp_path / "token.json",)))
     (app,) = started
     assert list(app.on_startup)[-1] is kiro2api.tune_gc  # after the cleanup contexts
@@ -110,6 +111,54 @@ async def test_tune_gc_freezes_what_is_alive_and_sets_the_thresholds():
 def test_make_app_leaves_the_collector_alone(tmp_path):
     kiro2api.make_app(kiro2api.Config(token_files=(tmp_path / "token.json",)))
     assert gc.get_freeze_count() == 0 and gc.get_threshold() != kiro2api.GC_THRESHOLDS
+
+
+@pytest.mark.parametrize(("wanted", "installed", "runs"), [
+    ("auto", True, "uvloop"), ("auto", False, "asyncio"), ("asyncio", True, "asyncio"),
+    ("asyncio", False, "asyncio"), ("uvloop", True, "uvloop")])
+def test_loop_choice(wanted, installed, runs):
+    assert kiro2api.choose_loop(wanted, uvloop=installed) == runs
+
+
+@pytest.mark.parametrize("installed", [True, False], ids=["uvloop installed", "no uvloop"])
+def test_loop_is_auto_by_default_and_set_by_option_or_variable(served, monkeypatch, installed):
+    monkeypatch.setattr(kiro2api, "uvloop_installed", lambda: installed)
+    result = CliRunner().invoke(kiro2api.cli, ["server"])
+    assert result.exit_code == 0, result.output
+    monkeypatch.setenv("KIRO2API_LOOP", "asyncio")
+    result = CliRunner().invoke(kiro2api.cli, ["server"])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(kiro2api.cli, ["server", "--loop", "auto"])
+    assert result.exit_code == 0, result.output
+    best = "uvloop" if installed else "asyncio"
+    assert [config.loop for config in served] == [best, "asyncio", best]
+
+
+def test_uvloop_asked_for_and_missing_is_a_usage_error(served, monkeypatch):
+    monkeypatch.setattr(kiro2api, "uvloop_installed", lambda: False)
+    for args, env in ((["--loop", "uvloop"], {}), ([], {"KIRO2API_LOOP": "uvloop"})):
+        result = CliRunner().invoke(kiro2api.cli, ["server", *args], env=env)
+        assert result.exit_code == 2, result.output
+        assert "needs the uvloop package" in result.output and "kiro2api[speed]" in result.output
+    assert served == []
+
+
+def test_loop_refuses_an_unknown_name(served):
+    result = CliRunner().invoke(kiro2api.cli, ["server", "--loop", "trio"])
+    assert result.exit_code == 2, result.output
+    assert "--loop" in result.output and served == []
+
+
+def test_serve_runs_asyncio_own_loop_when_told(monkeypatch, tmp_path):
+    loops = []
+    monkeypatch.setattr(kiro2api.web, "run_app", lambda app, **options: loops.append(
+        options["loop"]))
+    kiro2api.serve(kiro2api.Config(token_files=(tmp_path / "token.json",), loop="asyncio"))
+    (loop,) = loops
+    try:
+        assert type(loop).__module__.startswith("asyncio")
+    finally:
+        loop.close()
 
 
 @pytest.mark.parametrize("port", ["-1", "65536", "http"])
