@@ -2671,6 +2671,10 @@ class UpstreamAnswer:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Done with the answer: the watchdog forgets it, its connection goes back."""
         self.watchdog.forget(self.watch)
         self.response.release()
 
@@ -4072,7 +4076,7 @@ async def stream_sse(request: web.Request, upstream: UpstreamAnswer,
         keepalive.cancel()
         streams.discard(task)
         request[REQUEST_LOG].bytes_out = now.sent
-        now.upstream.response.release()  # a later search round's (the first is the caller's)
+        now.upstream.close()  # a later search round's (the first is the caller's too)
         count_credits(request, now.upstream, now.assembler)
     with contextlib.suppress(ConnectionError):
         await response.write_eof(tail)  # the last events and the end of the body: one send
@@ -4180,7 +4184,7 @@ async def answer_whole(request: web.Request, upstream: UpstreamAnswer,
         try:
             latest = await collect_events(upstream, assembler)
         finally:
-            upstream.response.release()
+            upstream.close()
         events += latest
     count_credits(request, upstream, assembler)
     request[REQUEST_LOG].usage = assembler.usage_source
@@ -4293,7 +4297,7 @@ class WebSearchRun:
         if assembler.tool_calls or last_round or assembler.stop_reason != "end_turn":
             return found, None  # the client's tools to run, or a cut answer: it ends here
         count_credits(self.request, upstream, assembler)
-        upstream.response.release()
+        upstream.close()
         self.spent = self.usage(assembler.usage)
         self.rounds += 1
         self.body = convert.search_continuation(self.body, self.texts, calls, found)
