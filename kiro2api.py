@@ -5333,6 +5333,15 @@ def model_pairs(ctx: click.Context, param: click.Parameter,
     return pairs
 
 
+def account_options(command: Callable) -> Callable:
+    """The options that say which accounts to serve and how to reach Kiro for them
+    (``server``, ``doctor``, ``usage``)."""
+    for option in (proxy_option, oidc_url_option, social_auth_url_option, service_options,
+                   token_file_option):
+        command = option(command)
+    return command
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -5362,11 +5371,7 @@ def positional_or_option(ctx: click.Context, name: str, argument: Any, option: A
 @port_option()
 @api_key_option()
 @click.option("--no-auth", is_flag=True, help="Accept any client (loopback hosts only).")
-@token_file_option
-@service_options
-@social_auth_url_option
-@oidc_url_option
-@proxy_option
+@account_options
 @click.option("--log-level", envvar="KIRO2API_LOG_LEVEL", show_envvar=True, default="INFO",
               show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
@@ -5567,11 +5572,7 @@ def refresh(config: Config) -> None:
 
 
 @cli.command()
-@token_file_option
-@service_options
-@social_auth_url_option
-@oidc_url_option
-@proxy_option
+@account_options
 @click.option("--model", default="claude-haiku-4-5", show_default=True,
               help="Model of the one-token test generations.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of lines.")
@@ -5671,11 +5672,7 @@ def usage_lines(report: Json) -> list[str]:
 
 
 @cli.command()
-@token_file_option
-@service_options
-@social_auth_url_option
-@oidc_url_option
-@proxy_option
+@account_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of lines.")
 def usage(token_files, service, social_auth_url, oidc_url, proxy, as_json) -> None:
     """Show every account's credits: plan, used of the limit, reset, trial and bonuses.
