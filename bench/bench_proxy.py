@@ -45,7 +45,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -120,6 +120,54 @@ def rss_kb(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
+
+
+def parents() -> dict[int, int]:
+    """The parent of every live process on the machine, from ``/proc/*/stat``."""
+    found = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = Path(entry.path, "stat").read_text()
+            except OSError:  # it ended since the listing
+                continue
+            found[int(entry.name)] = int(stat[stat.rindex(")") + 2:].split()[1])
+    return found
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its live descendants (a supervisor and its workers, say)."""
+    children: dict[int, list[int]] = {}
+    for child, parent in parents().items():
+        children.setdefault(parent, []).append(child)
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo.extend(children.get(tree[-1], ()))
+    return tree
+
+
+def tree_sum(members: list[int], measure: Callable[[int], float]) -> float:
+    """``measure`` summed over the processes ``members`` (a ``process_tree``); one
+    that has ended counts for nothing (its CPU time is then its parent's to collect)."""
+    total = 0.0
+    for member in members:
+        try:
+            total += measure(member)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` and its live descendants, in seconds."""
+    return tree_sum(process_tree(pid), cpu_seconds)
+
+
+def tree_rss_kb(pid: int) -> int:
+    """RSS of ``pid`` and its live descendants, summed: a page two of them share
+    counts twice, so the sum is for growth (one sum less another), not size."""
+    return int(tree_sum(process_tree(pid), rss_kb))
 
 
 def free_port() -> int:

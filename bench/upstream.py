@@ -127,13 +127,14 @@ class Upstream:
             "profileArn": "arn:aws:codewhisperer:us-east-1:111122223333:profile/BENCH"})
 
 
-async def serve(app: web.Application, port: int) -> None:
-    """Serve ``app`` on 127.0.0.1, print the port, run until SIGTERM/SIGINT."""
+async def serve(app: web.Application, port: int, reuse_port: bool = False) -> None:
+    """Serve ``app`` on 127.0.0.1, print the port, run until SIGTERM/SIGINT;
+    ``reuse_port``: bind with SO_REUSEPORT, beside other processes on ``port``."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     # Above kiro2api's default, so that in a burst of connects (bench_scale.py)
     # the helpers' listen queues are never the ones that overflow.
-    site = web.TCPSite(runner, "127.0.0.1", port, backlog=4096)
+    site = web.TCPSite(runner, "127.0.0.1", port, backlog=4096, reuse_port=reuse_port)
     await site.start()
     print(runner.addresses[0][1], flush=True)
     stop = asyncio.Event()
