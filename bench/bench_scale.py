@@ -48,11 +48,13 @@ printed with them. CPU and RSS are summed over each server's process tree.
   supervisor and N processes on one port, SO_REUSEPORT) against the
   forwarding floor (``floor.py``) in one process (A) and in N (B, ``floor.py
   --processes N``), and kiro2api in one process (D) for reference; kiro2api
-  runs directly, not under ``probe.py`` (no collection timing). Each run:
-  the paced streams as for ``gc``, with the RSS per open stream (the tree's
-  highest RSS less its RSS idle after starting, over the streams then
-  open), then a burst as for ``backlog``. Printed with C / A, C / B and C /
-  D, and issue 23's targets for C, PASS or MISS: every stream complete;
+  runs directly, not under ``probe.py`` (no collection timing). Each
+  server is warmed up with ``--streams`` short streams; then the paced
+  streams as for ``gc``, A B C D D C B A, with the RSS per open stream (the
+  tree's highest RSS less its RSS idle after starting, over the most
+  streams open at once); then, in the same order, a burst each as for
+  ``backlog``. Printed with C / A, C / B and C / D, and issue 23's targets
+  for C, PASS or MISS: every stream complete;
   latency p99 at most A's and at most 5 ms above B's; CPU per stream at
   most 1.3x B's; at most 50 KB per open stream; in the burst nothing
   refused (no overflow, no slow connect) and every stream complete.
@@ -76,7 +78,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import aiohttp
 import bench_proxy
@@ -150,9 +152,12 @@ def start_server(variant: Variant, upstream: str, workdir: Path) -> Server:
 class Comparison:
     title: str
     variants: tuple[Variant, ...]  # A (the baseline), B, ...
-    measure: Callable[[Server, argparse.Namespace], Any]
+    # Phases, each a round order over all variants in turn: one variant's j-th
+    # figures from every phase make its j-th row.
+    measures: tuple[Callable[[Server, argparse.Namespace], Any], ...]
     # The variants' names and each one's results, in order; the command line.
     report: Callable[[list[str], list[list[dict]], argparse.Namespace], None]
+    warm_up: Callable[[Server, argparse.Namespace], Awaitable[None]] | None = None
 
 
 # Measurements #############################################################
@@ -230,16 +235,16 @@ async def paced(server: Server, args: argparse.Namespace) -> dict[str, float]:
 
     CPU and RSS are the server's process tree's (a supervisor and its workers),
     the tree as it is at the start. ``kb_open``: the tree's highest RSS less its
-    RSS when idle after starting (``Server.idle_kb``), over the streams open at
-    that highest sample. Not less its RSS just before the run: from the second
-    run on that holds what the first left (pooled upstream connections, the
-    allocator's arenas), and the growth comes out near nothing.
+    RSS when idle after starting (``Server.idle_kb``), over the most streams
+    open at once; ``kb_run``: the same less its RSS just before the run, which
+    from the second run on holds what the runs before left (pooled upstream
+    connections, the allocator's arenas): it comes out lower, down to nothing.
     """
     proc = server.proc
     body = loadgen.request_body("anthropic", f"slow:{args.frames}:{args.interval}")
     since = time.monotonic_ns()
     tree = bench_proxy.process_tree(proc.pid)
-    rss, open_at_peak = 0.0, 0
+    before = rss = bench_proxy.tree_sum(tree, bench_proxy.rss_kb)
     cpu = bench_proxy.tree_sum(tree, bench_proxy.cpu_seconds)
     result = loadgen.Stamped(streams=args.streams)
 
@@ -252,9 +257,7 @@ async def paced(server: Server, args: argparse.Namespace) -> dict[str, float]:
     async with loadgen.client_session(limit=0) as session:
         done = asyncio.gather(*(client(k) for k in range(args.streams)))
         while not done.done():
-            now = bench_proxy.tree_sum(tree, bench_proxy.rss_kb)
-            if now > rss:
-                rss, open_at_peak = now, result.open
+            rss = max(rss, bench_proxy.tree_sum(tree, bench_proxy.rss_kb))
             await asyncio.sleep(0.1)
         await done
     cpu = bench_proxy.tree_sum(tree, bench_proxy.cpu_seconds) - cpu
@@ -267,8 +270,9 @@ async def paced(server: Server, args: argparse.Namespace) -> dict[str, float]:
         "p50": loadgen.percentile(steady, 50), "p99": loadgen.percentile(steady, 99),
         "max": max(delays, default=float("nan")),
         "cpu_ms": cpu * 1000 / (args.streams * args.waves),
-        "rss_mb": rss / 1024,
-        "kb_open": (rss - server.idle_kb) / max(open_at_peak, 1),
+        "rss_mb": rss / 1024, "idle_mb": server.idle_kb / 1024,
+        "kb_open": (rss - server.idle_kb) / max(result.max_open, 1),
+        "kb_run": (rss - before) / max(result.max_open, 1),
         **pause_figures(server.collections(since)),
     }
 
@@ -294,13 +298,25 @@ async def closed_and_paced(server: Server, args: argparse.Namespace) -> dict[str
     return {**closed, **await paced(server, args)} if args.streams else closed
 
 
-async def paced_and_burst(server: Server, args: argparse.Namespace) -> dict[str, float]:
-    """The paced streams, then a burst of connects as for ``backlog`` (its figures
-    named ``burst_...``)."""
-    figures = await paced(server, args)
-    await asyncio.sleep(1)  # let the paced streams' connections close
-    burst_figures = await burst(server, args)
-    return {**figures, **{f"burst_{k}": v for k, v in burst_figures.items()}}
+async def warm_up(server: Server, args: argparse.Namespace) -> None:
+    """``args.streams`` short paced streams (10 frames): the server's connection
+    pools and code paths are then as a run leaves them, so that its first run
+    counts as its others do (in a trial without, three of the four servers' cold
+    first runs had 3 to 20 times the p99 of their second)."""
+    body = loadgen.request_body("anthropic", f"slow:10:{args.interval}")
+    async with loadgen.client_session(limit=0) as session:
+        _, done = await loadgen.run_stamped(session, server.proc.url + "/v1/messages", body,
+                                            HEADERS, args.streams, spread=args.spread)
+        await done
+
+
+async def named_burst(server: Server, args: argparse.Namespace) -> dict[str, float]:
+    """The burst, its figures named ``burst_...`` to sit beside the paced streams'.
+
+    A phase of its own, after every paced run: the RSS that 2,000 streams leave
+    behind would otherwise be counted in the next paced run's highest RSS.
+    """
+    return {f"burst_{k}": v for k, v in (await burst(server, args)).items()}
 
 
 def baseline_script(rev: str | None, workdir: Path) -> tuple[str, Path]:
@@ -427,17 +443,20 @@ KB_PER_STREAM = 50.0
 
 def report_workers(names: list[str], runs: list[list[dict]], args: argparse.Namespace) -> None:
     print("latency: upstream write -> client, ms (p50, p99: once every stream was open; max: "
-          "every event);\nCPU ms per stream and RSS MB (the highest) of the process tree; "
-          "KB/open: the tree's RSS\nat its highest less its RSS idle after starting, per "
-          "stream open then; failed streams,\nlost events; medians over the runs")
+          "every event);\nof the process tree: CPU ms per stream, RSS MB idle after starting "
+          "and at its highest;\nKB/open: the highest less the idle RSS, over the most streams "
+          "open at once (KB/o run: less\nthe RSS just before the run); failed streams, lost "
+          f"events; medians over the runs; each\nserver had {args.streams} streams of 10 "
+          "frames to warm up first")
     paced_rows = print_rows(names, runs, (
         ("lat p50", "p50", 1, median), ("lat p99", "p99", 1, median),
         ("lat max", "max", 0, median), ("CPU/strm", "cpu_ms", 2, median),
-        ("RSS MB", "rss_mb", 0, median), ("KB/open", "kb_open", 1, median),
+        ("idle MB", "idle_mb", 0, median), ("RSS MB", "rss_mb", 0, median),
+        ("KB/open", "kb_open", 1, median), ("KB/o run", "kb_run", 1, median),
         ("max open", "max_open", 0, min), ("failed", "failed", 0, sum),
         ("lost", "lost", 0, sum)), WORKERS_RATIOS)
-    print(f"\nthen a burst: {args.burst} streams of {args.burst_frames} frames opened within "
-          f"{args.burst_seconds:g} s\n{BURST_LEGEND}")
+    print(f"\nthen, once every paced run was done, a burst: {args.burst} streams of "
+          f"{args.burst_frames} frames opened within {args.burst_seconds:g} s\n{BURST_LEGEND}")
     burst_rows = print_rows(names, runs, burst_columns("burst_"), WORKERS_RATIOS)
     print("  (counts and CPU summed over the runs; the rest: the highest run)")
     print_workers_targets(names, paced_rows, burst_rows)
@@ -490,22 +509,23 @@ COMPARISONS = {
     "backlog": Comparison(
         "listen backlog: a burst of connects",
         (Variant("--backlog 128", ("--backlog", "128")), Variant("the default")),
-        burst, report_burst),
+        (burst,), report_burst),
     "gc": Comparison(
         "garbage collection",
         (Variant("Python's defaults", gc_tuning="default"), Variant("tune_gc")),
-        paced, report_paced),
+        (paced,), report_paced),
     "timers": Comparison(
         "upstream timeouts: a timer per read, or the watchdog",
-        (Variant("before the watchdog"), Variant("the watchdog")), closed_and_paced,
+        (Variant("before the watchdog"), Variant("the watchdog")), (closed_and_paced,),
         report_timers),
     "loop": Comparison(
         "event loop",
         (Variant("--loop asyncio", ("--loop", "asyncio")),
-         Variant("--loop uvloop", ("--loop", "uvloop"))), closed_and_paced, report_timers),
+         Variant("--loop uvloop", ("--loop", "uvloop"))), (closed_and_paced,),
+        report_timers),
     "workers": Comparison(
         "worker processes: kiro2api --workers against the floor in as many processes",
-        workers_variants(2), paced_and_burst, report_workers),
+        workers_variants(2), (paced, named_burst), report_workers, warm_up),
 }
 
 
@@ -519,7 +539,7 @@ def round_order(variants: int) -> list[int]:
     """One round's order: each variant in turn, then back (A B B A, A B C D D C B A),
     so that a steady drift in the machine's other load falls on all alike."""
     there = list(range(variants))
-    return there + there[::-1]
+    return there + there[::-1]  # each variant twice: a round is two runs of each
 
 
 async def start_servers(comparison: Comparison, upstream: str, workdir: Path,
@@ -545,12 +565,17 @@ async def compare(comparison: Comparison, args: argparse.Namespace, workdir: Pat
     servers: list[Server] = []
     try:
         await start_servers(comparison, upstream.url, workdir, servers)
+        for server in servers if comparison.warm_up else ():
+            await comparison.warm_up(server, args)
+            await asyncio.sleep(1)
         print(f"\n{comparison.title}: {', '.join(n.replace(':', ' =', 1) for n in names)} "
               f"(load avg {os.getloadavg()[0]:.2f})", flush=True)
-        results: list[list[dict]] = [[] for _ in servers]
-        for _ in range(args.rounds):
-            for index in round_order(len(servers)):
-                results[index].append(await comparison.measure(servers[index], args))
+        results = [[{} for _ in range(2 * args.rounds)] for _ in servers]
+        for measure in comparison.measures:
+            done = [0 for _ in servers]  # each variant's runs so far in this phase
+            for index in round_order(len(servers)) * args.rounds:
+                results[index][done[index]].update(await measure(servers[index], args))
+                done[index] += 1
                 await asyncio.sleep(1)  # let the connections of the last run close
         comparison.report(names, results, args)
     finally:
