@@ -2260,11 +2260,15 @@ async def shared_state_ctx(app: web.Application) -> AsyncIterator[None]:
 #
 # Worker to hub: {"op": "hello", "worker": K}, {"op": "ready"} once listening,
 # {"op": "health", "account": PATH, "record": {...}}, {"op": "tally", "tally":
-# {...}} (asked for, and a last one at exit), and questions with an "ask"
-# number: "claim" (key, seconds), "record" (account), "gather". Hub to worker:
-# {"answer": N, "value": ...}, another worker's "health", and {"op": "tally"}.
+# {...}} (when asked, every HUB_TALLY_SECONDS, and at exit), and questions with
+# an "ask" number: "claim" (key, seconds), "record" (account), "gather" (with
+# the asker's own tally). Hub to worker: {"answer": N, "value": ...}, another
+# worker's "health", and {"op": "tally"}.
 
 HUB_GATHER_SECONDS = 1.0  # how long a worker's tally is waited for
+# How often each worker tells the hub its tally anyway: what a worker killed
+# outright had counted since is lost to the server's counters.
+HUB_TALLY_SECONDS = 5.0
 
 
 class HubLink:
@@ -2276,13 +2280,14 @@ class HubLink:
         self.writer: asyncio.StreamWriter | None = None
         self._asked = itertools.count(1)
         self._answers: dict[int, asyncio.Future[Any]] = {}
-        self._listener: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self.closing = False
 
     async def connect(self, path: str) -> None:
         self.reader, self.writer = await asyncio.open_unix_connection(path, limit=2 ** 24)
         self.send({"op": "hello", "worker": self.app[CONFIG].worker})
-        self._listener = asyncio.create_task(self._listen(), name="kiro2api hub link")
+        self._tasks = [asyncio.create_task(self._listen(), name="kiro2api hub link"),
+                       asyncio.create_task(self._tell_tallies(), name="kiro2api tallies")]
 
     def send(self, message: Json) -> None:
         if self.writer is not None and not self.writer.is_closing():
@@ -2300,9 +2305,18 @@ class HubLink:
         finally:
             del self._answers[number]
 
-    async def gather(self) -> list[Json]:
-        """The other workers' tallies (and those of workers gone)."""
-        return await self.ask({"op": "gather"}, [])
+    async def gather(self, own: Json) -> list[Json]:
+        """The other workers' tallies (and those of workers gone), telling the hub this
+        worker's own (``own``) on the way."""
+        return await self.ask({"op": "gather", "tally": own}, [])
+
+    def tell_tally(self) -> None:
+        self.send({"op": "tally", "tally": Tally.of(self.app).state()})
+
+    async def _tell_tallies(self) -> None:
+        while True:
+            await asyncio.sleep(HUB_TALLY_SECONDS)
+            self.tell_tally()
 
     async def _listen(self) -> None:
         assert self.reader is not None
@@ -2313,7 +2327,7 @@ class HubLink:
                 if answer is not None and not answer.done():
                     answer.set_result(message["value"])
             elif message["op"] == "tally":
-                self.send({"op": "tally", "tally": Tally.of(self.app).state()})
+                self.tell_tally()
             elif message["op"] == "health":
                 for store in self.app[ACCOUNTS]:
                     if str(store.path) == message["account"]:
@@ -2325,14 +2339,14 @@ class HubLink:
     async def close(self) -> None:
         """Say this worker's last tally, then hang up."""
         self.closing = True
-        self.send({"op": "tally", "tally": Tally.of(self.app).state()})
+        self.tell_tally()
         if self.writer is not None:
             self.writer.close()
             with contextlib.suppress(OSError):
                 await self.writer.wait_closed()
-        if self._listener is not None:
-            self._listener.cancel()
-            await asyncio.gather(self._listener, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 HUB = web.AppKey("hub", HubLink)  # in a worker of --workers only
@@ -2382,9 +2396,9 @@ async def server_tally(app: web.Application) -> Tally:
     link = app.get(HUB)
     if link is None:
         return own
-    whole = Tally()
-    for state in [own.state(), *await link.gather()]:
-        whole.add(state)
+    whole, state = Tally(), own.state()
+    for each in [state, *await link.gather(state)]:
+        whole.add(each)
     return whole
 
 
@@ -5245,6 +5259,7 @@ class Hub:
         elif op == "record":
             peer.send({"answer": message["ask"], "value": self.records.get(message["account"])})
         elif op == "gather":  # in a task: this peer's next lines must not wait for it
+            peer.tally = message["tally"]
             task = asyncio.create_task(self.gather(peer, message["ask"]))
             self._gathers.add(task)
             task.add_done_callback(self._gathers.discard)
