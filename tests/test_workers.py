@@ -324,3 +324,19 @@ def test_the_config_a_worker_is_handed_comes_back_whole():
                              hub="/tmp/x", kiro_version=convert.ClientVersions.parse("0.11.63"))
     again = kiro2api.pickle.loads(kiro2api.pickle.dumps(config))
     assert again == config and again.api_key == "k"
+
+
+@pytest.mark.slow
+async def test_workers_with_state_share_health_through_redis_and_count_through_the_hub(
+        workers, fake_upstream, redis_server):
+    fake_upstream.rotate = True
+    server = await workers("--kiro-version", "0.11.63", "--state", redis_server.url,
+                           upstream=fake_upstream.url + "/q", expires_in=60.0)
+    await ask(server.url)
+    for worker in (1, 2):
+        health = await server.answered_by(worker, lambda h: h["accounts"][0]["shape"] == "cli")
+        assert health["state_store"]["status"] == "ok"
+    await ask(server.url, clients=8, each=2)
+    assert fake_upstream.dialects == [("q", "ide")] + [("q", "cli")] * 17
+    assert fake_upstream.refreshes == 1 and fake_upstream.reused == []
+    assert metric(await server.get("/metrics"), MESSAGES_200) == 17
