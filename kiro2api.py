@@ -5958,6 +5958,10 @@ def server(port_arg, key_arg, host, port, api_key, no_auth, token_files, service
     if api_key is not None and not api_key.strip():
         # "kiro2api server 8080 "$KEY"" with KEY unset must not mean "no key".
         raise click.UsageError("the API key is empty; give a key, or leave it out")
+    if tuning["workers"] > 1 and not sys.platform.startswith("linux"):
+        # Elsewhere SO_REUSEPORT gives every connection to one socket, or is missing.
+        raise click.UsageError("--workers needs Linux, whose SO_REUSEPORT spreads "
+                               "connections over the workers; run one process here")
     config = command_config(
         token_files,
         host=host,

@@ -340,3 +340,11 @@ async def test_workers_with_state_share_health_through_redis_and_count_through_t
     assert fake_upstream.dialects == [("q", "ide")] + [("q", "cli")] * 17
     assert fake_upstream.refreshes == 1 and fake_upstream.reused == []
     assert metric(await server.get("/metrics"), MESSAGES_200) == 17
+
+
+def test_workers_are_for_linux_only(served, monkeypatch):
+    monkeypatch.setattr(sys, "platform", "darwin")
+    result = CliRunner().invoke(kiro2api.cli, ["server", "--workers", "2"])
+    assert result.exit_code == 2 and "--workers needs Linux" in result.output
+    assert CliRunner().invoke(kiro2api.cli, ["server"]).exit_code == 0
+    assert [config.workers for config in served] == [1]
