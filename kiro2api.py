@@ -2206,7 +2206,7 @@ def absorb_health(store: TokenStore, record: dict[str, str]) -> None:
         if monotonic(until) > store.cooldown_until + 1.0:
             store.cooldown_until = monotonic(until)
             store.cooldown_reason, store.cooldown_state = reason, state
-            log.info("account %s set aside by another replica for %s: %s", store.path,
+            log.info("account %s set aside by another replica or worker for %s: %s", store.path,
                      human_duration(monotonic(until) - store.clock.monotonic()), reason)
     if record.get("kiro"):
         store.kiro.absorb(json.loads(record["kiro"]), monotonic)
