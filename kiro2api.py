@@ -2319,6 +2319,15 @@ class HubLink:
             self.tell_tally()
 
     async def _listen(self) -> None:
+        try:
+            await self._take_messages()
+        except (OSError, ValueError) as exc:
+            log.error("the link to the supervisor broke: %s", describe(exc))
+        if not self.closing:  # the supervisor is gone: so is this worker
+            log.error("the supervisor went away; shutting down")
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    async def _take_messages(self) -> None:
         assert self.reader is not None
         while line := await self.reader.readline():
             message = json.loads(line)
@@ -2332,9 +2341,6 @@ class HubLink:
                 for store in self.app[ACCOUNTS]:
                     if str(store.path) == message["account"]:
                         absorb_health(store, message["record"])
-        if not self.closing:  # the supervisor is gone: so is this worker
-            log.error("the supervisor went away; shutting down")
-            os.kill(os.getpid(), signal.SIGTERM)
 
     async def close(self) -> None:
         """Say this worker's last tally, then hang up."""
@@ -5305,6 +5311,8 @@ def hold_port(config: Config) -> socket.socket:
         try:
             held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:  # as asyncio binds the workers' sockets
+                held.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             held.bind(address)
         except OSError:
             held.close()
