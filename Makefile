@@ -61,7 +61,7 @@ bench: $(BIN)/.installed ## the benchmarks (about 8 minutes)
 # a minute). `make e2e CODEX_VERSION=latest` tries the newest Codex; `make -k e2e`
 # runs them all even when one fails.
 CODEX_VERSION ?= 0.171.0
-CLAUDE_CODE_VERSION ?= 2.1.332
+CLAUDE_CODE_VERSION ?= 2.1.337
 QWEN_CODE_VERSION ?= 0.24.4
 e2e: e2e-codex e2e-codex-failures e2e-claude-code e2e-qwen-code ## real Codex, Claude Code and Qwen Code from npm, against the fake
 

@@ -43,9 +43,11 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import re
 import shlex
+import signal
 import socket
 import sqlite3
 import stat
@@ -56,7 +58,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -215,6 +217,11 @@ class Config:
     # The event loop serve runs on: "asyncio" or "uvloop" (the CLI turns --loop
     # auto into one of them).
     loop: str = "asyncio"
+    # Server processes on one port (--workers). The supervisor gives each
+    # worker its number (1..N; 0: not a worker) and its hub's Unix socket.
+    workers: int = 1
+    worker: int = 0
+    hub: str | None = None
     # Largest client request body we read, in bytes.
     max_body_bytes: int = 32 * 1024 * 1024
     # Largest CodeWhisperer body we send, in bytes. The upstream refuses
@@ -1576,6 +1583,9 @@ class TokenStore:
         # The read of the usage limits under way (fresh_usage), which callers share.
         self.usage_task: asyncio.Task | None = None
         self.kiro.on_change = self.changed
+        # Who else serves the account and hears what this process learns of its
+        # health: the fleet (--state) or the other workers (--workers); None: nobody.
+        self.peers: SharedAccount | HubAccount | None = None
         self._reread_at = 0.0  # clock.monotonic() before which reread() does not read again
         # The file's stamp (TokenFile.stamp) when the server last looked at it
         # for a change (watch_token_files).
@@ -1663,9 +1673,10 @@ class TokenStore:
         return self.holder.held.knows(token)
 
     def changed(self) -> None:
-        """Something Kiro showed of the account changed: with --state, the fleet hears it."""
-        if self.holder.shared is not None:
-            self.holder.shared.share_health()
+        """Something Kiro showed of the account changed: the fleet or the other
+        workers hear it."""
+        if self.peers is not None:
+            self.peers.share_health()
 
     def health(self) -> Json:
         """The account's state for ``/health``; never a token."""
@@ -2146,14 +2157,7 @@ class SharedAccount:
             await self._push_health_now()
 
     async def _push_health_now(self) -> None:
-        store = self.store
-        offset = store.clock.now().timestamp() - store.clock.monotonic()
-
-        def wall(moment: float) -> float:
-            return round(moment + offset, 3)
-        record = {"cooldown": json.dumps([wall(store.cooldown_until), store.cooldown_reason,
-                                          store.cooldown_state]),
-                  "kiro": json.dumps(store.kiro.shared(wall))}
+        record = health_record(self.store)
 
         async def push(r: Any) -> None:
             async with r.pipeline(transaction=True) as pipe:
@@ -2165,21 +2169,8 @@ class SharedAccount:
 
     async def pull_health(self) -> None:
         """Take what other replicas learnt of the account, where it is newer."""
-        record = await self.fleet.call(lambda r: r.hgetall(self.key("health")))
-        store = self.store
-        offset = store.clock.monotonic() - store.clock.now().timestamp()
-
-        def monotonic(moment: float) -> float:
-            return moment + offset
-        if record.get("cooldown"):
-            until, reason, state = json.loads(record["cooldown"])
-            if monotonic(until) > store.cooldown_until + 1.0:
-                store.cooldown_until = monotonic(until)
-                store.cooldown_reason, store.cooldown_state = reason, state
-                log.info("account %s set aside by another replica for %s: %s", store.path,
-                         human_duration(monotonic(until) - store.clock.monotonic()), reason)
-        if record.get("kiro"):
-            store.kiro.absorb(json.loads(record["kiro"]), monotonic)
+        absorb_health(self.store, await self.fleet.call(
+            lambda r: r.hgetall(self.key("health"))))
 
     async def claim_usage(self) -> bool:
         """Whether this replica reads the usage limits now: one replica a minute does."""
@@ -2190,6 +2181,35 @@ class SharedAccount:
                 self.key("usage"), "1", nx=True, ex=int(USAGE_FRESH_SECONDS))))
         except StateDown:
             return True
+
+
+def health_record(store: TokenStore) -> dict[str, str]:
+    """What other replicas or workers learn of the account: its cooldown and what
+    Kiro showed (``KiroView.shared``), times in epoch seconds, each part as JSON."""
+    offset = store.clock.now().timestamp() - store.clock.monotonic()
+
+    def wall(moment: float) -> float:
+        return round(moment + offset, 3)
+    return {"cooldown": json.dumps([wall(store.cooldown_until), store.cooldown_reason,
+                                    store.cooldown_state]),
+            "kiro": json.dumps(store.kiro.shared(wall))}
+
+
+def absorb_health(store: TokenStore, record: dict[str, str]) -> None:
+    """Take another replica's or worker's ``health_record``, where it is newer."""
+    offset = store.clock.monotonic() - store.clock.now().timestamp()
+
+    def monotonic(moment: float) -> float:
+        return moment + offset
+    if record.get("cooldown"):
+        until, reason, state = json.loads(record["cooldown"])
+        if monotonic(until) > store.cooldown_until + 1.0:
+            store.cooldown_until = monotonic(until)
+            store.cooldown_reason, store.cooldown_state = reason, state
+            log.info("account %s set aside by another replica or worker for %s: %s", store.path,
+                     human_duration(monotonic(until) - store.clock.monotonic()), reason)
+    if record.get("kiro"):
+        store.kiro.absorb(json.loads(record["kiro"]), monotonic)
 
 
 async def write_back(file: TokenFile, fresh: Credentials) -> None:
@@ -2212,7 +2232,7 @@ async def shared_state_ctx(app: web.Application) -> AsyncIterator[None]:
         return
     fleet = app[FLEET] = Fleet(config)
     for store in app[ACCOUNTS]:
-        store.holder.shared = SharedAccount(fleet, store)
+        store.holder.shared = store.peers = SharedAccount(fleet, store)
         fleet.accounts.append(store.holder.shared)
     await fleet.connect()
     watcher = asyncio.create_task(fleet.watch())
@@ -2222,6 +2242,170 @@ async def shared_state_ctx(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(asyncio.CancelledError):
         await watcher
     await fleet.close()
+
+
+# Workers: the link to the supervisor ########################################
+#
+# With --workers N the server is N worker processes on one port (SO_REUSEPORT),
+# started and watched by a supervisor that serves no HTTP (``supervise``). The
+# workers coordinate refreshes through the token file's lock, as any processes
+# sharing a file do. What they must agree on beyond the file goes through the
+# supervisor's hub, one JSON object a line on a Unix socket, unless --state
+# shares it through Redis as for replicas: the accounts' health (cooldowns,
+# the way that works, usage limits: ``health_record``), and who reads the usage
+# limits this minute. The counts behind /metrics, /health and the status page
+# always go through the hub: whichever worker answers gathers the others'
+# tallies and adds them to its own (``server_tally``), so that the answer
+# describes the whole server.
+#
+# Worker to hub: {"op": "hello", "worker": K}, {"op": "ready"} once listening,
+# {"op": "health", "account": PATH, "record": {...}}, {"op": "tally", "tally":
+# {...}} (when asked, every HUB_TALLY_SECONDS, and at exit), and questions with
+# an "ask" number: "claim" (key, seconds), "record" (account), "gather" (with
+# the asker's own tally). Hub to worker: {"answer": N, "value": ...}, another
+# worker's "health", and {"op": "tally"}.
+
+HUB_GATHER_SECONDS = 1.0  # how long a worker's tally is waited for
+# How often each worker tells the hub its tally anyway: what a worker killed
+# outright had counted since is lost to the server's counters.
+HUB_TALLY_SECONDS = 5.0
+
+
+class HubLink:
+    """A worker's connection to the supervisor's hub."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self._asked = itertools.count(1)
+        self._answers: dict[int, asyncio.Future[Any]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self.closing = False
+
+    async def connect(self, path: str) -> None:
+        self.reader, self.writer = await asyncio.open_unix_connection(path, limit=2 ** 24)
+        self.send({"op": "hello", "worker": self.app[CONFIG].worker})
+        self._tasks = [asyncio.create_task(self._listen(), name="kiro2api hub link"),
+                       asyncio.create_task(self._tell_tallies(), name="kiro2api tallies")]
+
+    def send(self, message: Json) -> None:
+        if self.writer is not None and not self.writer.is_closing():
+            self.writer.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+
+    async def ask(self, message: Json, default: Any) -> Any:
+        """The hub's answer to ``message``, or ``default`` if it gives none in time."""
+        number = next(self._asked)
+        answer = self._answers[number] = asyncio.get_running_loop().create_future()
+        self.send({**message, "ask": number})
+        try:
+            return await asyncio.wait_for(answer, HUB_GATHER_SECONDS + 1.0)
+        except asyncio.TimeoutError:
+            return default
+        finally:
+            del self._answers[number]
+
+    async def gather(self, own: Json) -> list[Json]:
+        """The other workers' tallies (and those of workers gone), telling the hub this
+        worker's own (``own``) on the way."""
+        return await self.ask({"op": "gather", "tally": own}, [])
+
+    def tell_tally(self) -> None:
+        self.send({"op": "tally", "tally": Tally.of(self.app).state()})
+
+    async def _tell_tallies(self) -> None:
+        while True:
+            await asyncio.sleep(HUB_TALLY_SECONDS)
+            self.tell_tally()
+
+    async def _listen(self) -> None:
+        try:
+            await self._take_messages()
+        except (OSError, ValueError) as exc:
+            log.error("the link to the supervisor broke: %s", describe(exc))
+        if not self.closing:  # the supervisor is gone: so is this worker
+            log.error("the supervisor went away; shutting down")
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    async def _take_messages(self) -> None:
+        assert self.reader is not None
+        while line := await self.reader.readline():
+            message = json.loads(line)
+            if "answer" in message:
+                answer = self._answers.get(message["answer"])
+                if answer is not None and not answer.done():
+                    answer.set_result(message["value"])
+            elif message["op"] == "tally":
+                self.tell_tally()
+            elif message["op"] == "health":
+                for store in self.app[ACCOUNTS]:
+                    if str(store.path) == message["account"]:
+                        absorb_health(store, message["record"])
+
+    async def close(self) -> None:
+        """Say this worker's last tally, then hang up."""
+        self.closing = True
+        self.tell_tally()
+        if self.writer is not None:
+            self.writer.close()
+            with contextlib.suppress(OSError):
+                await self.writer.wait_closed()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+HUB = web.AppKey("hub", HubLink)  # in a worker of --workers only
+
+
+class HubAccount:
+    """One account as the workers share it through the hub (``SharedAccount``'s
+    health methods, without Redis)."""
+
+    def __init__(self, link: HubLink, store: TokenStore) -> None:
+        self.link, self.store = link, store
+
+    def share_health(self) -> None:
+        self.link.send({"op": "health", "account": str(self.store.path),
+                        "record": health_record(self.store)})
+
+    async def pull_health(self) -> None:
+        record = await self.link.ask({"op": "record", "account": str(self.store.path)}, None)
+        if record:
+            absorb_health(self.store, record)
+
+    async def claim_usage(self) -> bool:
+        """Whether this worker reads the usage limits now: one worker a minute does."""
+        return await self.link.ask({"op": "claim", "key": f"usage {self.store.path}",
+                                    "seconds": USAGE_FRESH_SECONDS}, True)
+
+
+async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
+    """In a worker of --workers: join the hub; accounts not shared through --state
+    share their health through it."""
+    config = app[CONFIG]
+    if not config.hub:
+        yield
+        return
+    link = app[HUB] = HubLink(app)
+    await link.connect(config.hub)
+    for store in app[ACCOUNTS]:
+        if store.peers is None:
+            store.peers = HubAccount(link, store)
+    yield
+    await link.close()
+
+
+async def server_tally(app: web.Application) -> Tally:
+    """The whole server's counts: this process's, and with --workers the others'."""
+    own = Tally.of(app)
+    link = app.get(HUB)
+    if link is None:
+        return own
+    whole, state = Tally(), own.state()
+    for each in [state, *await link.gather(state)]:
+        whole.add(each)
+    return whole
 
 
 # Application state keys ###################################################
@@ -2896,7 +3080,7 @@ def usage_read(app: web.Application, store: TokenStore) -> asyncio.Task | None:
 
 async def read_usage_once(app: web.Application, store: TokenStore) -> None:
     """One read of the usage limits for ``fresh_usage``; a failure is remembered."""
-    view, shared = store.kiro, store.holder.shared
+    view, shared = store.kiro, store.peers
     try:
         if shared is not None and not await shared.claim_usage():
             # Another replica reads them this minute: its answer, if the fleet has it yet.
@@ -3046,6 +3230,16 @@ class Histogram:
             if value <= bound:
                 self.counts[i] += 1
 
+    def state(self) -> list[Any]:
+        return [self.counts, self.sum, self.count]
+
+    def add(self, state: list[Any]) -> None:
+        """Add another worker's counts (``state()``'s form)."""
+        counts, total, count = state
+        self.counts = [a + b for a, b in zip(self.counts, counts)]
+        self.sum += total
+        self.count += count
+
     def lines(self, name: str, labels: str = "") -> list[str]:
         """The sample lines; ``labels`` (``key="value"``, escaped) go on each."""
         within = labels + "," if labels else ""
@@ -3100,6 +3294,30 @@ class MinuteRing:
                 for minute in range(current - self.SLOTS + 1, current + 1)
                 for slot in (minute % self.SLOTS,)]
 
+    def state(self) -> list[list[Any]]:
+        """Every minute held: [minute, [[route, status, count]...], first bytes, seconds]."""
+        return [[minute, [[route, status, n] for (route, status), n in counts.items()],
+                 first_bytes, seconds]
+                for minute, counts, first_bytes, seconds in zip(
+                    self.minutes, self.requests, self.first_bytes, self.first_byte_seconds)
+                if minute >= 0]
+
+    def add(self, state: list[list[Any]]) -> None:
+        """Add another worker's minutes (``state()``'s form); older ones than a slot
+        holds are past the hour."""
+        for minute, counts, first_bytes, seconds in state:
+            slot = minute % self.SLOTS
+            if self.minutes[slot] > minute:
+                continue
+            if self.minutes[slot] < minute:
+                self.minutes[slot], self.requests[slot] = minute, {}
+                self.first_bytes[slot], self.first_byte_seconds[slot] = 0, 0.0
+            held = self.requests[slot]
+            for route, status, n in counts:
+                held[route, status] = held.get((route, status), 0) + n
+            self.first_bytes[slot] += first_bytes
+            self.first_byte_seconds[slot] += seconds
+
     def totals(self, now: float) -> dict[tuple[str, int], int]:
         """Requests of the last hour by (route, status)."""
         found: dict[tuple[str, int], int] = {}
@@ -3152,7 +3370,69 @@ class Metrics:
         self.upstream_first_byte.observe(seconds)
         self.recent.observe_first_byte(seconds, time.monotonic())
 
+    def state(self) -> Json:
+        """The counts as JSON, for another worker to add (``add``)."""
+        return {"requests": [[route, status, n] for (route, status), n in self.requests.items()],
+                "retries": self.retries, "failovers": self.failovers,
+                "first_byte": self.upstream_first_byte.state(),
+                "durations": {route: h.state() for route, h in self.request_duration.items()},
+                "safeguards": dict(self.safeguard_checks), "recent": self.recent.state()}
+
+    def add(self, state: Json) -> None:
+        for route, status, n in state["requests"]:
+            self.requests[route, status] = self.requests.get((route, status), 0) + n
+        self.retries += state["retries"]
+        self.failovers += state["failovers"]
+        self.upstream_first_byte.add(state["first_byte"])
+        for route, histogram in state["durations"].items():
+            self.request_duration[route].add(histogram)
+        for result, n in state["safeguards"].items():
+            self.safeguard_checks[result] += n
+        self.recent.add(state["recent"])
+
+
+METRICS = web.AppKey("metrics", Metrics)
+
+
+@dataclass
+class Tally:
+    """What ``/metrics``, ``/health`` and the status page count: one worker's own
+    (``of``), or the whole server's, added up over its workers (``server_tally``).
+
+    The accounts' own state (token, cooldown) is every worker's alike; what each
+    counts apart is here: the metrics, the streams open, and by account path its
+    refreshes, failed refreshes and credits.
+    """
+
+    metrics: Metrics = field(default_factory=Metrics)
+    streams_open: int = 0
+    accounts: dict[str, list[float]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, app: web.Application) -> Tally:
+        """This process's counts (the app's own objects, not copies)."""
+        return cls(app[METRICS], len(app[STREAMS]),
+                   {str(s.path): [s.refreshes, s.failures, s.credits] for s in app[ACCOUNTS]})
+
+    def state(self) -> Json:
+        return {"metrics": self.metrics.state(), "streams_open": self.streams_open,
+                "accounts": self.accounts}
+
+    def add(self, state: Json) -> None:
+        """Add another worker's tally (``state()``'s form)."""
+        self.metrics.add(state["metrics"])
+        self.streams_open += state["streams_open"]
+        for path, counts in state["accounts"].items():
+            held = self.accounts.setdefault(path, [0, 0, 0.0])
+            self.accounts[path] = [a + b for a, b in zip(held, counts)]
+
+    def of_account(self, store: TokenStore) -> list[float]:
+        """The account's refreshes, failed refreshes and credits."""
+        return self.accounts.get(str(store.path)) or [0, 0, 0.0]
+
     def render(self, app: web.Application) -> str:
+        """The Prometheus text of ``GET /metrics``."""
+        m = self.metrics
         def family(name: str, kind: str, help_text: str) -> list[str]:
             return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
 
@@ -3162,34 +3442,34 @@ class Metrics:
         lines = family("kiro2api_requests_total", "counter",
                        "Requests served, by route and status.")
         lines += [f'kiro2api_requests_total{{route="{route}",status="{status}"}} {count}'
-                  for (route, status), count in sorted(self.requests.items())]
+                  for (route, status), count in sorted(m.requests.items())]
         lines += single("kiro2api_streams_open", "gauge", "Streaming answers in flight.",
-                        len(app[STREAMS]))
+                        self.streams_open)
         lines += single("kiro2api_upstream_retries_total", "counter",
-                        "Upstream calls retried before the answer started.", self.retries)
+                        "Upstream calls retried before the answer started.", m.retries)
         lines += single("kiro2api_account_failovers_total", "counter",
-                        "Requests moved to another account.", self.failovers)
-        if self.safeguard_checks:
+                        "Requests moved to another account.", m.failovers)
+        if m.safeguard_checks:
             lines += family("kiro2api_safeguard_checks_total", "counter",
                             "Tool calls judged for Claude Code's auto mode, by result.")
             lines += [f'kiro2api_safeguard_checks_total{{result="{result}"}} {count}'
-                      for result, count in sorted(self.safeguard_checks.items())]
+                      for result, count in sorted(m.safeguard_checks.items())]
         lines += family("kiro2api_upstream_first_byte_seconds", "histogram",
                         "Time from calling Kiro to its answer's headers.")
-        lines += self.upstream_first_byte.lines("kiro2api_upstream_first_byte_seconds")
+        lines += m.upstream_first_byte.lines("kiro2api_upstream_first_byte_seconds")
         lines += family("kiro2api_request_duration_seconds", "histogram",
                         "Time to serve a request, streams included, by route.")
-        for route, histogram in sorted(self.request_duration.items()):
+        for route, histogram in sorted(m.request_duration.items()):
             lines += histogram.lines("kiro2api_request_duration_seconds", f'route="{route}"')
         stores = app[ACCOUNTS]
         for name, kind, help_text, value in (
             ("kiro2api_token_refreshes_total", "counter", "Token refreshes made.",
-             lambda s, h: s.refreshes),
+             lambda s, h: self.of_account(s)[0]),
             ("kiro2api_token_failures_total", "counter", "Token loads or refreshes that failed.",
-             lambda s, h: s.failures),
+             lambda s, h: self.of_account(s)[1]),
             ("kiro2api_credits_total", "counter",
              "Kiro credits the account's answers were billed (meteringEvent).",
-             lambda s, h: round(s.credits, 6)),
+             lambda s, h: round(self.of_account(s)[2], 6)),
             ("kiro2api_account_up", "gauge", "1 if the account can serve requests now.",
              lambda s, h: int(h["state"] in ("ok", "expiring", "unknown")
                               and not h["cooldown_seconds"])),
@@ -3209,7 +3489,6 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
-METRICS = web.AppKey("metrics", Metrics)
 
 
 # HTTP handlers ############################################################
@@ -3291,7 +3570,13 @@ async def handle_health(request: web.Request) -> web.Response:
     }
     if not await client_allowed(request):
         return web.json_response(answer)
+    tally = await server_tally(request.app)
+    for store, account in zip(request.app[ACCOUNTS], accounts):
+        account["refreshes"], _, credits = tally.of_account(store)
+        account["credits"] = round(credits, 6)
     answer["uptime_seconds"] = round(time.time() - config.started, 3)
+    if config.workers > 1:
+        answer["worker"] = config.worker  # the one that answered
     answer["accounts"] = accounts
     if fleet is not None:
         answer["state_store"] = fleet.health()
@@ -3301,7 +3586,8 @@ async def handle_health(request: web.Request) -> web.Response:
 async def handle_metrics(request: web.Request) -> web.Response:
     """Prometheus text, behind the client key (``KEYED_PATHS``): the account labels
     are token file paths."""
-    return web.Response(text=request.app[METRICS].render(request.app),
+    tally = await server_tally(request.app)
+    return web.Response(text=tally.render(request.app),
                         content_type="text/plain", charset="utf-8",
                         headers={"X-Content-Type-Options": "nosniff"})
 
@@ -3543,9 +3829,10 @@ def shown_state(health: Json, usage: Json) -> str:
     return state  # ok, expiring, unknown (not read yet)
 
 
-def account_status(store: TokenStore) -> Json:
+def account_status(store: TokenStore, tally: Tally) -> Json:
     """One account on the status page: /health's view of it and its usage limits."""
     health, usage = store.health(), usage_report(store)
+    health["credits"] = round(tally.of_account(store)[2], 6)
     return {
         "name": health["path"], "kind": health["kind"], "state": shown_state(health, usage),
         "expires_at": health["expires_at"], "seconds_left": health["seconds_left"],
@@ -3561,18 +3848,19 @@ def account_status(store: TokenStore) -> Json:
 async def handle_status(request: web.Request) -> web.Response:
     """``GET /v1/status``: what the status page shows, from the counters of /metrics."""
     app = request.app
-    stores, metrics = app[ACCOUNTS], app[METRICS]
+    stores = app[ACCOUNTS]
     reads = [task for store in stores if (task := usage_read(app, store)) is not None]
     if reads:
         await asyncio.wait(reads, timeout=STATUS_USAGE_WAIT_SECONDS)
-    now = time.monotonic()
+    tally = await server_tally(app)
+    metrics, now = tally.metrics, time.monotonic()
     minutes = metrics.recent.series(now, leave_out=MONITORING_ROUTES)
     return web.json_response({
         "version": __version__,
         "uptime_seconds": round(time.time() - app[CONFIG].started, 3),
-        "streams_open": len(app[STREAMS]),
-        "credits_spent": round(sum(store.credits for store in stores), 6),
-        "accounts": [account_status(store) for store in stores],
+        "streams_open": tally.streams_open,
+        "credits_spent": round(sum(tally.of_account(store)[2] for store in stores), 6),
+        "accounts": [account_status(store, tally) for store in stores],
         "last_hour": {
             "requests": sum(m["requests"] for m in minutes),
             "errors": sum(m["errors"] for m in minutes),
@@ -4748,6 +5036,7 @@ def make_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(http_session_ctx)
     app.cleanup_ctx.append(load_accounts_ctx)
     app.cleanup_ctx.append(shared_state_ctx)
+    app.cleanup_ctx.append(hub_ctx)
     app.cleanup_ctx.append(watch_token_files_ctx)
     app.router.add_get("/", handle_root)  # also answers HEAD
     app.router.add_get("/api/hello", handle_root)
@@ -4829,13 +5118,20 @@ def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
 
 
 def serve(config: Config) -> None:
-    """Run the server until SIGINT/SIGTERM (the seam the CLI tests replace).
+    """Run the server until SIGINT/SIGTERM (the seam the CLI tests replace); with
+    --workers N, as the supervisor of N workers that each run this.
 
     SIGTERM stops listening, lets streams finish for ``shutdown_timeout``
     (``finish_streams``) and exits 0. A client that hangs up cancels its
     handler, which closes its upstream request at once.
     """
+    if config.workers > 1 and not config.worker:
+        status = asyncio.run(supervise(config))
+        if status:
+            sys.exit(status)
+        return
     host = f"[{config.host}]" if ":" in config.host else config.host
+    app = make_app(config)
 
     def listening(banner: str) -> None:
         # aiohttp calls this once the socket is bound; its banner names the
@@ -4843,12 +5139,13 @@ def serve(config: Config) -> None:
         where = banner.partition("Running on ")[2].partition(" ====")[0]
         log.info("kiro2api %s listening on %s", __version__,
                  where or f"http://{host}:{config.port}")
+        if HUB in app:
+            app[HUB].send({"op": "ready"})
 
-    app = make_app(config)
     # Here, not in make_app: the tests build apps by the hundred in one process.
     app.on_startup.append(tune_gc)
     log.debug("event loop: %s", config.loop)
-    try:
+    with listen_errors(config):
         web.run_app(
             app,
             loop=new_event_loop(config.loop),
@@ -4856,17 +5153,256 @@ def serve(config: Config) -> None:
             port=config.port,
             shutdown_timeout=config.shutdown_timeout,
             backlog=config.backlog,
+            reuse_port=bool(config.worker),
             handler_cancellation=True,
             access_log=None,
             print=listening,
         )
         log.info("kiro2api stopped")
+
+
+# Supervisor (--workers) ###################################################
+#
+# ``kiro2api server --workers N`` runs this process as the supervisor: it
+# holds the port (bound with SO_REUSEPORT, not listening, so a port in use is
+# found before any worker starts and the port stays the server's while a
+# worker restarts), runs the hub the workers share counts and health through,
+# and starts N workers: ``sys.executable`` running ``run_worker``, the Config
+# pickled on its stdin (the keys never reach a command line), in a session of
+# its own (a terminal's ^C reaches the supervisor alone). Each worker binds the
+# port with SO_REUSEPORT, and the kernel spreads connections over them. A
+# worker that dies is logged and started again (after a wait that doubles
+# while it keeps dying young); one that dies before it ever listened, at the
+# first start, stops the server with its exit status. SIGTERM or SIGINT is
+# passed to every worker as SIGTERM: each drains its streams as one server
+# does (``finish_streams``), and the supervisor exits once all have.
+
+WORKER_BOOT = "import sys; sys.path.insert(0, sys.argv[1]); import kiro2api; kiro2api.run_worker()"
+WORKER_RESTART_SECONDS = (0.5, 30.0)  # before a dead worker starts again: the first, the longest
+WORKER_STEADY_SECONDS = 30.0  # a worker that ran this long starts again after the first wait
+WORKER_KILL_SECONDS = 15.0  # after --shutdown-timeout, before a worker gets SIGKILL
+
+
+def run_worker() -> None:
+    """A worker's life (``WORKER_BOOT``): its Config from stdin, then ``serve``."""
+    config = pickle.load(sys.stdin.buffer)
+    configure_logging(config.log_level, config.log_format, timestamps=config.log_timestamps,
+                      worker=config.worker)
+    try:
+        serve(config)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+
+
+class HubPeer:
+    """One worker's connection to the hub, and the last tally it sent."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.worker = 0
+        self.tally: Json | None = None
+        self.tallies = 0  # how many it has sent
+
+    def send(self, message: Json) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+
+
+class Hub:
+    """The supervisor's end of the workers' links (the protocol is above ``HubLink``):
+    the accounts' health records, the usage claims, and the tallies, those of workers
+    gone added up in ``retired`` so that the server's counters never go back."""
+
+    def __init__(self) -> None:
+        self.peers: list[HubPeer] = []
+        self.records: dict[str, Json] = {}
+        self.claims: dict[str, float] = {}  # key -> loop time it is held until
+        self.retired = Tally()
+        self.listening: set[int] = set()  # the workers that ever said they listen
+        self.heard = asyncio.Condition()  # notified on each tally and each hang-up
+        self._gathers: set[asyncio.Task[None]] = set()
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = HubPeer(writer)
+        self.peers.append(peer)
+        try:
+            while line := await reader.readline():
+                await self.take(peer, json.loads(line))
+        except (OSError, ValueError) as exc:
+            log.warning("worker %d: hub link broken: %s", peer.worker, describe(exc))
+        finally:
+            self.peers.remove(peer)
+            if peer.tally is not None:
+                self.retired.add({**peer.tally, "streams_open": 0})
+            writer.close()
+            async with self.heard:
+                self.heard.notify_all()
+
+    async def take(self, peer: HubPeer, message: Json) -> None:
+        op = message["op"]
+        if op == "hello":
+            peer.worker = message["worker"]
+            for account, record in self.records.items():  # what the others learnt
+                peer.send({"op": "health", "account": account, "record": record})
+        elif op == "ready":
+            self.listening.add(peer.worker)
+        elif op == "health":
+            self.records[message["account"]] = message["record"]
+            for other in self.peers:
+                if other is not peer:
+                    other.send(message)
+        elif op == "tally":
+            peer.tally, peer.tallies = message["tally"], peer.tallies + 1
+            async with self.heard:
+                self.heard.notify_all()
+        elif op == "claim":
+            now = asyncio.get_running_loop().time()
+            won = self.claims.get(message["key"], 0.0) <= now
+            if won:
+                self.claims[message["key"]] = now + message["seconds"]
+            peer.send({"answer": message["ask"], "value": won})
+        elif op == "record":
+            peer.send({"answer": message["ask"], "value": self.records.get(message["account"])})
+        elif op == "gather":  # in a task: this peer's next lines must not wait for it
+            peer.tally = message["tally"]
+            task = asyncio.create_task(self.gather(peer, message["ask"]))
+            self._gathers.add(task)
+            task.add_done_callback(self._gathers.discard)
+
+    async def gather(self, asker: HubPeer, ask: int) -> None:
+        """Answer ``asker`` with every other worker's fresh tally (or its last one, if
+        it does not answer within HUB_GATHER_SECONDS) and the retired ones."""
+        wanted = [(peer, peer.tallies + 1) for peer in self.peers if peer is not asker]
+        for peer, _ in wanted:
+            peer.send({"op": "tally"})
+
+        def heard_all() -> bool:
+            return all(peer.tallies >= n or peer not in self.peers for peer, n in wanted)
+        async with self.heard:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.heard.wait_for(heard_all), HUB_GATHER_SECONDS)
+        tallies = [peer.tally for peer in self.peers
+                   if peer is not asker and peer.tally is not None]
+        asker.send({"answer": ask, "value": [*tallies, self.retired.state()]})
+
+
+@contextlib.contextmanager
+def listen_errors(config: Config) -> Iterator[None]:
+    """Binding --host and --port: a failure as the one line a user needs."""
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    try:
+        yield
     except socket.gaierror as exc:  # a host name that does not resolve
         raise click.ClickException(f"cannot listen on {host}:{config.port}: no address for "
                                    f"{config.host} ({exc.strerror})") from None
     except OSError as exc:  # the bind: a port in use, an address not of this machine
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         raise click.ClickException(f"cannot listen on {host}:{config.port}: {reason}") from None
+
+
+def hold_port(config: Config) -> socket.socket:
+    """The supervisor's socket on --host and --port: bound with SO_REUSEPORT, never
+    listening (the kernel gives connections only to the workers' listening ones)."""
+    with listen_errors(config):
+        family, kind, proto, _, address = socket.getaddrinfo(
+            config.host, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        held = socket.socket(family, kind, proto)
+        try:
+            held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:  # as asyncio binds the workers' sockets
+                held.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            held.bind(address)
+        except OSError:
+            held.close()
+            raise
+    return held
+
+
+async def start_worker(config: Config) -> asyncio.subprocess.Process:
+    here = os.path.dirname(os.path.abspath(__file__))  # a directory, or the .pyz
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", WORKER_BOOT, here, stdin=asyncio.subprocess.PIPE,
+        start_new_session=True)
+    assert process.stdin is not None
+    process.stdin.write(pickle.dumps(config))
+    process.stdin.close()
+    log.info("worker %d started (pid %d)", config.worker, process.pid)
+    return process
+
+
+def exit_text(returncode: int) -> str:
+    if returncode < 0:
+        return f"was killed by {signal.Signals(-returncode).name}"
+    return f"exited with status {returncode}"
+
+
+async def stop_worker(process: asyncio.subprocess.Process, config: Config) -> None:
+    """SIGTERM, then the time to drain its streams; SIGKILL after that."""
+    if process.returncode is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(process.wait(), config.shutdown_timeout + WORKER_KILL_SECONDS)
+    except asyncio.TimeoutError:
+        log.warning("worker %d (pid %d) did not stop; killing it", config.worker, process.pid)
+        process.kill()
+        await process.wait()
+
+
+async def keep_worker(config: Config, hub: Hub, stop: asyncio.Event) -> int:
+    """Run worker ``config.worker`` until ``stop``, starting it again whenever it dies;
+    the exit status of one that died before it ever listened (it stops the others)."""
+    loop = asyncio.get_running_loop()
+    wait = WORKER_RESTART_SECONDS[0]
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        while True:
+            process, started = await start_worker(config), loop.time()
+            await asyncio.wait([stopped, asyncio.ensure_future(process.wait())],
+                               return_when=asyncio.FIRST_COMPLETED)
+            if stop.is_set():
+                await stop_worker(process, config)
+                return 0
+            returncode = process.returncode
+            assert returncode is not None
+            if config.worker not in hub.listening:
+                log.error("worker %d (pid %d) %s before it listened; stopping the server",
+                          config.worker, process.pid, exit_text(returncode))
+                stop.set()
+                return returncode or 1
+            ran = loop.time() - started
+            wait = WORKER_RESTART_SECONDS[0] if ran >= WORKER_STEADY_SECONDS else wait
+            log.warning("worker %d (pid %d) %s after %s; starting it again in %s",
+                        config.worker, process.pid, exit_text(returncode),
+                        human_duration(ran), human_duration(wait))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(stopped), wait)
+            if stop.is_set():
+                return 0
+            wait = min(wait * 2, WORKER_RESTART_SECONDS[1])
+    finally:
+        stopped.cancel()
+
+
+async def supervise(config: Config) -> int:
+    """``--workers N``: run N workers on one port until SIGTERM or SIGINT; the exit status."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    hub = Hub()
+    with hold_port(config) as held, tempfile.TemporaryDirectory(prefix="kiro2api-") as place:
+        port = held.getsockname()[1]  # --port 0: the one the system chose, for every worker
+        path = os.path.join(place, "hub")
+        hub_server = await asyncio.start_unix_server(hub.serve, path, limit=2 ** 24)
+        log.info("kiro2api %s: %d workers on port %d", __version__, config.workers, port)
+        keepers = [keep_worker(dataclasses.replace(config, port=port, worker=k, hub=path),
+                               hub, stop) for k in range(1, config.workers + 1)]
+        statuses = await asyncio.gather(*keepers)
+        hub_server.close()
+    log.info("kiro2api stopped")
+    return max(statuses)
 
 
 # Doctor ###################################################################
@@ -5060,22 +5596,30 @@ def log_time(created: float) -> str:
 
 
 class TextFormatter(logging.Formatter):
-    """``LEVEL logger: message``, after the time unless told otherwise (journald)."""
+    """``LEVEL logger: message``, after the time unless told otherwise (journald);
+    a worker of --workers says which it is: ``LEVEL logger (worker 2): message``."""
 
-    def __init__(self, *, timestamps: bool = True) -> None:
-        super().__init__(("%(asctime)s " if timestamps else "")
-                         + "%(levelname)s %(name)s: %(message)s")
+    def __init__(self, *, timestamps: bool = True, worker: int = 0) -> None:
+        super().__init__(("%(asctime)s " if timestamps else "") + "%(levelname)s %(name)s"
+                         + (f" (worker {worker})" if worker else "") + ": %(message)s")
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         return log_time(record.created)
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object a line: time, level, logger, message, and a request's fields."""
+    """One JSON object a line: time, level, logger, message, the worker (--workers),
+    and a request's fields."""
+
+    def __init__(self, *, worker: int = 0) -> None:
+        super().__init__()
+        self.worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
         data: Json = {"time": log_time(record.created), "level": record.levelname,
                       "logger": record.name, "message": record.getMessage()}
+        if self.worker:
+            data["worker"] = self.worker
         data.update(getattr(record, "fields", {}))
         if record.exc_info:
             data["exception"] = self.formatException(record.exc_info)
@@ -5094,10 +5638,11 @@ def stderr_is_journal(journal_stream: str | None) -> bool:
         return False
 
 
-def configure_logging(level: str, fmt: str, *, timestamps: bool = True) -> None:
+def configure_logging(level: str, fmt: str, *, timestamps: bool = True,
+                      worker: int = 0) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json"
-                         else TextFormatter(timestamps=timestamps))
+    handler.setFormatter(JsonFormatter(worker=worker) if fmt == "json"
+                         else TextFormatter(timestamps=timestamps, worker=worker))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     # aiohttp's own access log would repeat our one line per request.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
@@ -5289,6 +5834,8 @@ TUNING = (
      "Seconds of quiet before a keep-alive is sent to the client."),
     ("--shutdown-timeout", "shutdown_timeout", click.FloatRange(0),
      "Seconds streams in flight may take to finish on SIGTERM."),
+    ("--workers", "workers", click.IntRange(1, 256),
+     "Server processes on one port (SO_REUSEPORT): as many as cores to use."),
     ("--backlog", "backlog", click.IntRange(1),
      "Connections the system queues for the server to accept (a burst of clients)."),
     ("--state-lock-seconds", "state_lock_seconds", click.FloatRange(1),
@@ -5419,6 +5966,10 @@ def server(port_arg, key_arg, host, port, api_key, no_auth, token_files, service
     if api_key is not None and not api_key.strip():
         # "kiro2api server 8080 "$KEY"" with KEY unset must not mean "no key".
         raise click.UsageError("the API key is empty; give a key, or leave it out")
+    if tuning["workers"] > 1 and not sys.platform.startswith("linux"):
+        # Elsewhere SO_REUSEPORT gives every connection to one socket, or is missing.
+        raise click.UsageError("--workers needs Linux, whose SO_REUSEPORT spreads "
+                               "connections over the workers; run one process here")
     config = command_config(
         token_files,
         host=host,
@@ -6142,4 +6693,8 @@ def codex(host: str, port: int | None, name: str, model: str, write: bool) -> No
 
 
 if __name__ == "__main__":
-    cli()
+    # As the module kiro2api, not __main__: a worker of --workers is handed its
+    # Config pickled, and unpickles it by the classes' module name.
+    import kiro2api
+
+    kiro2api.cli()

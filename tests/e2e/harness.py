@@ -20,6 +20,7 @@ Environment: ``E2E_CACHE`` (default ~/.cache/kiro2api-e2e), ``E2E_MODELS``
 (space-separated, instead of the agent's own list; for one agent at a time), ``E2E_TIMEOUT``
 (seconds per run, default 180), ``E2E_KEEP=1`` keeps each run's directory
 (under E2E_CACHE/runs) even when it passes; a failed run's is always kept.
+``E2E_SERVER_OPTIONS`` adds options to kiro2api's command line (``--workers 2``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import functools
 import json
 import os
 import secrets
+import shlex
 import shutil
 import subprocess
 import sys
@@ -224,7 +226,8 @@ class Stack:
                    "--api-key", API_KEY, "--token-file", str(token_file),
                    "--upstream", fake_url, "--social-auth-url", fake_url,
                    "--oidc-url", fake_url, "--management-url", fake_url + "/management",
-                   "--log-level", "DEBUG", *self.options]
+                   "--log-level", "DEBUG", *self.options,
+                   *shlex.split(os.environ.get("E2E_SERVER_OPTIONS", ""))]
         # The developer's own KIRO2API_* settings stay out of the run.
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("KIRO2API_") and k != "PYTHONPATH"}
