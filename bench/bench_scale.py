@@ -599,7 +599,8 @@ async def bench(args: argparse.Namespace, workdir: Path) -> None:
             if name == "timers":
                 rev, script = baseline_script(args.baseline, workdir)
                 comparison = dataclasses.replace(comparison, variants=(
-                    Variant(f"{rev}, before the watchdog", script=script),
+                    Variant(f"{rev}, before the watchdog" if args.baseline is None
+                            else f"{rev} (--baseline)", script=script),
                     *comparison.variants[1:]))
             if name == "workers":
                 comparison = dataclasses.replace(comparison,
