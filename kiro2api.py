@@ -5392,15 +5392,20 @@ async def supervise(config: Config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     hub = Hub()
-    with hold_port(config) as held, tempfile.TemporaryDirectory(prefix="kiro2api-") as place:
-        port = held.getsockname()[1]  # --port 0: the one the system chose, for every worker
-        path = os.path.join(place, "hub")
-        hub_server = await asyncio.start_unix_server(hub.serve, path, limit=2 ** 24)
-        log.info("kiro2api %s: %d workers on port %d", __version__, config.workers, port)
-        keepers = [keep_worker(dataclasses.replace(config, port=port, worker=k, hub=path),
-                               hub, stop) for k in range(1, config.workers + 1)]
-        statuses = await asyncio.gather(*keepers)
-        hub_server.close()
+    try:
+        with hold_port(config) as held, \
+                tempfile.TemporaryDirectory(prefix="kiro2api-") as place:
+            port = held.getsockname()[1]  # --port 0: the one the system chose, for all
+            path = os.path.join(place, "hub")
+            hub_server = await asyncio.start_unix_server(hub.serve, path, limit=2 ** 24)
+            log.info("kiro2api %s: %d workers on port %d", __version__, config.workers, port)
+            keepers = [keep_worker(dataclasses.replace(config, port=port, worker=k, hub=path),
+                                   hub, stop) for k in range(1, config.workers + 1)]
+            statuses = await asyncio.gather(*keepers)
+            hub_server.close()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
     log.info("kiro2api stopped")
     return max(statuses)
 

@@ -348,3 +348,17 @@ def test_workers_are_for_linux_only(served, monkeypatch):
     assert result.exit_code == 2 and "--workers needs Linux" in result.output
     assert CliRunner().invoke(kiro2api.cli, ["server"]).exit_code == 0
     assert [config.workers for config in served] == [1]
+
+
+@pytest.mark.slow  # worker processes
+async def test_a_worker_that_dies_before_it_listens_stops_the_server_with_its_status(
+        monkeypatch, caplog):
+    # A worker that fails at its start (here: one that exits 3 at once) is no
+    # worker to start again and again: the others stop, and so does the server.
+    monkeypatch.setattr(kiro2api, "WORKER_BOOT", "import sys; sys.exit(3)")
+    caplog.set_level("INFO", logger="kiro2api")
+    config = kiro2api.Config(port=free_port(), api_key=API_KEY, workers=2)
+    status = await asyncio.wait_for(kiro2api.supervise(config), 30)
+    assert status == 3
+    assert "exited with status 3 before it listened; stopping the server" in caplog.text
+    assert caplog.text.rstrip().endswith("kiro2api stopped")
