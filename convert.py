@@ -296,6 +296,23 @@ class Prepared:
     web_search: WebSearch | None = None  # the hosted search tool kiro2api runs, if offered
 
 
+def without_reasoning(prepared: Prepared) -> Prepared | None:
+    """``prepared`` with no ``reasoningContent`` left in its history, for Kiro's
+    THINKING_SIGNATURE_INVALID (a signature from another model, or altered): what
+    kiro-cli does is send the conversation once more without any (PROTOCOL-2026.md
+    10.12.2). None when there was none to leave out."""
+    state = prepared.payload["conversationState"]
+    history = state.get("history") or []
+    if not any("reasoningContent" in item.get("assistantResponseMessage", {})
+               for item in history):
+        return None
+    stripped = [{"assistantResponseMessage": {
+                    k: v for k, v in item["assistantResponseMessage"].items()
+                    if k != "reasoningContent"}}
+                if "assistantResponseMessage" in item else item for item in history]
+    payload = {**prepared.payload, "conversationState": {**state, "history": stripped}}
+    return dataclasses.replace(prepared, payload=payload)
+
 
 @dataclass
 class _Turn:
@@ -3539,6 +3556,7 @@ EXHAUSTED = "exhausted"  # out of credits until the monthly reset
 CAPACITY = "capacity"  # the model is out of capacity: retried, then overloaded
 EXHAUSTED_MAYBE = "exhausted?"  # a plain 429: throttled, or out of credits (ask the usage)
 EMPTY = "empty"  # a 200 that ended before its first frame: ask again
+UNSIGNED = "unsigned"  # a replayed thinking signature refused: once more without any
 FINAL = "final"  # anything else: answer the client (after retries where those apply)
 
 _NEXT_WAY_TEXTS = ("profilearn is required", "user is not authorized to make this call",
@@ -3557,6 +3575,8 @@ def rejection(status: int, body: str) -> str:
         return CAPACITY
     if status == 400 and "invalid profilearn" in lowered:
         return FIND_PROFILE
+    if status == 400 and "THINKING_SIGNATURE_INVALID" in body:
+        return UNSIGNED
     if is_bearer_invalid(status, body):
         return REFRESH
     if status in (401, 403, 404) and (status != 403 or any(

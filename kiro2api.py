@@ -2900,6 +2900,22 @@ class CallBudget:
     refreshed: bool = False
     empty: int = 0
 
+    def ask_again_empty(self, error: BaseException) -> None:
+        """Count an empty answer; raise ``error`` past EMPTY_STREAM_RETRIES of them."""
+        self.empty += 1
+        if self.empty > EMPTY_STREAM_RETRIES:
+            raise error
+
+    def next_wait(self, config: Config, retryable: bool, asked: str | None) -> float | None:
+        """Seconds to wait before the next attempt after a failed one (``asked``: its
+        Retry-After); None when no attempt is left, or none would end in time."""
+        self.attempt += 1
+        delay = retry_delay(self.attempt, asked)
+        if (not retryable or self.attempt > config.retries
+                or asyncio.get_running_loop().time() + delay > self.deadline):
+            return None
+        return delay
+
 
 async def open_upstream(request: web.Request, prepared: convert.Prepared) -> UpstreamAnswer:
     """POST the payload for the first account that can take it; return its answer.
@@ -2985,7 +3001,8 @@ async def call_way(app: web.Application, entry: RequestLog, prepared: convert.Pr
                    store: TokenStore, way: Way, budget: CallBudget, *,
                    failover: bool) -> UpstreamAnswer:
     """Call Kiro one way: refresh once on a rejected token, look the profile up again
-    when Kiro calls it invalid, and retry transient failures.
+    when Kiro calls it invalid, send the history again without its thinking when
+    Kiro refuses a replayed signature, and retry transient failures.
 
     Connection errors, timeouts before the answer starts, 429 and 5xx are
     retried with backoff within ``config.retries`` and ``config.retry_seconds``
@@ -2993,7 +3010,6 @@ async def call_way(app: web.Application, entry: RequestLog, prepared: convert.Pr
     empty answer is asked again up to EMPTY_STREAM_RETRIES times.
     """
     config = app[CONFIG]
-    loop = asyncio.get_running_loop()
     looked_up = False
     while True:
         try:
@@ -3009,6 +3025,11 @@ async def call_way(app: web.Application, entry: RequestLog, prepared: convert.Pr
             continue
         if meaning in (convert.REFRESH, convert.NEXT_WAY):
             raise WayRefused(error.failure)
+        if meaning == convert.UNSIGNED and (unsigned := convert.without_reasoning(prepared)):
+            log.info("Kiro refused a thinking signature the history replayed; sending the "
+                     "history again without its thinking")
+            prepared = unsigned
+            continue
         if meaning == convert.FIND_PROFILE and not looked_up and way.arn == convert.OWN_ARN:
             looked_up = True
             store.kiro.rejected_arn = (await store.credentials()).profile_arn
@@ -3022,17 +3043,13 @@ async def call_way(app: web.Application, entry: RequestLog, prepared: convert.Pr
                 raise AccountRefused(used_up, convert.EXHAUSTED)
             retryable = not failover
         if meaning == convert.EMPTY:
-            budget.empty += 1
-            if budget.empty > EMPTY_STREAM_RETRIES:
-                raise error
+            budget.ask_again_empty(error)
             log.info("Kiro answered an empty stream; asking again")
             entry.retries += 1
             app[METRICS].retries += 1
             continue
-        budget.attempt += 1
-        delay = retry_delay(budget.attempt, asked)
-        if (not retryable or budget.attempt > config.retries
-                or loop.time() + delay > budget.deadline):
+        delay = budget.next_wait(config, retryable, asked)
+        if delay is None:
             raise error
         entry.retries += 1
         app[METRICS].retries += 1

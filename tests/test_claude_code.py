@@ -1211,3 +1211,44 @@ async def test_a_model_kiro_does_not_have_is_a_404_naming_the_account_s_models(p
             {"role": "user", "content": "Hi"}])
     assert caught.value.body["error"]["message"].endswith(
         "this account has: claude-opus-4.7, claude-sonnet-4.5, qwen3-coder-next")
+
+
+async def test_a_signature_kiro_refuses_sends_the_history_once_more_without_thinking(proxy):
+    # A signature of another model (the client switched), or one altered: Kiro
+    # refuses the whole request, and the conversation would be stuck for good.
+    proxy.fake.script.append(Status(400, {
+        "message": "Invalid signature in thinking block.",
+        "reason": "THINKING_SIGNATURE_INVALID"}))
+    proxy.fake.script.append(Stream(fakes.text("Still here.") + fakes.tail()))
+    message = await proxy.anthropic().messages.create(
+        model="claude-opus-5", max_tokens=1000, thinking=ADAPTIVE, messages=[
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": [
+                {"type": "thinking", "thinking": "Plan.", "signature": "sig-of-another"},
+                {"type": "text", "text": "Answer."}]},
+            {"role": "user", "content": "b"}])
+    assert message.content[-1].text == "Still here."
+    first, second = [c.body for c in proxy.fake.calls("/generateAssistantResponse")]
+    assert first["conversationState"]["history"][1]["assistantResponseMessage"][
+        "reasoningContent"]["reasoningText"]["signature"] == "sig-of-another"
+    assert second["conversationState"]["history"][1]["assistantResponseMessage"] == {
+        "content": "Answer."}
+    check(load_schema(), "<GenerateAssistantResponseRequest>", second)
+    assert first["conversationState"]["currentMessage"] == second["conversationState"][
+        "currentMessage"]
+
+
+async def test_a_signature_refused_twice_or_with_none_to_leave_out_is_the_client_s_400(proxy):
+    refused = Status(400, {"message": "Invalid signature.",
+                           "reason": "THINKING_SIGNATURE_INVALID"})
+    proxy.fake.script.extend([refused, refused])
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        await proxy.anthropic().messages.create(
+            model="claude-opus-5", max_tokens=1000, thinking=ADAPTIVE, messages=[
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": [
+                    {"type": "thinking", "thinking": "Plan.", "signature": "sig-x"},
+                    {"type": "text", "text": "Answer."}]},
+                {"role": "user", "content": "b"}])
+    assert "THINKING_SIGNATURE_INVALID" in caught.value.body["error"]["message"]
+    assert len(proxy.fake.calls("/generateAssistantResponse")) == 2  # once without: no more
