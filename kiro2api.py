@@ -2305,10 +2305,12 @@ class HubLink:
         finally:
             del self._answers[number]
 
-    async def gather(self, own: Json) -> list[Json]:
-        """The other workers' tallies (and those of workers gone), telling the hub this
-        worker's own (``own``) on the way."""
-        return await self.ask({"op": "gather", "tally": own}, [])
+    async def gather(self, own: Json) -> Json:
+        """The other workers' tallies (and those of workers gone: ``tallies``), and how
+        many workers run and were started again; telling the hub this worker's own
+        (``own``) on the way."""
+        return await self.ask({"op": "gather", "tally": own},
+                              {"tallies": [], "workers": None, "restarts": None})
 
     def tell_tally(self) -> None:
         self.send({"op": "tally", "tally": Tally.of(self.app).state()})
@@ -2403,8 +2405,10 @@ async def server_tally(app: web.Application) -> Tally:
     if link is None:
         return own
     whole, state = Tally(), own.state()
-    for each in [state, *await link.gather(state)]:
+    gathered = await link.gather(state)
+    for each in [state, *gathered["tallies"]]:
         whole.add(each)
+    whole.workers, whole.restarts = gathered["workers"], gathered["restarts"]
     return whole
 
 
@@ -3424,6 +3428,10 @@ class Tally:
     metrics: Metrics = field(default_factory=Metrics)
     streams_open: int = 0
     accounts: dict[str, list[float]] = field(default_factory=dict)
+    # With --workers, from the supervisor: the workers running, and those started
+    # again after they died (None: it did not answer in time).
+    workers: int | None = None
+    restarts: int | None = None
 
     @classmethod
     def of(cls, app: web.Application) -> Tally:
@@ -3497,6 +3505,11 @@ class Tally:
             for store in stores:
                 label = str(store.path).replace("\\", "\\\\").replace('"', '\\"')
                 lines.append(f'{name}{{account="{label}"}} {value(store, store.health())}')
+        if self.workers is not None:
+            lines += single("kiro2api_workers", "gauge",
+                            "Worker processes running (--workers).", self.workers)
+            lines += single("kiro2api_worker_restarts_total", "counter",
+                            "Workers started again after they died.", self.restarts)
         fleet = app.get(FLEET)
         if fleet is not None:
             lines += single("kiro2api_state_store_up", "gauge",
@@ -3594,6 +3607,7 @@ async def handle_health(request: web.Request) -> web.Response:
     answer["uptime_seconds"] = round(time.time() - config.started, 3)
     if config.workers > 1:
         answer["worker"] = config.worker  # the one that answered
+        answer["workers"] = {"running": tally.workers, "restarts": tally.restarts}
     answer["accounts"] = accounts
     if fleet is not None:
         answer["state_store"] = fleet.health()
@@ -5236,6 +5250,7 @@ class Hub:
         self.records: dict[str, Json] = {}
         self.claims: dict[str, float] = {}  # key -> loop time it is held until
         self.retired = Tally()
+        self.restarts = 0  # workers started again after they died
         self.listening: set[int] = set()  # the workers that ever said they listen
         self.heard = asyncio.Condition()  # notified on each tally and each hang-up
         self._gathers: set[asyncio.Task[None]] = set()
@@ -5301,7 +5316,9 @@ class Hub:
                 await asyncio.wait_for(self.heard.wait_for(heard_all), HUB_GATHER_SECONDS)
         tallies = [peer.tally for peer in self.peers
                    if peer is not asker and peer.tally is not None]
-        asker.send({"answer": ask, "value": [*tallies, self.retired.state()]})
+        asker.send({"answer": ask, "value": {
+            "tallies": [*tallies, self.retired.state()], "workers": len(self.peers),
+            "restarts": self.restarts}})
 
 
 @contextlib.contextmanager
@@ -5397,6 +5414,7 @@ async def keep_worker(config: Config, hub: Hub, stop: asyncio.Event) -> int:
                 await asyncio.wait_for(asyncio.shield(stopped), wait)
             if stop.is_set():
                 return 0
+            hub.restarts += 1
             wait = min(wait * 2, WORKER_RESTART_SECONDS[1])
     finally:
         stopped.cancel()

@@ -205,6 +205,7 @@ async def test_two_workers_answer_on_one_port_and_metrics_count_both(workers, fa
     for worker in (1, 2):  # whichever answers counts both
         health = await server.answered_by(worker)
         assert health["accounts"][0]["credits"] == pytest.approx(0.3)
+        assert health["workers"] == {"running": 2, "restarts": 0}
         for _ in range(20):
             text = await server.get("/metrics")
             assert metric(text, MESSAGES_200) == 30
@@ -279,7 +280,10 @@ async def test_a_killed_worker_comes_back_and_the_counts_stay(workers, fake_upst
     await server.until(lambda: server.lines("(worker 1): kiro2api") >= 2)  # listening again
     await server.answered_by(1)
     await ask(server.url, clients=2)
-    assert metric(await server.get("/metrics"), MESSAGES_200) == 14
+    text = await server.get("/metrics")
+    assert metric(text, MESSAGES_200) == 14
+    assert metric(text, "kiro2api_workers") == 2
+    assert metric(text, "kiro2api_worker_restarts_total") == 1
 
 
 @pytest.mark.slow
