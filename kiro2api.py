@@ -2299,6 +2299,7 @@ class HubLink:
         answer = self._answers[number] = asyncio.get_running_loop().create_future()
         self.send({**message, "ask": number})
         try:
+            # The hub's own wait for the others' tallies, and a second for the rest.
             return await asyncio.wait_for(answer, HUB_GATHER_SECONDS + 1.0)
         except asyncio.TimeoutError:
             return default
