@@ -52,7 +52,7 @@ demo: $(BIN)/.installed ## one streamed answer from the fake Kiro backend, then 
 fake: $(BIN)/.installed ## kiro2api in front of the fake backend until Ctrl-C; prints URL and key
 	$(BIN)/python tests/demo.py --serve
 
-bench: $(BIN)/.installed ## the benchmarks (about 8 minutes)
+bench: $(BIN)/.installed ## the benchmarks (about 20 minutes)
 	$(BIN)/python bench/run.py
 
 # Opt-in: real agent CLIs from npm (cached in $(E2E_CACHE), or ~/.cache/kiro2api-e2e)
