@@ -1213,20 +1213,28 @@ async def test_a_model_kiro_does_not_have_is_a_404_naming_the_account_s_models(p
         "this account has: claude-opus-4.7, claude-sonnet-4.5, qwen3-coder-next")
 
 
+SIGNATURE_REFUSED = Status(400, {"message": "Invalid signature in thinking block.",
+                                 "reason": "THINKING_SIGNATURE_INVALID"})
+
+
+def signed_history(signature: str | None) -> list[dict]:
+    """A second turn whose history holds an answer with its signed thinking (None:
+    the answer alone)."""
+    thinking = [{"type": "thinking", "thinking": "Plan.", "signature": signature}]
+    return [{"role": "user", "content": "a"},
+            {"role": "assistant", "content": (thinking if signature else []) + [
+                {"type": "text", "text": "Answer."}]},
+            {"role": "user", "content": "b"}]
+
+
 async def test_a_signature_kiro_refuses_sends_the_history_once_more_without_thinking(proxy):
     # A signature of another model (the client switched), or one altered: Kiro
     # refuses the whole request, and the conversation would be stuck for good.
-    proxy.fake.script.append(Status(400, {
-        "message": "Invalid signature in thinking block.",
-        "reason": "THINKING_SIGNATURE_INVALID"}))
-    proxy.fake.script.append(Stream(fakes.text("Still here.") + fakes.tail()))
+    proxy.fake.script.extend([SIGNATURE_REFUSED,
+                              Stream(fakes.text("Still here.") + fakes.tail())])
     message = await proxy.anthropic().messages.create(
-        model="claude-opus-5", max_tokens=1000, thinking=ADAPTIVE, messages=[
-            {"role": "user", "content": "a"},
-            {"role": "assistant", "content": [
-                {"type": "thinking", "thinking": "Plan.", "signature": "sig-of-another"},
-                {"type": "text", "text": "Answer."}]},
-            {"role": "user", "content": "b"}])
+        model="claude-opus-5", max_tokens=1000, thinking=ADAPTIVE,
+        messages=signed_history("sig-of-another"))
     assert message.content[-1].text == "Still here."
     first, second = [c.body for c in proxy.fake.calls("/generateAssistantResponse")]
     assert first["conversationState"]["history"][1]["assistantResponseMessage"][
@@ -1238,17 +1246,14 @@ async def test_a_signature_kiro_refuses_sends_the_history_once_more_without_thin
         "currentMessage"]
 
 
-async def test_a_signature_refused_twice_or_with_none_to_leave_out_is_the_client_s_400(proxy):
-    refused = Status(400, {"message": "Invalid signature.",
-                           "reason": "THINKING_SIGNATURE_INVALID"})
-    proxy.fake.script.extend([refused, refused])
+@pytest.mark.parametrize("signature, calls", [("sig-x", 2), (None, 1)],
+                         ids=["refused again", "no thinking to leave out"])
+async def test_a_signature_refused_again_or_with_none_to_leave_out_is_the_client_s_400(
+        proxy, signature, calls):
+    proxy.fake.script.extend([SIGNATURE_REFUSED, SIGNATURE_REFUSED])
     with pytest.raises(anthropic.BadRequestError) as caught:
         await proxy.anthropic().messages.create(
-            model="claude-opus-5", max_tokens=1000, thinking=ADAPTIVE, messages=[
-                {"role": "user", "content": "a"},
-                {"role": "assistant", "content": [
-                    {"type": "thinking", "thinking": "Plan.", "signature": "sig-x"},
-                    {"type": "text", "text": "Answer."}]},
-                {"role": "user", "content": "b"}])
+            model="claude-opus-5", max_tokens=1000, thinking=ADAPTIVE,
+            messages=signed_history(signature))
     assert "THINKING_SIGNATURE_INVALID" in caught.value.body["error"]["message"]
-    assert len(proxy.fake.calls("/generateAssistantResponse")) == 2  # once without: no more
+    assert len(proxy.fake.calls("/generateAssistantResponse")) == calls
