@@ -3456,6 +3456,13 @@ class Tally:
         """The account's refreshes, failed refreshes and credits."""
         return self.accounts.get(str(store.path)) or [0, 0, 0.0]
 
+    def health_of(self, store: TokenStore) -> Json:
+        """``store.health()`` with the counts of this tally in place of the process's own."""
+        health = store.health()
+        health["refreshes"], _, credits = self.of_account(store)
+        health["credits"] = round(credits, 6)
+        return health
+
     def render(self, app: web.Application) -> str:
         """The Prometheus text of ``GET /metrics``."""
         m = self.metrics
@@ -3602,9 +3609,7 @@ async def handle_health(request: web.Request) -> web.Response:
     if not await client_allowed(request):
         return web.json_response(answer)
     tally = await server_tally(request.app)
-    for store, account in zip(request.app[ACCOUNTS], accounts):
-        account["refreshes"], _, credits = tally.of_account(store)
-        account["credits"] = round(credits, 6)
+    accounts = [tally.health_of(store) for store in request.app[ACCOUNTS]]
     answer["uptime_seconds"] = round(time.time() - config.started, 3)
     if config.workers > 1:
         answer["worker"] = config.worker  # the one that answered
@@ -3863,8 +3868,7 @@ def shown_state(health: Json, usage: Json) -> str:
 
 def account_status(store: TokenStore, tally: Tally) -> Json:
     """One account on the status page: /health's view of it and its usage limits."""
-    health, usage = store.health(), usage_report(store)
-    health["credits"] = round(tally.of_account(store)[2], 6)
+    health, usage = tally.health_of(store), usage_report(store)
     return {
         "name": health["path"], "kind": health["kind"], "state": shown_state(health, usage),
         "expires_at": health["expires_at"], "seconds_left": health["seconds_left"],
